@@ -1,0 +1,181 @@
+//! `cargo xtask itest`: the one command that runs every test.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::sys;
+
+/// Set for tests running inside the namespaces this harness made.
+pub const HARNESS_ENV: &str = "ROOTLESS_NET_ITEST";
+
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    /// Read libtest's `test result: ok. 3 passed; 1 failed; ...` line.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match kind {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Run `cmd`, echoing its stdout while counting libtest results. A run that fails
+/// without printing any result (a build error, a crash) counts as one failure.
+fn run_counted(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {label}: {e}"))?;
+    let failed_before = tally.failed;
+    if let Some(out) = child.stdout.take() {
+        let stdout = std::io::stdout();
+        for line in BufReader::new(out).lines() {
+            let line = line.map_err(|e| format!("reading output of {label}: {e}"))?;
+            tally.add_line(&line);
+            let mut lock = stdout.lock();
+            let _ = writeln!(lock, "{line}");
+            let _ = lock.flush();
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {label}: {e}"))?;
+    if !status.success() {
+        if tally.failed == failed_before {
+            tally.failed += 1;
+        }
+        tally.failures.push(format!("{label} ({status})"));
+    }
+    Ok(())
+}
+
+/// Test executables of the workspace that hold `#[ignore]`d (namespaced) tests,
+/// with the package directory each must run in.
+fn namespaced_binaries() -> Result<Vec<(PathBuf, PathBuf)>, String> {
+    let out = cargo()
+        .args([
+            "test",
+            "--workspace",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err("building the test binaries failed".into());
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+            continue;
+        }
+        let (Some(exe), Some(manifest)) =
+            (msg["executable"].as_str(), msg["manifest_path"].as_str())
+        else {
+            continue;
+        };
+        let dir = Path::new(manifest)
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        if has_ignored_tests(Path::new(exe))? {
+            bins.push((PathBuf::from(exe), dir));
+        }
+    }
+    Ok(bins)
+}
+
+fn has_ignored_tests(exe: &Path) -> Result<bool, String> {
+    let out = Command::new(exe)
+        .args(["--list", "--ignored", "--format", "terse"])
+        .output()
+        .map_err(|e| format!("cannot list tests of {}: {e}", exe.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.ends_with(": test")))
+}
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let filters: Vec<&String> = args.iter().filter(|a| a.as_str() != "--").collect();
+    sys::ensure(sys::ITEST_NEEDS)?;
+    let mut tally = Tally::default();
+
+    eprintln!("xtask: cargo test --workspace");
+    run_counted(
+        "cargo test --workspace",
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast", "--"])
+            .args(&filters),
+        &mut tally,
+    )?;
+
+    let bins = namespaced_binaries()?;
+    let unshare = sys::find_in_path("unshare").ok_or("unshare not found")?;
+    let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;
+    for (exe, dir) in bins {
+        let name = exe
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        eprintln!("xtask: namespaced tests of {name}");
+        let mut cmd = Command::new(&unshare);
+        if !sys::is_root() {
+            cmd.args(["--user", "--map-root-user"]);
+        }
+        cmd.args(["--net", "--mount", "--propagation", "private", "--"])
+            .arg(&me)
+            .args(["ns-exec", "--"])
+            .arg(&exe)
+            .arg("--ignored")
+            .args(&filters)
+            .current_dir(dir)
+            .env(HARNESS_ENV, "1");
+        run_counted(&format!("namespaced tests of {name}"), &mut cmd, &mut tally)?;
+    }
+
+    for f in &tally.failures {
+        eprintln!("xtask: FAILED: {f}");
+    }
+    println!("itest: {} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed == 0 && tally.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} test(s) failed", tally.failed))
+    }
+}

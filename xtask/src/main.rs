@@ -1,0 +1,41 @@
+//! `cargo xtask <command>`: the project's build and test orchestration, in plain Rust.
+//!
+//! - `itest [FILTER...]`: every test. `cargo test --workspace`, then each test
+//!   binary's `#[ignore]`d tests (the ones that need namespaces or system programs)
+//!   inside fresh network and mount namespaces.
+//! - `ns-exec -- PROGRAM ARGS...` (internal): run PROGRAM in the namespace set up by
+//!   `unshare`, with loopback up and a private `/run/netns`.
+
+use std::process::ExitCode;
+
+mod itest;
+mod nsexec;
+mod sys;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  itest [FILTER...]   run every test: unit and crate tests, then the namespaced
+                      integration tests (installs slirp4netns/iproute2 when root)
+  ns-exec -- CMD...   (internal) run CMD inside a namespace prepared for tests";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("itest") => itest::run(&args[1..]),
+        Some("ns-exec") => nsexec::run(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command {other:?}\n{USAGE}")),
+        None => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

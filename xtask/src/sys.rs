@@ -1,0 +1,112 @@
+//! System programs the tests need, installed on demand when we are root with apt.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A program and the Debian package that provides it.
+pub struct Need {
+    pub program: &'static str,
+    pub package: &'static str,
+}
+
+/// What every integration test run needs.
+pub const ITEST_NEEDS: &[Need] = &[
+    Need {
+        program: "slirp4netns",
+        package: "slirp4netns",
+    },
+    Need {
+        program: "ip",
+        package: "iproute2",
+    },
+    Need {
+        program: "unshare",
+        package: "util-linux",
+    },
+];
+
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Make sure every program in `needs` is there: install the missing ones when root
+/// with apt-get, or fail with one line naming the packages.
+pub fn ensure(needs: &[Need]) -> Result<(), String> {
+    let missing: Vec<&Need> = needs
+        .iter()
+        .filter(|n| find_in_path(n.program).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let packages: Vec<&str> = missing.iter().map(|n| n.package).collect();
+    let programs: Vec<&str> = missing.iter().map(|n| n.program).collect();
+    if !is_root() || find_in_path("apt-get").is_none() {
+        return Err(format!(
+            "missing {}: install the package(s) {} (as root: apt-get install {})",
+            programs.join(", "),
+            packages.join(" "),
+            packages.join(" ")
+        ));
+    }
+    eprintln!(
+        "xtask: installing {} for {}",
+        packages.join(" "),
+        programs.join(", ")
+    );
+    apt_install(&packages)?;
+    match needs.iter().find(|n| find_in_path(n.program).is_none()) {
+        Some(n) => Err(format!(
+            "{} still missing after installing the package {}",
+            n.program, n.package
+        )),
+        None => Ok(()),
+    }
+}
+
+static APT_UPDATED: AtomicBool = AtomicBool::new(false);
+
+pub fn apt_install(packages: &[&str]) -> Result<(), String> {
+    if !APT_UPDATED.swap(true, Ordering::SeqCst) {
+        run_quiet(Command::new("apt-get").args(["update", "-qq"]))?;
+    }
+    run_quiet(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(packages),
+    )
+}
+
+fn run_quiet(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(format!(
+            "{:?} failed ({}): {}",
+            cmd.get_program(),
+            out.status,
+            stderr.lines().last().unwrap_or("")
+        ))
+    }
+}
