@@ -11,6 +11,23 @@
 //! assert_eq!(build_args(&opts, &features)?, ["--disable-host-loopback", "--mtu=1500"]);
 //! # Ok::<(), slirp_config::Error>(())
 //! ```
+//!
+//! With the installed binary and a custom network:
+//!
+//! ```no_run
+//! use slirp_config::{build_args, check_slirp_flags, parse_network, parse_options};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // The engine's options first, then the container's `--network slirp4netns:...`.
+//! let mut opts = vec!["mtu=1500".to_string()];
+//! opts.extend(parse_network("slirp4netns:cidr=10.5.0.0/24,allow_host_loopback=true")?);
+//! let opts = parse_options(&opts)?;
+//! let features = check_slirp_flags("slirp4netns".as_ref())?; // runs --help once per binary
+//! let args = build_args(&opts, &features)?; // ["--mtu=1500", "--enable-sandbox", ...]
+//! let guest = netaddr::slirp4netns_ip(opts.cidr.as_ref())?; // 10.5.0.100
+//! # let _ = (args, guest);
+//! # Ok(())
+//! # }
+//! ```
 
 mod args;
 mod error;
