@@ -1,0 +1,492 @@
+//! The slirp4netns API socket client: add, list and remove host forwards, and publish a
+//! container's podman port mappings through it (`port_handler=slirp4netns`).
+//!
+//! The protocol: one JSON request per connection, our side then shuts down writing,
+//! slirp4netns answers and closes. Replies are read to EOF; both shapes of the list
+//! reply (bare and wrapped in `"return"`) are accepted.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! let sock = Path::new("/run/user/1000/libpod/tmp/ctr1.net");
+//! let id = slirp_portfwd::add_hostfwd(sock, "tcp", "127.0.0.1", 8080, 80)?;
+//! for f in slirp_portfwd::list_hostfwd(sock)? {
+//!     println!("{} {}:{} -> {}", f.proto, f.host_addr, f.host_port, f.guest_port);
+//! }
+//! slirp_portfwd::remove_hostfwd(sock, id)?;
+//! # Ok::<(), slirp_portfwd::Error>(())
+//! ```
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use slirp_config::{go_quote, PortMapping};
+
+/// How long one request may take, sending and answering.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`publish_ports`] waits for the API socket to appear (podman's figure).
+pub const SOCKET_WAIT: Duration = Duration::from_secs(60);
+/// slirp4netns reads at most this much of a request.
+const MAX_REQUEST: usize = 4095;
+/// Replies larger than this are refused (a list of 65535 forwards fits).
+const MAX_REPLY: u64 = 16 * 1024 * 1024;
+
+/// Errors of the API client. The refused-publication text is podman's.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to the slirp4netns API socket {}: {source}", .socket.display())]
+    Connect { socket: PathBuf, source: io::Error },
+    #[error("talking to slirp4netns at {}: {source}", .socket.display())]
+    Io { socket: PathBuf, source: io::Error },
+    #[error("slirp4netns at {} did not answer within {}s", .socket.display(), REQUEST_TIMEOUT.as_secs())]
+    Timeout { socket: PathBuf },
+    #[error("unexpected reply from slirp4netns to {op}: {}", go_quote(.reply))]
+    BadReply { op: &'static str, reply: String },
+    /// slirp4netns refused to add a forward.
+    #[error("from slirp4netns while setting up port redirection: {desc}")]
+    Refused { desc: String },
+    /// slirp4netns refused a list or remove request.
+    #[error("slirp4netns refused {op}: {desc}")]
+    RefusedOther { op: &'static str, desc: String },
+    #[error("request to slirp4netns is {len} bytes; its API takes at most {MAX_REQUEST}")]
+    RequestTooLarge { len: usize },
+    #[error("port range {first}-{last} ({what}) goes past 65535")]
+    RangeOverflow {
+        what: &'static str,
+        first: u16,
+        last: u32,
+    },
+    #[error("{what} port 0 cannot be forwarded")]
+    PortZero { what: &'static str },
+    #[error("protocol {} cannot be forwarded by slirp4netns (tcp and udp only)", go_quote(.0))]
+    UnsupportedProtocol(String),
+    #[error("host IP {} cannot be used with slirp4netns port forwarding (IPv4 addresses only)", go_quote(.0))]
+    UnsupportedHostIp(String),
+    #[error("slirp4netns API socket {} did not appear within {}s", .socket.display(), .timeout.as_secs())]
+    SocketWait { socket: PathBuf, timeout: Duration },
+    #[error("slirp4netns exited before its API socket {} was ready", .socket.display())]
+    HelperDied { socket: PathBuf },
+}
+
+/// One forward as slirp4netns lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFwd {
+    pub id: u64,
+    pub proto: String,
+    pub host_addr: String,
+    pub host_port: u16,
+    pub guest_addr: String,
+    pub guest_port: u16,
+}
+
+/// Ask slirp4netns to forward `host_addr:host_port` (`""` = 0.0.0.0) to the guest's
+/// `guest_port`. Returns the forward's id.
+pub fn add_hostfwd(
+    socket: &Path,
+    proto: &str,
+    host_addr: &str,
+    host_port: u16,
+    guest_port: u16,
+) -> Result<u64, Error> {
+    let req = json!({
+        "execute": "add_hostfwd",
+        "arguments": {
+            "proto": proto,
+            "host_addr": if host_addr.is_empty() { "0.0.0.0" } else { host_addr },
+            "host_port": host_port,
+            "guest_addr": "",
+            "guest_port": guest_port,
+        }
+    });
+    let reply = request(socket, "add_hostfwd", &req)?;
+    reply
+        .get("return")
+        .and_then(|r| r.get("id"))
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad_reply("add_hostfwd", &reply))
+}
+
+/// The forwards slirp4netns has.
+pub fn list_hostfwd(socket: &Path) -> Result<Vec<HostFwd>, Error> {
+    let reply = request(socket, "list_hostfwd", &json!({"execute": "list_hostfwd"}))?;
+    // 1.2.0 answers {"entries": [...]}; its manual shows {"return": {"entries": [...]}}.
+    let entries = reply
+        .get("entries")
+        .or_else(|| reply.get("return").and_then(|r| r.get("entries")))
+        .ok_or_else(|| bad_reply("list_hostfwd", &reply))?;
+    serde_json::from_value(entries.clone()).map_err(|_| bad_reply("list_hostfwd", &reply))
+}
+
+/// Remove the forward `id`.
+pub fn remove_hostfwd(socket: &Path, id: u64) -> Result<(), Error> {
+    let req = json!({"execute": "remove_hostfwd", "arguments": {"id": id}});
+    let reply = request(socket, "remove_hostfwd", &req)?;
+    if reply.get("return").is_some() {
+        Ok(())
+    } else {
+        Err(bad_reply("remove_hostfwd", &reply))
+    }
+}
+
+fn bad_reply(op: &'static str, reply: &Value) -> Error {
+    Error::BadReply {
+        op,
+        reply: reply.to_string(),
+    }
+}
+
+/// Send one request and read the reply to EOF, bounded by [`REQUEST_TIMEOUT`].
+fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Value, Error> {
+    let body = req.to_string();
+    if body.len() > MAX_REQUEST {
+        return Err(Error::RequestTooLarge { len: body.len() });
+    }
+    let io_err = |source: io::Error| {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            Error::Timeout {
+                socket: socket.to_owned(),
+            }
+        } else {
+            Error::Io {
+                socket: socket.to_owned(),
+                source,
+            }
+        }
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
+        socket: socket.to_owned(),
+        source,
+    })?;
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    stream
+        .set_write_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(io_err)?;
+    stream.write_all(body.as_bytes()).map_err(io_err)?;
+    stream.shutdown(Shutdown::Write).map_err(io_err)?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io_err(io::ErrorKind::TimedOut.into()));
+        }
+        stream.set_read_timeout(Some(left)).map_err(io_err)?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                reply.extend_from_slice(&buf[..n]);
+                if reply.len() as u64 > MAX_REPLY {
+                    return Err(Error::BadReply {
+                        op,
+                        reply: format!("(more than {MAX_REPLY} bytes)"),
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    let value: Value = serde_json::from_slice(&reply).map_err(|_| Error::BadReply {
+        op,
+        reply: String::from_utf8_lossy(&reply).into_owned(),
+    })?;
+    if let Some(err) = value.get("error") {
+        let desc = err
+            .get("desc")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| err.to_string());
+        return Err(if op == "add_hostfwd" {
+            Error::Refused { desc }
+        } else {
+            Error::RefusedOther { op, desc }
+        });
+    }
+    Ok(value)
+}
+
+/// One `add_hostfwd` request of a publication plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub proto: &'static str,
+    pub host_addr: Ipv4Addr,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+/// The requests that publish `ports`: one per port of each range and per protocol of
+/// each comma list; host IP `""` is 0.0.0.0, `range` 0 is 1, protocol `""` is tcp.
+/// Everything is checked before anything is sent: a range past 65535, a port 0, a
+/// protocol other than tcp/udp or a non-IPv4 host IP is an error.
+pub fn plan(ports: &[PortMapping]) -> Result<Vec<Forward>, Error> {
+    let mut out = Vec::new();
+    for m in ports {
+        let host_addr = match m.host_ip.as_str() {
+            "" => Ipv4Addr::UNSPECIFIED,
+            ip => ip
+                .parse::<Ipv4Addr>()
+                .map_err(|_| Error::UnsupportedHostIp(ip.to_owned()))?,
+        };
+        if m.host_port == 0 {
+            return Err(Error::PortZero { what: "host" });
+        }
+        if m.container_port == 0 {
+            return Err(Error::PortZero { what: "container" });
+        }
+        let count = m.count();
+        for (what, first) in [("host", m.host_port), ("container", m.container_port)] {
+            let last = u32::from(first) + u32::from(count) - 1;
+            if last > 65535 {
+                return Err(Error::RangeOverflow { what, first, last });
+            }
+        }
+        let mut protos = Vec::new();
+        for p in m.protocols() {
+            protos.push(match p {
+                "tcp" => "tcp",
+                "udp" => "udp",
+                other => return Err(Error::UnsupportedProtocol(other.to_owned())),
+            });
+        }
+        for i in 0..count {
+            for proto in &protos {
+                out.push(Forward {
+                    proto,
+                    host_addr,
+                    host_port: m.host_port + i,
+                    guest_port: m.container_port + i,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Wait until `socket` exists and accepts connections, for at most `timeout`. When
+/// `helper` (a pidfd of slirp4netns) is given, its death ends the wait at once.
+pub fn wait_for_socket(
+    socket: &Path,
+    helper: Option<BorrowedFd<'_>>,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + timeout;
+    let io_err = |source: io::Error| Error::Io {
+        socket: socket.to_owned(),
+        source,
+    };
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+        .map_err(|e| io_err(e.into()))?;
+    inotify
+        .add_watch(
+            dir,
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
+        )
+        .map_err(|e| io_err(e.into()))?;
+    loop {
+        if socket.exists() {
+            match UnixStream::connect(socket) {
+                Ok(_) => return Ok(()),
+                // Bound but not yet listening: try again shortly.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Err(source) => {
+                    return Err(Error::Connect {
+                        socket: socket.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::SocketWait {
+                socket: socket.to_owned(),
+                timeout,
+            });
+        }
+        // Wake on a change in the directory, the helper's death, or every 20 ms for
+        // the bound-but-not-listening case.
+        let mut fds = vec![PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        if let Some(h) = helper {
+            fds.push(PollFd::new(h, PollFlags::POLLIN));
+        }
+        let wait = left.min(Duration::from_millis(20));
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(wait.as_millis() as i32 + 1).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(io_err(e.into())),
+        }
+        if fds
+            .get(1)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty())
+        {
+            return Err(Error::HelperDied {
+                socket: socket.to_owned(),
+            });
+        }
+        let _ = inotify.read_events();
+    }
+}
+
+/// Publish `ports` through slirp4netns (podman's slirp4netns port path): check them
+/// all, wait for the API socket while watching `helper`, then add one forward per port
+/// and protocol. On failure the forwards already added are removed again, so nothing
+/// is left half-published. Returns the ids, in [`plan`] order.
+pub fn publish_ports(
+    socket: &Path,
+    helper: Option<BorrowedFd<'_>>,
+    ports: &[PortMapping],
+) -> Result<Vec<u64>, Error> {
+    let forwards = plan(ports)?;
+    if forwards.is_empty() {
+        return Ok(Vec::new());
+    }
+    wait_for_socket(socket, helper, SOCKET_WAIT)?;
+    let mut ids = Vec::with_capacity(forwards.len());
+    for f in &forwards {
+        match add_hostfwd(
+            socket,
+            f.proto,
+            &f.host_addr.to_string(),
+            f.host_port,
+            f.guest_port,
+        ) {
+            Ok(id) => {
+                tracing::debug!(
+                    id,
+                    proto = f.proto,
+                    port = f.host_port,
+                    "slirp4netns forward added"
+                );
+                ids.push(id);
+            }
+            Err(e) => {
+                for id in ids {
+                    if let Err(re) = remove_hostfwd(socket, id) {
+                        tracing::warn!(id, error = %re, "removing a forward after a failed publication");
+                    }
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pm(
+        host_ip: &str,
+        host_port: u16,
+        container_port: u16,
+        range: u16,
+        protocol: &str,
+    ) -> PortMapping {
+        PortMapping {
+            host_ip: host_ip.into(),
+            container_port,
+            host_port,
+            range,
+            protocol: protocol.into(),
+        }
+    }
+
+    #[test]
+    fn plan_expands_ranges_and_protocols() {
+        let p = plan(&[pm("", 8080, 80, 3, "tcp,udp")]).unwrap();
+        assert_eq!(p.len(), 6);
+        assert_eq!(
+            p[0],
+            Forward {
+                proto: "tcp",
+                host_addr: Ipv4Addr::UNSPECIFIED,
+                host_port: 8080,
+                guest_port: 80
+            }
+        );
+        assert_eq!(
+            p[5],
+            Forward {
+                proto: "udp",
+                host_addr: Ipv4Addr::UNSPECIFIED,
+                host_port: 8082,
+                guest_port: 82
+            }
+        );
+        let p = plan(&[pm("127.0.0.1", 9000, 90, 0, "")]).unwrap();
+        assert_eq!(
+            p,
+            [Forward {
+                proto: "tcp",
+                host_addr: Ipv4Addr::LOCALHOST,
+                host_port: 9000,
+                guest_port: 90
+            }]
+        );
+        assert!(plan(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn plan_refuses_before_sending() {
+        let e = |m: PortMapping| plan(&[m]).unwrap_err().to_string();
+        assert_eq!(
+            e(pm("", 65535, 80, 2, "tcp")),
+            "port range 65535-65536 (host) goes past 65535"
+        );
+        assert_eq!(
+            e(pm("", 80, 65000, 1000, "tcp")),
+            "port range 65000-65999 (container) goes past 65535"
+        );
+        assert_eq!(
+            e(pm("", 0, 80, 1, "tcp")),
+            "host port 0 cannot be forwarded"
+        );
+        assert_eq!(
+            e(pm("", 80, 0, 1, "tcp")),
+            "container port 0 cannot be forwarded"
+        );
+        assert_eq!(
+            e(pm("", 80, 80, 1, "sctp")),
+            r#"protocol "sctp" cannot be forwarded by slirp4netns (tcp and udp only)"#
+        );
+        assert_eq!(
+            e(pm("", 80, 80, 1, "tcp,")),
+            r#"protocol "" cannot be forwarded by slirp4netns (tcp and udp only)"#
+        );
+        assert_eq!(
+            e(pm("::1", 80, 80, 1, "tcp")),
+            r#"host IP "::1" cannot be used with slirp4netns port forwarding (IPv4 addresses only)"#
+        );
+        // The last port of a range may be 65535.
+        assert_eq!(plan(&[pm("", 65534, 65534, 2, "udp")]).unwrap().len(), 2);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn plan_never_panics_and_stays_in_range(host in 0u16.., ctr in 0u16.., range in 0u16.., p in "[a-z,]{0,9}") {
+            if let Ok(fwds) = plan(&[pm("", host, ctr, range, &p)]) {
+                for f in fwds {
+                    proptest::prop_assert!(f.host_port >= host && f.guest_port >= ctr);
+                }
+            }
+        }
+    }
+}

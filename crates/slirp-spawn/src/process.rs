@@ -1,0 +1,465 @@
+//! Starting a helper process the way container engines do, reusable for any helper
+//! (slirp4netns, rootlessport): a stdin payload, chosen fds leaked at chosen numbers and
+//! nothing else, stdout and stderr into an unlinked log file, its own process group,
+//! optionally a new mount namespace; then readiness and death awaited together.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// Most of a log we read back into an error: the end of it, where the reason is.
+const LOG_TAIL_LIMIT: u64 = 64 * 1024;
+
+/// A log file that exists only as an open fd: created in a directory and unlinked at
+/// once, so nothing is left on disk whatever happens to us or the helper.
+#[derive(Debug)]
+pub struct LogFile {
+    file: File,
+}
+
+impl LogFile {
+    /// Create `dir/name` exclusively (a stale file of that name is removed first; a
+    /// symlink is never followed), then unlink it.
+    pub fn create_unlinked(dir: &Path, name: &str) -> io::Result<LogFile> {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(LogFile { file })
+    }
+
+    /// An unnamed log in memory, for helpers that are not given a directory.
+    pub fn anonymous(name: &str) -> io::Result<LogFile> {
+        let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+        Ok(LogFile {
+            file: File::from(fd),
+        })
+    }
+
+    /// What the helper wrote so far (its last 64 KiB), lossily decoded.
+    pub fn contents(&self) -> String {
+        let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = len.saturating_sub(LOG_TAIL_LIMIT);
+        let mut buf = vec![0u8; (len - start) as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], start + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        buf.truncate(done);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    fn try_clone(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+}
+
+/// What a helper is started with. Build it, then [`HelperCommand::spawn`].
+#[derive(Debug)]
+pub struct HelperCommand {
+    program: PathBuf,
+    args: Vec<OsString>,
+    stdin: Option<Vec<u8>>,
+    fds: Vec<(OwnedFd, RawFd)>,
+    log: Option<File>,
+    new_mount_ns: bool,
+    own_process_group: bool,
+}
+
+impl HelperCommand {
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        HelperCommand {
+            program: program.into(),
+            args: Vec::new(),
+            stdin: None,
+            fds: Vec::new(),
+            log: None,
+            new_mount_ns: false,
+            own_process_group: true,
+        }
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Bytes the helper reads on stdin (from a sealed in-memory file, so writing them
+    /// never blocks and no thread is needed). Without it, stdin is `/dev/null`.
+    pub fn stdin_bytes(mut self, payload: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(payload.into());
+        self
+    }
+
+    /// Give the helper `fd` as fd number `target` (3 and up). Every other fd of ours
+    /// stays out of the helper.
+    pub fn leak_fd(mut self, fd: OwnedFd, target: RawFd) -> Self {
+        self.fds.push((fd, target));
+        self
+    }
+
+    /// Send stdout and stderr to `log` (else to `/dev/null`).
+    pub fn log(mut self, log: &LogFile) -> io::Result<Self> {
+        self.log = Some(log.try_clone()?);
+        Ok(self)
+    }
+
+    /// Start the helper in a new mount namespace (needed by `--enable-sandbox`).
+    pub fn new_mount_namespace(mut self, yes: bool) -> Self {
+        self.new_mount_ns = yes;
+        self
+    }
+
+    /// Put the helper in a process group of its own (the default), so that signals
+    /// sent to the engine's terminal group do not reach it.
+    pub fn own_process_group(mut self, yes: bool) -> Self {
+        self.own_process_group = yes;
+        self
+    }
+
+    /// Start the helper.
+    pub fn spawn(self) -> io::Result<Helper> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        match &self.stdin {
+            Some(payload) => cmd.stdin(payload_file(payload)?),
+            None => cmd.stdin(Stdio::null()),
+        };
+        match &self.log {
+            Some(log) => {
+                cmd.stdout(log.try_clone()?);
+                cmd.stderr(log.try_clone()?);
+            }
+            None => {
+                cmd.stdout(Stdio::null());
+                cmd.stderr(Stdio::null());
+            }
+        }
+        if self.own_process_group {
+            cmd.process_group(0);
+        }
+
+        // Move every source fd above the targets so no dup2 can clobber another source.
+        let min = self.fds.iter().map(|(_, t)| *t).max().unwrap_or(2).max(9) + 1;
+        let mut moved = Vec::with_capacity(self.fds.len());
+        for (fd, target) in &self.fds {
+            if *target < 3 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("cannot leak an fd as {target}: 0-2 are stdio"),
+                ));
+            }
+            let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
+            // SAFETY: fcntl just returned this new fd and nothing else owns it.
+            moved.push((unsafe { OwnedFd::from_raw_fd(raw) }, *target));
+        }
+        let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+        let new_mount_ns = self.new_mount_ns;
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // syscalls (close_range, dup2, fcntl, unshare) on plain integers; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Everything inherited from fd 3 up closes at exec, whoever opened it
+                // without O_CLOEXEC; the dup2s below then re-open exactly the chosen ones.
+                let _ = libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                for &(src, dst) in &plan {
+                    if src == dst {
+                        if libc::fcntl(dst, libc::F_SETFD, 0) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(src, dst) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if new_mount_ns && libc::unshare(libc::CLONE_NEWNS) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(moved);
+        let pid = child.id();
+        let pidfd = pidfd_open(pid)?;
+        Ok(Helper {
+            child: Some(child),
+            pidfd,
+            pid,
+            own_group: self.own_process_group,
+            status: None,
+        })
+    }
+}
+
+fn payload_file(payload: &[u8]) -> io::Result<File> {
+    let fd = nix::sys::memfd::memfd_create("helper-stdin", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
+    let mut f = File::from(fd);
+    f.write_all(payload)?;
+    f.rewind()?;
+    Ok(f)
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd (close-on-exec by default).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// How waiting for a helper's readiness ended.
+#[derive(Debug)]
+pub enum Sync {
+    /// The helper wrote these bytes on its ready fd.
+    Ready(Vec<u8>),
+    /// The helper exited (and is reaped) before it said it was ready.
+    Exited(ExitStatus),
+    /// The helper closed its ready fd without writing, and did not exit within the
+    /// grace period that followed.
+    ClosedWithoutReady,
+    /// The deadline passed first; the helper is still running.
+    TimedOut,
+}
+
+/// A running helper: its pid, a pidfd to watch it with, and its reaping.
+///
+/// Dropping a `Helper` that has not been reaped kills its process group (SIGKILL) and
+/// reaps it, so neither a process nor a zombie outlives the handle. Use
+/// [`Helper::into_reaper`] to let a helper run on without us.
+#[derive(Debug)]
+pub struct Helper {
+    child: Option<Child>,
+    pidfd: OwnedFd,
+    pid: u32,
+    own_group: bool,
+    status: Option<ExitStatus>,
+}
+
+impl Helper {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// A pidfd for the helper: readable once it has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Its exit status, once [`Helper::try_wait`] or a wait has seen it exit.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
+    /// Wait for the helper to write on `ready` (the read end of its ready pipe) or to
+    /// die, whichever comes first, until `deadline`.
+    pub fn wait_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> io::Result<Sync> {
+        loop {
+            let (ready_ev, dead) = {
+                let mut fds = [
+                    PollFd::new(ready.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN),
+                ];
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Sync::TimedOut);
+                }
+                match poll(&mut fds, poll_timeout(left)) {
+                    Ok(0) => return Ok(Sync::TimedOut),
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                (
+                    fds[0].revents().unwrap_or(PollFlags::empty()),
+                    fds[1].revents().is_some_and(|r| !r.is_empty()),
+                )
+            };
+            if ready_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                let mut buf = [0u8; 64];
+                let n = loop {
+                    match nix::unistd::read(ready.as_fd(), &mut buf) {
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        other => break other?,
+                    }
+                };
+                if n > 0 {
+                    return Ok(Sync::Ready(buf[..n].to_vec()));
+                }
+                // EOF: it closed the fd; it is most likely on its way out.
+                let grace = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(1));
+                return Ok(match self.wait_timeout(grace)? {
+                    Some(status) => Sync::Exited(status),
+                    None => Sync::ClosedWithoutReady,
+                });
+            }
+            if dead {
+                if let Some(status) = self.try_wait()? {
+                    return Ok(Sync::Exited(status));
+                }
+            }
+        }
+    }
+
+    /// Reap the helper if it has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = child.try_wait()?;
+        self.status = status;
+        Ok(status)
+    }
+
+    /// Wait up to `timeout` for the helper to exit, and reap it.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(Some(s));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, poll_timeout(left)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Send `signal` to the helper (and to its process group when it has its own).
+    pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        // SAFETY: pidfd_send_signal on a pidfd we own; the pidfd cannot name a reused pid.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if self.own_group {
+            // The group id is our unreaped child's pid, so it cannot have been reused.
+            // SAFETY: kill(2) with a negative pid signals that process group.
+            unsafe { libc::kill(-(self.pid as libc::pid_t), signal) };
+        }
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL the helper (and its group) and reap it.
+    pub fn kill(&mut self) -> io::Result<ExitStatus> {
+        if let Some(s) = self.try_wait()? {
+            return Ok(s);
+        }
+        self.signal(libc::SIGKILL)?;
+        let status = match self.child.as_mut() {
+            Some(child) => child.wait()?,
+            None => return Err(io::Error::other("helper already handed to the reaper")),
+        };
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// Stop the helper gracefully: wait up to `grace` for it to exit on its own (after
+    /// the caller closed its exit fd, say), then SIGTERM and another `grace`, then
+    /// SIGKILL. Always reaps.
+    pub fn stop(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+        if let Some(s) = self.wait_timeout(grace)? {
+            return Ok(s);
+        }
+        self.signal(libc::SIGTERM)?;
+        if let Some(s) = self.wait_timeout(grace)? {
+            return Ok(s);
+        }
+        self.kill()
+    }
+
+    /// Let the helper run on without this handle: the shared reaper reaps it when it
+    /// exits, so it never lingers as a zombie. Afterwards this handle only knows the pid
+    /// and its drop does nothing. Returns the pid.
+    pub fn hand_to_reaper(&mut self) -> u32 {
+        if let Some(child) = self.child.take() {
+            if self.status.is_none() {
+                match self.pidfd.try_clone() {
+                    Ok(pidfd) => crate::reaper::adopt(child, pidfd),
+                    Err(_) => crate::reaper::adopt_blocking(child),
+                }
+            }
+        }
+        self.pid
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if self.child.is_some() && self.status.is_none() {
+            let _ = self.kill();
+        }
+    }
+}
+
+fn poll_timeout(d: Duration) -> PollTimeout {
+    // Round up so that we never wake just before the deadline and spin.
+    let ms = d.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+}
+
+/// The fds a process has open, by number (from `/proc/PID/fd`).
+pub fn open_fds(pid: u32) -> io::Result<Vec<RawFd>> {
+    let mut fds: Vec<RawFd> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    Ok(fds)
+}

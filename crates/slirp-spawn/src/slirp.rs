@@ -1,0 +1,389 @@
+//! slirp4netns for one network namespace: podman's `setupSlirp4netns`, with readiness
+//! and death awaited together and an overall deadline.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use netaddr::Ipv4Net;
+use slirp_config::{
+    build_command_args, check_slirp_flags, find_binary, uses_sandbox, NetnsTarget, SlirpFeatures,
+    SlirpOptions, EXIT_FD, READY_FD,
+};
+
+use crate::netns::{DadGuard, Netns};
+use crate::process::{Helper, HelperCommand, LogFile, Sync};
+use crate::Error;
+
+/// How long [`Slirp4netns::start`] waits for readiness unless told otherwise.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Slirp4netns::stop`] waits for the helper after closing its exit pipe,
+/// before SIGTERM, and again before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// What to start slirp4netns for.
+///
+/// ```no_run
+/// use slirp_spawn::{Netns, SlirpSpec, Slirp4netns};
+/// let spec = SlirpSpec::new(Netns::Path("/run/netns/ctr1".into()), "/run/user/1000/libpod/tmp", "ctr1");
+/// let slirp = Slirp4netns::start(&spec)?;
+/// println!("guest {} via {}", slirp.guest_ip(), slirp.gateway());
+/// slirp.stop()?;
+/// # Ok::<(), slirp_spawn::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct SlirpSpec {
+    /// The binary; `None` finds `slirp4netns` in `PATH`.
+    pub binary: Option<PathBuf>,
+    pub netns: Netns,
+    pub options: SlirpOptions,
+    /// Where the (immediately unlinked) log file and the default API socket go.
+    pub tmp_dir: PathBuf,
+    /// Names the log file and the default API socket; no `/`, not empty.
+    pub container_id: String,
+    /// Where slirp4netns listens for API requests. `None` means none, unless the
+    /// options ask for slirp4netns port forwarding, which gets `TMPDIR/<ID>.net`.
+    pub api_socket: Option<PathBuf>,
+    /// The overall deadline for readiness.
+    pub ready_timeout: Duration,
+}
+
+impl SlirpSpec {
+    /// podman's defaults for a namespace, a tmp dir and a container id.
+    pub fn new(netns: Netns, tmp_dir: impl Into<PathBuf>, container_id: impl Into<String>) -> Self {
+        SlirpSpec {
+            binary: None,
+            netns,
+            options: SlirpOptions::default(),
+            tmp_dir: tmp_dir.into(),
+            container_id: container_id.into(),
+            api_socket: None,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+        }
+    }
+
+    /// Ask for an API socket at `TMPDIR/<ID>.net`, podman's place for it.
+    pub fn with_api_socket(mut self) -> Self {
+        self.api_socket = Some(self.default_api_socket());
+        self
+    }
+
+    fn default_api_socket(&self) -> PathBuf {
+        self.tmp_dir.join(format!("{}.net", self.container_id))
+    }
+
+    fn api_socket_path(&self) -> Option<PathBuf> {
+        match &self.api_socket {
+            Some(p) => Some(p.clone()),
+            None if self.options.is_slirp_host_forward => Some(self.default_api_socket()),
+            None => None,
+        }
+    }
+}
+
+/// A running slirp4netns serving one network namespace.
+///
+/// Dropping it stops it as [`Slirp4netns::stop`] does (closing the exit pipe, waiting a
+/// bounded time, then signals), reaps it and removes its API socket file, so nothing is
+/// left behind; errors on that path are only logged. [`Slirp4netns::release`] lets it
+/// run on instead.
+#[derive(Debug)]
+pub struct Slirp4netns {
+    helper: Helper,
+    exit_w: Option<OwnedFd>,
+    api_socket: Option<PathBuf>,
+    subnet: Ipv4Net,
+    guest: Ipv4Addr,
+    gateway: Ipv4Addr,
+    dns: Ipv4Addr,
+    ipv6: bool,
+    features: SlirpFeatures,
+    ready_after: Duration,
+    released: bool,
+}
+
+impl Slirp4netns {
+    /// Start slirp4netns for `spec.netns` and wait until it has configured `tap0`.
+    pub fn start(spec: &SlirpSpec) -> Result<Slirp4netns, Error> {
+        let started = Instant::now();
+        check_container_id(&spec.container_id)?;
+        let binary = match &spec.binary {
+            Some(b) => b.clone(),
+            None => find_binary("slirp4netns").ok_or(Error::BinaryNotFound)?,
+        };
+        let opts = &spec.options;
+        let subnet = opts.subnet();
+        let guest = netaddr::slirp4netns_ip(Some(&subnet))?;
+        let gateway = netaddr::slirp4netns_gateway(Some(&subnet))?;
+        let dns = netaddr::slirp4netns_dns(Some(&subnet))?;
+
+        let features = check_slirp_flags(&binary)?;
+        let target = match &spec.netns {
+            Netns::Path(p) => NetnsTarget::Path(p.clone()),
+            Netns::Pid(pid) => NetnsTarget::Pid(*pid),
+        };
+        let api_socket = spec.api_socket_path();
+        if let Some(sock) = &api_socket {
+            let len = sock.as_os_str().as_bytes().len();
+            if len > 107 {
+                return Err(Error::ApiSocketTooLong {
+                    path: sock.clone(),
+                    len,
+                });
+            }
+            remove_stale_socket(sock)?;
+        }
+        let args = build_command_args(opts, &features, api_socket.as_deref(), &target)?;
+        let ns = spec.netns.open()?;
+
+        let mut launch = Launch {
+            api_socket: api_socket.clone(),
+            dad: None,
+        };
+        if opts.enable_ipv6 {
+            launch.dad = Some(DadGuard::disable(&ns)?);
+        }
+
+        let (exit_r, exit_w) = pipe().map_err(Error::io("creating the exit pipe"))?;
+        let (ready_r, ready_w) = pipe().map_err(Error::io("creating the ready pipe"))?;
+        let log = LogFile::create_unlinked(
+            &spec.tmp_dir,
+            &format!("slirp4netns-{}.log", spec.container_id),
+        )
+        .map_err(Error::io(format!(
+            "creating the slirp4netns log file in {}",
+            spec.tmp_dir.display()
+        )))?;
+        let mut helper = HelperCommand::new(&binary)
+            .args(&args)
+            .leak_fd(exit_r, EXIT_FD)
+            .leak_fd(ready_w, READY_FD)
+            .log(&log)
+            .map_err(Error::io("sharing the log file"))?
+            .new_mount_namespace(uses_sandbox(opts, &features))
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                binary: binary.clone(),
+                source,
+            })?;
+        tracing::debug!(pid = helper.pid(), ?args, "slirp4netns started");
+
+        let deadline = started + spec.ready_timeout;
+        let sync = helper
+            .wait_ready(&ready_r, deadline)
+            .map_err(Error::io("waiting for slirp4netns"))?;
+        match sync {
+            Sync::Ready(_) => {}
+            Sync::Exited(status) => return Err(exit_error(status, &log)),
+            Sync::ClosedWithoutReady => {
+                let _ = helper.kill();
+                return Err(Error::ClosedWithoutReady {
+                    log: log.contents(),
+                });
+            }
+            Sync::TimedOut => {
+                let _ = helper.kill();
+                return Err(Error::Timeout {
+                    timeout: spec.ready_timeout,
+                    log: log.contents(),
+                });
+            }
+        }
+        let ready_after = started.elapsed();
+        launch.finish()?;
+        tracing::debug!(pid = helper.pid(), ?ready_after, "slirp4netns ready");
+        Ok(Slirp4netns {
+            helper,
+            exit_w: Some(exit_w),
+            api_socket,
+            subnet,
+            guest,
+            gateway,
+            dns,
+            ipv6: opts.enable_ipv6,
+            features,
+            ready_after,
+            released: false,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.helper.pid()
+    }
+
+    /// A pidfd for the helper, readable once it has died: for waiting on its API socket.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.helper.pidfd()
+    }
+
+    pub fn api_socket(&self) -> Option<&Path> {
+        self.api_socket.as_deref()
+    }
+
+    pub fn subnet(&self) -> Ipv4Net {
+        self.subnet
+    }
+
+    /// The container's address on `tap0` (subnet + 100).
+    pub fn guest_ip(&self) -> Ipv4Addr {
+        self.guest
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    pub fn dns(&self) -> Ipv4Addr {
+        self.dns
+    }
+
+    /// The IPv6 gateway, when IPv6 is on.
+    pub fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.ipv6.then(netaddr::slirp4netns_gateway6)
+    }
+
+    /// The IPv6 DNS forwarder, when IPv6 is on.
+    pub fn dns6(&self) -> Option<Ipv6Addr> {
+        self.ipv6.then(netaddr::slirp4netns_dns6)
+    }
+
+    pub fn features(&self) -> &SlirpFeatures {
+        &self.features
+    }
+
+    /// Time from the start call to readiness.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// The write end of the exit pipe, for the container's monitor: slirp4netns exits
+    /// when every copy of it is closed. Once taken, [`Slirp4netns::stop`] falls back to
+    /// signals.
+    pub fn take_exit_fd(&mut self) -> Option<OwnedFd> {
+        self.exit_w.take()
+    }
+
+    /// The exit pipe's write end, still owned by this handle.
+    pub fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exit_w.as_ref().map(|fd| fd.as_fd())
+    }
+
+    /// Whether the helper has died (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.helper.try_wait(), Ok(Some(_)))
+    }
+
+    /// Stop slirp4netns: close the exit pipe, wait (bounded), then SIGTERM and SIGKILL
+    /// if it still runs; reap it and remove its API socket file.
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.stop_now()
+    }
+
+    fn stop_now(&mut self) -> Result<(), Error> {
+        self.exit_w = None;
+        let res = self
+            .helper
+            .stop(STOP_GRACE)
+            .map(|_| ())
+            .map_err(Error::io("stopping slirp4netns"));
+        if let Some(sock) = self.api_socket.take() {
+            let _ = std::fs::remove_file(sock);
+        }
+        res
+    }
+
+    /// Let slirp4netns run on, owned by whoever holds the exit fd (take it first with
+    /// [`Slirp4netns::take_exit_fd`]; if this handle still has it, it is closed and the
+    /// helper exits). The shared reaper reaps it when it exits. Returns its pid.
+    pub fn release(mut self) -> u32 {
+        self.released = true;
+        self.exit_w = None;
+        self.api_socket = None;
+        self.helper.hand_to_reaper()
+    }
+}
+
+impl Drop for Slirp4netns {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        if let Err(e) = self.stop_now() {
+            tracing::warn!(error = %e, "stopping slirp4netns on drop");
+        }
+    }
+}
+
+/// What must be undone if the launch fails: the DAD sysctl and the API socket file.
+struct Launch {
+    api_socket: Option<PathBuf>,
+    dad: Option<DadGuard>,
+}
+
+impl Launch {
+    fn finish(mut self) -> Result<(), Error> {
+        self.api_socket = None;
+        match self.dad.take() {
+            Some(dad) => dad.restore(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        // The DadGuard restores on its own drop.
+        if let Some(sock) = self.api_socket.take() {
+            let _ = std::fs::remove_file(sock);
+        }
+    }
+}
+
+fn exit_error(status: std::process::ExitStatus, log: &LogFile) -> Error {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal().is_some() {
+        Error::KilledBySignal
+    } else {
+        Error::Failed {
+            log: log.contents(),
+        }
+    }
+}
+
+fn check_container_id(id: &str) -> Result<(), Error> {
+    let why = if id.is_empty() {
+        "it is empty"
+    } else if id.contains('/') {
+        "it contains '/'"
+    } else if id.contains('\0') {
+        "it contains a NUL byte"
+    } else if id == "." || id == ".." {
+        "it is a relative directory name"
+    } else if id.len() > 200 {
+        "it is longer than 200 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidContainerId {
+        id: id.to_owned(),
+        why,
+    })
+}
+
+/// A socket file left by a crashed slirp4netns would make the new one fail to bind.
+/// Anything that is not a socket is left alone (and slirp4netns will say so).
+fn remove_stale_socket(path: &Path) -> Result<(), Error> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(Error::io(
+            format!("removing the stale API socket {}", path.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
+}
