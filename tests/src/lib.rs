@@ -30,3 +30,135 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("../crates/slirp-config/fixtures")
         .join(name)
 }
+
+/// A fresh network namespace held open by a `sleep` process (`unshare --net`), named
+/// by `/proc/PID/ns/net`. Dropping it kills the holder, and the namespace goes with it.
+pub struct TestNetns {
+    holder: std::process::Child,
+}
+
+impl TestNetns {
+    pub fn new() -> TestNetns {
+        let holder = std::process::Command::new("unshare")
+            .args(["--net", "--", "sleep", "3600"])
+            .spawn()
+            .expect("unshare --net sleep");
+        let ns = TestNetns { holder };
+        // Until unshare(1) has unshared and exec'd, the holder is still in our netns.
+        let ours = std::fs::read_link("/proc/self/ns/net").expect("own netns");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let theirs = std::fs::read_link(ns.path()).ok();
+            let comm =
+                std::fs::read_to_string(format!("/proc/{}/comm", ns.pid())).unwrap_or_default();
+            if theirs.as_ref().is_some_and(|t| *t != ours) && comm.trim() == "sleep" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "netns holder never unshared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        ns
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.pid()))
+    }
+
+    pub fn netns(&self) -> slirp_spawn::Netns {
+        slirp_spawn::Netns::Path(self.path())
+    }
+
+    /// Run a shell script inside the namespace; panics unless it succeeds.
+    pub fn sh(&self, script: &str) -> String {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.path().display()))
+            .args(["--", "sh", "-c", script])
+            .output()
+            .expect("nsenter");
+        assert!(
+            out.status.success(),
+            "{script:?} failed in netns: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run `f` on a thread inside the namespace: sockets it creates stay in it.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let fd = slirp_spawn::Netns::Path(self.path())
+            .open()
+            .expect("open netns");
+        slirp_spawn::in_netns(&fd, f).expect("enter netns")
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// Live processes (zombies included) whose process group is `pgid`.
+pub fn processes_in_group(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the ")" that closes comm: state ppid pgrp ...
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `/proc/PID` exists (a zombie still has one).
+pub fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Wait up to `secs` for `cond`, polling every 10 ms; returns whether it held.
+pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Write an executable fake `slirp4netns` into `dir`: it answers `--help` with the
+/// 1.2.0 help text and otherwise runs `body` (a shell snippet).
+pub fn fake_slirp4netns(dir: &std::path::Path, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let help = std::fs::read_to_string(fixture("slirp4netns-1.2.0-help.txt")).expect("fixture");
+    let path = dir.join("slirp4netns");
+    let tmp = dir.join(".slirp4netns.new");
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = --help ]; then cat <<'EOF'\n{help}EOF\nexit 0\nfi\n{body}\n"
+    );
+    std::fs::write(&tmp, script).expect("write fake");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod fake");
+    std::fs::rename(&tmp, &path).expect("install fake");
+    path
+}
