@@ -99,6 +99,12 @@ impl TestNetns {
     }
 }
 
+impl Default for TestNetns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drop for TestNetns {
     fn drop(&mut self) {
         let _ = self.holder.kill();
@@ -161,4 +167,60 @@ pub fn fake_slirp4netns(dir: &std::path::Path, body: &str) -> PathBuf {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod fake");
     std::fs::rename(&tmp, &path).expect("install fake");
     path
+}
+
+/// A client host: a namespace of its own joined to the harness's namespace by a veth
+/// pair, with addresses from TEST-NET-1 (192.0.2.0/24). `slot` (0..63) keeps the names
+/// and the /30 of parallel tests apart. The host side is `192.0.2.(4*slot+1)`, the
+/// client `192.0.2.(4*slot+2)`.
+pub struct ClientHost {
+    pub ns: TestNetns,
+    pub host_addr: std::net::Ipv4Addr,
+    pub client_addr: std::net::Ipv4Addr,
+    host_if: String,
+}
+
+impl ClientHost {
+    pub fn new(slot: u8) -> ClientHost {
+        assert!(slot < 64);
+        let ns = TestNetns::new();
+        let host_if = format!("vh{slot}");
+        let base = 4 * slot;
+        let host_addr = std::net::Ipv4Addr::new(192, 0, 2, base + 1);
+        let client_addr = std::net::Ipv4Addr::new(192, 0, 2, base + 2);
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let pid = ns.pid().to_string();
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "vc", "netns", &pid,
+        ]);
+        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        ns.sh(&format!(
+            "ip addr add {client_addr}/30 dev vc && ip link set vc up && ip link set lo up"
+        ));
+        ClientHost {
+            ns,
+            host_addr,
+            client_addr,
+            host_if,
+        }
+    }
+}
+
+impl Drop for ClientHost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
 }

@@ -235,7 +235,7 @@ fn helper_that_never_gets_ready_hits_the_deadline() {
         .flatten()
         .any(|e| {
             std::fs::read_to_string(e.path().join("cmdline"))
-                .map(|c| c == "sleep\060\0")
+                .map(|c| c == "sleep\x0060\0")
                 .unwrap_or(false)
         })));
 }

@@ -162,7 +162,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .arg(&me)
             .args(["ns-exec", "--"])
             .arg(&exe)
-            .arg("--ignored")
+            .args(["--ignored", "--show-output"])
             .args(&filters)
             .current_dir(dir)
             .env(HARNESS_ENV, "1");
