@@ -84,7 +84,8 @@ pub struct HelperCommand {
     args: Vec<OsString>,
     stdin: Option<Vec<u8>>,
     fds: Vec<(OwnedFd, RawFd)>,
-    log: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
     new_mount_ns: bool,
     own_process_group: bool,
 }
@@ -96,7 +97,8 @@ impl HelperCommand {
             args: Vec::new(),
             stdin: None,
             fds: Vec::new(),
-            log: None,
+            stdout: None,
+            stderr: None,
             new_mount_ns: false,
             own_process_group: true,
         }
@@ -126,8 +128,19 @@ impl HelperCommand {
     }
 
     /// Send stdout and stderr to `log` (else to `/dev/null`).
-    pub fn log(mut self, log: &LogFile) -> io::Result<Self> {
-        self.log = Some(log.try_clone()?);
+    pub fn log(self, log: &LogFile) -> io::Result<Self> {
+        self.stdout_log(log)?.stderr_log(log)
+    }
+
+    /// Send stdout alone to `log`.
+    pub fn stdout_log(mut self, log: &LogFile) -> io::Result<Self> {
+        self.stdout = Some(log.try_clone()?);
+        Ok(self)
+    }
+
+    /// Send stderr alone to `log`.
+    pub fn stderr_log(mut self, log: &LogFile) -> io::Result<Self> {
+        self.stderr = Some(log.try_clone()?);
         Ok(self)
     }
 
@@ -152,16 +165,14 @@ impl HelperCommand {
             Some(payload) => cmd.stdin(payload_file(payload)?),
             None => cmd.stdin(Stdio::null()),
         };
-        match &self.log {
-            Some(log) => {
-                cmd.stdout(log.try_clone()?);
-                cmd.stderr(log.try_clone()?);
-            }
-            None => {
-                cmd.stdout(Stdio::null());
-                cmd.stderr(Stdio::null());
-            }
-        }
+        match &self.stdout {
+            Some(log) => cmd.stdout(log.try_clone()?),
+            None => cmd.stdout(Stdio::null()),
+        };
+        match &self.stderr {
+            Some(log) => cmd.stderr(log.try_clone()?),
+            None => cmd.stderr(Stdio::null()),
+        };
         if self.own_process_group {
             cmd.process_group(0);
         }

@@ -1,0 +1,173 @@
+//! Starting the helper from an engine (podman's `setupRootlessPortMappingViaRLK`): the
+//! config on stdin, the exit pipe as fd 3 and the ready pipe as fd 4, readiness and
+//! death awaited together under a deadline, the helper's one-line error reported as
+//! `rootlessport <line>`.
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use slirp_spawn::process::{Helper, HelperCommand, LogFile, Sync};
+
+use crate::config::{q, Config};
+
+/// How long [`Launcher::start`] waits for readiness unless told otherwise.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of starting the helper.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The helper said what was wrong (its stdout line).
+    #[error("rootlessport {0}")]
+    Reported(String),
+    #[error("failed to start rootlessport process: {0}")]
+    Spawn(io::Error),
+    #[error("rootlessport failed: {}", q(.0))]
+    Failed(String),
+    #[error("rootlessport killed by signal")]
+    KilledBySignal,
+    #[error("rootlessport closed its ready fd without signalling readiness: {}", q(.0))]
+    ClosedWithoutReady(String),
+    #[error("rootlessport did not become ready within {}s: {}", .timeout.as_secs_f64(), q(.log))]
+    Timeout { timeout: Duration, log: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
+}
+
+/// Where the helper binary is and how long it may take to get ready.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    pub binary: PathBuf,
+    pub ready_timeout: Duration,
+}
+
+impl Launcher {
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Launcher {
+            binary: binary.into(),
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+        }
+    }
+
+    /// Start the helper for `config` (its `ExitFD`/`ReadyFD` are set to 3 and 4 here)
+    /// with `exit_fd`, the read end of the pipe whose write end the container's monitor
+    /// holds: the helper exits when that closes. Returns once every port is served.
+    pub fn start(&self, config: &Config, exit_fd: OwnedFd) -> Result<RootlessPort, LaunchError> {
+        let started = Instant::now();
+        let mut config = config.clone();
+        config.exit_fd = slirp_config::EXIT_FD;
+        config.ready_fd = slirp_config::READY_FD;
+        let json = serde_json::to_vec(&config).map_err(|e| LaunchError::Io {
+            what: "encoding the config",
+            source: e.into(),
+        })?;
+        let io = |what| move |source| LaunchError::Io { what, source };
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| io("creating the ready pipe")(e.into()))?;
+        // stdout is for the human-readable error, stderr is the debug log.
+        let stdout =
+            LogFile::anonymous("rootlessport-stdout").map_err(io("creating its stdout"))?;
+        let stderr = stderr_log(&config).map_err(io("creating its log file"))?;
+        let mut helper = HelperCommand::new(&self.binary)
+            .stdin_bytes(json)
+            .leak_fd(exit_fd, slirp_config::EXIT_FD)
+            .leak_fd(ready_w, slirp_config::READY_FD)
+            .stdout_log(&stdout)
+            .map_err(io("sharing its stdout"))?
+            .stderr_log(&stderr)
+            .map_err(io("sharing its log"))?
+            .spawn()
+            .map_err(LaunchError::Spawn)?;
+        let sync = helper
+            .wait_ready(&ready_r, started + self.ready_timeout)
+            .map_err(io("waiting for rootlessport"))?;
+        let fail = |helper: &mut Helper, err: LaunchError| {
+            let _ = helper.kill();
+            let said = stdout.contents();
+            let said = said.trim_end_matches('\n');
+            if said.is_empty() {
+                err
+            } else {
+                LaunchError::Reported(said.to_owned())
+            }
+        };
+        match sync {
+            Sync::Ready(_) => Ok(RootlessPort { helper }),
+            Sync::Exited(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                let err = if status.signal().is_some() {
+                    LaunchError::KilledBySignal
+                } else {
+                    LaunchError::Failed(stderr.contents())
+                };
+                Err(fail(&mut helper, err))
+            }
+            Sync::ClosedWithoutReady => {
+                let err = LaunchError::ClosedWithoutReady(stderr.contents());
+                Err(fail(&mut helper, err))
+            }
+            Sync::TimedOut => {
+                let err = LaunchError::Timeout {
+                    timeout: self.ready_timeout,
+                    log: stderr.contents(),
+                };
+                Err(fail(&mut helper, err))
+            }
+        }
+    }
+}
+
+fn stderr_log(config: &Config) -> io::Result<LogFile> {
+    let id_ok = !config.container_id.is_empty() && !config.container_id.contains('/');
+    if config.tmp_dir.is_empty() || !id_ok {
+        return LogFile::anonymous("rootlessport-log");
+    }
+    LogFile::create_unlinked(
+        Path::new(&config.tmp_dir),
+        &format!("rootlessport-{}.log", config.container_id),
+    )
+}
+
+/// A running, ready helper. Dropping it kills the helper; [`RootlessPort::release`]
+/// lets it run until its exit fd closes, reaped in the background.
+#[derive(Debug)]
+pub struct RootlessPort {
+    helper: Helper,
+}
+
+impl RootlessPort {
+    pub fn pid(&self) -> u32 {
+        self.helper.pid()
+    }
+
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.helper.pidfd()
+    }
+
+    /// Wait up to `timeout` for the helper to exit (after its exit fd closed).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        self.helper.wait_timeout(timeout)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; always reaps.
+    pub fn stop(mut self, grace: Duration) -> io::Result<ExitStatus> {
+        if let Some(s) = self.helper.try_wait()? {
+            return Ok(s);
+        }
+        self.helper.signal(libc::SIGTERM)?;
+        match self.helper.wait_timeout(grace)? {
+            Some(s) => Ok(s),
+            None => self.helper.kill(),
+        }
+    }
+
+    /// Let it run on; the shared reaper reaps it when it exits. Returns its pid.
+    pub fn release(mut self) -> u32 {
+        self.helper.hand_to_reaper()
+    }
+}

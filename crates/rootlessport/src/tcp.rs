@@ -1,0 +1,253 @@
+//! TCP forwarding: accept on the host side, connect inside the container netns, then
+//! move bytes with `splice(2)` through a pipe (no copy into user space), carrying
+//! half-closes and resets across.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::config::Family;
+use crate::forward::Shared;
+
+/// Bytes moved per splice call at most (and the pipe size we ask for).
+const CHUNK: usize = 256 * 1024;
+/// Pipes kept for reuse per thread; a connection only holds one while data is in it.
+const POOL_MAX: usize = 32;
+
+/// Accept connections for one published port until the runtime stops.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    child_port: u16,
+    family: Family,
+    shared: Arc<Shared>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((client, _peer)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    forward(client, child_port, family, &shared).await;
+                });
+            }
+            Err(e) => {
+                // Out of fds or memory: back off instead of spinning on the ready listener.
+                tracing::debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Where a connection goes: the child IP of the moment, or the netns's loopback.
+pub(crate) fn target(child_ip: Option<IpAddr>, family: Family, port: u16) -> SocketAddr {
+    let ip = child_ip.unwrap_or(match family {
+        Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    });
+    SocketAddr::new(ip, port)
+}
+
+async fn forward(client: TcpStream, child_port: u16, family: Family, shared: &Shared) {
+    let to = target(shared.child_ip(), family, child_port);
+    // This runs on a thread that entered the container netns: the socket is made there.
+    let sock = match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    };
+    let upstream = match sock {
+        Ok(s) => s.connect(to).await,
+        Err(e) => Err(e),
+    };
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, %to, "connect in the container failed");
+            // As a direct connection to a closed port would: the client gets a reset.
+            reset(&client);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    relay(&client, &upstream).await;
+}
+
+/// Abort a connection with RST (SO_LINGER 0 then close).
+fn reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+enum PumpEnd {
+    /// The source sent FIN.
+    Eof,
+    /// Reading the source failed (it was reset): reset the destination.
+    ReadFailed,
+    /// Writing the destination failed (it went away): reset the source.
+    WriteFailed,
+}
+
+/// Relay both directions until both have ended; a reset on one side resets the other.
+async fn relay(a: &TcpStream, b: &TcpStream) {
+    let up = pump(a, b);
+    let down = pump(b, a);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            end = &mut up, if !up_done => match end {
+                PumpEnd::Eof => { up_done = true; shutdown_write(b); }
+                PumpEnd::ReadFailed => { reset(b); return; }
+                PumpEnd::WriteFailed => { reset(a); return; }
+            },
+            end = &mut down, if !down_done => match end {
+                PumpEnd::Eof => { down_done = true; shutdown_write(a); }
+                PumpEnd::ReadFailed => { reset(a); return; }
+                PumpEnd::WriteFailed => { reset(b); return; }
+            },
+        }
+    }
+}
+
+fn shutdown_write(s: &TcpStream) {
+    // SAFETY: shutdown(2) on a socket fd the stream owns.
+    unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) };
+}
+
+/// Move bytes from `src` to `dst` until EOF or an error.
+async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
+    loop {
+        if src.readable().await.is_err() {
+            return PumpEnd::ReadFailed;
+        }
+        let Some(pipe) = Pipe::take() else {
+            // Boxed: its buffer must not sit in every connection's future.
+            match Box::pin(copy_once(src, dst)).await {
+                Ok(true) => continue,
+                Ok(false) => return PumpEnd::Eof,
+                Err(end) => return end,
+            }
+        };
+        let filled = src.try_io(Interest::READABLE, || {
+            splice(src.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
+        });
+        let mut left = match filled {
+            Ok(0) => {
+                pipe.give_back();
+                return PumpEnd::Eof;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back();
+                continue;
+            }
+            Err(_) => {
+                pipe.give_back();
+                return PumpEnd::ReadFailed;
+            }
+        };
+        while left > 0 {
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), left)
+            }) {
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if dst.writable().await.is_err() {
+                        return PumpEnd::WriteFailed;
+                    }
+                }
+                // The pipe still holds data: it is dropped, not pooled.
+                Err(_) => return PumpEnd::WriteFailed,
+            }
+        }
+        pipe.give_back();
+    }
+}
+
+/// The fallback when no pipe can be had (fd limit): one read and write through a
+/// small buffer. Ok(false) on EOF.
+async fn copy_once(src: &TcpStream, dst: &TcpStream) -> Result<bool, PumpEnd> {
+    let mut buf = [0u8; 16 * 1024];
+    let n = loop {
+        match src.try_read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                src.readable().await.map_err(|_| PumpEnd::ReadFailed)?
+            }
+            Err(_) => return Err(PumpEnd::ReadFailed),
+        }
+    };
+    if n == 0 {
+        return Ok(false);
+    }
+    let mut done = 0;
+    while done < n {
+        match dst.try_write(&buf[done..n]) {
+            Ok(m) => done += m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dst.writable().await.map_err(|_| PumpEnd::WriteFailed)?
+            }
+            Err(_) => return Err(PumpEnd::WriteFailed),
+        }
+    }
+    Ok(true)
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice(2) between two fds we own, with null offsets (sockets and pipes).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// An empty pipe borrowed from the per-thread pool.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Pipe {
+    fn take() -> Option<Pipe> {
+        if let Some(p) = POOL.with(|p| p.borrow_mut().pop()) {
+            return Some(p);
+        }
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .ok()?;
+        // A bigger pipe means fewer splice calls per byte; the kernel may refuse.
+        // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe fd we own.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        Some(Pipe { r, w })
+    }
+
+    /// Return an empty pipe to the pool (or close it when the pool is full).
+    fn give_back(self) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_MAX {
+                p.push(self);
+            }
+        });
+    }
+}
