@@ -224,3 +224,23 @@ impl Drop for ClientHost {
             .output();
     }
 }
+
+/// The `rootlessport` binary of this build: `ROOTLESSPORT_BIN`, or the one next to the
+/// test executable's directory (`cargo xtask itest` builds it).
+pub fn rootlessport_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ROOTLESSPORT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = profile_dir.join("rootlessport");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p rootlessport` (cargo xtask itest does)",
+        bin.display()
+    );
+    bin
+}

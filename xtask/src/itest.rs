@@ -145,6 +145,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         &mut tally,
     )?;
 
+    // The namespaced tests drive the real binaries.
+    let status = cargo()
+        .args(["build", "--workspace", "--bins"])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("building the workspace binaries failed".into());
+    }
     let bins = namespaced_binaries()?;
     let unshare = sys::find_in_path("unshare").ok_or("unshare not found")?;
     let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;

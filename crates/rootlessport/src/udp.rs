@@ -65,8 +65,10 @@ pub(crate) async fn serve(
                 ) {
                     flow.last
                         .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    // A full socket buffer drops the datagram, as the network would.
-                    let _ = flow.upstream.try_send(&b[..n]);
+                    // Straight to the kernel: tokio's try_send refuses until the new
+                    // socket's first readiness event. A full buffer drops the datagram,
+                    // as the network would.
+                    let _ = socket2::SockRef::from(&flow.upstream).send(&b[..n]);
                 }
                 true
             });
@@ -153,7 +155,8 @@ async fn replies(
                 let mut b = b.borrow_mut();
                 match flow.upstream.try_recv(&mut b) {
                     Ok(n) => {
-                        let _ = published.try_send_to(&b[..n], client);
+                        let _ =
+                            socket2::SockRef::from(&*published).send_to(&b[..n], &client.into());
                         Ok(true)
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),

@@ -1,0 +1,776 @@
+//! The `rootlessport` binary driven exactly as podman drives it (config on stdin, exit
+//! pipe as fd 3, ready pipe as fd 4), against servers inside a container netns.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rootlessport::launcher::{LaunchError, Launcher, RootlessPort};
+use rootlessport::Config;
+use slirp_config::PortMapping;
+use slirp_spawn::process::{open_fds, HelperCommand, LogFile};
+use tests::{eventually, process_exists, require_harness, rootlessport_bin, TestNetns};
+
+/// A container netns with loopback up (the helper forwards to its 127.0.0.1 when the
+/// config names no child IP).
+fn container() -> TestNetns {
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    ns
+}
+
+fn pm(
+    host_ip: &str,
+    host_port: u16,
+    container_port: u16,
+    range: u16,
+    protocol: &str,
+) -> PortMapping {
+    PortMapping {
+        host_ip: host_ip.into(),
+        container_port,
+        host_port,
+        range,
+        protocol: protocol.into(),
+    }
+}
+
+fn config(ns: &TestNetns, tmp: &Path, mappings: Vec<PortMapping>) -> Config {
+    Config {
+        mappings,
+        netns_path: ns.path().display().to_string(),
+        tmp_dir: tmp.display().to_string(),
+        child_ip: String::new(),
+        container_id: "c0ffee".into(),
+        ..Config::default()
+    }
+}
+
+/// Start the helper as podman does; returns it and the exit pipe's write end.
+fn launch(cfg: &Config) -> Result<(RootlessPort, OwnedFd), LaunchError> {
+    let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
+    Launcher::new(rootlessport_bin())
+        .start(cfg, exit_r)
+        .map(|h| (h, exit_w))
+}
+
+/// Close the exit pipe and check the helper exits 0 with nothing left.
+fn finish(mut helper: RootlessPort, exit_w: OwnedFd) {
+    let pid = helper.pid();
+    drop(exit_w);
+    let status = helper
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("helper did not exit on EOF");
+    assert!(status.success(), "{status}");
+    assert!(!process_exists(pid));
+}
+
+/// TCP servers inside the netns: each greets, then echoes what it read until EOF,
+/// then closes.
+fn tcp_echo(ns: &TestNetns, addr: &'static str, port: u16) {
+    let l = ns.run(move || TcpListener::bind((addr, port)).unwrap());
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let _ = c.write_all(format!("hello from {addr}:{port}\n").as_bytes());
+                let mut buf = Vec::new();
+                let _ = c.read_to_end(&mut buf);
+                let _ = c.write_all(&buf);
+            });
+        }
+    });
+}
+
+fn talk(to: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(msg)?;
+    c.shutdown(Shutdown::Write)?;
+    let mut out = Vec::new();
+    c.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn tcp_both_ways_with_half_close_and_dual_stack() {
+    require_harness();
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+    tcp_echo(&ns, "127.0.0.1", 80);
+    tcp_echo(&ns, "127.0.0.1", 81);
+    let cfg = config(
+        &ns,
+        tmp.path(),
+        vec![
+            pm("", 28080, 80, 1, "tcp"),
+            pm("127.0.0.1", 28081, 81, 1, "tcp"),
+        ],
+    );
+    let t = Instant::now();
+    let (helper, exit_w) = launch(&cfg).unwrap();
+    println!("rootlessport ready after {:?}", t.elapsed());
+
+    // The wildcard answers on IPv4 and IPv6 loopback; the client's half-close reaches
+    // the server as EOF while the server still answers.
+    for addr in ["127.0.0.1:28080", "[::1]:28080"] {
+        let got = talk(addr.parse().unwrap(), b"ping").unwrap();
+        assert_eq!(got, b"hello from 127.0.0.1:80\nping", "{addr}");
+    }
+    assert_eq!(
+        talk("127.0.0.1:28081".parse().unwrap(), b"x").unwrap(),
+        b"hello from 127.0.0.1:81\nx"
+    );
+    // A specific host IP binds only that address.
+    assert!(talk("[::1]:28081".parse().unwrap(), b"x").is_err());
+
+    // Bulk both ways: 32 MiB up, the same back, bytes intact.
+    let data: Vec<u8> = (0..32 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let mut c = TcpStream::connect("127.0.0.1:28080").unwrap();
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        let data = data.clone();
+        std::thread::spawn(move || {
+            c.write_all(&data).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert_eq!(&back[..24], b"hello from 127.0.0.1:80\n");
+    assert!(back[24..] == data[..], "bulk data corrupted");
+    finish(helper, exit_w);
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn server_half_close_and_resets_are_carried() {
+    require_harness();
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+    // Port 90: the server says hi, shuts down its write side, then reads to EOF and
+    // reports how much it got on a side channel. Port 91: the server resets.
+    let l90 = ns.run(|| TcpListener::bind("127.0.0.1:90").unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut c in l90.incoming().flatten() {
+            c.write_all(b"bye").unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            let _ = c.read_to_end(&mut got);
+            tx.send(got).unwrap();
+        }
+    });
+    let l91 = ns.run(|| TcpListener::bind("127.0.0.1:91").unwrap());
+    let (rst_tx, rst_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut conns = l91.incoming().flatten();
+        // First connection: the server resets it.
+        if let Some(c) = conns.next() {
+            socket2::SockRef::from(&c)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(c);
+        }
+        // Second: the client resets; the server must see ECONNRESET.
+        if let Some(mut c) = conns.next() {
+            let mut buf = [0u8; 16];
+            let r = c.read(&mut buf);
+            rst_tx.send(r.map_err(|e| e.kind())).unwrap();
+        }
+    });
+    let cfg = config(&ns, tmp.path(), vec![pm("127.0.0.1", 28090, 90, 2, "tcp")]);
+    let (helper, exit_w) = launch(&cfg).unwrap();
+
+    let mut c = TcpStream::connect("127.0.0.1:28090").unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap(); // the server's FIN arrives ...
+    assert_eq!(got, b"bye");
+    c.write_all(b"still talking").unwrap(); // ... while we can still send
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        b"still talking"
+    );
+
+    let mut c = TcpStream::connect("127.0.0.1:28091").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let r = c.read(&mut buf);
+    assert_eq!(
+        r.map_err(|e| e.kind()).unwrap_err(),
+        std::io::ErrorKind::ConnectionReset
+    );
+
+    let c = TcpStream::connect("127.0.0.1:28091").unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // let the helper connect upstream
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let r = rst_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(r.unwrap_err(), std::io::ErrorKind::ConnectionReset);
+
+    // Nothing listening in the container: the client is reset, as on a closed port.
+    let cfg2 = config(&ns, tmp.path(), vec![pm("127.0.0.1", 28095, 95, 1, "tcp")]);
+    let (helper2, exit_w2) = launch(&cfg2).unwrap();
+    let mut c = TcpStream::connect("127.0.0.1:28095").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let r = c.read(&mut buf).map_err(|e| e.kind());
+    assert!(
+        matches!(r, Err(std::io::ErrorKind::ConnectionReset) | Ok(0)),
+        "{r:?}"
+    );
+    finish(helper2, exit_w2);
+    finish(helper, exit_w);
+}
+
+fn udp_echo(ns: &TestNetns, port: u16) {
+    let s = ns.run(move || UdpSocket::bind(("127.0.0.1", port)).unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let mut reply = format!("{from} said ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = s.send_to(&reply, from);
+        }
+    });
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn udp_flows_per_client_and_expiry() {
+    require_harness();
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+    udp_echo(&ns, 53);
+    udp_echo(&ns, 54);
+    let cfg = config(&ns, tmp.path(), vec![pm("", 28053, 53, 2, "udp")]);
+    let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
+    // Short idle timeout for the test (podman's is 90 s).
+    std::env::set_var("ROOTLESSPORT_UDP_IDLE_SECS", "1");
+    let helper = Launcher::new(rootlessport_bin())
+        .start(&cfg, exit_r)
+        .unwrap();
+    std::env::remove_var("ROOTLESSPORT_UDP_IDLE_SECS");
+    let fds_idle = open_fds(helper.pid()).unwrap().len();
+
+    let clients: Vec<UdpSocket> = (0..3)
+        .map(|_| {
+            let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        })
+        .collect();
+    let mut upstream_addrs = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        for round in 0..2 {
+            let port = 28053 + (i as u16 % 2);
+            c.send_to(format!("m{i}.{round}").as_bytes(), ("127.0.0.1", port))
+                .unwrap();
+            let mut buf = [0u8; 256];
+            let (n, from) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(from.port(), port, "reply must come from the published port");
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            assert!(text.ends_with(&format!(" said m{i}.{round}")), "{text}");
+            upstream_addrs.push((i, text.split(' ').next().unwrap().to_owned()));
+        }
+    }
+    // Each client is one flow: the same upstream source for both of its rounds, and a
+    // different one per client.
+    for i in 0..3 {
+        let mine: Vec<_> = upstream_addrs
+            .iter()
+            .filter(|(c, _)| *c == i)
+            .map(|(_, a)| a)
+            .collect();
+        assert_eq!(mine[0], mine[1]);
+    }
+    let distinct: std::collections::HashSet<_> =
+        upstream_addrs.iter().map(|(_, a)| a.clone()).collect();
+    assert_eq!(distinct.len(), 3);
+    // Three flows hold three sockets; after the idle timeout they are gone.
+    assert_eq!(open_fds(helper.pid()).unwrap().len(), fds_idle + 3);
+    assert!(
+        eventually(5, || open_fds(helper.pid()).unwrap().len() == fds_idle),
+        "idle UDP flows did not expire"
+    );
+    finish(helper, exit_w);
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn ipv6_host_ips_and_families() {
+    require_harness();
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+    tcp_echo(&ns, "127.0.0.1", 80);
+    let l6 = ns.run(|| TcpListener::bind("[::1]:80").unwrap());
+    std::thread::spawn(move || {
+        for mut c in l6.incoming().flatten() {
+            let _ = c.write_all(b"v6 server");
+        }
+    });
+    let cfg = config(
+        &ns,
+        tmp.path(),
+        vec![
+            pm("::1", 28100, 80, 1, "tcp"),
+            pm("", 28101, 80, 1, "tcp4"),
+            pm("", 28102, 80, 1, "tcp6"),
+        ],
+    );
+    let (helper, exit_w) = launch(&cfg).unwrap();
+    assert_eq!(
+        talk("[::1]:28100".parse().unwrap(), b"").unwrap(),
+        b"hello from 127.0.0.1:80\n"
+    );
+    assert!(talk("127.0.0.1:28100".parse().unwrap(), b"").is_err());
+    assert!(talk("127.0.0.1:28101".parse().unwrap(), b"").is_ok());
+    assert!(
+        talk("[::1]:28101".parse().unwrap(), b"").is_err(),
+        "tcp4 must not listen on IPv6"
+    );
+    // tcp6 with no child IP goes to the container's ::1.
+    assert_eq!(
+        talk("[::1]:28102".parse().unwrap(), b"").unwrap(),
+        b"v6 server"
+    );
+    assert!(
+        talk("127.0.0.1:28102".parse().unwrap(), b"").is_err(),
+        "tcp6 must not listen on IPv4"
+    );
+    finish(helper, exit_w);
+}
+
+/// Run the binary directly with `stdin` and fds 3/4 as given; (stdout, exit code).
+fn run_raw(stdin: &[u8], with_fds: bool) -> (String, i32) {
+    let out = LogFile::anonymous("out").unwrap();
+    let mut cmd = HelperCommand::new(rootlessport_bin())
+        .stdin_bytes(stdin.to_vec())
+        .stdout_log(&out)
+        .unwrap();
+    let mut keep = Vec::new();
+    if with_fds {
+        let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
+        let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+        cmd = cmd.leak_fd(exit_r, 3).leak_fd(ready_w, 4);
+        keep.push(exit_w);
+        keep.push(ready_r);
+    }
+    let mut h = cmd.spawn().unwrap();
+    let status = h
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("helper hung on bad input");
+    (out.contents(), status.code().unwrap_or(-1))
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn every_error_text() {
+    require_harness();
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+
+    // Arguments: podman's words on stderr, exit 1.
+    let out = std::process::Command::new(rootlessport_bin())
+        .arg("x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "too many arguments, rootlessport expects a json config via STDIN\n"
+    );
+
+    let netns = ns.path().display().to_string();
+    let table: Vec<(String, bool, &str)> = vec![
+        ("".into(), true, "unexpected end of JSON input"),
+        (
+            "{".into(),
+            true,
+            "invalid config JSON: EOF while parsing an object at line 1 column 1",
+        ),
+        (
+            "[1]".into(),
+            true,
+            "invalid config JSON: expected an object",
+        ),
+        ("{}".into(), true, "missing NetNSPath"),
+        (
+            format!(r#"{{"NetNSPath":"{netns}"}}"#),
+            true,
+            "missing ExitFD",
+        ),
+        (
+            format!(r#"{{"NetNSPath":"{netns}","ExitFD":-1}}"#),
+            true,
+            "missing ExitFD",
+        ),
+        (
+            format!(r#"{{"NetNSPath":"{netns}","ExitFD":77,"ReadyFD":4}}"#),
+            true,
+            "invalid ExitFD",
+        ),
+        (
+            format!(r#"{{"NetNSPath":"{netns}","ExitFD":3}}"#),
+            true,
+            "missing ReadyFD",
+        ),
+        (
+            format!(r#"{{"NetNSPath":"{netns}","ExitFD":3,"ReadyFD":77}}"#),
+            true,
+            "invalid ReadyFD",
+        ),
+        (
+            format!(r#"{{"NetNSPath":"{netns}","ExitFD":3,"ReadyFD":3}}"#),
+            true,
+            "invalid ReadyFD",
+        ),
+        // fd 0 is stdin (a memfd here, not a pipe).
+        (
+            format!(r#"{{"NetNSPath":"{netns}","ExitFD":0,"ReadyFD":4}}"#),
+            true,
+            "missing ExitFD",
+        ),
+    ];
+    for (stdin, fds, want) in &table {
+        let (out, code) = run_raw(stdin.as_bytes(), *fds);
+        assert_eq!(
+            (out.as_str(), code),
+            (format!("{want}\n").as_str(), 1),
+            "stdin {stdin:?}"
+        );
+    }
+
+    // Port errors, through the launcher as podman sees them: "rootlessport <line>".
+    let e = |mappings: Vec<PortMapping>, child_ip: &str| {
+        let mut cfg = config(&ns, tmp.path(), mappings);
+        cfg.child_ip = child_ip.into();
+        launch(&cfg).unwrap_err().to_string()
+    };
+    assert_eq!(
+        e(vec![pm("", 28200, 80, 1, "icmp")], ""),
+        r#"rootlessport unknown proto: "icmp""#
+    );
+    assert_eq!(
+        e(vec![pm("", 28200, 80, 1, "sctp")], ""),
+        r#"rootlessport unsupported proto: "sctp" (rootlessport forwards tcp and udp only)"#
+    );
+    assert_eq!(
+        e(vec![pm("300.1.1.1", 28200, 80, 1, "tcp")], ""),
+        r#"rootlessport invalid ParentIP: "300.1.1.1""#
+    );
+    assert_eq!(
+        e(vec![pm("", 28200, 80, 1, "tcp")], "10.0.2"),
+        r#"rootlessport invalid ChildIP: "10.0.2""#
+    );
+    assert_eq!(
+        e(vec![pm("", 0, 80, 1, "tcp")], ""),
+        "rootlessport invalid ParentPort: 0"
+    );
+    assert_eq!(
+        e(vec![pm("", 65535, 80, 2, "udp")], ""),
+        "rootlessport invalid port range: host port 65535 with range 2 goes past 65535"
+    );
+    assert_eq!(
+        e(
+            vec![pm("", 28200, 80, 1, "tcp"), pm("", 28200, 81, 1, "tcp")],
+            ""
+        ),
+        "rootlessport conflict with ID 1"
+    );
+    let _busy = TcpListener::bind("127.0.0.1:28201").unwrap();
+    assert_eq!(
+        e(vec![pm("127.0.0.1", 28201, 80, 1, "tcp")], ""),
+        "rootlessport listen tcp 127.0.0.1:28201: bind: address already in use"
+    );
+    assert_eq!(
+        e(vec![pm("192.0.2.99", 28202, 80, 1, "udp")], ""),
+        "rootlessport listen udp 192.0.2.99:28202: bind: cannot assign requested address"
+    );
+    let mut cfg = config(&ns, tmp.path(), vec![pm("", 28203, 80, 1, "tcp")]);
+    cfg.netns_path = "/nonexistent/ns".into();
+    assert_eq!(
+        launch(&cfg).unwrap_err().to_string(),
+        r#"rootlessport cannot enter NetNSPath "/nonexistent/ns": no such file or directory"#
+    );
+    // Nothing was left listening by any of the failures.
+    TcpListener::bind("0.0.0.0:28200").unwrap();
+    TcpListener::bind("[::]:28203").unwrap();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn reload_keeps_live_connections_and_redirects_new_ones() {
+    require_harness();
+    let ns = container();
+    // A long TmpDir: the reload socket path is far over 108 bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let long = tmp.path().join("a-rather-long-directory-name-".repeat(5));
+    std::fs::create_dir_all(&long).unwrap();
+    let id = "f".repeat(64);
+    let sock_path = long.join("rp").join(&id);
+    assert!(sock_path.as_os_str().len() > 108);
+
+    tcp_echo(&ns, "127.0.0.1", 80);
+    tcp_echo(&ns, "127.0.0.2", 80);
+    let mut cfg = config(&ns, &long, vec![pm("127.0.0.1", 28300, 80, 1, "tcp")]);
+    cfg.child_ip = "127.0.0.1".into();
+    cfg.container_id = id.clone();
+    cfg.rootless_cni = true;
+    let (helper, exit_w) = launch(&cfg).unwrap();
+    assert!(sock_path.exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(long.join("rp"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o700);
+
+    // A live connection to the first server...
+    let mut live = TcpStream::connect("127.0.0.1:28300").unwrap();
+    let mut line = [0u8; 24];
+    live.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"hello from 127.0.0.1:80\n");
+
+    rootlessport::reload::reload(&long, &id, "127.0.0.2").unwrap();
+    // ... new connections go to the new child IP ...
+    assert_eq!(
+        talk("127.0.0.1:28300".parse().unwrap(), b"").unwrap(),
+        b"hello from 127.0.0.2:80\n"
+    );
+    // ... and the live one still flows both ways.
+    live.write_all(b"after reload").unwrap();
+    live.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"after reload");
+
+    // Bad requests get podman's error texts.
+    let e = rootlessport::reload::reload(&long, &id, "not-an-ip")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        r#"port reloading failed: rootless port failed to add port: invalid ChildIP: "not-an-ip""#
+    );
+    let raw = raw_reload(&sock_path, b"10.0.0.1\n");
+    assert!(
+        raw.starts_with("rootless port failed to decode ports: "),
+        "{raw}"
+    );
+    let raw = raw_reload(&sock_path, &vec![b' '; 5000]);
+    assert!(
+        raw.starts_with("reload refused: request of 5000 bytes"),
+        "{raw}"
+    );
+    // The helper still works after them.
+    assert_eq!(
+        talk("127.0.0.1:28300".parse().unwrap(), b"").unwrap(),
+        b"hello from 127.0.0.2:80\n"
+    );
+    let e = rootlessport::reload::reload(&long, "nope", "10.0.0.1")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("could not reload rootless port mappings, port forwarding may no longer work correctly: "), "{e}");
+
+    finish(helper, exit_w);
+    assert!(!sock_path.exists(), "reload socket left behind");
+}
+
+/// Send raw bytes on the reload socket (through /proc/self/fd, the path is long).
+fn raw_reload(path: &Path, msg: &[u8]) -> String {
+    let dir = std::fs::File::open(path.parent().unwrap()).unwrap();
+    use std::os::fd::AsRawFd;
+    let via = format!(
+        "/proc/self/fd/{}/{}",
+        dir.as_raw_fd(),
+        path.file_name().unwrap().to_string_lossy()
+    );
+    let fd = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let addr = nix::sys::socket::UnixAddr::new(via.as_str()).unwrap();
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).unwrap();
+    nix::sys::socket::send(fd.as_raw_fd(), msg, nix::sys::socket::MsgFlags::empty()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        &mut buf,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn sigterm_exits_cleanly() {
+    require_harness();
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(&ns, tmp.path(), vec![pm("", 28400, 80, 1, "tcp")]);
+    cfg.rootless_cni = true;
+    let (helper, exit_w) = launch(&cfg).unwrap();
+    let sock = tmp.path().join("rp").join("c0ffee");
+    assert!(sock.exists());
+    let status = helper.stop(Duration::from_secs(5)).unwrap();
+    assert!(status.success(), "SIGTERM must end it cleanly: {status}");
+    assert!(!sock.exists());
+    TcpListener::bind("[::]:28400").unwrap();
+    drop(exit_w);
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn rootless_in_a_user_namespace() {
+    require_harness();
+    // The container netns belongs to a user namespace; the helper runs in that user
+    // namespace (as podman's does) but in our network namespace, with no privilege
+    // over it.
+    let holder = std::process::Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec sleep 3600",
+        ])
+        .spawn()
+        .unwrap();
+    let pid = holder.id();
+    let mut holder = scopeguard(holder);
+    assert!(eventually(10, || std::fs::read_to_string(format!(
+        "/proc/{pid}/comm"
+    ))
+    .unwrap_or_default()
+    .trim()
+        == "sleep"));
+    let netns = format!("/proc/{pid}/ns/net");
+    let userns = format!("/proc/{pid}/ns/user");
+    assert_ne!(
+        std::fs::read_link(&userns).unwrap(),
+        std::fs::read_link("/proc/self/ns/user").unwrap()
+    );
+
+    // Server inside the container netns (made by a thread that joined it).
+    let fd = slirp_spawn::Netns::Path(netns.clone().into())
+        .open()
+        .unwrap();
+    let l = slirp_spawn::in_netns(&fd, || TcpListener::bind("127.0.0.1:80").unwrap()).unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(b"rootless hello");
+        }
+    });
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        mappings: vec![pm("", 28500, 80, 1, "tcp,udp")],
+        netns_path: netns.clone(),
+        tmp_dir: tmp.path().display().to_string(),
+        container_id: "rootless".into(),
+        ..Config::default()
+    };
+    let mut cfg34 = cfg.clone();
+    cfg34.exit_fd = 3;
+    cfg34.ready_fd = 4;
+    let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
+    let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+    let out = LogFile::anonymous("out").unwrap();
+    let mut h = HelperCommand::new("nsenter")
+        .args([
+            format!("--user={userns}"),
+            "--".into(),
+            rootlessport_bin().display().to_string(),
+        ])
+        .stdin_bytes(serde_json::to_vec(&cfg34).unwrap())
+        .leak_fd(exit_r, 3)
+        .leak_fd(ready_w, 4)
+        .stdout_log(&out)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let sync = h
+        .wait_ready(&ready_r, Instant::now() + Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        matches!(sync, slirp_spawn::process::Sync::Ready(ref b) if b == b"1"),
+        "{sync:?}: {}",
+        out.contents()
+    );
+    // It really runs inside the user namespace.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/ns/user", h.pid())).unwrap(),
+        std::fs::read_link(&userns).unwrap()
+    );
+    let mut c = TcpStream::connect("127.0.0.1:28500").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "rootless hello");
+    drop(exit_w);
+    let status = h.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert!(status.success());
+
+    // Without privilege over our netns it cannot take a privileged port.
+    let mut low = cfg34.clone();
+    low.mappings = vec![pm("", 80, 80, 1, "tcp")];
+    let (exit_r, _exit_w) = nix::unistd::pipe().unwrap();
+    let (_ready_r, ready_w) = nix::unistd::pipe().unwrap();
+    let out = LogFile::anonymous("out").unwrap();
+    let mut h = HelperCommand::new("nsenter")
+        .args([
+            format!("--user={userns}"),
+            "--".into(),
+            rootlessport_bin().display().to_string(),
+        ])
+        .stdin_bytes(serde_json::to_vec(&low).unwrap())
+        .leak_fd(exit_r, 3)
+        .leak_fd(ready_w, 4)
+        .stdout_log(&out)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let status = h.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        out.contents(),
+        "listen tcp 0.0.0.0:80: bind: permission denied\n"
+    );
+    holder.kill_now();
+}
+
+/// Kills and reaps the holder process even when an assertion fails first.
+struct Guard(std::process::Child);
+fn scopeguard(c: std::process::Child) -> Guard {
+    Guard(c)
+}
+impl Guard {
+    fn kill_now(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
