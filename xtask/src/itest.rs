@@ -81,6 +81,36 @@ fn run_counted(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), 
     Ok(())
 }
 
+/// Run a command that ends with the plain `N passed, N failed` line, and count it.
+fn run_counted_plain(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), String> {
+    let mut plain = Tally::default();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {label}: {e}"))?;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.map_err(|e| format!("reading output of {label}: {e}"))?;
+            if let Some(rest) = line.strip_prefix(&format!("{label}: ")) {
+                plain.add_line(&format!("test result: {}", rest.replace(',', ";")));
+            }
+            println!("{line}");
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {label}: {e}"))?;
+    tally.passed += plain.passed;
+    tally.failed += plain.failed;
+    if !status.success() {
+        if plain.failed == 0 {
+            tally.failed += 1;
+        }
+        tally.failures.push(format!("{label} ({status})"));
+    }
+    Ok(())
+}
+
 /// Test executables of the workspace that hold `#[ignore]`d (namespaced) tests,
 /// with the package directory each must run in.
 fn namespaced_binaries() -> Result<Vec<(PathBuf, PathBuf)>, String> {
@@ -175,6 +205,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .current_dir(dir)
             .env(HARNESS_ENV, "1");
         run_counted(&format!("namespaced tests of {name}"), &mut cmd, &mut tally)?;
+    }
+
+    if std::env::var_os("ITEST_SKIP_PODMAN").is_none() && crate::e2e::available() && sys::is_root()
+    {
+        eprintln!("xtask: podman-e2e");
+        let mut cmd = Command::new(&me);
+        cmd.arg("podman-e2e");
+        run_counted_plain("podman-e2e", &mut cmd, &mut tally)?;
+    } else {
+        eprintln!("xtask: podman-e2e skipped (needs root with podman installed or installable)");
     }
 
     for f in &tally.failures {

@@ -3,11 +3,14 @@
 //! - `itest [FILTER...]`: every test. `cargo test --workspace`, then each test
 //!   binary's `#[ignore]`d tests (the ones that need namespaces or system programs)
 //!   inside fresh network and mount namespaces.
+//! - `podman-e2e`: a real podman runs containers with our `rootlessport`.
 //! - `ns-exec -- PROGRAM ARGS...` (internal): run PROGRAM in the namespace set up by
 //!   `unshare`, with loopback up and a private `/run/netns`.
 
 use std::process::ExitCode;
 
+mod e2e;
+mod echo;
 mod itest;
 mod nsexec;
 mod sys;
@@ -17,13 +20,19 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   itest [FILTER...]   run every test: unit and crate tests, then the namespaced
                       integration tests (installs slirp4netns/iproute2 when root)
-  ns-exec -- CMD...   (internal) run CMD inside a namespace prepared for tests";
+  podman-e2e          podman 4.x runs containers with our release rootlessport
+                      (installs podman, runc, busybox-static when root)
+  ns-exec -- CMD...   (internal) run CMD inside a namespace prepared for tests
+  echo-server --tcp P,P --udp P,P
+                      (internal) the TCP/UDP echo server used inside containers";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("itest") => itest::run(&args[1..]),
         Some("ns-exec") => nsexec::run(&args[1..]),
+        Some("podman-e2e") => e2e::run(&args[1..]),
+        Some("echo-server") => echo::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

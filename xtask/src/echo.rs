@@ -1,0 +1,91 @@
+//! `xtask echo-server --tcp P,P --udp P,P`: the test server put inside containers and
+//! namespaces. TCP: greets with `tcp PORT from PEER`, echoes until EOF, closes. UDP:
+//! answers each datagram with `udp PORT from PEER: DATA`. Listens dual-stack.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let mut tcp = Vec::new();
+    let mut udp = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let list = match a.as_str() {
+            "--tcp" => &mut tcp,
+            "--udp" => &mut udp,
+            other => return Err(format!("echo-server: unknown argument {other:?}")),
+        };
+        let ports = it.next().ok_or("echo-server: a port list must follow")?;
+        for p in ports.split(',') {
+            list.push(
+                p.parse::<u16>()
+                    .map_err(|_| format!("echo-server: bad port {p:?}"))?,
+            );
+        }
+    }
+    let mut threads = Vec::new();
+    for port in tcp {
+        let l = TcpListener::bind(("::", port))
+            .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+            .map_err(|e| format!("echo-server: tcp {port}: {e}"))?;
+        threads.push(std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || serve_tcp(c, port));
+            }
+        }));
+    }
+    for port in udp {
+        let s = UdpSocket::bind(("::", port))
+            .or_else(|_| UdpSocket::bind(("0.0.0.0", port)))
+            .map_err(|e| format!("echo-server: udp {port}: {e}"))?;
+        threads.push(std::thread::spawn(move || serve_udp(s, port)));
+    }
+    println!("echo-server: ready");
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+fn serve_tcp(mut c: std::net::TcpStream, port: u16) {
+    let peer = c
+        .peer_addr()
+        .map(unmapped)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    if c.write_all(format!("tcp {port} from {peer}\n").as_bytes())
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn serve_udp(s: UdpSocket, port: u16) {
+    let mut buf = [0u8; 65536];
+    while let Ok((n, from)) = s.recv_from(&mut buf) {
+        let mut reply = format!("udp {port} from {}: ", unmapped(from)).into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        let _ = s.send_to(&reply, from);
+    }
+}
