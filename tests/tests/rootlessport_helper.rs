@@ -116,6 +116,13 @@ fn tcp_both_ways_with_half_close_and_dual_stack() {
     let t = Instant::now();
     let (helper, exit_w) = launch(&cfg).unwrap();
     println!("rootlessport ready after {:?}", t.elapsed());
+    // Once ready, its stdout and stderr point at /dev/null (a closed log pipe cannot
+    // SIGPIPE it), and fd 4 is closed.
+    for fd in [1, 2] {
+        let target = std::fs::read_link(format!("/proc/{}/fd/{fd}", helper.pid())).unwrap();
+        assert_eq!(target, Path::new("/dev/null"), "fd {fd}");
+    }
+    assert!(!open_fds(helper.pid()).unwrap().contains(&4));
 
     // The wildcard answers on IPv4 and IPv6 loopback; the client's half-close reaches
     // the server as EOF while the server still answers.
