@@ -281,6 +281,11 @@ fn api_errors_name_the_socket() {
             n += 1;
             if n == 1 {
                 let _ = c.write_all(b"not json");
+            } else if n == 2 {
+                // The shape slirp4netns's manual shows (1.2.0 itself sends it unwrapped).
+                let _ = c.write_all(
+                    br#"{"return":{"entries":[{"id":7,"proto":"udp","host_addr":"0.0.0.0","host_port":5353,"guest_addr":"10.0.2.100","guest_port":53}]}}"#,
+                );
             } else {
                 std::thread::sleep(Duration::from_secs(8));
             }
@@ -290,6 +295,17 @@ fn api_errors_name_the_socket() {
     assert_eq!(
         e,
         r#"unexpected reply from slirp4netns to add_hostfwd: "not json""#
+    );
+    let list = list_hostfwd(&path).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (
+            list[0].id,
+            list[0].proto.as_str(),
+            list[0].host_port,
+            list[0].guest_port
+        ),
+        (7, "udp", 5353, 53)
     );
     let t = Instant::now();
     let e = list_hostfwd(&path).unwrap_err().to_string();

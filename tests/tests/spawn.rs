@@ -513,3 +513,58 @@ fn bad_inputs_give_clear_errors() {
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn old_binary_without_netns_type_gets_a_pid() {
+    require_harness();
+    let ns = TestNetns::new();
+    let dir = tempfile::tempdir().unwrap();
+    // A slirp4netns that advertises 0.3.0's options (no --netns-type) but is the real one.
+    let real = tests::slirp4netns();
+    let help = std::fs::read_to_string(tests::fixture("slirp4netns-0.3.0-help.txt")).unwrap();
+    let old = dir.path().join("slirp4netns");
+    std::fs::write(
+        &old,
+        format!("#!/bin/sh\nif [ \"$1\" = --help ]; then cat <<'EOF'\n{help}EOF\nexit 0\nfi\necho \"$@\" > {}/args\nexec {} \"$@\"\n", dir.path().display(), real.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut s = spec(
+        &ns,
+        &dir,
+        &["enable_ipv6=false", "port_handler=slirp4netns"],
+    );
+    s.binary = Some(old);
+    let slirp = Slirp4netns::start(&s).unwrap();
+    let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
+    assert!(!args.contains("--netns-type"), "{args}");
+    assert!(
+        !args.contains("--enable-sandbox"),
+        "0.3.0 has no sandbox: {args}"
+    );
+    let pid: u32 = args
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The placeholder is gone once slirp4netns is ready, and the network still works.
+    assert!(
+        eventually(5, || !process_exists(pid)),
+        "netns placeholder left running"
+    );
+    assert!(ns
+        .sh("ip -o -4 addr show dev tap0")
+        .contains("inet 10.0.2.100/24"));
+    let id = slirp_portfwd::add_hostfwd(slirp.api_socket().unwrap(), "tcp", "127.0.0.1", 28700, 80)
+        .unwrap();
+    assert_eq!(
+        slirp_portfwd::list_hostfwd(slirp.api_socket().unwrap()).unwrap()[0].id,
+        id
+    );
+    std::fs::remove_file(dir.path().join("args")).unwrap();
+    slirp.stop().unwrap();
+}

@@ -87,6 +87,7 @@ pub struct HelperCommand {
     stdout: Option<File>,
     stderr: Option<File>,
     new_mount_ns: bool,
+    netns: Option<OwnedFd>,
     own_process_group: bool,
 }
 
@@ -100,6 +101,7 @@ impl HelperCommand {
             stdout: None,
             stderr: None,
             new_mount_ns: false,
+            netns: None,
             own_process_group: true,
         }
     }
@@ -150,6 +152,12 @@ impl HelperCommand {
         self
     }
 
+    /// Start the helper inside the network namespace `ns` (an open namespace fd).
+    pub fn join_netns(mut self, ns: OwnedFd) -> Self {
+        self.netns = Some(ns);
+        self
+    }
+
     /// Put the helper in a process group of its own (the default), so that signals
     /// sent to the engine's terminal group do not reach it.
     pub fn own_process_group(mut self, yes: bool) -> Self {
@@ -193,6 +201,7 @@ impl HelperCommand {
         }
         let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
         let new_mount_ns = self.new_mount_ns;
+        let netns = self.netns.as_ref().map(|fd| fd.as_raw_fd());
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
         // syscalls (close_range, dup2, fcntl, unshare) on plain integers; it allocates nothing.
         unsafe {
@@ -216,6 +225,11 @@ impl HelperCommand {
                 }
                 if new_mount_ns && libc::unshare(libc::CLONE_NEWNS) < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(ns) = netns {
+                    if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

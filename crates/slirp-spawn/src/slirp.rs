@@ -121,10 +121,6 @@ impl Slirp4netns {
         let dns = netaddr::slirp4netns_dns(Some(&subnet))?;
 
         let features = check_slirp_flags(&binary)?;
-        let target = match &spec.netns {
-            Netns::Path(p) => NetnsTarget::Path(p.clone()),
-            Netns::Pid(pid) => NetnsTarget::Pid(*pid),
-        };
         let api_socket = spec.api_socket_path();
         if let Some(sock) = &api_socket {
             let len = sock.as_os_str().as_bytes().len();
@@ -136,8 +132,21 @@ impl Slirp4netns {
             }
             remove_stale_socket(sock)?;
         }
-        let args = build_command_args(opts, &features, api_socket.as_deref(), &target)?;
         let ns = spec.netns.open()?;
+        // Held until slirp4netns is ready: it names the netns for a binary that only
+        // takes a PID.
+        let mut _holder = None;
+        let target = match &spec.netns {
+            Netns::Path(p) if features.has_netns_type => NetnsTarget::Path(p.clone()),
+            Netns::Path(_) => {
+                let holder = netns_holder(&ns)?;
+                let pid = holder.pid();
+                _holder = Some(holder);
+                NetnsTarget::Pid(pid)
+            }
+            Netns::Pid(pid) => NetnsTarget::Pid(*pid),
+        };
+        let args = build_command_args(opts, &features, api_socket.as_deref(), &target)?;
 
         let mut launch = Launch {
             api_socket: api_socket.clone(),
@@ -382,6 +391,22 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
         )),
         _ => Ok(()),
     }
+}
+
+/// A placeholder process inside `ns`, for slirp4netns versions without
+/// `--netns-type=path`: they are given its PID. Killed and reaped when dropped.
+fn netns_holder(ns: &OwnedFd) -> Result<Helper, Error> {
+    let ns = ns
+        .try_clone()
+        .map_err(Error::io("duplicating the netns fd"))?;
+    HelperCommand::new("sleep")
+        .args(["infinity"])
+        .join_netns(ns)
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            binary: "sleep (netns placeholder for PID mode)".into(),
+            source,
+        })
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
