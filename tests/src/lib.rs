@@ -244,3 +244,20 @@ pub fn rootlessport_bin() -> PathBuf {
     );
     bin
 }
+
+/// The `xtask` binary of this build (it runs the tests, so it exists).
+pub fn xtask_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("XTASK_BIN") {
+        return PathBuf::from(p);
+    }
+    let bin = rootlessport_bin()
+        .parent()
+        .expect("target/<profile>")
+        .join("xtask");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build -p xtask",
+        bin.display()
+    );
+    bin
+}

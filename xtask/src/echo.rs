@@ -1,6 +1,7 @@
 //! `xtask echo-server --tcp P,P --udp P,P`: the test server put inside containers and
 //! namespaces. TCP: greets with `tcp PORT from PEER`, echoes until EOF, closes. UDP:
 //! answers each datagram with `udp PORT from PEER: DATA`. Listens dual-stack.
+//! `--exit-after N` exits (status 0) once N TCP connections have been served.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -8,11 +9,20 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
+    let mut exit_after: Option<usize> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let list = match a.as_str() {
             "--tcp" => &mut tcp,
             "--udp" => &mut udp,
+            "--exit-after" => {
+                let n = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or("echo-server: --exit-after N")?;
+                exit_after = Some(n);
+                continue;
+            }
             other => return Err(format!("echo-server: unknown argument {other:?}")),
         };
         let ports = it.next().ok_or("echo-server: a port list must follow")?;
@@ -30,7 +40,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .map_err(|e| format!("echo-server: tcp {port}: {e}"))?;
         threads.push(std::thread::spawn(move || {
             for c in l.incoming().flatten() {
-                std::thread::spawn(move || serve_tcp(c, port));
+                if let Some(n) = exit_after {
+                    serve_tcp(c, port);
+                    if SERVED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 >= n {
+                        std::process::exit(0);
+                    }
+                } else {
+                    std::thread::spawn(move || serve_tcp(c, port));
+                }
             }
         }));
     }
@@ -46,6 +63,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     Ok(())
 }
+
+static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn unmapped(a: SocketAddr) -> SocketAddr {
     match a {

@@ -1,5 +1,7 @@
 //! `cargo xtask <command>`: the project's build and test orchestration, in plain Rust.
 //!
+//! - `demo`: the whole stack in one command (the README's main job).
+//! - `run [-p SPEC]... [--network slirp4netns:OPTS] -- CMD`: CMD with rootless networking.
 //! - `itest [FILTER...]`: every test. `cargo test --workspace`, then each test
 //!   binary's `#[ignore]`d tests (the ones that need namespaces or system programs)
 //!   inside fresh network and mount namespaces.
@@ -9,15 +11,23 @@
 
 use std::process::ExitCode;
 
+mod demo;
 mod e2e;
 mod echo;
 mod itest;
 mod nsexec;
+mod run;
+mod session;
 mod sys;
 
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
+  demo                the whole stack in one go: an HTTP server in a fresh namespace
+                      behind slirp4netns and rootlessport, fetched over IPv4 and IPv6
+  run [-p [IP:]HOST:CONTAINER[/PROTO]]... [--network slirp4netns:OPTS] -- CMD ARGS
+                      run CMD in a fresh user+network+mount namespace with slirp4netns
+                      networking and the given ports published; exits with CMD's status
   itest [FILTER...]   run every test: unit and crate tests, then the namespaced
                       integration tests (installs slirp4netns/iproute2 when root)
   podman-e2e          podman 4.x runs containers with our release rootlessport
@@ -33,6 +43,16 @@ fn main() -> ExitCode {
         Some("ns-exec") => nsexec::run(&args[1..]),
         Some("podman-e2e") => e2e::run(&args[1..]),
         Some("echo-server") => echo::run(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
+        Some("http-server") => demo::http_server(&args[1..]),
+        Some("ns-child") => session::ns_child(&args[1..]),
+        Some("run") => match run::run(&args[1..]) {
+            Ok(code) => return ExitCode::from(code.clamp(0, 255) as u8),
+            Err(e) => {
+                eprintln!("xtask run: {e}");
+                return ExitCode::from(125);
+            }
+        },
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -44,6 +44,9 @@ pub enum LaunchError {
 pub struct Launcher {
     pub binary: PathBuf,
     pub ready_timeout: Duration,
+    /// Run the helper inside this user namespace (a rootless engine's own), so that it
+    /// may enter the container netns that namespace owns.
+    pub userns: Option<PathBuf>,
 }
 
 impl Launcher {
@@ -51,6 +54,7 @@ impl Launcher {
         Launcher {
             binary: binary.into(),
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            userns: None,
         }
     }
 
@@ -73,7 +77,12 @@ impl Launcher {
         let stdout =
             LogFile::anonymous("rootlessport-stdout").map_err(io("creating its stdout"))?;
         let stderr = stderr_log(&config).map_err(io("creating its log file"))?;
-        let mut helper = HelperCommand::new(&self.binary)
+        let mut cmd = HelperCommand::new(&self.binary);
+        if let Some(userns) = &self.userns {
+            let fd = std::fs::File::open(userns).map_err(io("opening the user namespace"))?;
+            cmd = cmd.join_userns(fd.into());
+        }
+        let mut helper = cmd
             .stdin_bytes(json)
             .leak_fd(exit_fd, slirp_config::EXIT_FD)
             .leak_fd(ready_w, slirp_config::READY_FD)

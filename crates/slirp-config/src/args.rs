@@ -80,7 +80,9 @@ pub const READY_FD: i32 = 4;
 pub const TAP_NAME: &str = "tap0";
 
 /// The whole argument list after the program name: [`build_args`], then
-/// `-c -e 3 -r 4`, `--api-socket PATH` when given, then the namespace and `tap0`.
+/// `-c -e 3 -r 4`, `--api-socket PATH` when given, `--userns-path=PATH` when given (a
+/// caller without privilege over the netns joins its owning user namespace), then the
+/// namespace and `tap0`.
 ///
 /// A [`NetnsTarget::Path`] needs `--netns-type`; on older binaries the caller must
 /// name a PID instead.
@@ -89,6 +91,7 @@ pub fn build_command_args(
     features: &SlirpFeatures,
     api_socket: Option<&Path>,
     target: &NetnsTarget,
+    userns: Option<&Path>,
 ) -> Result<Vec<OsString>, Error> {
     let mut args: Vec<OsString> = build_args(opts, features)?
         .into_iter()
@@ -98,6 +101,14 @@ pub fn build_command_args(
     if let Some(sock) = api_socket {
         args.push("--api-socket".into());
         args.push(sock.into());
+    }
+    if let Some(userns) = userns {
+        if !features.has_userns_path {
+            return Err(Error::UsernsPathNotSupported);
+        }
+        let mut arg = OsString::from("--userns-path=");
+        arg.push(userns);
+        args.push(arg);
     }
     match target {
         NetnsTarget::Path(path) => {
@@ -269,6 +280,7 @@ mod tests {
             &f,
             Some(Path::new("/run/user/1000/slirp.sock")),
             &NetnsTarget::Path("/run/netns/x".into()),
+            None,
         )
         .unwrap();
         let want: Vec<OsString> = [
@@ -292,16 +304,40 @@ mod tests {
         assert_eq!(a, want);
 
         let f = SlirpFeatures::from_help(HELP_030);
-        let a = build_command_args(&o, &f, None, &NetnsTarget::Pid(4242)).unwrap();
+        let a = build_command_args(&o, &f, None, &NetnsTarget::Pid(4242), None).unwrap();
         let want: Vec<OsString> = ["--mtu=65520", "-c", "-e", "3", "-r", "4", "4242", "tap0"]
             .iter()
             .map(OsString::from)
             .collect();
         assert_eq!(a, want);
-        let e = build_command_args(&o, &f, None, &NetnsTarget::Path("/x".into())).unwrap_err();
+        let e =
+            build_command_args(&o, &f, None, &NetnsTarget::Path("/x".into()), None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "netns-type=path not supported: this slirp4netns needs a PID"
         );
+        let e = build_command_args(&o, &f, None, &NetnsTarget::Pid(1), Some(Path::new("/u")))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "userns-path not supported");
+        let f = SlirpFeatures::from_help(HELP_120);
+        let a = build_command_args(
+            &o,
+            &f,
+            None,
+            &NetnsTarget::Path("/proc/7/ns/net".into()),
+            Some(Path::new("/proc/7/ns/user")),
+        )
+        .unwrap();
+        let tail: Vec<OsString> = a[a.len() - 4..].to_vec();
+        let want: Vec<OsString> = [
+            "--userns-path=/proc/7/ns/user",
+            "--netns-type=path",
+            "/proc/7/ns/net",
+            "tap0",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        assert_eq!(tail, want);
     }
 }

@@ -41,6 +41,9 @@ pub enum Error {
     #[error("netns-type=path not supported: this slirp4netns needs a PID")]
     NetnsTypeNotSupported,
 
+    #[error("userns-path not supported")]
+    UsernsPathNotSupported,
+
     /// A network string that is not `slirp4netns` or `slirp4netns:OPTIONS`.
     #[error("network mode {} is not slirp4netns (expected \"slirp4netns\" or \"slirp4netns:OPTIONS\")", go_quote(.0))]
     NotSlirpNetwork(String),

@@ -88,6 +88,7 @@ pub struct HelperCommand {
     stderr: Option<File>,
     new_mount_ns: bool,
     netns: Option<OwnedFd>,
+    userns: Option<OwnedFd>,
     own_process_group: bool,
 }
 
@@ -102,6 +103,7 @@ impl HelperCommand {
             stderr: None,
             new_mount_ns: false,
             netns: None,
+            userns: None,
             own_process_group: true,
         }
     }
@@ -158,6 +160,13 @@ impl HelperCommand {
         self
     }
 
+    /// Start the helper inside the user namespace `ns` (as root there): a rootless
+    /// engine's helpers run in its user namespace to act on the netns it owns.
+    pub fn join_userns(mut self, ns: OwnedFd) -> Self {
+        self.userns = Some(ns);
+        self
+    }
+
     /// Put the helper in a process group of its own (the default), so that signals
     /// sent to the engine's terminal group do not reach it.
     pub fn own_process_group(mut self, yes: bool) -> Self {
@@ -202,6 +211,7 @@ impl HelperCommand {
         let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
         let new_mount_ns = self.new_mount_ns;
         let netns = self.netns.as_ref().map(|fd| fd.as_raw_fd());
+        let userns = self.userns.as_ref().map(|fd| fd.as_raw_fd());
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
         // syscalls (close_range, dup2, fcntl, unshare) on plain integers; it allocates nothing.
         unsafe {
@@ -220,6 +230,12 @@ impl HelperCommand {
                             return Err(io::Error::last_os_error());
                         }
                     } else if libc::dup2(src, dst) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                // The forked child is single-threaded, as joining a user namespace needs.
+                if let Some(ns) = userns {
+                    if libc::setns(ns, libc::CLONE_NEWUSER) < 0 {
                         return Err(io::Error::last_os_error());
                     }
                 }

@@ -49,6 +49,9 @@ pub struct SlirpSpec {
     pub api_socket: Option<PathBuf>,
     /// The overall deadline for readiness.
     pub ready_timeout: Duration,
+    /// The user namespace owning `netns`, for a caller without privilege over it
+    /// (rootless): slirp4netns joins it first (`--userns-path`).
+    pub userns: Option<PathBuf>,
 }
 
 impl SlirpSpec {
@@ -62,6 +65,7 @@ impl SlirpSpec {
             container_id: container_id.into(),
             api_socket: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            userns: None,
         }
     }
 
@@ -146,7 +150,13 @@ impl Slirp4netns {
             }
             Netns::Pid(pid) => NetnsTarget::Pid(*pid),
         };
-        let args = build_command_args(opts, &features, api_socket.as_deref(), &target)?;
+        let args = build_command_args(
+            opts,
+            &features,
+            api_socket.as_deref(),
+            &target,
+            spec.userns.as_deref(),
+        )?;
 
         let mut launch = Launch {
             api_socket: api_socket.clone(),

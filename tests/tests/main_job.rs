@@ -1,0 +1,191 @@
+//! The newcomer's commands: `cargo xtask demo` and `cargo xtask run`, end to end.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tests::{eventually, process_exists, require_harness, rootlessport_bin, xtask_bin};
+
+fn xtask() -> Command {
+    let mut c = Command::new(xtask_bin());
+    // The debug build of the helper: no release build inside the test.
+    c.env("ROOTLESSPORT_BIN", rootlessport_bin());
+    c
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn demo_runs_and_cleans_up() {
+    require_harness();
+    let out = xtask()
+        .args(["demo", "--download-mib", "64"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "demo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "slirp4netns ready in ",
+        "GET http://127.0.0.1:",
+        "GET http://[::1]:",
+        "200 OK: hello from net:",
+        "download of 64 MiB through rootlessport: ",
+        "torn down",
+    ] {
+        assert!(stdout.contains(want), "demo output lacks {want:?}");
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn run_publishes_tcp_and_udp_and_returns_the_status() {
+    require_harness();
+    let x = xtask_bin();
+    let script = format!(
+        "{} echo-server --tcp 80 --udp 53 --exit-after 2; exit 7",
+        x.display()
+    );
+    let mut child = xtask()
+        .args([
+            "run",
+            "-p",
+            "127.0.0.1:28800:80",
+            "-p",
+            "28801:53/udp",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stderr.read_to_string(&mut s).unwrap();
+        s
+    });
+    // The command serves two TCP connections, then exits with 7.
+    let connect = || TcpStream::connect("127.0.0.1:28800");
+    assert!(
+        eventually(30, || connect().is_ok()),
+        "the published port never opened"
+    );
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut reply = [0u8; 256];
+    let got = (0..30).find_map(|_| {
+        udp.send_to(b"hi", "127.0.0.1:28801").unwrap();
+        udp.recv(&mut reply).ok()
+    });
+    let n = got.expect("no UDP reply");
+    assert!(String::from_utf8_lossy(&reply[..n]).ends_with(": hi"));
+    // eventually() above may have used up the first of the two connections.
+    for _ in 0..2 {
+        if let Ok(mut c) = connect() {
+            let _ = c.write_all(b"x");
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            let mut s = String::new();
+            let _ = c.read_to_string(&mut s);
+        }
+    }
+    let status = child.wait().unwrap();
+    let log = reader.join().unwrap();
+    println!("{log}");
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "exit status of the command must come back"
+    );
+    assert!(
+        log.contains("[run] published tcp 127.0.0.1:28800 -> 80 (rootlessport)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("[run] published udp *:28801 -> 53 (rootlessport)"),
+        "{log}"
+    );
+    let pid: u32 = log
+        .split("namespace: pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert!(!process_exists(pid));
+    assert!(
+        processes_mentioning(&format!("/proc/{pid}/ns/net")).is_empty(),
+        "slirp4netns left"
+    );
+    assert!(!std::env::temp_dir()
+        .join(format!("rootless-net-run-{pid}"))
+        .exists());
+    assert!(
+        std::net::TcpListener::bind("127.0.0.1:28800").is_ok(),
+        "port still held"
+    );
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn bad_arguments_fail_before_anything_starts() {
+    require_harness();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "-p", "80", "--", "true"],
+            r#"xtask run: invalid -p "80": expected [IP:]HOST:CONTAINER[/PROTO]"#,
+        ),
+        (
+            &["run", "-p", "8080:80/sctp", "--", "true"],
+            r#"xtask run: invalid -p "8080:80/sctp": protocol "sctp" is not tcp or udp"#,
+        ),
+        (
+            &["run", "-p", "65535-65536:1-2", "--", "true"],
+            r#"xtask run: invalid -p "65535-65536:1-2": "65536" is not a port (1-65535)"#,
+        ),
+        (
+            &["run", "--network", "slirp4netns:mtu=10", "--", "true"],
+            r#"xtask run: invalid mtu "10""#,
+        ),
+        (
+            &["run", "--network", "bridge", "--", "true"],
+            r#"xtask run: network mode "bridge" is not slirp4netns (expected "slirp4netns" or "slirp4netns:OPTIONS")"#,
+        ),
+        (
+            &["run", "-p", "8080:80", "-p", "8080:81", "--", "true"],
+            "xtask run: conflict with ID 1",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = xtask().args(*args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+        assert_eq!(stderr.trim_end(), *want, "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    }
+    let out = xtask().args(["run", "-p", "8080:80"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("xtask run: no command given"));
+}

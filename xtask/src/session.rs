@@ -1,0 +1,557 @@
+//! The whole stack for one command: a fresh user+network+mount namespace, slirp4netns
+//! for it, ports published through our `rootlessport` (or slirp4netns's forwarder),
+//! then the command, then teardown. Used by `cargo xtask run` and `cargo xtask demo`.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use rootlessport::launcher::{Launcher, RootlessPort};
+use slirp_config::{PortMapping, SlirpOptions};
+use slirp_spawn::{Netns, Slirp4netns, SlirpSpec};
+
+use crate::itest::workspace_root;
+use crate::sys;
+
+/// Parse `-p [IP:]HOST:CONTAINER[/PROTO]` (ports may be ranges `A-B`, an IPv6 address
+/// goes in brackets, PROTO is `tcp`, `udp` or `tcp,udp`).
+///
+/// ```text
+/// 8080:80  127.0.0.1:8080:80/udp  [::1]:8080:80  8000-8002:80-82/tcp,udp
+/// ```
+pub fn parse_publish(spec: &str) -> Result<PortMapping, String> {
+    let bad = |why: &str| format!("invalid -p {spec:?}: {why}");
+    let (addr_ports, proto) = match spec.rsplit_once('/') {
+        Some((a, p)) => (a, p),
+        None => (spec, "tcp"),
+    };
+    for p in proto.split(',') {
+        if p != "tcp" && p != "udp" {
+            return Err(bad(&format!("protocol {p:?} is not tcp or udp")));
+        }
+    }
+    let (host_ip, rest) = if let Some(v6) = addr_ports.strip_prefix('[') {
+        let (ip, rest) = v6
+            .split_once("]:")
+            .ok_or_else(|| bad("missing \"]:\" after the IPv6 address"))?;
+        (ip.to_string(), rest)
+    } else {
+        let parts: Vec<&str> = addr_ports.split(':').collect();
+        match parts.len() {
+            2 => (String::new(), addr_ports),
+            3 => (parts[0].to_string(), &addr_ports[parts[0].len() + 1..]),
+            _ => return Err(bad("expected [IP:]HOST:CONTAINER[/PROTO]")),
+        }
+    };
+    if !host_ip.is_empty() && host_ip.parse::<IpAddr>().is_err() {
+        return Err(bad(&format!("{host_ip:?} is not an IP address")));
+    }
+    let (host, container) = rest
+        .split_once(':')
+        .ok_or_else(|| bad("expected HOST:CONTAINER"))?;
+    let (h0, h1) = port_range(host).map_err(|e| bad(&e))?;
+    let (c0, c1) = port_range(container).map_err(|e| bad(&e))?;
+    if h1 - h0 != c1 - c0 {
+        return Err(bad("host and container ranges differ in length"));
+    }
+    Ok(PortMapping {
+        host_ip,
+        container_port: c0,
+        host_port: h0,
+        range: h1 - h0 + 1,
+        protocol: proto.to_string(),
+    })
+}
+
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
+        Ok(n) => Ok(n),
+    };
+    match s.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if b < a {
+                return Err(format!("range {s:?} runs backwards"));
+            }
+            Ok((a, b))
+        }
+        None => port(s).map(|p| (p, p)),
+    }
+}
+
+/// What to run and how.
+pub struct SessionSpec {
+    pub ports: Vec<PortMapping>,
+    pub options: SlirpOptions,
+    pub command: Vec<OsString>,
+}
+
+/// A running session: namespace holder (then the command), slirp4netns, port helper.
+pub struct Session {
+    child: Child,
+    go: Option<OwnedFd>,
+    slirp: Option<Slirp4netns>,
+    helper: Option<(RootlessPort, OwnedFd)>,
+    tmp: PathBuf,
+    pub guest: std::net::Ipv4Addr,
+    pub slirp_ready: Duration,
+    pub ports_ready: Duration,
+    pub features: slirp_config::SlirpFeatures,
+    /// Every process started for the session, to check that teardown left none.
+    pub pids: Vec<u32>,
+}
+
+/// The rootlessport binary: `ROOTLESSPORT_BIN`, else the release build (built now).
+pub fn rootlessport_binary() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("ROOTLESSPORT_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = workspace_root();
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--quiet", "--release", "-p", "rootlessport"])
+        .status()
+        .map_err(|e| format!("cannot run cargo to build rootlessport: {e}"))?;
+    if !status.success() {
+        return Err("building rootlessport failed".into());
+    }
+    Ok(root.join("target/release/rootlessport"))
+}
+
+fn pipe_high() -> Result<(OwnedFd, OwnedFd), String> {
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // Above 4, so that the dup2 onto 3 and 4 in the child cannot clobber them.
+    let high = |fd: OwnedFd| -> Result<OwnedFd, String> {
+        let n = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+            .map_err(|e| format!("fcntl: {e}"))?;
+        // SAFETY: fcntl just returned this new fd.
+        Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    };
+    Ok((high(r)?, high(w)?))
+}
+
+impl Session {
+    /// Make the namespaces, start slirp4netns and publish the ports. The command waits
+    /// until [`Session::go`].
+    pub fn start(spec: &SessionSpec, progress: &dyn Fn(String)) -> Result<Session, String> {
+        sys::ensure(&[
+            sys::Need {
+                program: "slirp4netns",
+                package: "slirp4netns",
+            },
+            sys::Need {
+                program: "ip",
+                package: "iproute2",
+            },
+            sys::Need {
+                program: "unshare",
+                package: "util-linux",
+            },
+        ])?;
+        let rootlessport = if spec.options.is_slirp_host_forward || spec.ports.is_empty() {
+            None
+        } else {
+            Some(rootlessport_binary()?)
+        };
+        let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;
+        let unshare = sys::find_in_path("unshare").ok_or("unshare not found")?;
+        let (go_r, go_w) = pipe_high()?;
+        let (in_r, in_w) = pipe_high()?;
+        let mut cmd = Command::new(unshare);
+        cmd.args([
+            "--user",
+            "--map-root-user",
+            "--net",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+        ])
+        .arg(&me)
+        .args(["ns-child", "--"])
+        .args(&spec.command);
+        let (a, b) = (go_r.as_raw_fd(), in_w.as_raw_fd());
+        // SAFETY: dup2 between fork and exec, async-signal-safe, on fds we own.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start unshare: {e}"))?;
+        drop((go_r, in_w));
+        let tmp = std::env::temp_dir().join(format!("rootless-net-run-{}", child.id()));
+        let mut session = Session {
+            child,
+            go: Some(go_w),
+            slirp: None,
+            helper: None,
+            tmp,
+            guest: std::net::Ipv4Addr::UNSPECIFIED,
+            slirp_ready: Duration::ZERO,
+            ports_ready: Duration::ZERO,
+            features: Default::default(),
+            pids: Vec::new(),
+        };
+        // The child says when it is inside its namespaces.
+        let mut byte = [0u8; 1];
+        match nix::unistd::read(&in_r, &mut byte) {
+            Ok(1) => {}
+            _ => {
+                let status = session.child.wait().ok();
+                return Err(format!(
+                    "could not create the user+network+mount namespace (unshare {})",
+                    status.map(|s| s.to_string()).unwrap_or_default()
+                ));
+            }
+        }
+        let pid = session.child.id();
+        session.pids.push(pid);
+        progress(format!(
+            "namespace: pid {pid} in a new user, network and mount namespace"
+        ));
+
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&session.tmp)
+            .map_err(|e| format!("creating {}: {e}", session.tmp.display()))?;
+        let mut slirp_spec = SlirpSpec::new(
+            Netns::Path(format!("/proc/{pid}/ns/net").into()),
+            &session.tmp,
+            format!("run-{pid}"),
+        );
+        slirp_spec.options = spec.options.clone();
+        if !sys::is_root() {
+            slirp_spec.userns = Some(format!("/proc/{pid}/ns/user").into());
+        }
+        let slirp = Slirp4netns::start(&slirp_spec).map_err(|e| e.to_string())?;
+        session.guest = slirp.guest_ip();
+        session.slirp_ready = slirp.ready_after();
+        session.features = *slirp.features();
+        session.pids.push(slirp.pid());
+        progress(format!(
+            "slirp4netns ready in {:.1} ms: guest {}/{} via {}, DNS {}{}, MTU {}",
+            slirp.ready_after().as_secs_f64() * 1000.0,
+            slirp.guest_ip(),
+            slirp.subnet().prefix_len(),
+            slirp.gateway(),
+            slirp.dns(),
+            if slirp.gateway6().is_some() {
+                ", IPv6 fd00::/64"
+            } else {
+                ""
+            },
+            spec.options.mtu,
+        ));
+        let api = slirp.api_socket().map(Path::to_path_buf);
+        session.slirp = Some(slirp);
+
+        let t = Instant::now();
+        if let Some(bin) = rootlessport {
+            let config = rootlessport::Config {
+                mappings: spec.ports.clone(),
+                netns_path: format!("/proc/{pid}/ns/net"),
+                tmp_dir: session.tmp.display().to_string(),
+                child_ip: session.guest.to_string(),
+                container_id: format!("run-{pid}"),
+                ..Default::default()
+            };
+            let (exit_r, exit_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| format!("pipe: {e}"))?;
+            let mut launcher = Launcher::new(bin);
+            if !sys::is_root() {
+                launcher.userns = Some(format!("/proc/{pid}/ns/user").into());
+            }
+            let helper = launcher.start(&config, exit_r).map_err(|e| e.to_string())?;
+            session.pids.push(helper.pid());
+            session.helper = Some((helper, exit_w));
+            for m in &spec.ports {
+                progress(format!("published {} (rootlessport)", describe(m)));
+            }
+        } else if !spec.ports.is_empty() {
+            let slirp = session.slirp.as_ref().ok_or("slirp4netns is gone")?;
+            let api = api.ok_or("slirp4netns has no API socket")?;
+            slirp_portfwd::publish_ports(&api, Some(slirp.pidfd()), &spec.ports)
+                .map_err(|e| e.to_string())?;
+            for m in &spec.ports {
+                progress(format!("published {} (slirp4netns)", describe(m)));
+            }
+            if spec.options.disable_host_loopback
+                && spec.ports.iter().any(|m| m.protocol.contains("udp"))
+            {
+                progress("note: slirp4netns drops UDP replies to clients on 127.0.0.1 while host loopback is disabled".into());
+            }
+        }
+        session.ports_ready = t.elapsed();
+        Ok(session)
+    }
+
+    /// Let the command run.
+    pub fn go(&mut self) {
+        if let Some(go) = self.go.take() {
+            let _ = nix::unistd::write(&go, b"g");
+        }
+    }
+
+    /// Wait for the command; SIGINT/SIGTERM to us are passed on to it (a second one
+    /// kills it).
+    pub fn wait(&mut self) -> ExitStatus {
+        static GOT: AtomicI32 = AtomicI32::new(0);
+        extern "C" fn on_signal(sig: libc::c_int) {
+            GOT.store(sig, Ordering::SeqCst);
+        }
+        // SAFETY: installing a handler that only stores to an atomic; no SA_RESTART so
+        // waitpid returns EINTR and we can pass the signal on.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+            libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+        }
+        let pid = self.child.id() as libc::pid_t;
+        let mut forwarded = 0;
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child.
+            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if r == pid {
+                // The child is reaped: tell std::process::Child so it does not wait again.
+                let s = ExitStatus::from_raw(status);
+                let _ = self.child.try_wait();
+                return s;
+            }
+            let sig = GOT.swap(0, Ordering::SeqCst);
+            if sig != 0 {
+                forwarded += 1;
+                let to = if forwarded > 1 { libc::SIGKILL } else { sig };
+                // SAFETY: signalling our own unreaped child.
+                unsafe { libc::kill(pid, to) };
+            } else if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return ExitStatus::from_raw(1 << 8);
+            }
+        }
+    }
+
+    /// Stop the command (if still running) and everything started for it. Every step
+    /// is tried; the errors are returned together. Then checks that none of the
+    /// session's processes is left, zombie or not.
+    pub fn teardown(mut self) -> Result<(), String> {
+        self.teardown_now()?;
+        let left: Vec<String> = self
+            .pids
+            .iter()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .map(|p| p.to_string())
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("processes left behind: {}", left.join(", ")))
+        }
+    }
+
+    fn teardown_now(&mut self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        self.go = None; // a child still waiting for "go" exits on EOF
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        if let Some((mut helper, exit_w)) = self.helper.take() {
+            drop(exit_w);
+            match helper.wait_timeout(Duration::from_secs(5)) {
+                Ok(Some(s)) if s.success() => {}
+                Ok(Some(s)) => errors.push(format!("rootlessport exited with {s}")),
+                Ok(None) => {
+                    let _ = helper.stop(Duration::from_secs(1));
+                    errors.push("rootlessport did not exit when its exit pipe closed".into());
+                }
+                Err(e) => errors.push(format!("waiting for rootlessport: {e}")),
+            }
+        }
+        if let Some(slirp) = self.slirp.take() {
+            if let Err(e) = slirp.stop() {
+                errors.push(e.to_string());
+            }
+        }
+        if self.tmp.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
+                errors.push(format!("removing {}: {e}", self.tmp.display()));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.teardown_now();
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+/// `tcp 127.0.0.1:8080 -> 80`, `tcp,udp *:8000-8002 -> 80-82`.
+pub fn describe(m: &PortMapping) -> String {
+    let host = if m.host_ip.is_empty() {
+        "*".to_string()
+    } else if m.host_ip.contains(':') {
+        format!("[{}]", m.host_ip)
+    } else {
+        m.host_ip.clone()
+    };
+    let proto = if m.protocol.is_empty() {
+        "tcp"
+    } else {
+        &m.protocol
+    };
+    let n = m.count();
+    if n == 1 {
+        format!("{proto} {host}:{} -> {}", m.host_port, m.container_port)
+    } else {
+        format!(
+            "{proto} {host}:{}-{} -> {}-{}",
+            m.host_port,
+            m.host_port + (n - 1),
+            m.container_port,
+            m.container_port + (n - 1)
+        )
+    }
+}
+
+/// Exit code for a finished command: its code, or 128 + the signal that ended it.
+pub fn exit_code(s: ExitStatus) -> i32 {
+    s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+}
+
+/// `xtask ns-child -- CMD...`: runs inside the new namespaces. Says so on fd 4, brings
+/// loopback up, waits for the go byte on fd 3 (EOF: setup failed, exit quietly), then
+/// becomes CMD.
+pub fn ns_child(args: &[String]) -> Result<(), String> {
+    let args = match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    };
+    let (program, rest) = args.split_first().ok_or("ns-child: no command")?;
+    // SAFETY: fds 3 and 4 were set up for us by the session; we own them now.
+    let (go, inside) = unsafe { (OwnedFd::from_raw_fd(3), OwnedFd::from_raw_fd(4)) };
+    let _ = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    let _ = nix::unistd::write(&inside, b"1");
+    drop(inside);
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(&go, &mut byte) {
+        Ok(1) => {}
+        _ => std::process::exit(125),
+    }
+    drop(go);
+    let err = Command::new(program).args(rest).exec();
+    Err(format!("cannot run {program}: {err}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs() {
+        let m = parse_publish("8080:80").unwrap();
+        assert_eq!(
+            (
+                m.host_ip.as_str(),
+                m.host_port,
+                m.container_port,
+                m.range,
+                m.protocol.as_str()
+            ),
+            ("", 8080, 80, 1, "tcp")
+        );
+        let m = parse_publish("127.0.0.1:5353:53/udp").unwrap();
+        assert_eq!(
+            (
+                m.host_ip.as_str(),
+                m.host_port,
+                m.container_port,
+                m.protocol.as_str()
+            ),
+            ("127.0.0.1", 5353, 53, "udp")
+        );
+        let m = parse_publish("[::1]:8443:443/tcp,udp").unwrap();
+        assert_eq!(
+            (m.host_ip.as_str(), m.protocol.as_str()),
+            ("::1", "tcp,udp")
+        );
+        let m = parse_publish("8000-8002:80-82").unwrap();
+        assert_eq!((m.host_port, m.container_port, m.range), (8000, 80, 3));
+        assert_eq!(describe(&m), "tcp *:8000-8002 -> 80-82");
+        assert_eq!(
+            describe(&parse_publish("[::1]:1:2/udp").unwrap()),
+            "udp [::1]:1 -> 2"
+        );
+    }
+
+    #[test]
+    fn bad_publish_specs() {
+        let e = |s: &str| parse_publish(s).unwrap_err();
+        assert_eq!(
+            e("80"),
+            r#"invalid -p "80": expected [IP:]HOST:CONTAINER[/PROTO]"#
+        );
+        assert_eq!(
+            e("1.2.3.4:80"),
+            r#"invalid -p "1.2.3.4:80": "1.2.3.4" is not a port (1-65535)"#
+        );
+        assert_eq!(
+            e("a:80"),
+            r#"invalid -p "a:80": "a" is not a port (1-65535)"#
+        );
+        assert_eq!(
+            e("0:80"),
+            r#"invalid -p "0:80": "0" is not a port (1-65535)"#
+        );
+        assert_eq!(
+            e("8080:80/sctp"),
+            r#"invalid -p "8080:80/sctp": protocol "sctp" is not tcp or udp"#
+        );
+        assert_eq!(
+            e("x.y:8080:80"),
+            r#"invalid -p "x.y:8080:80": "x.y" is not an IP address"#
+        );
+        assert_eq!(
+            e("1:2:3:4"),
+            r#"invalid -p "1:2:3:4": expected [IP:]HOST:CONTAINER[/PROTO]"#
+        );
+        assert_eq!(
+            e("8000-8002:80"),
+            r#"invalid -p "8000-8002:80": host and container ranges differ in length"#
+        );
+        assert_eq!(
+            e("8002-8000:80-82"),
+            r#"invalid -p "8002-8000:80-82": range "8002-8000" runs backwards"#
+        );
+        assert_eq!(
+            e("[::1:80:80"),
+            r#"invalid -p "[::1:80:80": missing "]:" after the IPv6 address"#
+        );
+        assert_eq!(
+            e("70000:80"),
+            r#"invalid -p "70000:80": "70000" is not a port (1-65535)"#
+        );
+    }
+}
