@@ -57,15 +57,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Err("podman-e2e runs podman as root: run it as root".into());
     }
     sys::ensure(NEEDS)?;
-    let root = workspace_root();
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .current_dir(&root)
-        .args(["build", "--release", "-p", "rootlessport"])
-        .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
-    if !status.success() {
-        return Err("building the release rootlessport failed".into());
-    }
+    let built = crate::helper::release_helper()?;
     let d = dir();
     let helpers = d.join("helpers");
     std::fs::create_dir_all(&helpers)
@@ -73,7 +65,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     // Copy (not link) so a rebuild during the run cannot change the binary under podman.
     let ours = helpers.join("rootlessport");
     let tmp = helpers.join(".rootlessport.new");
-    std::fs::copy(root.join("target/release/rootlessport"), &tmp)
+    std::fs::copy(&built, &tmp)
         .and_then(|_| std::fs::rename(&tmp, &ours))
         .map_err(|e| format!("installing {}: {e}", ours.display()))?;
     let conf = format!(

@@ -2,6 +2,7 @@
 //! namespaces. TCP: greets with `tcp PORT from PEER`, echoes until EOF, closes. UDP:
 //! answers each datagram with `udp PORT from PEER: DATA`. Listens dual-stack.
 //! `--exit-after N` exits (status 0) once N TCP connections have been served.
+//! `--plain`: no greeting and no prefix, bytes back as they came (for benchmarks).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -15,6 +16,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let list = match a.as_str() {
             "--tcp" => &mut tcp,
             "--udp" => &mut udp,
+            "--plain" => {
+                PLAIN.store(true, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
             "--exit-after" => {
                 let n = it
                     .next()
@@ -64,6 +69,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+static PLAIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static SERVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 fn unmapped(a: SocketAddr) -> SocketAddr {
@@ -77,13 +83,16 @@ fn unmapped(a: SocketAddr) -> SocketAddr {
 }
 
 fn serve_tcp(mut c: std::net::TcpStream, port: u16) {
+    let plain = PLAIN.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = c.set_nodelay(true);
     let peer = c
         .peer_addr()
         .map(unmapped)
         .map(|a| a.to_string())
         .unwrap_or_default();
-    if c.write_all(format!("tcp {port} from {peer}\n").as_bytes())
-        .is_err()
+    if !plain
+        && c.write_all(format!("tcp {port} from {peer}\n").as_bytes())
+            .is_err()
     {
         return;
     }
@@ -102,7 +111,12 @@ fn serve_tcp(mut c: std::net::TcpStream, port: u16) {
 
 fn serve_udp(s: UdpSocket, port: u16) {
     let mut buf = [0u8; 65536];
+    let plain = PLAIN.load(std::sync::atomic::Ordering::Relaxed);
     while let Ok((n, from)) = s.recv_from(&mut buf) {
+        if plain {
+            let _ = s.send_to(&buf[..n], from);
+            continue;
+        }
         let mut reply = format!("udp {port} from {}: ", unmapped(from)).into_bytes();
         reply.extend_from_slice(&buf[..n]);
         let _ = s.send_to(&reply, from);

@@ -217,6 +217,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
         eprintln!("xtask: podman-e2e skipped (needs root with podman installed or installable)");
     }
 
+    // The bench must not rot: a short run, no ratio checks.
+    if std::env::var_os("ITEST_SKIP_BENCH").is_none() {
+        eprintln!("xtask: bench --quick");
+        let status = Command::new(&me)
+            .args(["bench", "--quick"])
+            .status()
+            .map_err(|e| format!("cannot start bench: {e}"))?;
+        if status.success() {
+            tally.passed += 1;
+            println!("ok - bench --quick");
+        } else {
+            tally.failed += 1;
+            tally.failures.push(format!("bench --quick ({status})"));
+        }
+    }
+
     for f in &tally.failures {
         eprintln!("xtask: FAILED: {f}");
     }

@@ -11,10 +11,13 @@
 
 use std::process::ExitCode;
 
+mod bench;
 mod demo;
 mod e2e;
 mod echo;
+mod helper;
 mod itest;
+mod loadgen;
 mod nsexec;
 mod run;
 mod session;
@@ -30,6 +33,9 @@ commands:
                       networking and the given ports published; exits with CMD's status
   itest [FILTER...]   run every test: unit and crate tests, then the namespaced
                       integration tests (installs slirp4netns/iproute2 when root)
+  bench [--quick] [--rounds N] [--save-docs]
+                      our rootlessport side by side with podman's, slirp4netns and
+                      direct loopback; report in target/bench/ (and docs/ with --save-docs)
   podman-e2e          podman 4.x runs containers with our release rootlessport
                       (installs podman, runc, busybox-static when root)
   ns-exec -- CMD...   (internal) run CMD inside a namespace prepared for tests
@@ -44,6 +50,8 @@ fn main() -> ExitCode {
         Some("podman-e2e") => e2e::run(&args[1..]),
         Some("echo-server") => echo::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        Some("bench-client") => loadgen::run(&args[1..]),
         Some("http-server") => demo::http_server(&args[1..]),
         Some("ns-child") => session::ns_child(&args[1..]),
         Some("run") => match run::run(&args[1..]) {

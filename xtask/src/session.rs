@@ -15,7 +15,6 @@ use rootlessport::launcher::{Launcher, RootlessPort};
 use slirp_config::{PortMapping, SlirpOptions};
 use slirp_spawn::{Netns, Slirp4netns, SlirpSpec};
 
-use crate::itest::workspace_root;
 use crate::sys;
 
 /// Parse `-p [IP:]HOST:CONTAINER[/PROTO]` (ports may be ranges `A-B`, an IPv6 address
@@ -112,16 +111,7 @@ pub fn rootlessport_binary() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("ROOTLESSPORT_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let root = workspace_root();
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .current_dir(&root)
-        .args(["build", "--quiet", "--release", "-p", "rootlessport"])
-        .status()
-        .map_err(|e| format!("cannot run cargo to build rootlessport: {e}"))?;
-    if !status.success() {
-        return Err("building rootlessport failed".into());
-    }
-    Ok(root.join("target/release/rootlessport"))
+    crate::helper::release_helper()
 }
 
 fn pipe_high() -> Result<(OwnedFd, OwnedFd), String> {

@@ -109,6 +109,8 @@ pub struct Forwarder {
     pub exit_fd: OwnedFd,
     pub reload: Option<ReloadSocket>,
     pub udp_idle: Duration,
+    /// Event-loop threads; 1 (the default) runs everything on the calling thread.
+    pub threads: usize,
 }
 
 /// Why the forwarder stopped.
@@ -131,14 +133,34 @@ impl Forwarder {
                 reason: errno_text(&e.into()),
             },
         )?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|source| Error::Io {
-                what: "starting the event loop",
+        let rt = if self.threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .enable_time()
+                .build()
+        } else {
+            // Every worker enters the container netns too (this thread proved it can).
+            let ns = self.netns.try_clone().map_err(|source| Error::Io {
+                what: "duplicating the netns fd",
                 source,
             })?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(self.threads)
+                .max_blocking_threads(1)
+                .on_thread_start(move || {
+                    if nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_err()
+                    {
+                        std::process::abort();
+                    }
+                })
+                .enable_io()
+                .enable_time()
+                .build()
+        }
+        .map_err(|source| Error::Io {
+            what: "starting the event loop",
+            source,
+        })?;
         let shared = Arc::new(Shared {
             child_ip: RwLock::new(self.child_ip),
             udp_idle: self.udp_idle,

@@ -17,6 +17,17 @@ use crate::forward::Shared;
 
 /// Bytes moved per splice call at most (and the pipe size we ask for).
 const CHUNK: usize = 256 * 1024;
+
+fn chunk() -> usize {
+    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *C.get_or_init(|| {
+        std::env::var("ROOTLESSPORT_PIPE_KB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|k| k * 1024)
+            .unwrap_or(CHUNK)
+    })
+}
 /// Pipes kept for reuse per thread; a connection only holds one while data is in it.
 const POOL_MAX: usize = 32;
 
@@ -134,7 +145,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
             }
         };
         let filled = src.try_io(Interest::READABLE, || {
-            splice(src.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
+            splice(src.as_raw_fd(), pipe.w.as_raw_fd(), chunk())
         });
         let mut left = match filled {
             Ok(0) => {
@@ -237,7 +248,7 @@ impl Pipe {
                 .ok()?;
         // A bigger pipe means fewer splice calls per byte; the kernel may refuse.
         // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe fd we own.
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, chunk() as libc::c_int) };
         Some(Pipe { r, w })
     }
 

@@ -81,6 +81,11 @@ fn run() -> Result<(), Error> {
         exit_fd,
         reload,
         udp_idle,
+        threads: std::env::var("ROOTLESSPORT_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1)
+            .clamp(1, 64),
     };
     let mut ready_fd = Some(ready_fd);
     forwarder.run(|| {
