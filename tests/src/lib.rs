@@ -177,6 +177,9 @@ pub struct ClientHost {
     pub ns: TestNetns,
     pub host_addr: std::net::Ipv4Addr,
     pub client_addr: std::net::Ipv4Addr,
+    /// `2001:db8:SLOT::1` on the host side, `::2` on the client (documentation prefix).
+    pub host_addr6: std::net::Ipv6Addr,
+    pub client_addr6: std::net::Ipv6Addr,
     host_if: String,
 }
 
@@ -203,15 +206,28 @@ impl ClientHost {
         ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "vc", "netns", &pid,
         ]);
+        let host_addr6 = std::net::Ipv6Addr::new(0x2001, 0xdb8, slot as u16, 0, 0, 0, 0, 1);
+        let client_addr6 = std::net::Ipv6Addr::new(0x2001, 0xdb8, slot as u16, 0, 0, 0, 0, 2);
         ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_if]);
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{host_addr6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
         ip(&["link", "set", &host_if, "up"]);
         ns.sh(&format!(
-            "ip addr add {client_addr}/30 dev vc && ip link set vc up && ip link set lo up"
+            "ip addr add {client_addr}/30 dev vc && ip -6 addr add {client_addr6}/64 dev vc nodad && ip link set vc up && ip link set lo up"
         ));
         ClientHost {
             ns,
             host_addr,
             client_addr,
+            host_addr6,
+            client_addr6,
             host_if,
         }
     }
@@ -260,4 +276,10 @@ pub fn xtask_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// A pipe whose ends close on exec, so that no unrelated child keeps them open (an
+/// exit pipe held by a stray child never reads EOF).
+pub fn cloexec_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
 }

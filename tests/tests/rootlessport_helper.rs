@@ -52,7 +52,7 @@ fn config(ns: &TestNetns, tmp: &Path, mappings: Vec<PortMapping>) -> Config {
 
 /// Start the helper as podman does; returns it and the exit pipe's write end.
 fn launch(cfg: &Config) -> Result<(RootlessPort, OwnedFd), LaunchError> {
-    let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
+    let (exit_r, exit_w) = tests::cloexec_pipe();
     Launcher::new(rootlessport_bin())
         .start(cfg, exit_r)
         .map(|h| (h, exit_w))
@@ -262,7 +262,7 @@ fn udp_flows_per_client_and_expiry() {
     udp_echo(&ns, 53);
     udp_echo(&ns, 54);
     let cfg = config(&ns, tmp.path(), vec![pm("", 28053, 53, 2, "udp")]);
-    let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
+    let (exit_r, exit_w) = tests::cloexec_pipe();
     // Short idle timeout for the test (podman's is 90 s).
     std::env::set_var("ROOTLESSPORT_UDP_IDLE_SECS", "1");
     let helper = Launcher::new(rootlessport_bin())
@@ -368,8 +368,8 @@ fn run_raw(stdin: &[u8], with_fds: bool) -> (String, i32) {
         .unwrap();
     let mut keep = Vec::new();
     if with_fds {
-        let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
-        let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+        let (exit_r, exit_w) = tests::cloexec_pipe();
+        let (ready_r, ready_w) = tests::cloexec_pipe();
         cmd = cmd.leak_fd(exit_r, 3).leak_fd(ready_w, 4);
         keep.push(exit_w);
         keep.push(ready_r);
@@ -700,8 +700,8 @@ fn rootless_in_a_user_namespace() {
     let mut cfg34 = cfg.clone();
     cfg34.exit_fd = 3;
     cfg34.ready_fd = 4;
-    let (exit_r, exit_w) = nix::unistd::pipe().unwrap();
-    let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+    let (exit_r, exit_w) = tests::cloexec_pipe();
+    let (ready_r, ready_w) = tests::cloexec_pipe();
     let out = LogFile::anonymous("out").unwrap();
     let mut h = HelperCommand::new("nsenter")
         .args([
@@ -740,8 +740,8 @@ fn rootless_in_a_user_namespace() {
     // Without privilege over our netns it cannot take a privileged port.
     let mut low = cfg34.clone();
     low.mappings = vec![pm("", 80, 80, 1, "tcp")];
-    let (exit_r, _exit_w) = nix::unistd::pipe().unwrap();
-    let (_ready_r, ready_w) = nix::unistd::pipe().unwrap();
+    let (exit_r, _exit_w) = tests::cloexec_pipe();
+    let (_ready_r, ready_w) = tests::cloexec_pipe();
     let out = LogFile::anonymous("out").unwrap();
     let mut h = HelperCommand::new("nsenter")
         .args([

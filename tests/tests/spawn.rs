@@ -297,8 +297,8 @@ fn process_piece_leaks_exactly_the_chosen_fds() {
     require_harness();
     let dir = tempfile::tempdir().unwrap();
     let (_careless, careless_path) = careless_fd(&dir);
-    let (a_r, a_w) = nix::unistd::pipe().unwrap();
-    let (b_r, b_w) = nix::unistd::pipe().unwrap();
+    let (a_r, a_w) = tests::cloexec_pipe();
+    let (b_r, b_w) = tests::cloexec_pipe();
     let (a_name, b_name) = (pipe_inode(&a_r), pipe_inode(&b_w));
     let log = LogFile::create_unlinked(dir.path(), "helper.log").unwrap();
     assert!(

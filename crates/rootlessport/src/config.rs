@@ -11,7 +11,7 @@ use crate::Error;
 /// The config podman writes on the helper's stdin (its field names and order).
 ///
 /// Fields may be missing or `null`: they take their zero value, as with Go's decoder.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     #[serde(rename = "Mappings", deserialize_with = "nullable")]
@@ -30,6 +30,39 @@ pub struct Config {
     pub container_id: String,
     #[serde(rename = "RootlessCNI", deserialize_with = "nullable")]
     pub rootless_cni: bool,
+    /// Ours, not podman's (its helper ignores it): `false` turns off keeping the
+    /// client's source address, so the container sees the helper's address as
+    /// podman's helper makes it. Absent or `true`: kept where possible.
+    #[serde(
+        rename = "PreserveSourceIP",
+        deserialize_with = "nullable_true",
+        skip_serializing_if = "is_true"
+    )]
+    pub preserve_source_ip: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mappings: Vec::new(),
+            netns_path: String::new(),
+            exit_fd: 0,
+            ready_fd: 0,
+            tmp_dir: String::new(),
+            child_ip: String::new(),
+            container_id: String::new(),
+            rootless_cni: false,
+            preserve_source_ip: true,
+        }
+    }
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn nullable_true<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Option::<bool>::deserialize(d).map(|b| b.unwrap_or(true))
 }
 
 fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -317,6 +350,22 @@ mod tests {
                 (3, "udp", "0.0.0.0", 18091, 91)
             ]
         );
+    }
+
+    #[test]
+    fn preserve_source_ip_field() {
+        let cfg = Config::from_json(FIXTURE.as_bytes()).unwrap();
+        assert!(cfg.preserve_source_ip, "on unless asked off");
+        let off = Config::from_json(br#"{"PreserveSourceIP":false}"#).unwrap();
+        assert!(!off.preserve_source_ip);
+        assert!(
+            Config::from_json(br#"{"PreserveSourceIP":null}"#)
+                .unwrap()
+                .preserve_source_ip
+        );
+        assert!(serde_json::to_string(&off)
+            .unwrap()
+            .ends_with(r#","PreserveSourceIP":false}"#));
     }
 
     #[test]

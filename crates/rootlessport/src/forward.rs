@@ -7,23 +7,28 @@
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 
 use crate::config::{display_addr, ListenPlan, PortSpec, Transport};
 use crate::error::errno_text;
+use crate::netlink::IpFamily;
 use crate::reload::ReloadSocket;
+use crate::source_ip::SourceIp;
 use crate::Error;
 
 /// podman's idle timeout for UDP flows.
 pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
 
-/// State every task reads: where new connections go.
+/// State every task reads: where new connections go, and from which address.
 pub(crate) struct Shared {
     child_ip: RwLock<Option<IpAddr>>,
     pub(crate) udp_idle: Duration,
+    /// Families whose client addresses are kept (empty: none).
+    pub(crate) source_families: Vec<IpFamily>,
+    source_ip: Mutex<Option<SourceIp>>,
 }
 
 impl Shared {
@@ -31,9 +36,37 @@ impl Shared {
         *self.child_ip.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A reload: new connections and flows go to `ip`; the UDP reply rules follow.
     pub(crate) fn set_child_ip(&self, ip: Option<IpAddr>) {
         *self.child_ip.write().unwrap_or_else(|p| p.into_inner()) = ip;
+        if let Some(s) = self
+            .source_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            s.reload(ip);
+        }
     }
+}
+
+/// The container port ranges published for UDP, merged.
+fn udp_ranges(bound: &[Bound]) -> Vec<(u16, u16)> {
+    let mut ports: Vec<u16> = bound
+        .iter()
+        .filter(|b| b.spec.transport == Transport::Udp)
+        .map(|b| b.spec.child_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for p in ports {
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == p => *end = p,
+            _ => out.push((p, p)),
+        }
+    }
+    out
 }
 
 /// A listening socket for one port spec, made in the engine's netns.
@@ -111,6 +144,10 @@ pub struct Forwarder {
     pub udp_idle: Duration,
     /// Event-loop threads; 1 (the default) runs everything on the calling thread.
     pub threads: usize,
+    /// Keep client source addresses (see [`crate::source_ip`]).
+    pub preserve_source: bool,
+    /// The caller exits right after [`Forwarder::run`]: skip closing sockets one by one.
+    pub exit_after: bool,
 }
 
 /// Why the forwarder stopped.
@@ -161,10 +198,31 @@ impl Forwarder {
             what: "starting the event loop",
             source,
         })?;
+        let source = if self.preserve_source {
+            match SourceIp::setup(udp_ranges(&self.bound), self.child_ip) {
+                Ok(s) => Some(s),
+                Err(why) => {
+                    eprintln!(
+                        "rootlessport: warning: client addresses are not kept (the container sees the helper's): {why}"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let source_families = [IpFamily::V4, IpFamily::V6]
+            .into_iter()
+            .filter(|f| source.as_ref().is_some_and(|s| s.supports(*f)))
+            .collect();
         let shared = Arc::new(Shared {
             child_ip: RwLock::new(self.child_ip),
             udp_idle: self.udp_idle,
+            source_families,
+            source_ip: Mutex::new(source),
         });
+        let keep = shared.clone();
+        let self_exit = self.exit_after;
         let Forwarder {
             bound,
             exit_fd,
@@ -218,8 +276,22 @@ impl Forwarder {
             drop(reload_guard);
             Ok(stopped)
         });
-        // Dropping the runtime drops every task: listeners and connections close.
-        drop(rt);
+        // The reply routing goes first (from this thread, inside the container netns):
+        // nothing may be left in the netns, whatever happens next.
+        drop(
+            keep.source_ip
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        if self_exit {
+            // The process ends now: the kernel closes every socket at once, which is
+            // much faster than deregistering and closing thousands one by one.
+            std::mem::forget(rt);
+        } else {
+            // Dropping the runtime drops every task: listeners and connections close.
+            drop(rt);
+        }
         result
     }
 }

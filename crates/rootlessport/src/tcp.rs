@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::Family;
 use crate::forward::Shared;
+use crate::source_ip::{source_for, transparent_socket};
 
 /// Bytes moved per splice call at most (and the pipe size we ask for).
 const CHUNK: usize = 256 * 1024;
@@ -40,10 +41,10 @@ pub(crate) async fn accept_loop(
 ) {
     loop {
         match listener.accept().await {
-            Ok((client, _peer)) => {
+            Ok((client, peer)) => {
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    forward(client, child_port, family, &shared).await;
+                    forward(client, peer, child_port, family, &shared).await;
                 });
             }
             Err(e) => {
@@ -64,12 +65,24 @@ pub(crate) fn target(child_ip: Option<IpAddr>, family: Family, port: u16) -> Soc
     SocketAddr::new(ip, port)
 }
 
-async fn forward(client: TcpStream, child_port: u16, family: Family, shared: &Shared) {
+async fn forward(
+    client: TcpStream,
+    peer: SocketAddr,
+    child_port: u16,
+    family: Family,
+    shared: &Shared,
+) {
     let to = target(shared.child_ip(), family, child_port);
-    // This runs on a thread that entered the container netns: the socket is made there.
-    let sock = match to {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    // This runs on a thread that entered the container netns: the socket is made there,
+    // from the client's own address when it can be kept.
+    let sock = match source_for(&shared.source_families, peer, to)
+        .and_then(|src| transparent_socket(src, socket2::Type::STREAM, true).ok())
+    {
+        Some(s) => Ok(TcpSocket::from_std_stream(s.into())),
+        None => match to {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        },
     };
     let upstream = match sock {
         Ok(s) => s.connect(to).await,

@@ -15,6 +15,8 @@ use tokio::net::UdpSocket;
 
 use crate::config::Family;
 use crate::forward::Shared;
+use crate::source_ip::source_for;
+use crate::source_ip::transparent_socket;
 use crate::tcp::target;
 
 /// Flows per published port at most; datagrams from further clients are dropped
@@ -97,7 +99,8 @@ fn flow_for(
         return None;
     }
     let to = target(shared.child_ip(), family, child_port);
-    let upstream = match connect_upstream(to) {
+    let source = source_for(&shared.source_families, client, to);
+    let upstream = match connect_upstream(to, source) {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(error = %e, %to, "UDP socket in the container failed");
@@ -120,11 +123,20 @@ fn flow_for(
     Some(flow)
 }
 
-/// A socket connected to the container, made on this thread (inside its netns).
-fn connect_upstream(to: SocketAddr) -> io::Result<UdpSocket> {
-    let domain = socket2::Domain::for_address(to);
-    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
-    s.set_nonblocking(true)?;
+/// A socket connected to the container, made on this thread (inside its netns), from
+/// the client's own address when it can be kept.
+fn connect_upstream(to: SocketAddr, source: Option<SocketAddr>) -> io::Result<UdpSocket> {
+    let transparent =
+        source.and_then(|src| transparent_socket(src, socket2::Type::DGRAM, false).ok());
+    let s = match transparent {
+        Some(s) => s,
+        None => {
+            let s =
+                socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::DGRAM, None)?;
+            s.set_nonblocking(true)?;
+            s
+        }
+    };
     s.connect(&to.into())?;
     UdpSocket::from_std(s.into())
 }

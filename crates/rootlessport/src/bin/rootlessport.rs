@@ -86,6 +86,12 @@ fn run() -> Result<(), Error> {
             .and_then(|s| s.parse().ok())
             .unwrap_or(1)
             .clamp(1, 64),
+        exit_after: true,
+        preserve_source: cfg.preserve_source_ip
+            && !matches!(
+                std::env::var("ROOTLESSPORT_PRESERVE_SOURCE_IP").as_deref(),
+                Ok("0" | "false" | "no" | "off")
+            ),
     };
     let mut ready_fd = Some(ready_fd);
     forwarder.run(|| {
@@ -105,5 +111,6 @@ fn run() -> Result<(), Error> {
         drop(fd);
         Ok(())
     })?;
-    Ok(())
+    // Listeners and connections are closed by the kernel at exit.
+    std::process::exit(0);
 }

@@ -1,0 +1,327 @@
+//! Keeping the client's address: a client in its own netns, joined to the host side by
+//! a veth pair, reaches a container behind slirp4netns and our rootlessport; the
+//! servers in the container report whom they see.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use rootlessport::launcher::{Launcher, RootlessPort};
+use rootlessport::Config;
+use slirp_config::PortMapping;
+use slirp_spawn::{Slirp4netns, SlirpSpec};
+use tests::{require_harness, rootlessport_bin, ClientHost, TestNetns};
+
+const TABLE: &str = "1380733012"; // 0x524c5054
+
+/// A container netns with slirp4netns (tap0 10.0.2.100, default route out through
+/// slirp4netns) and an extra IPv6 address to forward IPv6 clients to.
+fn container(dir: &tempfile::TempDir) -> (TestNetns, Slirp4netns) {
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up && ip -6 addr add fd00:beef::100/128 dev lo && ip addr add 10.0.2.101/32 dev lo");
+    let mut spec = SlirpSpec::new(ns.netns(), dir.path(), "src");
+    spec.options = slirp_config::parse_options(["enable_ipv6=false"]).unwrap();
+    let slirp = Slirp4netns::start(&spec).unwrap();
+    (ns, slirp)
+}
+
+/// Servers in the container that answer with the peer they see.
+fn reporters(ns: &TestNetns, tcp: u16, udp: u16) {
+    let (l, u) = ns.run(move || {
+        (
+            TcpListener::bind(("::", tcp)).unwrap(),
+            UdpSocket::bind(("::", udp)).unwrap(),
+        )
+    });
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let peer = unmap(c.peer_addr().unwrap());
+            let _ = c.write_all(format!("tcp peer {peer}").as_bytes());
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, from)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(format!("udp peer {}", unmap(from)).as_bytes(), from);
+        }
+    });
+}
+
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+fn launch(
+    ns: &TestNetns,
+    dir: &tempfile::TempDir,
+    child_ip: &str,
+    keep: bool,
+    ports: Vec<PortMapping>,
+) -> (RootlessPort, OwnedFd) {
+    let cfg = Config {
+        mappings: ports,
+        netns_path: ns.path().display().to_string(),
+        tmp_dir: dir.path().display().to_string(),
+        child_ip: child_ip.into(),
+        container_id: format!("src-{child_ip}"),
+        preserve_source_ip: keep,
+        rootless_cni: true, // a reload socket, for the reload check
+        ..Config::default()
+    };
+    let (r, w) = tests::cloexec_pipe();
+    (Launcher::new(rootlessport_bin()).start(&cfg, r).unwrap(), w)
+}
+
+fn pm(host_port: u16, container_port: u16, proto: &str) -> PortMapping {
+    PortMapping {
+        host_ip: String::new(),
+        container_port,
+        host_port,
+        range: 1,
+        protocol: proto.into(),
+    }
+}
+
+/// From the client netns: what the container saw, and from which local address.
+fn ask(client: &ClientHost, to: SocketAddr) -> (String, SocketAddr, String, SocketAddr) {
+    client.ns.run(move || {
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let me = c.local_addr().unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let u = UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        u.connect(SocketAddr::new(to.ip(), to.port() + 1)).unwrap();
+        u.send(b"?").unwrap();
+        let mut buf = [0u8; 512];
+        let n = u.recv(&mut buf).unwrap();
+        (
+            s,
+            me,
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            u.local_addr().unwrap(),
+        )
+    })
+}
+
+fn rules(ns: &TestNetns) -> String {
+    ns.sh(&format!(
+        "ip -4 rule; ip -6 rule; ip -4 route show table {TABLE} 2>/dev/null; ip -6 route show table {TABLE} 2>/dev/null; true"
+    ))
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn container_sees_the_real_client_for_tcp_and_udp_v4_and_v6() {
+    require_harness();
+    let dir = tempfile::tempdir().unwrap();
+    let (ns, slirp) = container(&dir);
+    reporters(&ns, 80, 81);
+    let before = rules(&ns);
+    assert!(!before.contains(TABLE), "{before}");
+    let fwmark_accept = ns.sh("cat /proc/sys/net/ipv4/tcp_fwmark_accept");
+    let (h4, w4) = launch(
+        &ns,
+        &dir,
+        "10.0.2.100",
+        true,
+        vec![pm(28900, 80, "tcp"), pm(28901, 81, "udp")],
+    );
+    let (h6, w6) = launch(
+        &ns,
+        &dir,
+        "fd00:beef::100",
+        true,
+        vec![pm(28902, 80, "tcp"), pm(28903, 81, "udp")],
+    );
+    let during = rules(&ns);
+    assert!(
+        during.contains(&format!("fwmark 0x524c5054 lookup {TABLE}")),
+        "{during}"
+    );
+    assert!(
+        during.contains("from all ipproto udp sport 81 lookup"),
+        "{during}"
+    );
+
+    let client = ClientHost::new(5);
+    let (tcp, me, udp, ume) = ask(&client, SocketAddr::new(client.host_addr.into(), 28900));
+    assert_eq!(tcp, format!("tcp peer {me}"), "IPv4 TCP");
+    assert_eq!(me.ip(), IpAddr::from(client.client_addr));
+    assert_eq!(udp, format!("udp peer {ume}"), "IPv4 UDP");
+
+    let (tcp, me, udp, ume) = ask(&client, SocketAddr::new(client.host_addr6.into(), 28902));
+    assert_eq!(tcp, format!("tcp peer {me}"), "IPv6 TCP");
+    assert_eq!(me.ip(), IpAddr::from(client.client_addr6));
+    assert_eq!(udp, format!("udp peer {ume}"), "IPv6 UDP");
+
+    // A reload moves the reply routing to the new child IP; addresses are still kept.
+    rootlessport::reload::reload(dir.path(), "src-10.0.2.100", "10.0.2.101").unwrap();
+    let routes = ns.sh(&format!("ip -4 route show table {TABLE}"));
+    assert!(routes.contains("src 10.0.2.101"), "{routes}");
+    let (tcp, me, udp, ume) = ask(&client, SocketAddr::new(client.host_addr.into(), 28900));
+    assert_eq!(tcp, format!("tcp peer {me}"), "IPv4 TCP after reload");
+    assert_eq!(udp, format!("udp peer {ume}"), "IPv4 UDP after reload");
+    rootlessport::reload::reload(dir.path(), "src-10.0.2.100", "10.0.2.100").unwrap();
+
+    // Loopback clients fall back to today's behaviour and still work.
+    let mut c = TcpStream::connect("127.0.0.1:28900").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert!(s.starts_with("tcp peer 10.0.2.100:"), "{s}");
+
+    // The container's own outgoing traffic still leaves through slirp4netns, TCP and
+    // UDP, to the very client host whose replies we divert.
+    let (out_tcp, out_udp) = client.ns.run(|| {
+        (
+            TcpListener::bind("0.0.0.0:29000").unwrap(),
+            UdpSocket::bind("0.0.0.0:29001").unwrap(),
+        )
+    });
+    let to = client.client_addr;
+    let sent = ns.run(move || {
+        let tcp =
+            TcpStream::connect_timeout(&SocketAddr::new(to.into(), 29000), Duration::from_secs(5))
+                .map(|mut c| c.write_all(b"out"));
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let udp = u.send_to(b"out", (to, 29001));
+        (tcp.is_ok(), udp.is_ok())
+    });
+    assert_eq!(sent, (true, true));
+    let (mut c, _) = out_tcp.accept().unwrap();
+    let mut got = String::new();
+    c.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "out");
+    out_udp
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(out_udp.recv(&mut buf).unwrap(), 3);
+
+    drop((w4, w6));
+    for mut h in [h4, h6] {
+        assert!(h
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap()
+            .success());
+    }
+    let after = rules(&ns);
+    assert!(
+        !after.contains(TABLE),
+        "rules or routes left behind:\n{after}"
+    );
+    assert_eq!(
+        ns.sh("cat /proc/sys/net/ipv4/tcp_fwmark_accept"),
+        fwmark_accept
+    );
+    slirp.stop().unwrap();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn opt_out_gives_podmans_behaviour() {
+    require_harness();
+    let dir = tempfile::tempdir().unwrap();
+    let (ns, slirp) = container(&dir);
+    reporters(&ns, 90, 91);
+    let client = ClientHost::new(6);
+    // By config field.
+    let (h, w) = launch(
+        &ns,
+        &dir,
+        "10.0.2.100",
+        false,
+        vec![pm(28910, 90, "tcp"), pm(28911, 91, "udp")],
+    );
+    assert!(!rules(&ns).contains(TABLE));
+    let (tcp, _, udp, _) = ask(&client, SocketAddr::new(client.host_addr.into(), 28910));
+    assert!(tcp.starts_with("tcp peer 10.0.2.100:"), "{tcp}");
+    assert!(udp.starts_with("udp peer 10.0.2.100:"), "{udp}");
+    drop(w);
+    drop(h);
+    // By environment variable.
+    std::env::set_var("ROOTLESSPORT_PRESERVE_SOURCE_IP", "0");
+    let (h, w) = launch(
+        &ns,
+        &dir,
+        "10.0.2.100",
+        true,
+        vec![pm(28912, 90, "tcp"), pm(28913, 91, "udp")],
+    );
+    std::env::remove_var("ROOTLESSPORT_PRESERVE_SOURCE_IP");
+    let (tcp, _, _, _) = ask(&client, SocketAddr::new(client.host_addr.into(), 28912));
+    assert!(tcp.starts_with("tcp peer 10.0.2.100:"), "{tcp}");
+    drop(w);
+    drop(h);
+    slirp.stop().unwrap();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn falls_back_with_one_warning_when_it_cannot_be_set_up() {
+    require_harness();
+    // No child IP: connections go to the container's loopback, where no client address
+    // can be used. The ports work as podman's do, and the log says why, once.
+    let dir = tempfile::tempdir().unwrap();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    reporters(&ns, 70, 71);
+    let cfg = Config {
+        mappings: vec![pm(28920, 70, "tcp"), pm(28921, 71, "udp")],
+        netns_path: ns.path().display().to_string(),
+        tmp_dir: dir.path().display().to_string(),
+        container_id: "fallback".into(),
+        exit_fd: 3,
+        ready_fd: 4,
+        ..Config::default()
+    };
+    let log = slirp_spawn::process::LogFile::anonymous("log").unwrap();
+    let (exit_r, exit_w) = tests::cloexec_pipe();
+    let (ready_r, ready_w) = tests::cloexec_pipe();
+    let mut h = slirp_spawn::process::HelperCommand::new(rootlessport_bin())
+        .stdin_bytes(serde_json::to_vec(&cfg).unwrap())
+        .leak_fd(exit_r, 3)
+        .leak_fd(ready_w, 4)
+        .stderr_log(&log)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let sync = h
+        .wait_ready(
+            &ready_r,
+            std::time::Instant::now() + Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        matches!(sync, slirp_spawn::process::Sync::Ready(_)),
+        "{sync:?}"
+    );
+    let text = log.contents();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(
+        warnings,
+        ["rootlessport: warning: client addresses are not kept (the container sees the helper's): no child IP (connections go to the container's loopback)"]
+    );
+    assert!(!rules(&ns).contains(TABLE));
+    let mut c = TcpStream::connect("127.0.0.1:28920").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert!(s.starts_with("tcp peer 127.0.0.1:"), "{s}");
+    drop(exit_w);
+    assert!(h
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap()
+        .success());
+}
