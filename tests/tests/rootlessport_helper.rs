@@ -122,7 +122,9 @@ fn tcp_both_ways_with_half_close_and_dual_stack() {
         let target = std::fs::read_link(format!("/proc/{}/fd/{fd}", helper.pid())).unwrap();
         assert_eq!(target, Path::new("/dev/null"), "fd {fd}");
     }
-    assert!(!open_fds(helper.pid()).unwrap().contains(&4));
+    assert!(eventually(5, || !open_fds(helper.pid())
+        .unwrap()
+        .contains(&4)));
 
     // The wildcard answers on IPv4 and IPv6 loopback; the client's half-close reaches
     // the server as EOF while the server still answers.
@@ -269,6 +271,10 @@ fn udp_flows_per_client_and_expiry() {
         .start(&cfg, exit_r)
         .unwrap();
     std::env::remove_var("ROOTLESSPORT_UDP_IDLE_SECS");
+    // ReadyFD is closed right after the "1" is read: count once it is gone.
+    assert!(eventually(5, || !open_fds(helper.pid())
+        .unwrap()
+        .contains(&4)));
     let fds_idle = open_fds(helper.pid()).unwrap().len();
 
     let clients: Vec<UdpSocket> = (0..3)

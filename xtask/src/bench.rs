@@ -187,10 +187,44 @@ struct Rig {
     slirp: slirp_spawn::Slirp4netns,
     podman_bin: Option<PathBuf>,
     ours_bin: PathBuf,
+    /// A client host on a veth pair (198.18.0.2 -> 198.18.0.1), and our helper with and
+    /// without keeping client addresses, for the cost of that feature.
+    client_netns: String,
+    client_holder: Child,
+    _kept: (RootlessPort, OwnedFd),
+    _plain: (RootlessPort, OwnedFd),
+}
+
+/// Where a client runs and what it talks to.
+struct Where {
+    netns: Option<String>,
+    iperf: String,
+    echo: String,
+}
+
+const VETH_KEPT: (u16, u16) = (24201, 24007);
+const VETH_PLAIN: (u16, u16) = (25201, 25007);
+
+fn veth_where(rig: &Rig, ports: (u16, u16)) -> Where {
+    Where {
+        netns: Some(rig.client_netns.clone()),
+        iperf: format!("198.18.0.1:{}", ports.0),
+        echo: format!("198.18.0.1:{}", ports.1),
+    }
+}
+
+fn where_of(rig: &Rig, c: Col) -> Where {
+    Where {
+        netns: (c == Col::Direct).then(|| rig.netns.clone()),
+        iperf: addr(c, true),
+        echo: addr(c, false),
+    }
 }
 
 impl Drop for Rig {
     fn drop(&mut self) {
+        let _ = self.client_holder.kill();
+        let _ = self.client_holder.wait();
         for s in &mut self.servers {
             let _ = s.kill();
             let _ = s.wait();
@@ -263,7 +297,7 @@ fn setup() -> Result<Rig, String> {
             "--",
             "sh",
             "-c",
-            "ip link set lo up && exec sleep 86400",
+            "ip link set lo up && ip addr add 10.0.2.100/32 dev lo && exec sleep 86400",
         ])
         .spawn()
         .map_err(|e| format!("unshare: {e}"))?;
@@ -338,6 +372,84 @@ fn setup() -> Result<Rig, String> {
         slirp_portfwd::add_hostfwd(&sock, proto, "127.0.0.1", host, guest)
             .map_err(|e| e.to_string())?;
     }
+    let client_holder = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", "exec sleep 86400"])
+        .spawn()
+        .map_err(|e| format!("unshare: {e}"))?;
+    let cpid = client_holder.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{cpid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        != "sleep"
+    {
+        if Instant::now() > deadline {
+            return Err("the client netns never came up".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let client_netns = format!("/proc/{cpid}/ns/net");
+    let run = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", args[0]))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    let cpid_s = cpid.to_string();
+    run(&[
+        "ip", "link", "add", "bv", "type", "veth", "peer", "name", "bc", "netns", &cpid_s,
+    ])?;
+    run(&["ip", "addr", "add", "198.18.0.1/30", "dev", "bv"])?;
+    run(&["ip", "link", "set", "bv", "up"])?;
+    let in_client = format!("--net={client_netns}");
+    run(&[
+        "nsenter",
+        &in_client,
+        "ip",
+        "addr",
+        "add",
+        "198.18.0.2/30",
+        "dev",
+        "bc",
+    ])?;
+    run(&["nsenter", &in_client, "ip", "link", "set", "bc", "up"])?;
+    run(&["nsenter", &in_client, "ip", "link", "set", "lo", "up"])?;
+    let veth_cfg = |id: &str, (i, e): (u16, u16), keep: bool| {
+        let mut cfg = helper_config(
+            &netns,
+            &tmp,
+            id,
+            vec![
+                PortMapping {
+                    host_ip: String::new(),
+                    container_port: 5201,
+                    host_port: i,
+                    range: 1,
+                    protocol: "tcp".into(),
+                },
+                PortMapping {
+                    host_ip: String::new(),
+                    container_port: 7,
+                    host_port: e,
+                    range: 1,
+                    protocol: "tcp,udp".into(),
+                },
+            ],
+        );
+        cfg.child_ip = "10.0.2.100".into();
+        cfg.preserve_source_ip = keep;
+        cfg
+    };
+    let (hk, wk, _) = launch(&ours_bin, &veth_cfg("bench-kept", VETH_KEPT, true))?;
+    let (hp, wp, _) = launch(&ours_bin, &veth_cfg("bench-plain", VETH_PLAIN, false))?;
     let rig = Rig {
         netns,
         holder,
@@ -348,6 +460,10 @@ fn setup() -> Result<Rig, String> {
         slirp,
         podman_bin,
         ours_bin,
+        client_netns,
+        client_holder,
+        _kept: (hk, wk),
+        _plain: (hp, wp),
     };
     // Wait until every column answers.
     for c in COLS {
@@ -374,13 +490,18 @@ fn addr(c: Col, iperf: bool) -> String {
 
 /// Run a bench client (inside the container netns for the direct column).
 fn client_cmd(rig: &Rig, c: Col, args: &[&str]) -> Command {
+    client_cmd_at(&where_of(rig, c), args)
+}
+
+fn client_cmd_at(w: &Where, args: &[&str]) -> Command {
     let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("xtask"));
-    let mut cmd = if c == Col::Direct {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", rig.netns)).arg("--").arg(me);
-        cmd
-    } else {
-        Command::new(me)
+    let mut cmd = match &w.netns {
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net={ns}")).arg("--").arg(me);
+            cmd
+        }
+        None => Command::new(me),
     };
     cmd.arg("bench-client").args(args);
     cmd
@@ -402,15 +523,20 @@ fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn iperf(rig: &Rig, c: Col, reverse: bool, secs: u64) -> Result<f64, String> {
-    let mut cmd = if c == Col::Direct {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", rig.netns))
-            .args(["--", "iperf3"]);
-        cmd
-    } else {
-        Command::new("iperf3")
+    iperf_at(&where_of(rig, c), reverse, secs)
+}
+
+fn iperf_at(w: &Where, reverse: bool, secs: u64) -> Result<f64, String> {
+    let mut cmd = match &w.netns {
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net={ns}")).args(["--", "iperf3"]);
+            cmd
+        }
+        None => Command::new("iperf3"),
     };
-    let (host, port) = addr(c, true)
+    let (host, port) = w
+        .iperf
         .split_once(':')
         .map(|(h, p)| (h.to_string(), p.to_string()))
         .unwrap_or_default();
@@ -443,11 +569,15 @@ fn latencies(line: &str) -> Vec<u32> {
 
 /// Two client processes of COUNT short connections each: (conn/s, p50 µs, p99 µs).
 fn short_conns(rig: &Rig, c: Col, count: u64) -> Result<(f64, f64, f64), String> {
-    let a = addr(c, false);
+    short_conns_at(&where_of(rig, c), count)
+}
+
+fn short_conns_at(w: &Where, count: u64) -> Result<(f64, f64, f64), String> {
+    let a = w.echo.clone();
     let n = count.to_string();
     let kids: Vec<Child> = (0..2)
         .map(|_| {
-            client_cmd(rig, c, &["conn", &a, &n])
+            client_cmd_at(w, &["conn", &a, &n])
                 .stdout(Stdio::piped())
                 .spawn()
         })
@@ -752,8 +882,24 @@ fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
                 put(&format!("ports{n}_exit"), c, exit);
             }
         }
+        // The cost of keeping client addresses: a client on a veth pair, our helper
+        // with and without it, interleaved.
+        for (tag, ports) in [("kept", VETH_KEPT), ("plain", VETH_PLAIN)] {
+            let w = veth_where(&rig, ports);
+            put(
+                &format!("veth_tcp_{tag}"),
+                Col::Ours,
+                iperf_at(&w, false, s.iperf_secs)?,
+            );
+            put(
+                &format!("veth_conn_{tag}"),
+                Col::Ours,
+                short_conns_at(&w, s.conns)?.0,
+            );
+        }
     }
-    let report = render(s, &figures, &res, rig.podman.is_some());
+    let mut report = render(s, &figures, &res, rig.podman.is_some());
+    report.push_str(&render_source_cost(&res));
     println!("{report}");
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
@@ -823,6 +969,29 @@ fn verdict(f: &Figure, r: Option<f64>) -> &'static str {
         },
         _ => "",
     }
+}
+
+fn render_source_cost(res: &Results) -> String {
+    let cell = |k: &str| get(res, k, Col::Ours);
+    let mut out = String::from(
+        "\nCost of keeping client addresses (our helper, client on a veth pair, container address 10.0.2.100):\n\n| figure | unit | kept | not kept | kept / not kept |\n|---|---|---:|---:|---:|\n",
+    );
+    for (key, label, unit) in [
+        ("veth_tcp", "TCP throughput, host to container", "Gbit/s"),
+        ("veth_conn", "short connections, 2 clients", "conn/s"),
+    ] {
+        let (k, p) = (cell(&format!("{key}_kept")), cell(&format!("{key}_plain")));
+        let r = match (k, p) {
+            (Some(k), Some(p)) if p > 0.0 => format!("{:.2}x", k / p),
+            _ => "—".into(),
+        };
+        out.push_str(&format!(
+            "| {label} | {unit} | {} | {} | {r} |\n",
+            fmt(k),
+            fmt(p)
+        ));
+    }
+    out
 }
 
 fn render(s: &Settings, figures: &[Figure], res: &Results, podman: bool) -> String {

@@ -273,7 +273,10 @@ impl Forwarder {
                 _ = term.recv() => Stopped::Signal,
                 _ = int.recv() => Stopped::Signal,
             };
-            drop(reload_guard);
+            // The serving task holds the socket too: remove the file explicitly.
+            if let Some(r) = reload_guard {
+                r.remove();
+            }
             Ok(stopped)
         });
         // The reply routing goes first (from this thread, inside the container netns):

@@ -114,10 +114,17 @@ impl ReloadSocket {
     }
 }
 
-impl Drop for ReloadSocket {
-    fn drop(&mut self) {
+impl ReloadSocket {
+    /// Remove the socket file now (also done on drop). Idempotent.
+    pub fn remove(&self) {
         // SAFETY: unlinkat with a dirfd we own and a C string.
         unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) };
+    }
+}
+
+impl Drop for ReloadSocket {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
