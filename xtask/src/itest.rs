@@ -217,6 +217,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
         eprintln!("xtask: podman-e2e skipped (needs root with podman installed or installable)");
     }
 
+    // Churn for a minute: fd count and RSS must stay flat.
+    if std::env::var_os("ITEST_SKIP_SOAK").is_none() {
+        eprintln!("xtask: soak --seconds 60");
+        let status = Command::new(&me)
+            .args(["soak", "--seconds", "60"])
+            .status()
+            .map_err(|e| format!("cannot start soak: {e}"))?;
+        if status.success() {
+            tally.passed += 1;
+            println!("ok - soak --seconds 60");
+        } else {
+            tally.failed += 1;
+            tally.failures.push(format!("soak --seconds 60 ({status})"));
+        }
+    }
+
     // The bench must not rot: a short run, no ratio checks.
     if std::env::var_os("ITEST_SKIP_BENCH").is_none() {
         eprintln!("xtask: bench --quick");

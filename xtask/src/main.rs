@@ -21,6 +21,7 @@ mod loadgen;
 mod nsexec;
 mod run;
 mod session;
+mod soak;
 mod sys;
 
 const USAGE: &str = "usage: cargo xtask <command>
@@ -36,6 +37,9 @@ commands:
   bench [--quick] [--rounds N] [--save-docs]
                       our rootlessport side by side with podman's, slirp4netns and
                       direct loopback; report in target/bench/ (and docs/ with --save-docs)
+  soak [--minutes N | --seconds S]
+                      steady connection and UDP-flow churn through our rootlessport;
+                      its fd count and RSS must stay flat (slopes reported)
   podman-e2e          podman 4.x runs containers with our release rootlessport
                       (installs podman, runc, busybox-static when root)
   ns-exec -- CMD...   (internal) run CMD inside a namespace prepared for tests
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("bench-client") => loadgen::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("http-server") => demo::http_server(&args[1..]),
         Some("ns-child") => session::ns_child(&args[1..]),
         Some("run") => match run::run(&args[1..]) {
