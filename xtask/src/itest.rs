@@ -217,6 +217,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         eprintln!("xtask: podman-e2e skipped (needs root with podman installed or installable)");
     }
 
+    // Every fuzz target for a few seconds.
+    if std::env::var_os("ITEST_SKIP_FUZZ").is_none() {
+        eprintln!("xtask: fuzz --seconds 10");
+        let mut cmd = Command::new(&me);
+        cmd.args(["fuzz", "--seconds", "10"]);
+        run_counted_plain("fuzz", &mut cmd, &mut tally)?;
+    }
+
     // Churn for a minute: fd count and RSS must stay flat.
     if std::env::var_os("ITEST_SKIP_SOAK").is_none() {
         eprintln!("xtask: soak --seconds 60");

@@ -15,6 +15,7 @@ mod bench;
 mod demo;
 mod e2e;
 mod echo;
+mod fuzz;
 mod helper;
 mod itest;
 mod loadgen;
@@ -37,6 +38,9 @@ commands:
   bench [--quick] [--rounds N] [--save-docs]
                       our rootlessport side by side with podman's, slirp4netns and
                       direct loopback; report in target/bench/ (and docs/ with --save-docs)
+  fuzz [--seconds N] [TARGET...]
+                      libFuzzer on the config JSON, slirp4netns options, API replies
+                      and reload requests (installs cargo-fuzz when missing)
   soak [--minutes N | --seconds S]
                       steady connection and UDP-flow churn through our rootlessport;
                       its fd count and RSS must stay flat (slopes reported)
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("bench-client") => loadgen::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("http-server") => demo::http_server(&args[1..]),
         Some("ns-child") => session::ns_child(&args[1..]),
         Some("run") => match run::run(&args[1..]) {

@@ -105,34 +105,22 @@ pub fn add_hostfwd(
             "guest_port": guest_port,
         }
     });
-    let reply = request(socket, "add_hostfwd", &req)?;
-    reply
-        .get("return")
-        .and_then(|r| r.get("id"))
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad_reply("add_hostfwd", &reply))
+    decode_add(&request(socket, "add_hostfwd", &req)?)
 }
 
 /// The forwards slirp4netns has.
 pub fn list_hostfwd(socket: &Path) -> Result<Vec<HostFwd>, Error> {
-    let reply = request(socket, "list_hostfwd", &json!({"execute": "list_hostfwd"}))?;
-    // 1.2.0 answers {"entries": [...]}; its manual shows {"return": {"entries": [...]}}.
-    let entries = reply
-        .get("entries")
-        .or_else(|| reply.get("return").and_then(|r| r.get("entries")))
-        .ok_or_else(|| bad_reply("list_hostfwd", &reply))?;
-    serde_json::from_value(entries.clone()).map_err(|_| bad_reply("list_hostfwd", &reply))
+    decode_list(&request(
+        socket,
+        "list_hostfwd",
+        &json!({"execute": "list_hostfwd"}),
+    )?)
 }
 
 /// Remove the forward `id`.
 pub fn remove_hostfwd(socket: &Path, id: u64) -> Result<(), Error> {
     let req = json!({"execute": "remove_hostfwd", "arguments": {"id": id}});
-    let reply = request(socket, "remove_hostfwd", &req)?;
-    if reply.get("return").is_some() {
-        Ok(())
-    } else {
-        Err(bad_reply("remove_hostfwd", &reply))
-    }
+    decode_remove(&request(socket, "remove_hostfwd", &req)?)
 }
 
 fn bad_reply(op: &'static str, reply: &Value) -> Error {
@@ -143,7 +131,7 @@ fn bad_reply(op: &'static str, reply: &Value) -> Error {
 }
 
 /// Send one request and read the reply to EOF, bounded by [`REQUEST_TIMEOUT`].
-fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Value, Error> {
+fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Vec<u8>, Error> {
     let body = req.to_string();
     if body.len() > MAX_REQUEST {
         return Err(Error::RequestTooLarge { len: body.len() });
@@ -196,9 +184,14 @@ fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Value, Error>
             Err(e) => return Err(io_err(e)),
         }
     }
-    let value: Value = serde_json::from_slice(&reply).map_err(|_| Error::BadReply {
+    Ok(reply)
+}
+
+/// Decode slirp4netns's reply to `op`: its JSON, or its error in our words.
+pub fn decode_reply(op: &'static str, reply: &[u8]) -> Result<Value, Error> {
+    let value: Value = serde_json::from_slice(reply).map_err(|_| Error::BadReply {
         op,
-        reply: String::from_utf8_lossy(&reply).into_owned(),
+        reply: String::from_utf8_lossy(reply).into_owned(),
     })?;
     if let Some(err) = value.get("error") {
         let desc = err
@@ -213,6 +206,36 @@ fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Value, Error>
         });
     }
     Ok(value)
+}
+
+/// The id in a reply to `add_hostfwd`.
+pub fn decode_add(reply: &[u8]) -> Result<u64, Error> {
+    let v = decode_reply("add_hostfwd", reply)?;
+    v.get("return")
+        .and_then(|r| r.get("id"))
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad_reply("add_hostfwd", &v))
+}
+
+/// The forwards in a reply to `list_hostfwd`, bare or wrapped in `"return"`.
+pub fn decode_list(reply: &[u8]) -> Result<Vec<HostFwd>, Error> {
+    let v = decode_reply("list_hostfwd", reply)?;
+    // 1.2.0 answers {"entries": [...]}; its manual shows {"return": {"entries": [...]}}.
+    let entries = v
+        .get("entries")
+        .or_else(|| v.get("return").and_then(|r| r.get("entries")))
+        .ok_or_else(|| bad_reply("list_hostfwd", &v))?;
+    serde_json::from_value(entries.clone()).map_err(|_| bad_reply("list_hostfwd", &v))
+}
+
+/// A reply to `remove_hostfwd`.
+pub fn decode_remove(reply: &[u8]) -> Result<(), Error> {
+    let v = decode_reply("remove_hostfwd", reply)?;
+    if v.get("return").is_some() {
+        Ok(())
+    } else {
+        Err(bad_reply("remove_hostfwd", &v))
+    }
 }
 
 /// One `add_hostfwd` request of a publication plan.
