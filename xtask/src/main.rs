@@ -62,6 +62,13 @@ fn main() -> ExitCode {
         Some("bench-client") => loadgen::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
+        // (internal) one reload request, for tests that send it as another user.
+        Some("reload-send") => match args.get(1..4) {
+            Some([dir, id, ip]) => rootlessport::reload::reload(dir.as_ref(), id, ip)
+                .map(|()| println!("OK"))
+                .map_err(|e| e.to_string()),
+            _ => Err("usage: xtask reload-send TMPDIR CONTAINER_ID CHILD_IP".into()),
+        },
         Some("http-server") => demo::http_server(&args[1..]),
         Some("ns-child") => session::ns_child(&args[1..]),
         Some("run") => match run::run(&args[1..]) {

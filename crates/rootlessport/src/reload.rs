@@ -51,6 +51,8 @@ pub struct ReloadSocket {
     name: CString,
     path: PathBuf,
     listener: OwnedFd,
+    /// `TmpDir/rp` when we created it: removed again (if empty) with the socket.
+    created_dir: Option<CString>,
 }
 
 impl ReloadSocket {
@@ -70,17 +72,25 @@ impl ReloadSocket {
         {
             return Err(fail(format!("invalid ContainerID {}", q(container_id))));
         }
-        let dir = open_private_dir(&tmp_dir.join("rp")).map_err(&fail)?;
+        let (dir, created_dir) = open_private_dir(&tmp_dir.join("rp")).map_err(&fail)?;
+        // Whatever fails from here on, a directory we made does not stay behind.
+        let undo_dir = |e: Error| {
+            if let Some(d) = &created_dir {
+                // SAFETY: rmdir with a valid C string; fails harmlessly if not empty.
+                unsafe { libc::rmdir(d.as_ptr()) };
+            }
+            e
+        };
         let name = CString::new(container_id.as_bytes())
-            .map_err(|_| fail("ContainerID holds a NUL byte".into()))?;
+            .map_err(|_| undo_dir(fail("ContainerID holds a NUL byte".into())))?;
         // A stale socket from a crashed helper would make bind fail.
         // SAFETY: unlinkat with a dirfd we own and a C string.
         unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) };
-        let listener =
-            seqpacket_socket().map_err(|e| fail(format!("socket: {}", errno_text(&e))))?;
+        let listener = seqpacket_socket()
+            .map_err(|e| undo_dir(fail(format!("socket: {}", errno_text(&e)))))?;
         let via = format!("/proc/self/fd/{}/{}", dir.as_raw_fd(), container_id);
-        let addr =
-            unix_addr(via.as_bytes()).map_err(|e| fail(format!("bind: {}", errno_text(&e))))?;
+        let addr = unix_addr(via.as_bytes())
+            .map_err(|e| undo_dir(fail(format!("bind: {}", errno_text(&e)))))?;
         // SAFETY: bind/listen on a socket we own with a valid sockaddr_un.
         unsafe {
             if libc::bind(
@@ -89,16 +99,14 @@ impl ReloadSocket {
                 addr.1,
             ) < 0
             {
-                return Err(fail(format!(
-                    "bind: {}",
-                    errno_text(&io::Error::last_os_error())
-                )));
+                let e = io::Error::last_os_error();
+                return Err(undo_dir(fail(format!("bind: {}", errno_text(&e)))));
             }
             if libc::listen(listener.as_raw_fd(), 16) < 0 {
-                return Err(fail(format!(
-                    "listen: {}",
-                    errno_text(&io::Error::last_os_error())
-                )));
+                let e = io::Error::last_os_error();
+                // SAFETY: unlinkat with a dirfd and C string we own: the bound file goes.
+                libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0);
+                return Err(undo_dir(fail(format!("listen: {}", errno_text(&e)))));
             }
         }
         Ok(ReloadSocket {
@@ -106,6 +114,7 @@ impl ReloadSocket {
             name,
             path,
             listener,
+            created_dir,
         })
     }
 
@@ -119,6 +128,10 @@ impl ReloadSocket {
     pub fn remove(&self) {
         // SAFETY: unlinkat with a dirfd we own and a C string.
         unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) };
+        if let Some(d) = &self.created_dir {
+            // SAFETY: rmdir with a valid C string; other helpers' sockets keep it.
+            unsafe { libc::rmdir(d.as_ptr()) };
+        }
     }
 }
 
@@ -130,15 +143,18 @@ impl Drop for ReloadSocket {
 
 /// `dir` as an O_PATH fd: created 0700 if missing; an existing one must be a real
 /// directory (not a symlink) owned by us, and is made 0700.
-fn open_private_dir(dir: &Path) -> Result<OwnedFd, String> {
+fn open_private_dir(dir: &Path) -> Result<(OwnedFd, Option<CString>), String> {
     let c = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| "path holds a NUL byte".to_string())?;
+    let mut created = None;
     // SAFETY: mkdir with a valid C string.
     if unsafe { libc::mkdir(c.as_ptr(), 0o700) } < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EEXIST) {
             return Err(format!("mkdir {}: {}", dir.display(), errno_text(&e)));
         }
+    } else {
+        created = Some(c.clone());
     }
     // SAFETY: open with a valid C string; the result is checked.
     let fd = unsafe {
@@ -148,11 +164,13 @@ fn open_private_dir(dir: &Path) -> Result<OwnedFd, String> {
         )
     };
     if fd < 0 {
-        return Err(format!(
-            "open {}: {}",
-            dir.display(),
-            errno_text(&io::Error::last_os_error())
-        ));
+        let e = io::Error::last_os_error();
+        let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+        return Err(if is_link {
+            format!("{} is a symbolic link; refusing to use it", dir.display())
+        } else {
+            format!("open {}: {}", dir.display(), errno_text(&e))
+        });
     }
     // SAFETY: we just opened fd.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -167,7 +185,7 @@ fn open_private_dir(dir: &Path) -> Result<OwnedFd, String> {
         std::fs::set_permissions(&via, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|e| format!("chmod {}: {}", dir.display(), errno_text(&e)))?;
     }
-    Ok(fd)
+    Ok((fd, created))
 }
 
 fn seqpacket_socket() -> io::Result<OwnedFd> {
@@ -245,11 +263,13 @@ pub(crate) async fn serve(sock: Arc<ReloadSocket>, shared: Arc<Shared>) {
 }
 
 async fn handle(conn: OwnedFd, shared: &Shared) {
-    let reply = match peer_allowed(&conn) {
+    // The request is read first (bounded), so that a refused peer gets its answer
+    // rather than a broken pipe; it is acted on only for our own user.
+    let reply = match recv_request(conn.try_clone()).await {
         Err(why) => why,
-        Ok(()) => match recv_request(conn.try_clone()).await {
+        Ok(msg) => match peer_allowed(&conn) {
             Err(why) => why,
-            Ok(msg) => match parse_request(&msg) {
+            Ok(()) => match parse_request(&msg) {
                 Ok(ip) => {
                     shared.set_child_ip(ip);
                     tracing::debug!(?ip, "reloaded child IP");
@@ -368,7 +388,11 @@ pub fn reload(tmp_dir: &Path, container_id: &str, child_ip: &str) -> Result<(), 
         )
     } < 0
     {
-        return Err(ReloadError::Io(io::Error::last_os_error()));
+        let e = io::Error::last_os_error();
+        // The helper may have answered and closed already: read its answer then.
+        if !matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) {
+            return Err(ReloadError::Io(e));
+        }
     }
     let mut reply = Vec::new();
     let mut buf = [0u8; MAX_REQUEST];

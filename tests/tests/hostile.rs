@@ -1,0 +1,509 @@
+//! Bad input and untrusted peers: the `rootlessport` binary gets every kind of bad
+//! config and fd, and must answer with one exact line on stdout, exit 1, and leave
+//! nothing behind; the reload socket lets in only its own user.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::net::{TcpListener, UdpSocket};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+use slirp_spawn::process::{HelperCommand, LogFile};
+use tests::{cloexec_pipe, require_harness, rootlessport_bin, xtask_bin, TestNetns};
+
+/// What the helper may leave behind after a failure: checked to be nothing.
+struct Leftovers<'a> {
+    tmp: &'a Path,
+    ports: &'a [u16],
+}
+
+impl Leftovers<'_> {
+    fn assert_none(&self, case: &str) {
+        let entries: Vec<_> = std::fs::read_dir(self.tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(entries.is_empty(), "{case}: left in TmpDir: {entries:?}");
+        for &p in self.ports {
+            assert!(
+                TcpListener::bind(("::", p)).is_ok(),
+                "{case}: TCP port {p} still held"
+            );
+            assert!(
+                UdpSocket::bind(("::", p)).is_ok(),
+                "{case}: UDP port {p} still held"
+            );
+        }
+    }
+}
+
+/// Run the binary with `stdin` and the given fds as 3 and 4; (stdout, exit code).
+fn run(stdin: Vec<u8>, fd3: Option<OwnedFd>, fd4: Option<OwnedFd>) -> (String, Option<i32>) {
+    let out = LogFile::anonymous("out").unwrap();
+    let mut cmd = HelperCommand::new(rootlessport_bin())
+        .stdin_bytes(stdin)
+        .stdout_log(&out)
+        .unwrap();
+    if let Some(fd) = fd3 {
+        cmd = cmd.leak_fd(fd, 3);
+    }
+    if let Some(fd) = fd4 {
+        cmd = cmd.leak_fd(fd, 4);
+    }
+    let mut h = cmd.spawn().unwrap();
+    let status = h
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .expect("the helper hung on bad input");
+    (out.contents(), status.code())
+}
+
+fn pipes() -> (Option<OwnedFd>, Option<OwnedFd>, OwnedFd, OwnedFd) {
+    let (er, ew) = cloexec_pipe();
+    let (rr, rw) = cloexec_pipe();
+    (Some(er), Some(rw), ew, rr)
+}
+
+fn config(netns: &str, tmp: &Path, mappings: &str, extra: &str) -> Vec<u8> {
+    format!(
+        r#"{{"Mappings":[{mappings}],"NetNSPath":"{netns}","ExitFD":3,"ReadyFD":4,"TmpDir":"{}","ChildIP":"","ContainerID":"hostile"{extra}}}"#,
+        tmp.display()
+    )
+    .into_bytes()
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn bad_input_matrix() {
+    require_harness();
+    let ns = TestNetns::new();
+    let netns = ns.path().display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let left = Leftovers {
+        tmp: tmp.path(),
+        ports: &[29100, 29101, 29102],
+    };
+    let m = |proto: &str, host: u16, range: u16| {
+        format!(
+            r#"{{"host_ip":"","container_port":80,"host_port":{host},"range":{range},"protocol":"{proto}"}}"#
+        )
+    };
+    let good = m("tcp", 29100, 1);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty stdin", vec![], "unexpected end of JSON input"),
+        (
+            "invalid JSON",
+            b"{\"Mappings\":[".to_vec(),
+            "invalid config JSON: EOF while parsing a list at line 1 column 13",
+        ),
+        (
+            "JSON that is not an object",
+            b"[\"a\"]".to_vec(),
+            "invalid config JSON: expected an object",
+        ),
+        (
+            "wrong field type",
+            br#"{"ExitFD":"3"}"#.to_vec(),
+            "invalid config JSON: invalid type: string \"3\", expected i32",
+        ),
+        (
+            "unknown protocol",
+            config(&netns, tmp.path(), &m("icmp", 29100, 1), ""),
+            r#"unknown proto: "icmp""#,
+        ),
+        (
+            "sctp",
+            config(&netns, tmp.path(), &m("sctp", 29100, 1), ""),
+            r#"unsupported proto: "sctp" (rootlessport forwards tcp and udp only)"#,
+        ),
+        (
+            "port 0",
+            config(&netns, tmp.path(), &m("tcp", 0, 1), ""),
+            "invalid ParentPort: 0",
+        ),
+        (
+            "range past 65535",
+            config(&netns, tmp.path(), &m("udp", 65534, 3), ""),
+            "invalid port range: host port 65534 with range 3 goes past 65535",
+        ),
+        (
+            "host IP not an IP",
+            config(
+                &netns,
+                tmp.path(),
+                r#"{"host_ip":"example.com","container_port":80,"host_port":29100,"range":1,"protocol":"tcp"}"#,
+                "",
+            ),
+            r#"invalid ParentIP: "example.com""#,
+        ),
+        (
+            "same port twice",
+            config(
+                &netns,
+                tmp.path(),
+                &format!("{},{}", m("tcp", 29100, 2), m("tcp", 29101, 1)),
+                "",
+            ),
+            "conflict with ID 2",
+        ),
+        (
+            "NetNSPath missing",
+            config("", tmp.path(), &good, ""),
+            "missing NetNSPath",
+        ),
+        (
+            "NetNSPath not a netns",
+            config("/etc/hostname", tmp.path(), &good, ""),
+            r#"cannot enter NetNSPath "/etc/hostname": not a network namespace"#,
+        ),
+        (
+            "NetNSPath does not exist",
+            config("/nonexistent/ns", tmp.path(), &good, ""),
+            r#"cannot enter NetNSPath "/nonexistent/ns": no such file or directory"#,
+        ),
+        (
+            "TmpDir does not exist (reload socket)",
+            config(
+                &netns,
+                Path::new("/nonexistent/tmp"),
+                &good,
+                r#","RootlessCNI":true"#,
+            ),
+            r#"reload socket "/nonexistent/tmp/rp/hostile": mkdir /nonexistent/tmp/rp: no such file or directory"#,
+        ),
+        (
+            "a 10 MB stdin",
+            {
+                let mut v = b"{\"Mappings\":[".to_vec();
+                v.resize(10 * 1024 * 1024, b' ');
+                v
+            },
+            "invalid config JSON: EOF while parsing a list at line 1 column 10485760",
+        ),
+        (
+            "a 20 MB stdin",
+            vec![b' '; 20 * 1024 * 1024],
+            "config on stdin is larger than 16777216 bytes",
+        ),
+    ];
+    for (case, stdin, want) in cases {
+        let (fd3, fd4, _ew, _rr) = pipes();
+        let (out, code) = run(stdin, fd3, fd4);
+        assert_eq!(
+            (out.as_str(), code),
+            (format!("{want}\n").as_str(), Some(1)),
+            "{case}"
+        );
+        left.assert_none(case);
+    }
+
+    // A host port some other process holds.
+    let _busy = TcpListener::bind("0.0.0.0:29102").unwrap();
+    let (fd3, fd4, _ew, _rr) = pipes();
+    let (out, code) = run(
+        config(
+            &netns,
+            tmp.path(),
+            &format!("{},{}", m("tcp", 29100, 1), m("tcp", 29102, 1)),
+            "",
+        ),
+        fd3,
+        fd4,
+    );
+    assert_eq!(
+        out,
+        "listen tcp 0.0.0.0:29102: bind: address already in use\n"
+    );
+    assert_eq!(code, Some(1));
+    drop(_busy);
+    left.assert_none("port in use");
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn bad_fds() {
+    require_harness();
+    let ns = TestNetns::new();
+    let netns = ns.path().display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = |exit: i64, ready: i64| {
+        format!(r#"{{"Mappings":[],"NetNSPath":"{netns}","ExitFD":{exit},"ReadyFD":{ready},"TmpDir":"{}"}}"#, tmp.path().display()).into_bytes()
+    };
+    let file = || -> OwnedFd { std::fs::File::open("/etc/hostname").unwrap().into() };
+    let cases: Vec<(&str, Vec<u8>, Option<OwnedFd>, Option<OwnedFd>, &str)> = vec![
+        ("ExitFD missing", cfg(0, 4), None, None, "missing ExitFD"),
+        ("ExitFD negative", cfg(-5, 4), None, None, "missing ExitFD"),
+        ("ExitFD not open", cfg(3, 4), None, None, "invalid ExitFD"),
+        (
+            "ExitFD not a pipe",
+            cfg(3, 4),
+            Some(file()),
+            pipes().1,
+            "invalid ExitFD",
+        ),
+        (
+            "ReadyFD missing",
+            cfg(3, 0),
+            pipes().0,
+            None,
+            "missing ReadyFD",
+        ),
+        (
+            "ReadyFD negative",
+            cfg(3, -1),
+            pipes().0,
+            None,
+            "missing ReadyFD",
+        ),
+        (
+            "ReadyFD not open",
+            cfg(3, 4),
+            pipes().0,
+            None,
+            "invalid ReadyFD",
+        ),
+        (
+            "ReadyFD not a pipe",
+            cfg(3, 4),
+            pipes().0,
+            Some(file()),
+            "invalid ReadyFD",
+        ),
+        (
+            "ReadyFD same as ExitFD",
+            cfg(3, 3),
+            pipes().0,
+            None,
+            "invalid ReadyFD",
+        ),
+        (
+            "ExitFD out of range",
+            cfg(99999999999, 4),
+            None,
+            None,
+            "invalid config JSON: invalid value: integer `99999999999`, expected i32",
+        ),
+    ];
+    for (case, stdin, fd3, fd4, want) in cases {
+        let stdin_text = String::from_utf8_lossy(&stdin).into_owned();
+        let (out, code) = run(stdin, fd3, fd4);
+        let first = out.lines().next().unwrap_or("").to_owned();
+        assert_eq!(
+            (first.as_str(), code),
+            (want, Some(1)),
+            "{case}: {stdin_text}"
+        );
+        assert_eq!(out.lines().count(), 1, "{case}: one line");
+    }
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn unwritable_tmpdir_and_unenterable_netns() {
+    require_harness();
+    let ns = TestNetns::new();
+    let netns = ns.path().display().to_string();
+    // A read-only TmpDir (a read-only bind mount in our private mount namespace).
+    let tmp = tempfile::tempdir().unwrap();
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["--bind", "-o", "ro"])
+        .arg(&ro)
+        .arg(&ro)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (fd3, fd4, _ew, _rr) = pipes();
+    let (out, code) = run(
+        config(
+            &netns,
+            &ro,
+            r#"{"host_ip":"","container_port":80,"host_port":29110,"range":1,"protocol":"tcp"}"#,
+            r#","RootlessCNI":true"#,
+        ),
+        fd3,
+        fd4,
+    );
+    let _ = std::process::Command::new("umount").arg(&ro).status();
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        out,
+        format!(
+            "reload socket \"{}/rp/hostile\": mkdir {}/rp: read-only file system\n",
+            ro.display(),
+            ro.display()
+        )
+    );
+    assert!(
+        TcpListener::bind(("::", 29110)).is_ok(),
+        "listener left behind"
+    );
+
+    // A netns the helper has no privilege over: it runs in a user namespace of its own
+    // (unshare -U), which owns nothing here.
+    let out_log = LogFile::anonymous("out").unwrap();
+    let (er, _ew) = cloexec_pipe();
+    let (_rr, rw) = cloexec_pipe();
+    let mut h = HelperCommand::new("unshare")
+        .args(["--user", "--", &rootlessport_bin().display().to_string()])
+        .stdin_bytes(config(
+            &netns,
+            tmp.path(),
+            r#"{"host_ip":"","container_port":80,"host_port":29111,"range":1,"protocol":"tcp"}"#,
+            "",
+        ))
+        .leak_fd(er, 3)
+        .leak_fd(rw, 4)
+        .stdout_log(&out_log)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let status = h.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(
+        out_log.contents(),
+        format!("cannot enter NetNSPath \"{netns}\": permission denied\n")
+    );
+    assert!(
+        TcpListener::bind(("::", 29111)).is_ok(),
+        "listener left behind"
+    );
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn reload_socket_is_for_its_own_user_only() {
+    require_harness();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = rootlessport::Config {
+        mappings: vec![slirp_config::PortMapping {
+            host_ip: "127.0.0.1".into(),
+            container_port: 80,
+            host_port: 29120,
+            range: 1,
+            protocol: "tcp".into(),
+        }],
+        netns_path: ns.path().display().to_string(),
+        tmp_dir: tmp.path().display().to_string(),
+        container_id: "guarded".into(),
+        rootless_cni: true,
+        ..Default::default()
+    };
+    let (r, w) = cloexec_pipe();
+    let mut h = rootlessport::launcher::Launcher::new(rootlessport_bin())
+        .start(&cfg, r)
+        .unwrap();
+    let rp = tmp.path().join("rp");
+    assert_eq!(
+        std::fs::metadata(&rp).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+
+    let as_nobody = || {
+        let mut c = std::process::Command::new(xtask_bin());
+        c.args([
+            "reload-send",
+            &tmp.path().display().to_string(),
+            "guarded",
+            "10.0.0.9",
+        ]);
+        // SAFETY: setgroups/setgid/setuid between fork and exec.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) < 0
+                    || libc::setgid(65534) < 0
+                    || libc::setuid(65534) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c.output().unwrap()
+    };
+    // First line of defence: the 0700 directory.
+    let out = as_nobody();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    // Second: the peer's uid, even when the directory is opened up.
+    std::fs::set_permissions(&rp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(rp.join("guarded"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = as_nobody();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "xtask: port reloading failed: reload refused: uid 65534 may not reload this helper"
+    );
+    // Its own user still may.
+    rootlessport::reload::reload(tmp.path(), "guarded", "127.0.0.1").unwrap();
+
+    // It listens on what the config names and nothing else.
+    let ss = std::process::Command::new("ss")
+        .args(["-Hlntup"])
+        .output()
+        .unwrap();
+    let mine: Vec<String> = String::from_utf8_lossy(&ss.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={},", h.pid())))
+        .map(|l| l.split_whitespace().nth(4).unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(mine, ["127.0.0.1:29120"]);
+    drop(w);
+    assert!(h
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap()
+        .success());
+    assert!(!rp.exists(), "the rp directory it created stays behind");
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn state_files_never_follow_symlinks() {
+    require_harness();
+    let ns = TestNetns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    // Someone planted TmpDir/rp as a link to a directory of theirs.
+    std::os::unix::fs::symlink(elsewhere.path(), tmp.path().join("rp")).unwrap();
+    let (fd3, fd4, _ew, _rr) = pipes();
+    let (out, code) = run(
+        config(
+            &ns.path().display().to_string(),
+            tmp.path(),
+            "",
+            r#","RootlessCNI":true"#,
+        ),
+        fd3,
+        fd4,
+    );
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        out,
+        format!(
+            "reload socket \"{0}/rp/hostile\": {0}/rp is a symbolic link; refusing to use it\n",
+            tmp.path().display()
+        )
+    );
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+
+    // slirp4netns's log file: a planted symlink is replaced, its target untouched.
+    let victim = elsewhere.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let log_dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&victim, log_dir.path().join("slirp4netns-c1.log")).unwrap();
+    let log = LogFile::create_unlinked(log_dir.path(), "slirp4netns-c1.log").unwrap();
+    drop(log);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert_eq!(std::fs::read_dir(log_dir.path()).unwrap().count(), 0);
+}
