@@ -233,7 +233,8 @@ fn bad_fds() {
         format!(r#"{{"Mappings":[],"NetNSPath":"{netns}","ExitFD":{exit},"ReadyFD":{ready},"TmpDir":"{}"}}"#, tmp.path().display()).into_bytes()
     };
     let file = || -> OwnedFd { std::fs::File::open("/etc/hostname").unwrap().into() };
-    let cases: Vec<(&str, Vec<u8>, Option<OwnedFd>, Option<OwnedFd>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<u8>, Option<OwnedFd>, Option<OwnedFd>, &'a str);
+    let cases: Vec<Case> = vec![
         ("ExitFD missing", cfg(0, 4), None, None, "missing ExitFD"),
         ("ExitFD negative", cfg(-5, 4), None, None, "missing ExitFD"),
         ("ExitFD not open", cfg(3, 4), None, None, "invalid ExitFD"),
