@@ -367,6 +367,12 @@ pub fn wait_for_socket(
     }
 }
 
+/// Whether the process behind `pidfd` has exited (its pidfd is readable).
+fn is_dead(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
 /// Publish `ports` through slirp4netns (podman's slirp4netns port path): check them
 /// all, wait for the API socket while watching `helper`, then add one forward per port
 /// and protocol. On failure the forwards already added are removed again, so nothing
@@ -400,6 +406,13 @@ pub fn publish_ports(
                 ids.push(id);
             }
             Err(e) => {
+                // A request that failed because slirp4netns died says so.
+                let e = match helper {
+                    Some(h) if is_dead(h) => Error::HelperDied {
+                        socket: socket.to_owned(),
+                    },
+                    _ => e,
+                };
                 for id in ids {
                     if let Err(re) = remove_hostfwd(socket, id) {
                         tracing::warn!(id, error = %re, "removing a forward after a failed publication");

@@ -1,0 +1,353 @@
+//! Faults around a running helper: the container going away under live connections, a
+//! server that stops reading, an exit pipe closed early, signals, slirp4netns dying at
+//! the wrong time, a reload under 1,000 live connections. Each ends in the right error
+//! or a clean exit, with no zombie and no fd growth.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rootlessport::launcher::{Launcher, RootlessPort};
+use rootlessport::Config;
+use slirp_config::PortMapping;
+use slirp_spawn::process::open_fds;
+use tests::{
+    cloexec_pipe, eventually, process_exists, require_harness, rootlessport_bin, xtask_bin,
+    TestNetns,
+};
+
+fn pm(host_port: u16, container_port: u16) -> PortMapping {
+    PortMapping {
+        host_ip: "127.0.0.1".into(),
+        container_port,
+        host_port,
+        range: 1,
+        protocol: "tcp".into(),
+    }
+}
+
+fn launch(
+    ns: &TestNetns,
+    tmp: &std::path::Path,
+    mappings: Vec<PortMapping>,
+    cni: bool,
+) -> (RootlessPort, OwnedFd) {
+    let cfg = Config {
+        mappings,
+        netns_path: ns.path().display().to_string(),
+        tmp_dir: tmp.display().to_string(),
+        child_ip: "127.0.0.1".into(),
+        container_id: "faults".into(),
+        rootless_cni: cni,
+        ..Config::default()
+    };
+    let (r, w) = cloexec_pipe();
+    (Launcher::new(rootlessport_bin()).start(&cfg, r).unwrap(), w)
+}
+
+fn finish(mut h: RootlessPort, w: OwnedFd) {
+    let pid = h.pid();
+    drop(w);
+    let s = h
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("helper did not exit");
+    assert!(s.success(), "{s}");
+    assert!(!process_exists(pid), "zombie left");
+}
+
+/// An echo server process inside the netns (so that killing it closes its sockets).
+fn echo_process(ns: &TestNetns, port: u16) -> Child {
+    let c = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg("--")
+        .arg(xtask_bin())
+        .args(["echo-server", "--plain", "--tcp", &port.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    c
+}
+
+fn echo(c: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    c.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    c.read_exact(&mut buf)?;
+    if buf == msg {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("wrong echo"))
+    }
+}
+
+fn connect(port: u16) -> TcpStream {
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c
+}
+
+fn wait_port(port: u16) {
+    assert!(eventually(10, || TcpStream::connect(("127.0.0.1", port))
+        .map(|mut c| echo(&mut c, b"?").is_ok())
+        .unwrap_or(false)));
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn container_goes_away_under_live_connections() {
+    require_harness();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = echo_process(&ns, 80);
+    let (h, w) = launch(&ns, tmp.path(), vec![pm(29200, 80)], false);
+    wait_port(29200);
+    let fds_before = open_fds(h.pid()).unwrap().len();
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect(29200)).collect();
+    for c in &mut conns {
+        echo(c, b"alive").unwrap();
+    }
+    // The container's processes die: its server and the namespace's holder.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop(ns);
+    for c in &mut conns {
+        let mut buf = [0u8; 8];
+        let r = c.read(&mut buf);
+        assert!(
+            matches!(r, Ok(0)) || r.is_err(),
+            "a dead server must end the connection: {r:?}"
+        );
+    }
+    drop(conns);
+    // New connections fail cleanly; the helper is alive and holds no more fds than before.
+    let mut c = connect(29200);
+    let mut buf = [0u8; 8];
+    assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)));
+    drop(c);
+    assert!(process_exists(h.pid()));
+    assert!(
+        eventually(5, || open_fds(h.pid()).unwrap().len() <= fds_before),
+        "fds grew"
+    );
+    finish(h, w);
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn a_server_that_stops_reading_bounds_the_helper() {
+    require_harness();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    let tmp = tempfile::tempdir().unwrap();
+    // Accepts, then never reads.
+    let l = ns.run(|| TcpListener::bind("127.0.0.1:81").unwrap());
+    let held = std::thread::spawn(move || l.accept().map(|(s, _)| s));
+    let (h, w) = launch(&ns, tmp.path(), vec![pm(29210, 81)], false);
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = rss(h.pid());
+    let mut c = connect(29210);
+    c.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let mut sent = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        match c.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break, // blocked: backpressure reached the client
+        }
+    }
+    let during = rss(h.pid());
+    println!(
+        "client pushed {} MiB before blocking; helper RSS {before} kB -> {during} kB",
+        sent >> 20
+    );
+    assert!(
+        sent < 256 << 20,
+        "the helper kept accepting data: {sent} bytes"
+    );
+    assert!(
+        during < before + 8 * 1024,
+        "helper memory grew with the unread data: {before} -> {during} kB"
+    );
+    drop(c);
+    drop(held.join().unwrap());
+    finish(h, w);
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn exit_pipe_closed_during_startup() {
+    require_harness();
+    let ns = TestNetns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        mappings: (0..500).map(|i| pm(30000 + i, 80)).collect(),
+        netns_path: ns.path().display().to_string(),
+        tmp_dir: tmp.path().display().to_string(),
+        container_id: "early".into(),
+        rootless_cni: true,
+        ..Config::default()
+    };
+    let (r, w) = cloexec_pipe();
+    drop(w); // the container is already gone
+    let mut h = Launcher::new(rootlessport_bin()).start(&cfg, r).unwrap();
+    let s = h
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .expect("must exit at once");
+    assert!(s.success());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "reload socket or dir left"
+    );
+    assert!(TcpListener::bind("127.0.0.1:30000").is_ok());
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn signals_at_any_time() {
+    require_harness();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = echo_process(&ns, 80);
+    // SIGPIPE is ignored: it keeps serving.
+    let (h, w) = launch(&ns, tmp.path(), vec![pm(29220, 80)], true);
+    wait_port(29220);
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(h.pid() as i32, libc::SIGPIPE) };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(process_exists(h.pid()));
+    echo(&mut connect(29220), b"after SIGPIPE").unwrap();
+    // SIGINT ends it cleanly, like SIGTERM: exit 0, reload socket gone.
+    // SAFETY: as above.
+    unsafe { libc::kill(h.pid() as i32, libc::SIGINT) };
+    let mut h = h;
+    assert!(h
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap()
+        .success());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+    drop(w);
+    // SIGTERM during startup (10,000 ports to bind): whatever the moment, the process
+    // ends, is reaped, and holds no port.
+    for delay_ms in [0u64, 5, 20] {
+        let cfg = Config {
+            mappings: (0..10000).map(|i| pm(40000 + i as u16, 80)).collect(),
+            netns_path: ns.path().display().to_string(),
+            tmp_dir: tmp.path().display().to_string(),
+            container_id: "sig".into(),
+            exit_fd: 3,
+            ready_fd: 4,
+            ..Config::default()
+        };
+        let (er, _ew) = cloexec_pipe();
+        let (_rr, rw) = cloexec_pipe();
+        let mut helper = slirp_spawn::process::HelperCommand::new(rootlessport_bin())
+            .stdin_bytes(serde_json::to_vec(&cfg).unwrap())
+            .leak_fd(er, 3)
+            .leak_fd(rw, 4)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        helper.signal(libc::SIGTERM).unwrap();
+        assert!(
+            helper
+                .wait_timeout(Duration::from_secs(10))
+                .unwrap()
+                .is_some(),
+            "SIGTERM after {delay_ms} ms"
+        );
+        assert!(eventually(5, || TcpListener::bind("127.0.0.1:40000")
+            .is_ok()
+            && TcpListener::bind("127.0.0.1:49999").is_ok()));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn reload_under_a_thousand_live_connections() {
+    require_harness();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = echo_process(&ns, 80);
+    let (h, w) = launch(&ns, tmp.path(), vec![pm(29230, 80)], true);
+    wait_port(29230);
+    let fds_idle = open_fds(h.pid()).unwrap().len();
+    let mut conns: Vec<TcpStream> = (0..1000).map(|_| connect(29230)).collect();
+    for c in &mut conns {
+        echo(c, b"1").unwrap();
+    }
+    rootlessport::reload::reload(tmp.path(), "faults", "127.0.0.1").unwrap();
+    let mut broken = 0;
+    for c in &mut conns {
+        if echo(c, b"2").is_err() {
+            broken += 1;
+        }
+    }
+    assert_eq!(broken, 0, "connections cut by the reload");
+    for c in &conns {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+    drop(conns);
+    assert!(
+        eventually(10, || open_fds(h.pid()).unwrap().len() <= fds_idle + 2),
+        "fds did not come back: {} vs {fds_idle}",
+        open_fds(h.pid()).unwrap().len()
+    );
+    finish(h, w);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn slirp4netns_dying_while_ports_are_published() {
+    require_harness();
+    let ns = TestNetns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = slirp_spawn::SlirpSpec::new(ns.netns(), tmp.path(), "dies").with_api_socket();
+    spec.options = slirp_config::parse_options(["enable_ipv6=false"]).unwrap();
+    let slirp = slirp_spawn::Slirp4netns::start(&spec).unwrap();
+    let sock = slirp.api_socket().unwrap().to_owned();
+    // SAFETY: killing the slirp4netns we started.
+    unsafe { libc::kill(slirp.pid() as i32, libc::SIGKILL) };
+    let t = Instant::now();
+    let e = slirp_portfwd::publish_ports(&sock, Some(slirp.pidfd()), &[pm(29240, 80)]).unwrap_err();
+    println!("publication noticed the death after {:?}: {e}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let text = e.to_string();
+    assert_eq!(
+        text,
+        format!(
+            "slirp4netns exited before its API socket {} was ready",
+            sock.display()
+        )
+    );
+    let pid = slirp.pid();
+    slirp.stop().unwrap();
+    assert!(!process_exists(pid));
+    assert!(!sock.exists());
+}
