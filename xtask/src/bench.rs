@@ -291,29 +291,8 @@ fn setup() -> Result<Rig, String> {
     let _ = Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status();
-    let holder = Command::new("unshare")
-        .args([
-            "--net",
-            "--",
-            "sh",
-            "-c",
-            "ip link set lo up && ip addr add 10.0.2.100/32 dev lo && exec sleep 86400",
-        ])
-        .spawn()
-        .map_err(|e| format!("unshare: {e}"))?;
-    let pid = holder.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        != "sleep"
-    {
-        if Instant::now() > deadline {
-            return Err("the container netns never came up".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let netns = format!("/proc/{pid}/ns/net");
+    let (holder, netns) =
+        sys::netns_holder("ip link set lo up && ip addr add 10.0.2.100/32 dev lo")?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let enter = |prog: &Path, args: &[&str]| -> Result<Child, String> {
         Command::new("nsenter")
@@ -372,23 +351,8 @@ fn setup() -> Result<Rig, String> {
         slirp_portfwd::add_hostfwd(&sock, proto, "127.0.0.1", host, guest)
             .map_err(|e| e.to_string())?;
     }
-    let client_holder = Command::new("unshare")
-        .args(["--net", "--", "sh", "-c", "exec sleep 86400"])
-        .spawn()
-        .map_err(|e| format!("unshare: {e}"))?;
+    let (client_holder, client_netns) = sys::netns_holder("")?;
     let cpid = client_holder.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{cpid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        != "sleep"
-    {
-        if Instant::now() > deadline {
-            return Err("the client netns never came up".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let client_netns = format!("/proc/{cpid}/ns/net");
     let run = |args: &[&str]| -> Result<(), String> {
         let out = Command::new(args[0])
             .args(&args[1..])

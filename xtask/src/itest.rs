@@ -81,6 +81,24 @@ fn run_counted(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), 
     Ok(())
 }
 
+/// Run `xtask ARGS` and count it as one test: passed when it exits 0.
+fn run_smoke(me: &Path, args: &[&str], tally: &mut Tally) -> Result<(), String> {
+    let label = args.join(" ");
+    eprintln!("xtask: {label}");
+    let status = Command::new(me)
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot start {label}: {e}"))?;
+    if status.success() {
+        tally.passed += 1;
+        println!("ok - {label}");
+    } else {
+        tally.failed += 1;
+        tally.failures.push(format!("{label} ({status})"));
+    }
+    Ok(())
+}
+
 /// Run a command that ends with the plain `N passed, N failed` line, and count it.
 fn run_counted_plain(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), String> {
     let mut plain = Tally::default();
@@ -225,35 +243,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         run_counted_plain("fuzz", &mut cmd, &mut tally)?;
     }
 
-    // Churn for a minute: fd count and RSS must stay flat.
-    if std::env::var_os("ITEST_SKIP_SOAK").is_none() {
-        eprintln!("xtask: soak --seconds 60");
-        let status = Command::new(&me)
-            .args(["soak", "--seconds", "60"])
-            .status()
-            .map_err(|e| format!("cannot start soak: {e}"))?;
-        if status.success() {
-            tally.passed += 1;
-            println!("ok - soak --seconds 60");
-        } else {
-            tally.failed += 1;
-            tally.failures.push(format!("soak --seconds 60 ({status})"));
-        }
-    }
-
-    // The bench must not rot: a short run, no ratio checks.
-    if std::env::var_os("ITEST_SKIP_BENCH").is_none() {
-        eprintln!("xtask: bench --quick");
-        let status = Command::new(&me)
-            .args(["bench", "--quick"])
-            .status()
-            .map_err(|e| format!("cannot start bench: {e}"))?;
-        if status.success() {
-            tally.passed += 1;
-            println!("ok - bench --quick");
-        } else {
-            tally.failed += 1;
-            tally.failures.push(format!("bench --quick ({status})"));
+    // Churn for a minute (fd count and RSS must stay flat), and the bench must not rot:
+    // a short run, no ratio checks.
+    for (skip, args) in [
+        ("ITEST_SKIP_SOAK", &["soak", "--seconds", "60"][..]),
+        ("ITEST_SKIP_BENCH", &["bench", "--quick"][..]),
+    ] {
+        if std::env::var_os(skip).is_none() {
+            run_smoke(&me, args, &mut tally)?;
         }
     }
 

@@ -112,29 +112,7 @@ fn inner_run(secs: u64) -> Result<(), String> {
     let _ = Command::new("ip")
         .args(["link", "set", "lo", "up"])
         .status();
-    let holder = Command::new("unshare")
-        .args([
-            "--net",
-            "--",
-            "sh",
-            "-c",
-            "ip link set lo up && exec sleep 86400",
-        ])
-        .spawn()
-        .map_err(|e| format!("unshare: {e}"))?;
-    let pid = holder.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        != "sleep"
-    {
-        if Instant::now() > deadline {
-            return Err("the container netns never came up".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let netns = format!("/proc/{pid}/ns/net");
+    let (holder, netns) = sys::netns_holder("ip link set lo up")?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let server = Command::new("nsenter")
         .arg(format!("--net={netns}"))

@@ -110,3 +110,30 @@ fn run_quiet(cmd: &mut Command) -> Result<(), String> {
         ))
     }
 }
+
+/// A fresh network namespace held open by a `sleep` (run through `unshare --net` after
+/// `setup`, a shell snippet run inside it first). Returns the holder and the netns path.
+pub fn netns_holder(setup: &str) -> Result<(std::process::Child, String), String> {
+    let script = if setup.is_empty() {
+        "exec sleep 86400".to_string()
+    } else {
+        format!("{setup} && exec sleep 86400")
+    };
+    let holder = Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", &script])
+        .spawn()
+        .map_err(|e| format!("unshare: {e}"))?;
+    let pid = holder.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        != "sleep"
+    {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("the namespace holder ({setup:?}) never came up"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok((holder, format!("/proc/{pid}/ns/net")))
+}
