@@ -292,7 +292,7 @@ fn setup() -> Result<Rig, String> {
         .args(["link", "set", "lo", "up"])
         .status();
     let (holder, netns) =
-        sys::netns_holder("ip link set lo up && ip addr add 10.0.2.100/32 dev lo")?;
+        sys::netns_holder("ip link set lo up && ip addr add 10.0.3.100/32 dev lo")?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let enter = |prog: &Path, args: &[&str]| -> Result<Child, String> {
         Command::new("nsenter")
@@ -408,7 +408,7 @@ fn setup() -> Result<Rig, String> {
                 },
             ],
         );
-        cfg.child_ip = "10.0.2.100".into();
+        cfg.child_ip = "10.0.3.100".into();
         cfg.preserve_source_ip = keep;
         cfg
     };
@@ -938,7 +938,7 @@ fn verdict(f: &Figure, r: Option<f64>) -> &'static str {
 fn render_source_cost(res: &Results) -> String {
     let cell = |k: &str| get(res, k, Col::Ours);
     let mut out = String::from(
-        "\nCost of keeping client addresses (our helper, client on a veth pair, container address 10.0.2.100):\n\n| figure | unit | kept | not kept | kept / not kept |\n|---|---|---:|---:|---:|\n",
+        "\nCost of keeping client addresses (our helper, client on a veth pair, container address 10.0.3.100):\n\n| figure | unit | kept | not kept | kept / not kept |\n|---|---|---:|---:|---:|\n",
     );
     for (key, label, unit) in [
         ("veth_tcp", "TCP throughput, host to container", "Gbit/s"),
