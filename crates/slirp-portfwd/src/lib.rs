@@ -367,10 +367,11 @@ pub fn wait_for_socket(
     }
 }
 
-/// Whether the process behind `pidfd` has exited (its pidfd is readable).
+/// Whether the process behind `pidfd` exits within a short grace: a dying process
+/// closes its sockets a moment before its pidfd says so.
 fn is_dead(pidfd: BorrowedFd<'_>) -> bool {
     let mut fds = [PollFd::new(pidfd, PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    matches!(poll(&mut fds, PollTimeout::from(200u8)), Ok(n) if n > 0)
 }
 
 /// Publish `ports` through slirp4netns (podman's slirp4netns port path): check them
