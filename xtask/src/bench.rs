@@ -386,6 +386,8 @@ fn setup() -> Result<Rig, String> {
     ])?;
     run(&["nsenter", &in_client, "ip", "link", "set", "bc", "up"])?;
     run(&["nsenter", &in_client, "ip", "link", "set", "lo", "up"])?;
+    // TCP only: a UDP rule for container port 7 would also take the replies that
+    // slirp4netns's column needs (the documented UDP trade-off).
     let veth_cfg = |id: &str, (i, e): (u16, u16), keep: bool| {
         let mut cfg = helper_config(
             &netns,
@@ -404,7 +406,7 @@ fn setup() -> Result<Rig, String> {
                     container_port: 7,
                     host_port: e,
                     range: 1,
-                    protocol: "tcp,udp".into(),
+                    protocol: "tcp".into(),
                 },
             ],
         );
