@@ -23,22 +23,6 @@ fn container() -> TestNetns {
     ns
 }
 
-fn pm(
-    host_ip: &str,
-    host_port: u16,
-    container_port: u16,
-    range: u16,
-    protocol: &str,
-) -> PortMapping {
-    PortMapping {
-        host_ip: host_ip.into(),
-        container_port,
-        host_port,
-        range,
-        protocol: protocol.into(),
-    }
-}
-
 fn config(ns: &TestNetns, tmp: &Path, mappings: Vec<PortMapping>) -> Config {
     Config {
         mappings,
@@ -109,8 +93,8 @@ fn tcp_both_ways_with_half_close_and_dual_stack() {
         &ns,
         tmp.path(),
         vec![
-            pm("", 28080, 80, 1, "tcp"),
-            pm("127.0.0.1", 28081, 81, 1, "tcp"),
+            PortMapping::new("", 28080, 80, 1, "tcp"),
+            PortMapping::new("127.0.0.1", 28081, 81, 1, "tcp"),
         ],
     );
     let t = Instant::now();
@@ -197,7 +181,11 @@ fn server_half_close_and_resets_are_carried() {
             rst_tx.send(r.map_err(|e| e.kind())).unwrap();
         }
     });
-    let cfg = config(&ns, tmp.path(), vec![pm("127.0.0.1", 28090, 90, 2, "tcp")]);
+    let cfg = config(
+        &ns,
+        tmp.path(),
+        vec![PortMapping::new("127.0.0.1", 28090, 90, 2, "tcp")],
+    );
     let (helper, exit_w) = launch(&cfg).unwrap();
 
     let mut c = TcpStream::connect("127.0.0.1:28090").unwrap();
@@ -230,7 +218,11 @@ fn server_half_close_and_resets_are_carried() {
     assert_eq!(r.unwrap_err(), std::io::ErrorKind::ConnectionReset);
 
     // Nothing listening in the container: the client is reset, as on a closed port.
-    let cfg2 = config(&ns, tmp.path(), vec![pm("127.0.0.1", 28095, 95, 1, "tcp")]);
+    let cfg2 = config(
+        &ns,
+        tmp.path(),
+        vec![PortMapping::new("127.0.0.1", 28095, 95, 1, "tcp")],
+    );
     let (helper2, exit_w2) = launch(&cfg2).unwrap();
     let mut c = TcpStream::connect("127.0.0.1:28095").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -263,7 +255,11 @@ fn udp_flows_per_client_and_expiry() {
     let tmp = tempfile::tempdir().unwrap();
     udp_echo(&ns, 53);
     udp_echo(&ns, 54);
-    let cfg = config(&ns, tmp.path(), vec![pm("", 28053, 53, 2, "udp")]);
+    let cfg = config(
+        &ns,
+        tmp.path(),
+        vec![PortMapping::new("", 28053, 53, 2, "udp")],
+    );
     let (exit_r, exit_w) = tests::cloexec_pipe();
     // Short idle timeout for the test (podman's is 90 s).
     std::env::set_var("ROOTLESSPORT_UDP_IDLE_SECS", "1");
@@ -337,9 +333,9 @@ fn ipv6_host_ips_and_families() {
         &ns,
         tmp.path(),
         vec![
-            pm("::1", 28100, 80, 1, "tcp"),
-            pm("", 28101, 80, 1, "tcp4"),
-            pm("", 28102, 80, 1, "tcp6"),
+            PortMapping::new("::1", 28100, 80, 1, "tcp"),
+            PortMapping::new("", 28101, 80, 1, "tcp4"),
+            PortMapping::new("", 28102, 80, 1, "tcp6"),
         ],
     );
     let (helper, exit_w) = launch(&cfg).unwrap();
@@ -473,46 +469,56 @@ fn every_error_text() {
         launch(&cfg).unwrap_err().to_string()
     };
     assert_eq!(
-        e(vec![pm("", 28200, 80, 1, "icmp")], ""),
+        e(vec![PortMapping::new("", 28200, 80, 1, "icmp")], ""),
         r#"rootlessport unknown proto: "icmp""#
     );
     assert_eq!(
-        e(vec![pm("", 28200, 80, 1, "sctp")], ""),
+        e(vec![PortMapping::new("", 28200, 80, 1, "sctp")], ""),
         r#"rootlessport unsupported proto: "sctp" (rootlessport forwards tcp and udp only)"#
     );
     assert_eq!(
-        e(vec![pm("300.1.1.1", 28200, 80, 1, "tcp")], ""),
+        e(vec![PortMapping::new("300.1.1.1", 28200, 80, 1, "tcp")], ""),
         r#"rootlessport invalid ParentIP: "300.1.1.1""#
     );
     assert_eq!(
-        e(vec![pm("", 28200, 80, 1, "tcp")], "10.0.2"),
+        e(vec![PortMapping::new("", 28200, 80, 1, "tcp")], "10.0.2"),
         r#"rootlessport invalid ChildIP: "10.0.2""#
     );
     assert_eq!(
-        e(vec![pm("", 0, 80, 1, "tcp")], ""),
+        e(vec![PortMapping::new("", 0, 80, 1, "tcp")], ""),
         "rootlessport invalid ParentPort: 0"
     );
     assert_eq!(
-        e(vec![pm("", 65535, 80, 2, "udp")], ""),
+        e(vec![PortMapping::new("", 65535, 80, 2, "udp")], ""),
         "rootlessport invalid port range: host port 65535 with range 2 goes past 65535"
     );
     assert_eq!(
         e(
-            vec![pm("", 28200, 80, 1, "tcp"), pm("", 28200, 81, 1, "tcp")],
+            vec![
+                PortMapping::new("", 28200, 80, 1, "tcp"),
+                PortMapping::new("", 28200, 81, 1, "tcp")
+            ],
             ""
         ),
         "rootlessport conflict with ID 1"
     );
     let _busy = TcpListener::bind("127.0.0.1:28201").unwrap();
     assert_eq!(
-        e(vec![pm("127.0.0.1", 28201, 80, 1, "tcp")], ""),
+        e(vec![PortMapping::new("127.0.0.1", 28201, 80, 1, "tcp")], ""),
         "rootlessport listen tcp 127.0.0.1:28201: bind: address already in use"
     );
     assert_eq!(
-        e(vec![pm("192.0.2.99", 28202, 80, 1, "udp")], ""),
+        e(
+            vec![PortMapping::new("192.0.2.99", 28202, 80, 1, "udp")],
+            ""
+        ),
         "rootlessport listen udp 192.0.2.99:28202: bind: cannot assign requested address"
     );
-    let mut cfg = config(&ns, tmp.path(), vec![pm("", 28203, 80, 1, "tcp")]);
+    let mut cfg = config(
+        &ns,
+        tmp.path(),
+        vec![PortMapping::new("", 28203, 80, 1, "tcp")],
+    );
     cfg.netns_path = "/nonexistent/ns".into();
     assert_eq!(
         launch(&cfg).unwrap_err().to_string(),
@@ -538,7 +544,11 @@ fn reload_keeps_live_connections_and_redirects_new_ones() {
 
     tcp_echo(&ns, "127.0.0.1", 80);
     tcp_echo(&ns, "127.0.0.2", 80);
-    let mut cfg = config(&ns, &long, vec![pm("127.0.0.1", 28300, 80, 1, "tcp")]);
+    let mut cfg = config(
+        &ns,
+        &long,
+        vec![PortMapping::new("127.0.0.1", 28300, 80, 1, "tcp")],
+    );
     cfg.child_ip = "127.0.0.1".into();
     cfg.container_id = id.clone();
     cfg.rootless_cni = true;
@@ -638,7 +648,11 @@ fn sigterm_exits_cleanly() {
     require_harness();
     let ns = container();
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(&ns, tmp.path(), vec![pm("", 28400, 80, 1, "tcp")]);
+    let mut cfg = config(
+        &ns,
+        tmp.path(),
+        vec![PortMapping::new("", 28400, 80, 1, "tcp")],
+    );
     cfg.rootless_cni = true;
     let (helper, exit_w) = launch(&cfg).unwrap();
     let sock = tmp.path().join("rp").join("c0ffee");
@@ -697,7 +711,7 @@ fn rootless_in_a_user_namespace() {
 
     let tmp = tempfile::tempdir().unwrap();
     let cfg = Config {
-        mappings: vec![pm("", 28500, 80, 1, "tcp,udp")],
+        mappings: vec![PortMapping::new("", 28500, 80, 1, "tcp,udp")],
         netns_path: netns.clone(),
         tmp_dir: tmp.path().display().to_string(),
         container_id: "rootless".into(),
@@ -706,22 +720,27 @@ fn rootless_in_a_user_namespace() {
     let mut cfg34 = cfg.clone();
     cfg34.exit_fd = 3;
     cfg34.ready_fd = 4;
-    let (exit_r, exit_w) = tests::cloexec_pipe();
-    let (ready_r, ready_w) = tests::cloexec_pipe();
-    let out = LogFile::anonymous("out").unwrap();
-    let mut h = HelperCommand::new("nsenter")
-        .args([
-            format!("--user={userns}"),
-            "--".into(),
-            rootlessport_bin().display().to_string(),
-        ])
-        .stdin_bytes(serde_json::to_vec(&cfg34).unwrap())
-        .leak_fd(exit_r, 3)
-        .leak_fd(ready_w, 4)
-        .stdout_log(&out)
-        .unwrap()
-        .spawn()
-        .unwrap();
+    // The helper, started inside the container's user namespace as podman's is.
+    let start = |cfg: &Config| {
+        let (exit_r, exit_w) = tests::cloexec_pipe();
+        let (ready_r, ready_w) = tests::cloexec_pipe();
+        let out = LogFile::anonymous("out").unwrap();
+        let h = HelperCommand::new("nsenter")
+            .args([
+                format!("--user={userns}"),
+                "--".into(),
+                rootlessport_bin().display().to_string(),
+            ])
+            .stdin_bytes(serde_json::to_vec(cfg).unwrap())
+            .leak_fd(exit_r, 3)
+            .leak_fd(ready_w, 4)
+            .stdout_log(&out)
+            .unwrap()
+            .spawn()
+            .unwrap();
+        (h, exit_w, ready_r, out)
+    };
+    let (mut h, exit_w, ready_r, out) = start(&cfg34);
     let sync = h
         .wait_ready(&ready_r, Instant::now() + Duration::from_secs(10))
         .unwrap();
@@ -745,23 +764,8 @@ fn rootless_in_a_user_namespace() {
 
     // Without privilege over our netns it cannot take a privileged port.
     let mut low = cfg34.clone();
-    low.mappings = vec![pm("", 80, 80, 1, "tcp")];
-    let (exit_r, _exit_w) = tests::cloexec_pipe();
-    let (_ready_r, ready_w) = tests::cloexec_pipe();
-    let out = LogFile::anonymous("out").unwrap();
-    let mut h = HelperCommand::new("nsenter")
-        .args([
-            format!("--user={userns}"),
-            "--".into(),
-            rootlessport_bin().display().to_string(),
-        ])
-        .stdin_bytes(serde_json::to_vec(&low).unwrap())
-        .leak_fd(exit_r, 3)
-        .leak_fd(ready_w, 4)
-        .stdout_log(&out)
-        .unwrap()
-        .spawn()
-        .unwrap();
+    low.mappings = vec![PortMapping::new("", 80, 80, 1, "tcp")];
+    let (mut h, _exit_w, _ready_r, out) = start(&low);
     let status = h.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
     assert_eq!(status.code(), Some(1));
     assert_eq!(

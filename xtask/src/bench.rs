@@ -118,22 +118,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         }
         let helper = crate::helper::release_helper()?;
-        std::env::set_var("BENCH_OURS", &helper);
-        let me = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(sys::find_in_path("unshare").ok_or("unshare not found")?);
-        if !sys::is_root() {
-            cmd.args(["--user", "--map-root-user"]);
-        }
-        let status = cmd
-            .args(["--net", "--mount", "--propagation", "private", "--"])
-            .arg(&me)
-            .args(["ns-exec", "--"])
-            .arg(&me)
-            .arg("bench")
-            .args(args)
-            .arg("--inner")
-            .status()
-            .map_err(|e| format!("cannot run unshare: {e}"))?;
+        let mut again = vec!["bench".to_string()];
+        again.extend(args.iter().cloned());
+        again.push("--inner".into());
+        let status = sys::rerun_in_private_netns(&again, &[("BENCH_OURS", helper.as_os_str())])?;
         return if status.success() {
             Ok(())
         } else {

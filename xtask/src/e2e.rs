@@ -75,16 +75,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     std::fs::write(d.join("containers.conf"), conf)
         .map_err(|e| format!("writing containers.conf: {e}"))?;
 
-    let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;
-    let unshare = sys::find_in_path("unshare").ok_or("unshare not found")?;
-    let status = Command::new(unshare)
-        .args(["--net", "--mount", "--propagation", "private", "--"])
-        .arg(&me)
-        .args(["ns-exec", "--"])
-        .arg(&me)
-        .args(["podman-e2e", "--inner"])
-        .status()
-        .map_err(|e| format!("cannot run unshare: {e}"))?;
+    let status = sys::rerun_in_private_netns(&["podman-e2e".into(), "--inner".into()], &[])?;
     if status.success() {
         Ok(())
     } else {

@@ -20,20 +20,18 @@ fn host_triple() -> Option<String> {
         .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
 }
 
+fn build() -> Command {
+    let mut c = cargo();
+    c.args(["build", "--quiet", "--release", "-p", "rootlessport"])
+        .args(["--bin", "rootlessport"]);
+    c
+}
+
 /// Build the release helper and return its path: the static build when the toolchain
 /// can make one, else the ordinary dynamic one.
 pub fn release_helper() -> Result<PathBuf, String> {
     if let Some(triple) = host_triple() {
-        let status = cargo()
-            .args([
-                "build",
-                "--quiet",
-                "--release",
-                "-p",
-                "rootlessport",
-                "--bin",
-                "rootlessport",
-            ])
+        let status = build()
             .args(["--target", &triple])
             .env(
                 "RUSTFLAGS",
@@ -50,16 +48,7 @@ pub fn release_helper() -> Result<PathBuf, String> {
         }
         eprintln!("xtask: static build of rootlessport failed; using the dynamic one");
     }
-    let status = cargo()
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "rootlessport",
-            "--bin",
-            "rootlessport",
-        ])
+    let status = build()
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {

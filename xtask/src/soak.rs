@@ -61,20 +61,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
             },
         ])?;
         let helper = crate::helper::release_helper()?;
-        let me = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(sys::find_in_path("unshare").ok_or("unshare not found")?);
-        if !sys::is_root() {
-            cmd.args(["--user", "--map-root-user"]);
-        }
-        let status = cmd
-            .args(["--net", "--mount", "--propagation", "private", "--"])
-            .arg(&me)
-            .args(["ns-exec", "--"])
-            .arg(&me)
-            .args(["soak", "--seconds", &secs.to_string(), "--inner"])
-            .env("SOAK_HELPER", helper)
-            .status()
-            .map_err(|e| format!("cannot run unshare: {e}"))?;
+        let again: Vec<String> = ["soak", "--seconds", &secs.to_string(), "--inner"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let status = sys::rerun_in_private_netns(&again, &[("SOAK_HELPER", helper.as_os_str())])?;
         return if status.success() {
             Ok(())
         } else {

@@ -137,3 +137,25 @@ pub fn netns_holder(setup: &str) -> Result<(std::process::Child, String), String
     }
     Ok((holder, format!("/proc/{pid}/ns/net")))
 }
+
+/// Run `xtask ARGS` again inside fresh network and mount namespaces (and a user
+/// namespace when not root), through `ns-exec`, with `env` added.
+pub fn rerun_in_private_netns(
+    args: &[String],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<std::process::ExitStatus, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;
+    let mut cmd = Command::new(find_in_path("unshare").ok_or("unshare not found")?);
+    if !is_root() {
+        cmd.args(["--user", "--map-root-user"]);
+    }
+    cmd.args(["--net", "--mount", "--propagation", "private", "--"])
+        .arg(&me)
+        .args(["ns-exec", "--"])
+        .arg(&me)
+        .args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.status().map_err(|e| format!("cannot run unshare: {e}"))
+}

@@ -300,22 +300,6 @@ mod tests {
 
     const FIXTURE: &str = include_str!("../fixtures/podman-4.3.1-rootlessport-config.json");
 
-    fn pm(
-        host_ip: &str,
-        host_port: u16,
-        container_port: u16,
-        range: u16,
-        protocol: &str,
-    ) -> PortMapping {
-        PortMapping {
-            host_ip: host_ip.into(),
-            container_port,
-            host_port,
-            range,
-            protocol: protocol.into(),
-        }
-    }
-
     #[test]
     fn podman_fixture_roundtrips_byte_for_byte() {
         let cfg = Config::from_json(FIXTURE.as_bytes()).unwrap();
@@ -422,8 +406,11 @@ mod tests {
 
     #[test]
     fn protocols_and_ranges_expand_in_podmans_order() {
-        let specs =
-            plan_ports(&[pm("", 8080, 80, 2, "tcp,udp"), pm("::1", 9000, 90, 0, "")]).unwrap();
+        let specs = plan_ports(&[
+            PortMapping::new("", 8080, 80, 2, "tcp,udp"),
+            PortMapping::new("::1", 9000, 90, 0, ""),
+        ])
+        .unwrap();
         let got: Vec<_> = specs
             .iter()
             .map(|s| (s.proto.as_str(), s.parent_port, s.child_port))
@@ -441,7 +428,9 @@ mod tests {
         assert_eq!(specs[4].parent_addr, "::1".parse::<IpAddr>().unwrap());
         // The last port of a range may be 65535.
         assert_eq!(
-            plan_ports(&[pm("", 65534, 65534, 2, "udp")]).unwrap().len(),
+            plan_ports(&[PortMapping::new("", 65534, 65534, 2, "udp")])
+                .unwrap()
+                .len(),
             2
         );
     }
@@ -449,44 +438,65 @@ mod tests {
     #[test]
     fn validation_texts() {
         let e = |ms: &[PortMapping]| plan_ports(ms).unwrap_err().to_string();
-        assert_eq!(e(&[pm("", 80, 80, 1, "icmp")]), r#"unknown proto: "icmp""#);
-        assert_eq!(e(&[pm("", 80, 80, 1, "tcp,")]), r#"unknown proto: """#);
-        assert_eq!(e(&[pm("", 80, 80, 1, "TCP")]), r#"unknown proto: "TCP""#);
         assert_eq!(
-            e(&[pm("", 80, 80, 1, "sctp")]),
+            e(&[PortMapping::new("", 80, 80, 1, "icmp")]),
+            r#"unknown proto: "icmp""#
+        );
+        assert_eq!(
+            e(&[PortMapping::new("", 80, 80, 1, "tcp,")]),
+            r#"unknown proto: """#
+        );
+        assert_eq!(
+            e(&[PortMapping::new("", 80, 80, 1, "TCP")]),
+            r#"unknown proto: "TCP""#
+        );
+        assert_eq!(
+            e(&[PortMapping::new("", 80, 80, 1, "sctp")]),
             r#"unsupported proto: "sctp" (rootlessport forwards tcp and udp only)"#
         );
         assert_eq!(
-            e(&[pm("localhost", 80, 80, 1, "tcp")]),
+            e(&[PortMapping::new("localhost", 80, 80, 1, "tcp")]),
             r#"invalid ParentIP: "localhost""#
         );
         assert_eq!(
-            e(&[pm("1.2.3", 80, 80, 1, "tcp")]),
+            e(&[PortMapping::new("1.2.3", 80, 80, 1, "tcp")]),
             r#"invalid ParentIP: "1.2.3""#
         );
-        assert_eq!(e(&[pm("", 0, 80, 1, "tcp")]), "invalid ParentPort: 0");
-        assert_eq!(e(&[pm("", 80, 0, 1, "tcp")]), "invalid ChildPort: 0");
         assert_eq!(
-            e(&[pm("", 65535, 80, 2, "tcp")]),
+            e(&[PortMapping::new("", 0, 80, 1, "tcp")]),
+            "invalid ParentPort: 0"
+        );
+        assert_eq!(
+            e(&[PortMapping::new("", 80, 0, 1, "tcp")]),
+            "invalid ChildPort: 0"
+        );
+        assert_eq!(
+            e(&[PortMapping::new("", 65535, 80, 2, "tcp")]),
             "invalid port range: host port 65535 with range 2 goes past 65535"
         );
         assert_eq!(
-            e(&[pm("", 80, 65000, 600, "tcp")]),
+            e(&[PortMapping::new("", 80, 65000, 600, "tcp")]),
             "invalid port range: container port 65000 with range 600 goes past 65535"
         );
         assert_eq!(
-            e(&[pm("", 80, 80, 1, "tcp"), pm("", 80, 81, 1, "tcp")]),
+            e(&[
+                PortMapping::new("", 80, 80, 1, "tcp"),
+                PortMapping::new("", 80, 81, 1, "tcp")
+            ]),
             "conflict with ID 1"
         );
         assert_eq!(
-            e(&[pm("", 80, 80, 3, "tcp,udp"), pm("", 82, 82, 1, "udp")]),
+            e(&[
+                PortMapping::new("", 80, 80, 3, "tcp,udp"),
+                PortMapping::new("", 82, 82, 1, "udp")
+            ]),
             "conflict with ID 6"
         );
         // Different proto strings or host IP texts do not conflict in validation.
         plan_ports(&[
-            pm("", 80, 80, 1, "tcp"),
-            pm("", 80, 80, 1, "udp"),
-            pm("127.0.0.1", 80, 80, 1, "tcp"),
+            PortMapping::new("", 80, 80, 1, "tcp"),
+            PortMapping::new("", 80, 80, 1, "udp"),
+            PortMapping::new("127.0.0.1", 80, 80, 1, "tcp"),
         ])
         .unwrap();
         assert_eq!(
@@ -499,7 +509,7 @@ mod tests {
     #[test]
     fn listen_plans() {
         let plan = |ip: &str, proto: &str| {
-            plan_ports(&[pm(ip, 80, 80, 1, proto)]).unwrap()[0].listen_plan()
+            plan_ports(&[PortMapping::new(ip, 80, 80, 1, proto)]).unwrap()[0].listen_plan()
         };
         assert_eq!(
             plan("", "tcp").unwrap(),
@@ -565,7 +575,7 @@ mod tests {
 
         #[test]
         fn specs_stay_in_range(host in 0u16.., ctr in 0u16.., range in 0u16..2000, p in "(tcp|udp|tcp4|udp6)(,(tcp|udp))?") {
-            if let Ok(specs) = plan_ports(&[pm("", host, ctr, range, &p)]) {
+            if let Ok(specs) = plan_ports(&[PortMapping::new("", host, ctr, range, &p)]) {
                 proptest::prop_assert!(!specs.is_empty());
                 for s in &specs {
                     proptest::prop_assert!(s.parent_port >= host && s.child_port >= ctr);

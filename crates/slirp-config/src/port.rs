@@ -27,6 +27,24 @@ pub struct PortMapping {
 }
 
 impl PortMapping {
+    /// `range` ports from `host_ip:host_port` (`""`: every address) to
+    /// `container_port`, over `protocol` (`tcp`, `udp`, `tcp,udp`, ...).
+    pub fn new(
+        host_ip: &str,
+        host_port: u16,
+        container_port: u16,
+        range: u16,
+        protocol: &str,
+    ) -> Self {
+        PortMapping {
+            host_ip: host_ip.to_owned(),
+            container_port,
+            host_port,
+            range,
+            protocol: protocol.to_owned(),
+        }
+    }
+
     /// How many ports the mapping covers (`range` 0 counts as 1).
     pub fn count(&self) -> u16 {
         self.range.max(1)

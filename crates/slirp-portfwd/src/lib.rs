@@ -430,25 +430,9 @@ pub fn publish_ports(
 mod tests {
     use super::*;
 
-    fn pm(
-        host_ip: &str,
-        host_port: u16,
-        container_port: u16,
-        range: u16,
-        protocol: &str,
-    ) -> PortMapping {
-        PortMapping {
-            host_ip: host_ip.into(),
-            container_port,
-            host_port,
-            range,
-            protocol: protocol.into(),
-        }
-    }
-
     #[test]
     fn plan_expands_ranges_and_protocols() {
-        let p = plan(&[pm("", 8080, 80, 3, "tcp,udp")]).unwrap();
+        let p = plan(&[PortMapping::new("", 8080, 80, 3, "tcp,udp")]).unwrap();
         assert_eq!(p.len(), 6);
         assert_eq!(
             p[0],
@@ -468,7 +452,7 @@ mod tests {
                 guest_port: 82
             }
         );
-        let p = plan(&[pm("127.0.0.1", 9000, 90, 0, "")]).unwrap();
+        let p = plan(&[PortMapping::new("127.0.0.1", 9000, 90, 0, "")]).unwrap();
         assert_eq!(
             p,
             [Forward {
@@ -485,41 +469,46 @@ mod tests {
     fn plan_refuses_before_sending() {
         let e = |m: PortMapping| plan(&[m]).unwrap_err().to_string();
         assert_eq!(
-            e(pm("", 65535, 80, 2, "tcp")),
+            e(PortMapping::new("", 65535, 80, 2, "tcp")),
             "port range 65535-65536 (host) goes past 65535"
         );
         assert_eq!(
-            e(pm("", 80, 65000, 1000, "tcp")),
+            e(PortMapping::new("", 80, 65000, 1000, "tcp")),
             "port range 65000-65999 (container) goes past 65535"
         );
         assert_eq!(
-            e(pm("", 0, 80, 1, "tcp")),
+            e(PortMapping::new("", 0, 80, 1, "tcp")),
             "host port 0 cannot be forwarded"
         );
         assert_eq!(
-            e(pm("", 80, 0, 1, "tcp")),
+            e(PortMapping::new("", 80, 0, 1, "tcp")),
             "container port 0 cannot be forwarded"
         );
         assert_eq!(
-            e(pm("", 80, 80, 1, "sctp")),
+            e(PortMapping::new("", 80, 80, 1, "sctp")),
             r#"protocol "sctp" cannot be forwarded by slirp4netns (tcp and udp only)"#
         );
         assert_eq!(
-            e(pm("", 80, 80, 1, "tcp,")),
+            e(PortMapping::new("", 80, 80, 1, "tcp,")),
             r#"protocol "" cannot be forwarded by slirp4netns (tcp and udp only)"#
         );
         assert_eq!(
-            e(pm("::1", 80, 80, 1, "tcp")),
+            e(PortMapping::new("::1", 80, 80, 1, "tcp")),
             r#"host IP "::1" cannot be used with slirp4netns port forwarding (IPv4 addresses only)"#
         );
         // The last port of a range may be 65535.
-        assert_eq!(plan(&[pm("", 65534, 65534, 2, "udp")]).unwrap().len(), 2);
+        assert_eq!(
+            plan(&[PortMapping::new("", 65534, 65534, 2, "udp")])
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     proptest::proptest! {
         #[test]
         fn plan_never_panics_and_stays_in_range(host in 0u16.., ctr in 0u16.., range in 0u16.., p in "[a-z,]{0,9}") {
-            if let Ok(fwds) = plan(&[pm("", host, ctr, range, &p)]) {
+            if let Ok(fwds) = plan(&[PortMapping::new("", host, ctr, range, &p)]) {
                 for f in fwds {
                     proptest::prop_assert!(f.host_port >= host && f.guest_port >= ctr);
                 }
