@@ -480,7 +480,23 @@ fn iperf(rig: &Rig, c: Col, reverse: bool, secs: u64) -> Result<f64, String> {
     iperf_at(&where_of(rig, c), reverse, secs)
 }
 
+/// iperf3 through `w`; retried a few times, as its server takes one test at a time and
+/// refuses a client that comes while the previous test is still closing.
 fn iperf_at(w: &Where, reverse: bool, secs: u64) -> Result<f64, String> {
+    let mut last = String::new();
+    for attempt in 0..4 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(300 * attempt));
+        }
+        match iperf_once(w, reverse, secs) {
+            Ok(v) => return Ok(v),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn iperf_once(w: &Where, reverse: bool, secs: u64) -> Result<f64, String> {
     let mut cmd = match &w.netns {
         Some(ns) => {
             let mut cmd = Command::new("nsenter");
