@@ -1038,7 +1038,7 @@ fn svg(figures: &[Figure], res: &Results) -> String {
     let (w, left, row_h) = (900.0, 330.0, 26.0);
     let h = 60.0 + row_h * rows.len() as f64;
     // log2 scale from 1/4x to 16x.
-    let x = |v: f64| left + (v.clamp(0.25, 16.0).log2() + 2.0) / 6.0 * (w - left - 40.0);
+    let x = |v: f64| left + (v.clamp(0.25, 16.0).log2() + 2.0) / 6.0 * (w - left - 70.0);
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n");
     s.push_str("<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
     s.push_str("<text x=\"10\" y=\"20\" font-size=\"14\">our rootlessport vs podman's (times better, log scale; | = target)</text>\n");
