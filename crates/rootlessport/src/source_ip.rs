@@ -22,7 +22,6 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use crate::netlink::{IpFamily, Rtnl, Rule};
 
@@ -240,9 +239,6 @@ pub(crate) fn transparent_socket(
     s.bind(&source.into())?;
     Ok(s)
 }
-
-/// How long the reply routing may take to be removed at exit, at most.
-pub const TEARDOWN: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
