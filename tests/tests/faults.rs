@@ -21,13 +21,7 @@ use tests::{
 };
 
 fn pm(host_port: u16, container_port: u16) -> PortMapping {
-    PortMapping {
-        host_ip: "127.0.0.1".into(),
-        container_port,
-        host_port,
-        range: 1,
-        protocol: "tcp".into(),
-    }
+    PortMapping::new("127.0.0.1", host_port, container_port, 1, "tcp")
 }
 
 fn launch(

@@ -384,13 +384,13 @@ fn reload_socket_is_for_its_own_user_only() {
     ns.sh("ip link set lo up");
     let tmp = tempfile::tempdir().unwrap();
     let cfg = rootlessport::Config {
-        mappings: vec![slirp_config::PortMapping {
-            host_ip: "127.0.0.1".into(),
-            container_port: 80,
-            host_port: 29120,
-            range: 1,
-            protocol: "tcp".into(),
-        }],
+        mappings: vec![slirp_config::PortMapping::new(
+            "127.0.0.1",
+            29120,
+            80,
+            1,
+            "tcp",
+        )],
         netns_path: ns.path().display().to_string(),
         tmp_dir: tmp.path().display().to_string(),
         container_id: "guarded".into(),

@@ -99,13 +99,7 @@ fn publish_a_tcp_udp_range_then_list_and_remove() {
     echo_servers(&ns, vec![80, 81, 82]);
     let sock = slirp.api_socket().unwrap().to_owned();
 
-    let mapping = PortMapping {
-        host_ip: "127.0.0.1".into(),
-        container_port: 80,
-        host_port: 18080,
-        range: 3,
-        protocol: "tcp,udp".into(),
-    };
+    let mapping = PortMapping::new("127.0.0.1", 18080, 80, 3, "tcp,udp");
     let ids = publish_ports(&sock, Some(slirp.pidfd()), &[mapping]).unwrap();
     assert_eq!(ids.len(), 6);
 
@@ -184,13 +178,7 @@ fn failed_publication_rolls_back() {
     let sock = slirp.api_socket().unwrap().to_owned();
     // Something else holds host port 18102 already.
     let _busy = TcpListener::bind("127.0.0.1:18102").unwrap();
-    let mapping = PortMapping {
-        host_ip: "127.0.0.1".into(),
-        container_port: 80,
-        host_port: 18100,
-        range: 3,
-        protocol: "tcp".into(),
-    };
+    let mapping = PortMapping::new("127.0.0.1", 18100, 80, 3, "tcp");
     let e = publish_ports(&sock, Some(slirp.pidfd()), &[mapping]).unwrap_err();
     assert!(
         e.to_string()
@@ -203,13 +191,7 @@ fn failed_publication_rolls_back() {
     );
 
     // Refused before anything is sent.
-    let past_end = PortMapping {
-        host_ip: "".into(),
-        container_port: 80,
-        host_port: 65534,
-        range: 3,
-        protocol: "udp".into(),
-    };
+    let past_end = PortMapping::new("", 65534, 80, 3, "udp");
     let e = publish_ports(&sock, Some(slirp.pidfd()), &[past_end]).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -322,13 +304,7 @@ fn udp_from_a_remote_client_with_podman_defaults() {
     let slirp = start(&ns, &dir); // host loopback disabled, as podman defaults
     echo_servers(&ns, vec![90, 91, 92]);
     let sock = slirp.api_socket().unwrap().to_owned();
-    let mapping = PortMapping {
-        host_ip: "".into(),
-        container_port: 90,
-        host_port: 18190,
-        range: 3,
-        protocol: "tcp,udp".into(),
-    };
+    let mapping = PortMapping::new("", 18190, 90, 3, "tcp,udp");
     publish_ports(&sock, Some(slirp.pidfd()), &[mapping]).unwrap();
     let client = ClientHost::new(1);
     let to = client.host_addr;

@@ -82,13 +82,7 @@ fn launch(
 }
 
 fn pm(host_port: u16, container_port: u16, proto: &str) -> PortMapping {
-    PortMapping {
-        host_ip: String::new(),
-        container_port,
-        host_port,
-        range: 1,
-        protocol: proto.into(),
-    }
+    PortMapping::new("", host_port, container_port, 1, proto)
 }
 
 /// From the client netns: what the container saw, and from which local address.

@@ -223,25 +223,8 @@ impl Drop for Rig {
     }
 }
 
-fn raise_nofile() {
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn mapping(host_port: u16, container_port: u16, proto: &str) -> PortMapping {
-    PortMapping {
-        host_ip: "127.0.0.1".into(),
-        container_port,
-        host_port,
-        range: 1,
-        protocol: proto.into(),
-    }
+    PortMapping::new("127.0.0.1", host_port, container_port, 1, proto)
 }
 
 fn helper_config(
@@ -382,20 +365,8 @@ fn setup() -> Result<Rig, String> {
             &tmp,
             id,
             vec![
-                PortMapping {
-                    host_ip: String::new(),
-                    container_port: 5201,
-                    host_port: i,
-                    range: 1,
-                    protocol: "tcp".into(),
-                },
-                PortMapping {
-                    host_ip: String::new(),
-                    container_port: 7,
-                    host_port: e,
-                    range: 1,
-                    protocol: "tcp".into(),
-                },
+                PortMapping::new("", i, 5201, 1, "tcp"),
+                PortMapping::new("", e, 7, 1, "tcp"),
             ],
         );
         cfg.child_ip = "10.0.3.100".into();
@@ -585,17 +556,7 @@ fn rss_mb(pid: u32) -> f64 {
                 .filter_map(|p| p.parse::<u32>().ok()),
         );
     }
-    let kb: u64 = pids
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        })
-        .sum();
+    let kb: u64 = pids.iter().filter_map(|p| sys::rss_kb(*p)).sum();
     kb as f64 / 1024.0
 }
 
@@ -631,13 +592,7 @@ fn rss_with_conns(rig: &Rig, c: Col, n: u64) -> Result<f64, String> {
 /// Start a helper with `n` published ports: (ms to ready, RSS MB, ms to exit).
 fn ports_figures(rig: &Rig, bin: &Path, n: u32) -> Result<(f64, f64, f64), String> {
     let mappings: Vec<PortMapping> = (0..n)
-        .map(|i| PortMapping {
-            host_ip: String::new(),
-            container_port: (10000 + i) as u16,
-            host_port: (10000 + i) as u16,
-            range: 1,
-            protocol: "tcp".into(),
-        })
+        .map(|i| PortMapping::new("", (10000 + i) as u16, (10000 + i) as u16, 1, "tcp"))
         .collect();
     let cfg = helper_config(&rig.netns, &rig.tmp, "bench-ports", mappings);
     let (mut h, exit_w, ready) = launch(bin, &cfg)?;
@@ -662,7 +617,7 @@ fn ports_figures(rig: &Rig, bin: &Path, n: u32) -> Result<(f64, f64, f64), Strin
 type Results = BTreeMap<(String, Col), Vec<f64>>;
 
 fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
-    raise_nofile();
+    rootlessport::forward::raise_nofile_limit();
     let rig = setup()?;
     let mut figures: Vec<Figure> = Vec::new();
     let mut fig =

@@ -37,13 +37,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let port = free_port()?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mapping = PortMapping {
-        host_ip: String::new(),
-        container_port: 80,
-        host_port: port,
-        range: 1,
-        protocol: "tcp".into(),
-    };
+    let mapping = PortMapping::new("", port, 80, 1, "tcp");
     let spec = SessionSpec {
         ports: vec![mapping.clone()],
         options: SlirpOptions::default(),

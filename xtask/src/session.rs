@@ -58,13 +58,7 @@ pub fn parse_publish(spec: &str) -> Result<PortMapping, String> {
     if h1 - h0 != c1 - c0 {
         return Err(bad("host and container ranges differ in length"));
     }
-    Ok(PortMapping {
-        host_ip,
-        container_port: c0,
-        host_port: h0,
-        range: h1 - h0 + 1,
-        protocol: proto.to_string(),
-    })
+    Ok(PortMapping::new(&host_ip, h0, c0, h1 - h0 + 1, proto))
 }
 
 fn port_range(s: &str) -> Result<(u16, u16), String> {

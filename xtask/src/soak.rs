@@ -122,13 +122,7 @@ fn inner_run(secs: u64) -> Result<(), String> {
         .map(PathBuf::from)
         .ok_or("SOAK_HELPER not set")?;
     let cfg = rootlessport::Config {
-        mappings: vec![PortMapping {
-            host_ip: "127.0.0.1".into(),
-            container_port: 7,
-            host_port: 27007,
-            range: 1,
-            protocol: "tcp,udp".into(),
-        }],
+        mappings: vec![PortMapping::new("127.0.0.1", 27007, 7, 1, "tcp,udp")],
         netns_path: netns,
         tmp_dir: std::env::temp_dir().display().to_string(),
         child_ip: "127.0.0.1".into(),
@@ -190,16 +184,7 @@ fn inner_run(secs: u64) -> Result<(), String> {
         let fds = std::fs::read_dir(format!("/proc/{hpid}/fd"))
             .map(|d| d.count())
             .unwrap_or(0) as f64;
-        let rss = std::fs::read_to_string(format!("/proc/{hpid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse::<f64>().ok())
-                })
-            })
-            .unwrap_or(0.0);
+        let rss = sys::rss_kb(hpid).unwrap_or(0) as f64;
         samples.push((start.elapsed().as_secs_f64(), fds, rss));
         if i % 10 == 0 || i == secs {
             eprintln!(

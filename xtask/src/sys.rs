@@ -26,12 +26,16 @@ pub const ITEST_NEEDS: &[Need] = &[
     },
 ];
 
+/// A program in `PATH`, else in the sbin directories a user's `PATH` may lack.
 pub fn find_in_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join(program))
-        .find(|p| is_executable(p))
+    slirp_config::find_binary(program)
+        .filter(|p| is_executable(p))
+        .or_else(|| {
+            ["/usr/sbin", "/sbin"]
+                .iter()
+                .map(|d| Path::new(d).join(program))
+                .find(|p| is_executable(p))
+        })
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -158,4 +162,16 @@ pub fn rerun_in_private_netns(
         cmd.env(k, v);
     }
     cmd.status().map_err(|e| format!("cannot run unshare: {e}"))
+}
+
+/// Resident memory of a process in kB (`VmRSS`), if it exists.
+pub fn rss_kb(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -11,7 +11,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,7 +49,6 @@ pub fn parse_request(msg: &[u8]) -> Result<Option<IpAddr>, String> {
 pub struct ReloadSocket {
     dir: OwnedFd,
     name: CString,
-    path: PathBuf,
     listener: OwnedFd,
     /// `TmpDir/rp` when we created it: removed again (if empty) with the socket.
     created_dir: Option<CString>,
@@ -112,18 +111,10 @@ impl ReloadSocket {
         Ok(ReloadSocket {
             dir,
             name,
-            path,
             listener,
             created_dir,
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl ReloadSocket {
     /// Remove the socket file now (also done on drop). Idempotent.
     pub fn remove(&self) {
         // SAFETY: unlinkat with a dirfd we own and a C string.

@@ -320,11 +320,6 @@ impl Helper {
         self.pidfd.as_fd()
     }
 
-    /// Its exit status, once [`Helper::try_wait`] or a wait has seen it exit.
-    pub fn exit_status(&self) -> Option<ExitStatus> {
-        self.status
-    }
-
     /// Wait for the helper to write on `ready` (the read end of its ready pipe) or to
     /// die, whichever comes first, until `deadline`.
     pub fn wait_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> io::Result<Sync> {
