@@ -5,7 +5,7 @@
 //! passing, no thread per port.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -26,8 +26,12 @@ pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
 pub(crate) struct Shared {
     child_ip: RwLock<Option<IpAddr>>,
     pub(crate) udp_idle: Duration,
-    /// Families whose client addresses are kept (empty: none).
+    /// Families whose TCP client addresses are kept (empty: none).
     pub(crate) source_families: Vec<IpFamily>,
+    /// Families whose UDP client addresses are kept (empty: none).
+    pub(crate) udp_families: Vec<IpFamily>,
+    /// The mark of our TCP sockets when client addresses are kept.
+    pub(crate) mark: Option<u32>,
     source_ip: Mutex<Option<SourceIp>>,
 }
 
@@ -36,37 +40,32 @@ impl Shared {
         *self.child_ip.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A reload: new connections and flows go to `ip`; the UDP reply rules follow.
+    fn source_ip(&self) -> std::sync::MutexGuard<'_, Option<SourceIp>> {
+        self.source_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reload: new connections and flows go to `ip`; our routes follow.
     pub(crate) fn set_child_ip(&self, ip: Option<IpAddr>) {
         *self.child_ip.write().unwrap_or_else(|p| p.into_inner()) = ip;
-        if let Some(s) = self
-            .source_ip
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
+        if let Some(s) = self.source_ip().as_mut() {
             s.reload(ip);
         }
     }
-}
 
-/// The container port ranges published for UDP, merged.
-fn udp_ranges(bound: &[Bound]) -> Vec<(u16, u16)> {
-    let mut ports: Vec<u16> = bound
-        .iter()
-        .filter(|b| b.spec.transport == Transport::Udp)
-        .map(|b| b.spec.child_port)
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    let mut out: Vec<(u16, u16)> = Vec::new();
-    for p in ports {
-        match out.last_mut() {
-            Some((_, end)) if *end + 1 == p => *end = p,
-            _ => out.push((p, p)),
+    /// Route the container's replies on the UDP flow `client` <-> `target` to our
+    /// socket bound to `client`; `false` when that flow cannot keep the address.
+    pub(crate) fn keep_udp_flow(&self, client: SocketAddr, target: SocketAddr) -> bool {
+        self.source_ip()
+            .as_mut()
+            .is_some_and(|s| s.add_udp_flow(client, target))
+    }
+
+    /// The flow kept by [`Shared::keep_udp_flow`] ended.
+    pub(crate) fn release_udp_flow(&self, client: SocketAddr, target: SocketAddr) {
+        if let Some(s) = self.source_ip().as_mut() {
+            s.remove_udp_flow(client, target);
         }
     }
-    out
 }
 
 /// A listening socket for one port spec, made in the engine's netns.
@@ -148,6 +147,8 @@ pub struct Forwarder {
     pub preserve_source: bool,
     /// The caller exits right after [`Forwarder::run`]: skip closing sockets one by one.
     pub exit_after: bool,
+    /// podman's container ID: names the routing state this helper owns in the netns.
+    pub container_id: String,
 }
 
 /// Why the forwarder stopped.
@@ -199,11 +200,11 @@ impl Forwarder {
             source,
         })?;
         let source = if self.preserve_source {
-            match SourceIp::setup(udp_ranges(&self.bound), self.child_ip) {
+            match SourceIp::setup(&self.container_id, self.child_ip) {
                 Ok(s) => Some(s),
                 Err(why) => {
-                    eprintln!(
-                        "rootlessport: warning: client addresses are not kept (the container sees the helper's): {why}"
+                    tracing::warn!(
+                        "client addresses are not kept (the container sees the helper's): {why}"
                     );
                     None
                 }
@@ -211,14 +212,22 @@ impl Forwarder {
         } else {
             None
         };
-        let source_families = [IpFamily::V4, IpFamily::V6]
-            .into_iter()
-            .filter(|f| source.as_ref().is_some_and(|s| s.supports(*f)))
-            .collect();
+        let families = |udp: bool| -> Vec<IpFamily> {
+            [IpFamily::V4, IpFamily::V6]
+                .into_iter()
+                .filter(|f| {
+                    source
+                        .as_ref()
+                        .is_some_and(|s| if udp { s.supports_udp(*f) } else { s.supports(*f) })
+                })
+                .collect()
+        };
         let shared = Arc::new(Shared {
             child_ip: RwLock::new(self.child_ip),
             udp_idle: self.udp_idle,
-            source_families,
+            source_families: families(false),
+            udp_families: families(true),
+            mark: source.as_ref().map(SourceIp::mark),
             source_ip: Mutex::new(source),
         });
         let keep = shared.clone();
@@ -281,12 +290,8 @@ impl Forwarder {
         });
         // The reply routing goes first (from this thread, inside the container netns):
         // nothing may be left in the netns, whatever happens next.
-        drop(
-            keep.source_ip
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(),
-        );
+        let routing = keep.source_ip().take();
+        drop(routing);
         if self_exit {
             // The process ends now: the kernel closes every socket at once, which is
             // much faster than deregistering and closing thousands one by one.

@@ -33,9 +33,9 @@ pub mod config;
 mod error;
 pub mod forward;
 pub mod launcher;
-pub mod netlink;
+mod netlink;
 pub mod reload;
-pub mod source_ip;
+mod source_ip;
 mod tcp;
 mod udp;
 

@@ -1,50 +1,134 @@
-//! Just enough rtnetlink to add and remove policy-routing rules and routes, so that
-//! keeping client addresses needs neither `ip` nor `iptables`. Works on the netns of
-//! the calling thread.
+//! The policy-routing requests the client-address keeping needs (rules, and the one
+//! route of our own tables), as typed values over `netlink-packet-route`. Works on the
+//! netns the socket was made in (the calling thread's at [`Rtnl::open`]).
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const NLMSG_ERROR: u16 = 2;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_EXCL, NLM_F_REQUEST,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{
+    RuleAction, RuleAttribute, RuleHeader, RuleMessage, RulePortRange,
+};
+use netlink_packet_route::{AddressFamily, IpProtocol, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-const FRA_SRC: u16 = 2;
-const FRA_PRIORITY: u16 = 6;
-const FRA_FWMARK: u16 = 10;
-const FRA_TABLE: u16 = 15;
-const FRA_FWMASK: u16 = 16;
-const FRA_IP_PROTO: u16 = 22;
-const FRA_SPORT_RANGE: u16 = 23;
-const FR_ACT_TO_TBL: u8 = 1;
-
-const RTA_OIF: u16 = 4;
-const RTA_PREFSRC: u16 = 7;
-const RTA_TABLE: u16 = 15;
-const RTPROT_STATIC: u8 = 4;
-const RT_SCOPE_HOST: u8 = 254;
-const RTN_LOCAL: u8 = 2;
-
-/// A policy-routing rule: `[from SRC] [fwmark M/MASK] [ipproto P] [sport A-B] lookup
-/// TABLE priority PRIO`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
+/// A policy-routing rule: `[to DST] [fwmark M/MASK] [ipproto P] [sport A-B] [dport
+/// C-D] lookup TABLE priority PRIO`. `dst` is a single host (/32 or /128).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Rule {
     pub family: IpFamily,
     pub priority: u32,
     pub table: u32,
+    pub dst: Option<IpAddr>,
     pub fwmark: Option<(u32, u32)>,
     pub ip_proto: Option<u8>,
     pub sport: Option<(u16, u16)>,
-    pub src: Option<IpAddr>,
+    pub dport: Option<(u16, u16)>,
 }
 
+impl Rule {
+    /// A rule sending what matches nothing else of it to `table`.
+    pub fn to_table(family: IpFamily, priority: u32, table: u32) -> Rule {
+        Rule {
+            family,
+            priority,
+            table,
+            dst: None,
+            fwmark: None,
+            ip_proto: None,
+            sport: None,
+            dport: None,
+        }
+    }
+
+    fn message(&self) -> RuleMessage {
+        let mut m = RuleMessage::default();
+        m.header = RuleHeader {
+            family: self.family.af(),
+            dst_len: match self.dst {
+                Some(IpAddr::V4(_)) => 32,
+                Some(IpAddr::V6(_)) => 128,
+                None => 0,
+            },
+            action: RuleAction::ToTable,
+            ..Default::default()
+        };
+        let a = &mut m.attributes;
+        a.push(RuleAttribute::Table(self.table));
+        a.push(RuleAttribute::Priority(self.priority));
+        if let Some(dst) = self.dst {
+            a.push(RuleAttribute::Destination(dst));
+        }
+        if let Some((mark, mask)) = self.fwmark {
+            a.push(RuleAttribute::FwMark(mark));
+            a.push(RuleAttribute::FwMask(mask));
+        }
+        if let Some(p) = self.ip_proto {
+            a.push(RuleAttribute::IpProtocol(IpProtocol::from(p)));
+        }
+        if let Some((start, end)) = self.sport {
+            a.push(RuleAttribute::SourcePortRange(RulePortRange { start, end }));
+        }
+        if let Some((start, end)) = self.dport {
+            a.push(RuleAttribute::DestinationPortRange(RulePortRange {
+                start,
+                end,
+            }));
+        }
+        m
+    }
+
+    /// The rule as the kernel stored it (from a dump), in our terms. Attributes we
+    /// never set are ignored here; `from_message(m.message()) == self` for every rule
+    /// we make, so a kernel that dropped one of ours shows as a difference.
+    pub fn from_message(m: &RuleMessage) -> Option<Rule> {
+        let family = match m.header.family {
+            AddressFamily::Inet => IpFamily::V4,
+            AddressFamily::Inet6 => IpFamily::V6,
+            _ => return None,
+        };
+        if m.header.action != RuleAction::ToTable {
+            return None;
+        }
+        let mut r = Rule::to_table(family, 0, u32::from(m.header.table));
+        let (mut mark, mut mask) = (None, None);
+        for a in &m.attributes {
+            match a {
+                RuleAttribute::Table(t) => r.table = *t,
+                RuleAttribute::Priority(p) => r.priority = *p,
+                RuleAttribute::Destination(d) => r.dst = Some(*d),
+                RuleAttribute::FwMark(v) => mark = Some(*v),
+                RuleAttribute::FwMask(v) => mask = Some(*v),
+                RuleAttribute::IpProtocol(p) => r.ip_proto = Some(u8::from(*p)),
+                RuleAttribute::SourcePortRange(p) => r.sport = Some((p.start, p.end)),
+                RuleAttribute::DestinationPortRange(p) => r.dport = Some((p.start, p.end)),
+                _ => {}
+            }
+        }
+        if let Some(mark) = mark {
+            r.fwmark = Some((mark, mask.unwrap_or(u32::MAX)));
+        }
+        let full = match r.dst {
+            Some(IpAddr::V4(_)) => 32,
+            Some(IpAddr::V6(_)) => 128,
+            None => 0,
+        };
+        if m.header.dst_len != full {
+            // A prefix rather than one host: not one of ours.
+            r.dst = None;
+            r.table = u32::MAX;
+        }
+        Some(r)
+    }
+}
+
+/// IPv4 or IPv6, for requests that take a family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IpFamily {
     V4,
@@ -52,13 +136,14 @@ pub enum IpFamily {
 }
 
 impl IpFamily {
-    fn af(self) -> u8 {
+    fn af(self) -> AddressFamily {
         match self {
-            IpFamily::V4 => libc::AF_INET as u8,
-            IpFamily::V6 => libc::AF_INET6 as u8,
+            IpFamily::V4 => AddressFamily::Inet,
+            IpFamily::V6 => AddressFamily::Inet6,
         }
     }
 
+    /// The family of `ip`.
     pub fn of(ip: IpAddr) -> IpFamily {
         match ip {
             IpAddr::V4(_) => IpFamily::V4,
@@ -67,253 +152,269 @@ impl IpFamily {
     }
 }
 
-/// A NETLINK_ROUTE socket in the netns it was made in.
-pub struct Rtnl {
-    fd: OwnedFd,
+/// A route in one of our tables, as dumped: enough to delete it again.
+#[derive(Debug, Clone)]
+pub(crate) struct TableRoute {
+    pub table: u32,
+    message: RouteMessage,
+}
+
+/// A dumped rule: our view of it, and the message to delete it with.
+#[derive(Debug, Clone)]
+pub(crate) struct DumpedRule {
+    pub rule: Option<Rule>,
+    pub table: u32,
+    message: RuleMessage,
+}
+
+/// A NETLINK_ROUTE socket in the netns it was made in; requests are synchronous.
+pub(crate) struct Rtnl {
+    sock: Socket,
     seq: u32,
 }
 
-struct Msg(Vec<u8>);
-
-impl Msg {
-    fn new(kind: u16, flags: u16, seq: u32, header: &[u8]) -> Msg {
-        let mut v = Vec::with_capacity(64);
-        v.extend_from_slice(&0u32.to_ne_bytes()); // length, patched in finish()
-        v.extend_from_slice(&kind.to_ne_bytes());
-        v.extend_from_slice(&flags.to_ne_bytes());
-        v.extend_from_slice(&seq.to_ne_bytes());
-        v.extend_from_slice(&0u32.to_ne_bytes());
-        v.extend_from_slice(header);
-        Msg(v)
-    }
-
-    fn attr(&mut self, kind: u16, data: &[u8]) {
-        let len = 4 + data.len();
-        self.0.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.0.extend_from_slice(&kind.to_ne_bytes());
-        self.0.extend_from_slice(data);
-        while !self.0.len().is_multiple_of(4) {
-            self.0.push(0);
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let len = self.0.len() as u32;
-        self.0[..4].copy_from_slice(&len.to_ne_bytes());
-        self.0
-    }
-}
-
-fn ip_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    }
-}
-
 impl Rtnl {
+    /// # Errors
+    /// The socket cannot be made or bound.
     pub fn open() -> io::Result<Rtnl> {
-        // SAFETY: socket(2) with constant arguments; the result is checked.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: we just created fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        // SAFETY: setsockopt with a timeval of the right size.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-        }
-        Ok(Rtnl { fd, seq: 1 })
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        // A kernel that never answers must not hang the helper.
+        let tv = nix::sys::time::TimeVal::new(5, 0);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReceiveTimeout, &tv)?;
+        Ok(Rtnl { sock, seq: 1 })
     }
 
-    /// Send one request and wait for its acknowledgement.
-    fn request(&mut self, msg: Msg) -> io::Result<()> {
+    /// Send one request; with `dump`, collect every reply message until DONE,
+    /// otherwise wait for the acknowledgement.
+    fn exchange(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> io::Result<Vec<RouteNetlinkMessage>> {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
-        let mut bytes = msg.finish();
-        bytes[8..12].copy_from_slice(&seq.to_ne_bytes());
-        // SAFETY: sockaddr_nl is plain data; zeroes address the kernel.
-        let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: sendto from a buffer we own to a valid sockaddr_nl.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                0,
-                (&to as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = [0u8; 8192];
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        req.finalize();
+        let mut buf = vec![0u8; req.buffer_len()];
+        req.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut out = Vec::new();
+        let mut rbuf = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: recv into a buffer we own.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+            let n = loop {
+                match self.sock.recv(&mut &mut rbuf[..], 0) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
                 }
-                return Err(e);
-            }
-            let mut off = 0usize;
-            let n = n as usize;
-            while off + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
-                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap_or([0; 2]));
-                let rseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or([0; 4]));
-                if len < 16 || off + len > n {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "bad netlink reply",
-                    ));
-                }
-                if kind == NLMSG_ERROR && rseq == seq && len >= 20 {
-                    let err =
-                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap_or([0; 4]));
-                    return if err == 0 {
-                        Ok(())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-err))
-                    };
+            };
+            let mut off = 0;
+            while off < n {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rbuf[off..n])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let len = reply.header.length as usize;
+                if len == 0 {
+                    break;
                 }
                 off += (len + 3) & !3;
+                if reply.header.sequence_number != seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(out),
+                            Some(_) => Err(e.to_io()),
+                        }
+                    }
+                    NetlinkPayload::Done(_) if dump => return Ok(out),
+                    NetlinkPayload::InnerMessage(m) => out.push(m),
+                    _ => {}
+                }
             }
         }
     }
 
-    fn rule_msg(&self, kind: u16, flags: u16, r: &Rule) -> Msg {
-        let src_len = match r.src {
-            Some(IpAddr::V4(_)) => 32,
-            Some(IpAddr::V6(_)) => 128,
-            None => 0,
-        };
-        // struct fib_rule_hdr: family, dst_len, src_len, tos, table, res1, res2, action, flags
-        let header = [
-            r.family.af(),
-            0,
-            src_len,
-            0,
-            0,
-            0,
-            0,
-            FR_ACT_TO_TBL,
-            0,
-            0,
-            0,
-            0,
-        ];
-        let mut m = Msg::new(kind, flags, 0, &header);
-        m.attr(FRA_TABLE, &r.table.to_ne_bytes());
-        m.attr(FRA_PRIORITY, &r.priority.to_ne_bytes());
-        if let Some(src) = r.src {
-            m.attr(FRA_SRC, &ip_bytes(src));
-        }
-        if let Some((mark, mask)) = r.fwmark {
-            m.attr(FRA_FWMARK, &mark.to_ne_bytes());
-            m.attr(FRA_FWMASK, &mask.to_ne_bytes());
-        }
-        if let Some(p) = r.ip_proto {
-            m.attr(FRA_IP_PROTO, &[p]);
-        }
-        if let Some((a, b)) = r.sport {
-            let mut range = a.to_ne_bytes().to_vec();
-            range.extend_from_slice(&b.to_ne_bytes());
-            m.attr(FRA_SPORT_RANGE, &range);
-        }
-        m
+    fn ack(&mut self, msg: RouteNetlinkMessage, extra: u16) -> io::Result<()> {
+        self.exchange(msg, NLM_F_REQUEST | NLM_F_ACK | extra)
+            .map(drop)
     }
 
+    /// # Errors
+    /// The kernel's answer: `EEXIST` for a rule already there, `EPERM` without
+    /// `CAP_NET_ADMIN` over the netns, `EAFNOSUPPORT` without IPv6.
     pub fn add_rule(&mut self, r: &Rule) -> io::Result<()> {
-        let m = self.rule_msg(
-            RTM_NEWRULE,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-            r,
-        );
-        self.request(m)
+        self.ack(
+            RouteNetlinkMessage::NewRule(r.message()),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
     }
 
+    /// # Errors
+    /// The kernel's answer (`ENOENT` for a rule that is not there).
     pub fn del_rule(&mut self, r: &Rule) -> io::Result<()> {
-        let m = self.rule_msg(RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK, r);
-        self.request(m)
+        self.ack(RouteNetlinkMessage::DelRule(r.message()), 0)
     }
 
-    fn local_default_msg(
-        &self,
-        kind: u16,
-        flags: u16,
+    /// Delete a rule exactly as it was dumped.
+    pub fn del_dumped_rule(&mut self, r: &DumpedRule) -> io::Result<()> {
+        self.ack(RouteNetlinkMessage::DelRule(r.message.clone()), 0)
+    }
+
+    /// Every rule of `family` in this netns.
+    pub fn rules(&mut self, family: IpFamily) -> io::Result<Vec<DumpedRule>> {
+        let mut m = RuleMessage::default();
+        m.header.family = family.af();
+        let replies =
+            self.exchange(RouteNetlinkMessage::GetRule(m), NLM_F_REQUEST | NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewRule(m) => Some(m),
+                _ => None,
+            })
+            .map(|m| {
+                let table = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RuleAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(m.header.table));
+                DumpedRule {
+                    rule: Rule::from_message(&m),
+                    table,
+                    message: m,
+                }
+            })
+            .collect())
+    }
+
+    /// Every route of `family` in every table whose number `keep` accepts.
+    pub fn routes_in(
+        &mut self,
         family: IpFamily,
-        table: u32,
-        prefsrc: Option<IpAddr>,
-    ) -> io::Result<Msg> {
-        let oif = loopback_index()?;
-        // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags
-        let header = [
-            family.af(),
-            0,
-            0,
-            0,
-            0,
-            RTPROT_STATIC,
-            RT_SCOPE_HOST,
-            RTN_LOCAL,
-            0,
-            0,
-            0,
-            0,
-        ];
-        let mut m = Msg::new(kind, flags, 0, &header);
-        m.attr(RTA_TABLE, &table.to_ne_bytes());
-        m.attr(RTA_OIF, &oif.to_ne_bytes());
+        keep: impl Fn(u32) -> bool,
+    ) -> io::Result<Vec<TableRoute>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = family.af();
+        let replies =
+            self.exchange(RouteNetlinkMessage::GetRoute(m), NLM_F_REQUEST | NLM_F_DUMP)?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewRoute(m) => Some(m),
+                _ => None,
+            })
+            .filter_map(|m| {
+                let table = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(m.header.table));
+                keep(table).then_some(TableRoute { table, message: m })
+            })
+            .collect())
+    }
+
+    /// Delete a route exactly as it was dumped.
+    pub fn del_route(&mut self, r: &TableRoute) -> io::Result<()> {
+        self.ack(RouteNetlinkMessage::DelRoute(r.message.clone()), 0)
+    }
+
+    fn local_default(family: IpFamily, table: u32, prefsrc: Option<IpAddr>) -> io::Result<RouteMessage> {
+        let oif = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)?;
+        let mut m = RouteMessage::default();
+        m.header = RouteHeader {
+            address_family: family.af(),
+            table: RouteHeader::RT_TABLE_UNSPEC,
+            protocol: RouteProtocol::Static,
+            scope: RouteScope::Host,
+            kind: RouteType::Local,
+            ..Default::default()
+        };
+        m.attributes.push(RouteAttribute::Table(table));
+        m.attributes.push(RouteAttribute::Oif(oif));
         if let Some(src) = prefsrc {
-            m.attr(RTA_PREFSRC, &ip_bytes(src));
+            m.attributes
+                .push(RouteAttribute::PrefSource(RouteAddress::from(src)));
         }
         Ok(m)
     }
 
     /// `local default dev lo table TABLE [src PREFSRC]`: everything routed by that
-    /// table is ours; an unbound socket replying through it speaks from PREFSRC.
+    /// table is delivered locally; an unbound socket replying through it speaks from
+    /// PREFSRC.
+    ///
+    /// # Errors
+    /// The kernel's answer (`EEXIST` when the table has a default route already).
     pub fn add_local_default(
         &mut self,
         family: IpFamily,
         table: u32,
         prefsrc: Option<IpAddr>,
     ) -> io::Result<()> {
-        let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
-        let m = self.local_default_msg(RTM_NEWROUTE, flags, family, table, prefsrc)?;
-        self.request(m)
+        let m = Self::local_default(family, table, prefsrc)?;
+        self.ack(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)
     }
 
+    /// # Errors
+    /// The kernel's answer (`ESRCH` when there is no such route).
     pub fn del_local_default(&mut self, family: IpFamily, table: u32) -> io::Result<()> {
-        let m =
-            self.local_default_msg(RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, family, table, None)?;
-        self.request(m)
+        let m = Self::local_default(family, table, None)?;
+        self.ack(RouteNetlinkMessage::DelRoute(m), 0)
     }
 }
 
-fn loopback_index() -> io::Result<u32> {
-    nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp_flow() -> Rule {
+        Rule {
+            dst: Some("192.0.2.2".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))),
+            ip_proto: Some(17),
+            sport: Some((53, 53)),
+            dport: Some((40000, 40000)),
+            ..Rule::to_table(IpFamily::V4, 99, 0x524c_5001)
+        }
+    }
+
+    #[test]
+    fn rules_survive_the_round_trip_through_a_message() {
+        let mut fw = Rule::to_table(IpFamily::V6, 99, 7);
+        fw.fwmark = Some((7, u32::MAX));
+        for r in [udp_flow(), fw, Rule::to_table(IpFamily::V4, 1, 2)] {
+            assert_eq!(Rule::from_message(&r.message()), Some(r));
+        }
+    }
+
+    #[test]
+    fn a_kernel_that_drops_match_attributes_shows_as_a_different_rule() {
+        // What a kernel before 4.17 stores: it ignores FRA_IP_PROTO and the port
+        // ranges, leaving `to 192.0.2.2 lookup TABLE`, a catch-all for that host.
+        let asked = udp_flow();
+        let mut m = asked.message();
+        m.attributes.retain(|a| {
+            !matches!(
+                a,
+                RuleAttribute::IpProtocol(_)
+                    | RuleAttribute::SourcePortRange(_)
+                    | RuleAttribute::DestinationPortRange(_)
+            )
+        });
+        let stored = Rule::from_message(&m);
+        assert_ne!(stored.as_ref(), Some(&asked));
+        assert_eq!(stored.and_then(|s| s.dst), asked.dst);
+    }
 }

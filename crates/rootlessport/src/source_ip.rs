@@ -1,146 +1,353 @@
 //! Keeping the client's address: inside the container netns, connections and UDP flows
 //! to the container are made from transparent sockets bound to the real client address
-//! and port, and policy routing brings the container's replies back to them.
+//! and port, and policy routing brings the container's replies of *those* connections
+//! and flows back to them. Nothing else in the netns changes its route.
 //!
-//! - A table of our own routes everything as local (`local default dev lo`, with the
-//!   child IP as preferred source so that a server on a wildcard address answers UDP
-//!   from the address the flow was sent to), for IPv4 and IPv6.
-//! - TCP: our sockets carry a mark; with `net.ipv4.tcp_fwmark_accept` the container's
-//!   accepted socket inherits it, and a `fwmark` rule sends its packets (replies only)
-//!   to our table. The container's other traffic, from the same port too, is untouched.
-//! - UDP: a rule per published UDP port range (`ipproto udp sport A-B`, in the child
-//!   IP's family) sends the container's packets from those ports to our table. (No
-//!   `from CHILD_IP`: a server on a wildcard address has no source address yet when
-//!   its reply is routed.) The trade-off: while
-//!   published, a container's UDP port can answer clients but cannot start talking to
-//!   other hosts from that same port (rare for servers; DNS forwarders and the like use
-//!   other source ports).
+//! # What each helper puts into the netns
 //!
-//! Everything is added when the helper starts, the UDP rules move on reload, and all of
-//! it is removed at exit. When it cannot be set up, the helper forwards as podman's
-//! does (the container sees the helper's address), with one warning line.
+//! Every helper owns a slot: a number derived from its container ID (FNV-1a, probing
+//! on collision), giving its own routing table and socket mark `TABLE_BASE + slot`.
+//! - The table holds one route per family, `local default dev lo src CHILD_IP`: what
+//!   is sent to it is delivered locally, to our transparent sockets.
+//! - TCP: our sockets carry the helper's mark; with `net.ipv4.tcp_fwmark_accept=1` the
+//!   container's accepted socket inherits it, and one rule `fwmark MARK lookup TABLE`
+//!   per family diverts the packets of that connection alone. The container's other
+//!   connections, siblings' connections and other helpers' (other mark) are untouched.
+//! - UDP has no such inheritance, so each kept flow gets one exact rule, added before its
+//!   first datagram is forwarded and removed with the flow: `to CLIENT ipproto udp sport
+//!   CONTAINER_PORT dport CLIENT_PORT lookup TABLE`. Only the container's datagrams on
+//!   that one 4-tuple (its replies to that client) are diverted; a sibling's query, a
+//!   peer the container starts talking to from its published port, or its own lookups
+//!   from a published range keep their normal route.
+//!
+//! # Ownership, death and sharing
+//!
+//! The owner of a slot holds an abstract unix socket named after it in the container
+//! netns (`@rootless-net/rootlessport/<table>`); the kernel frees the name when the
+//! helper dies, `kill -9` included. A helper starting or exiting takes the netns-wide
+//! lock (another abstract name), removes every rule and route of a table in our range
+//! whose owner name is free (a dead helper's), and only then adds or removes its own.
+//! `tcp_fwmark_accept` is shared by all helpers in a netns: the first one that finds it
+//! 0 sets it to 1 and adds a marker rule (`fwmark M lookup M` on an empty table, which
+//! routes nothing) recording that it was 0; the last helper to leave (no live owner
+//! left) writes 0 back and removes the marker. A value of 1 found without the marker
+//! was set by someone else and is never changed.
+//!
+//! # Checked, with a fallback
+//!
+//! After adding a rule the helper reads the rules back. A kernel that stores less than
+//! asked (before 4.17, `FRA_IP_PROTO` and the port ranges are ignored, which would
+//! turn a flow rule into a catch-all for the client's host) is detected with a probe
+//! rule on an empty table at start; the helper then keeps UDP client addresses off (one
+//! warning line) and never adds a flow rule. Any failure to set up leaves the netns as
+//! it was and forwards as podman's helper does (the container sees the child IP's side).
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
 
-use crate::netlink::{IpFamily, Rtnl, Rule};
+use crate::netlink::{DumpedRule, IpFamily, Rtnl, Rule};
 
-/// The mark on our sockets and the routing table we add: "RLPT".
-pub const MARK: u32 = 0x524c_5054;
-pub const TABLE: u32 = 0x524c_5054;
+/// First table (and mark) of the range our helpers use: "RLP" and 0x5000.
+pub const TABLE_BASE: u32 = 0x524c_5000;
+/// Slots in the range: at most this many helpers keep addresses in one netns.
+pub const SLOTS: u32 = 4096;
+/// The marker's table and mark (just below the range; nothing is ever routed by it).
+pub const MARKER: u32 = TABLE_BASE - 1;
+/// The probe rule's table (empty: a probe rule routes nothing, whatever was stored).
+const PROBE_TABLE: u32 = TABLE_BASE - 2;
 /// Before the main table's rule (32766).
 pub const PRIORITY: u32 = 99;
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// How long to wait for another helper's setup or teardown in the same netns.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// The routing state we added to the container netns.
-pub struct SourceIp {
+fn owner_name(table: u32) -> String {
+    format!("rootless-net/rootlessport/{table:08x}")
+}
+
+/// Bind an abstract unix socket in the calling thread's netns: `Ok(None)` when the
+/// name is taken.
+fn claim(name: &str) -> io::Result<Option<OwnedFd>> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new_abstract(name.as_bytes())?;
+    match bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+        Ok(()) => Ok(Some(fd)),
+        Err(nix::errno::Errno::EADDRINUSE) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The netns-wide lock: held while a helper sets up or tears down.
+struct NetnsLock(#[allow(dead_code)] OwnedFd);
+
+impl NetnsLock {
+    fn take() -> Result<NetnsLock, String> {
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match claim("rootless-net/rootlessport/lock") {
+                Ok(Some(fd)) => return Ok(NetnsLock(fd)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Ok(None) => return Err("another helper holds the netns lock".into()),
+                Err(e) => return Err(format!("netns lock: {e}")),
+            }
+        }
+    }
+}
+
+/// FNV-1a: stable across builds and processes, so a restarted container gets its
+/// slot back (and finds its own leftovers first).
+fn slot_hash(container_id: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in container_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % SLOTS
+}
+
+fn ours(table: u32) -> bool {
+    (TABLE_BASE..TABLE_BASE + SLOTS).contains(&table) || table == MARKER || table == PROBE_TABLE
+}
+
+/// The routing state one helper owns in the container netns.
+pub(crate) struct SourceIp {
     rtnl: Rtnl,
+    /// Our table, also the mark of our TCP sockets.
+    table: u32,
+    _owner: OwnedFd,
     families: Vec<IpFamily>,
-    added_routes: Vec<IpFamily>,
-    added_rules: Vec<Rule>,
-    udp_ranges: Vec<(u16, u16)>,
-    udp_rules: Vec<Rule>,
-    restore_fwmark_accept: Option<String>,
+    /// Whether exact UDP flow rules are stored as asked.
+    udp: bool,
+    child: IpAddr,
+    /// The 4-tuples (client, target) of kept UDP flows, each with its rule.
+    flows: HashSet<(SocketAddr, SocketAddr)>,
 }
 
 impl SourceIp {
-    /// Set it up from a thread inside the container netns. `udp_ranges` are the
-    /// container port ranges published for UDP.
-    pub fn setup(
-        udp_ranges: Vec<(u16, u16)>,
-        child_ip: Option<IpAddr>,
-    ) -> Result<SourceIp, String> {
+    /// Set it up from a thread inside the container netns.
+    ///
+    /// # Errors
+    /// Why addresses cannot be kept (the netns is left as it was).
+    pub fn setup(container_id: &str, child_ip: Option<IpAddr>) -> Result<SourceIp, String> {
         let child = usable_child(child_ip)?;
         let rtnl = Rtnl::open().map_err(|e| format!("netlink: {e}"))?;
+        let lock = NetnsLock::take()?;
+        let first = slot_hash(container_id);
+        let (table, owner) = (0..SLOTS)
+            .map(|i| TABLE_BASE + (first + i) % SLOTS)
+            .find_map(|t| match claim(&owner_name(t)) {
+                Ok(Some(fd)) => Some(Ok((t, fd))),
+                Ok(None) => None,
+                Err(e) => Some(Err(format!("owner socket: {e}"))),
+            })
+            .unwrap_or_else(|| Err(format!("all {SLOTS} slots of this netns are taken")))?;
         let mut s = SourceIp {
             rtnl,
+            table,
+            _owner: owner,
             families: Vec::new(),
-            added_routes: Vec::new(),
-            added_rules: Vec::new(),
-            udp_ranges,
-            udp_rules: Vec::new(),
-            restore_fwmark_accept: None,
+            udp: false,
+            child,
+            flows: HashSet::new(),
         };
-        let current =
-            std::fs::read_to_string(FWMARK_ACCEPT).map_err(|e| format!("{FWMARK_ACCEPT}: {e}"))?;
-        if current.trim() == "0" {
-            std::fs::write(FWMARK_ACCEPT, "1").map_err(|e| format!("{FWMARK_ACCEPT}: {e}"))?;
-            s.restore_fwmark_accept = Some(current.trim().to_owned());
-        }
+        s.remove_dead(Some(table));
+        let result = s.add_all();
+        drop(lock);
+        // On failure, dropping `s` removes what was added (under the lock again).
+        result.map(|()| s)
+    }
+
+    fn add_all(&mut self) -> Result<(), String> {
+        self.enable_fwmark_accept()?;
         for family in [IpFamily::V4, IpFamily::V6] {
-            let prefsrc = (IpFamily::of(child) == family).then_some(child);
-            match s.add_family(family, prefsrc) {
-                Ok(()) => s.families.push(family),
+            let prefsrc = (IpFamily::of(self.child) == family).then_some(self.child);
+            match self.add_family(family, prefsrc) {
+                Ok(()) => self.families.push(family),
                 // No IPv6 in the container is fine; no IPv4 support is not.
                 Err(e) if family == IpFamily::V6 => {
-                    tracing::debug!(error = %e, "no IPv6 source-address keeping");
+                    tracing::debug!(error = %e, "no IPv6 client-address keeping");
                 }
                 Err(e) => return Err(e),
             }
         }
-        s.add_udp_rules(child)?;
-        Ok(s)
+        self.udp = match self.probe_udp_rules() {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(
+                    "UDP client addresses are not kept (the container sees the child IP's side): {why}"
+                );
+                false
+            }
+        };
+        Ok(())
     }
 
     fn add_family(&mut self, family: IpFamily, prefsrc: Option<IpAddr>) -> Result<(), String> {
-        match self.rtnl.add_local_default(family, TABLE, prefsrc) {
-            Ok(()) => self.added_routes.push(family),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(format!("adding the local route: {e}")),
-        }
+        self.rtnl
+            .add_local_default(family, self.table, prefsrc)
+            .map_err(|e| format!("adding the local route of table {}: {e}", self.table))?;
         let rule = Rule {
-            family,
-            priority: PRIORITY,
-            table: TABLE,
-            fwmark: Some((MARK, u32::MAX)),
-            ip_proto: None,
-            sport: None,
-            src: None,
+            fwmark: Some((self.table, u32::MAX)),
+            ..Rule::to_table(family, PRIORITY, self.table)
         };
-        self.add_rule_once(rule)
-            .map_err(|e| format!("adding the fwmark rule: {e}"))
+        self.rtnl
+            .add_rule(&rule)
+            .map_err(|e| format!("adding the fwmark rule: {e}"))?;
+        self.check_stored(&rule)
+            .map_err(|e| format!("the fwmark rule: {e}"))
     }
 
-    fn add_rule_once(&mut self, rule: Rule) -> io::Result<()> {
-        match self.rtnl.add_rule(&rule) {
-            Ok(()) => {
-                self.added_rules.push(rule);
-                Ok(())
-            }
-            // Another helper in this netns has the same rule: share it.
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn add_udp_rules(&mut self, child: IpAddr) -> Result<(), String> {
-        let family = IpFamily::of(child);
-        if !self.families.contains(&family) {
+    /// Read the rules back: the kernel must have stored `rule` as asked.
+    fn check_stored(&mut self, rule: &Rule) -> Result<(), String> {
+        let dumped = self
+            .rtnl
+            .rules(rule.family)
+            .map_err(|e| format!("reading the rules back: {e}"))?;
+        if dumped.iter().any(|d| d.rule.as_ref() == Some(rule)) {
             return Ok(());
         }
-        for &(a, b) in &self.udp_ranges.clone() {
-            let rule = Rule {
-                family,
-                priority: PRIORITY,
-                table: TABLE,
-                fwmark: None,
-                ip_proto: Some(libc::IPPROTO_UDP as u8),
-                sport: Some((a, b)),
-                src: None,
-            };
-            match self.rtnl.add_rule(&rule) {
-                Ok(()) => self.udp_rules.push(rule),
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(format!("adding the UDP rule for ports {a}-{b}: {e}")),
+        // What was stored instead, so it can be removed.
+        for d in dumped.iter().filter(|d| d.table == rule.table) {
+            if d.rule.as_ref().is_some_and(|r| r.priority == rule.priority) {
+                let _ = self.rtnl.del_dumped_rule(d);
             }
+        }
+        Err("the kernel stored a different rule than asked (kernel too old?)".into())
+    }
+
+    /// Add and read back an exact flow rule on an empty table: if the kernel ignores
+    /// a match, the stored rule differs (and, on an empty table, still routes nothing).
+    fn probe_udp_rules(&mut self) -> Result<(), String> {
+        let family = IpFamily::of(self.child);
+        if !self.families.contains(&family) {
+            return Err(format!("no {family:?} routing set up"));
+        }
+        let dst = match family {
+            IpFamily::V4 => IpAddr::from([192, 0, 2, 255]),
+            IpFamily::V6 => IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xffff]),
+        };
+        let probe = flow_rule(PROBE_TABLE, SocketAddr::new(dst, 1), 1);
+        match self.rtnl.add_rule(&probe) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(format!("the kernel refused a port-matching rule: {e}")),
+        }
+        let stored = self.check_stored(&probe);
+        let _ = self.rtnl.del_rule(&probe);
+        stored
+    }
+
+    /// Set `tcp_fwmark_accept`, recording with the marker that it was 0.
+    fn enable_fwmark_accept(&mut self) -> Result<(), String> {
+        let current =
+            std::fs::read_to_string(FWMARK_ACCEPT).map_err(|e| format!("{FWMARK_ACCEPT}: {e}"))?;
+        if current.trim() != "0" {
+            return Ok(());
+        }
+        match self.rtnl.add_rule(&marker()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(format!("adding the marker rule: {e}")),
+        }
+        if let Err(e) = std::fs::write(FWMARK_ACCEPT, "1") {
+            let _ = self.restore_fwmark_accept_if_last();
+            return Err(format!("{FWMARK_ACCEPT}: {e}"));
         }
         Ok(())
     }
 
-    fn remove_udp_rules(&mut self) {
-        for r in std::mem::take(&mut self.udp_rules) {
-            let _ = self.rtnl.del_rule(&r);
+    /// Remove what dead helpers left: every rule and route of a table in our range
+    /// whose owner name is free. `mine` is our own slot, whose leftovers (a previous
+    /// owner of it died) go too. Returns whether a live helper other than us remains.
+    fn remove_dead(&mut self, mine: Option<u32>) -> bool {
+        let mut rules: Vec<DumpedRule> = Vec::new();
+        let mut routes = Vec::new();
+        for f in [IpFamily::V4, IpFamily::V6] {
+            rules.extend(self.rtnl.rules(f).unwrap_or_default());
+            routes.extend(self.rtnl.routes_in(f, ours).unwrap_or_default());
         }
+        let mut tables: Vec<u32> = rules
+            .iter()
+            .map(|r| r.table)
+            .chain(routes.iter().map(|r| r.table))
+            .filter(|t| (TABLE_BASE..TABLE_BASE + SLOTS).contains(t))
+            .collect();
+        tables.sort_unstable();
+        tables.dedup();
+        let mut others_alive = false;
+        for t in tables {
+            let dead = if Some(t) == mine {
+                true
+            } else {
+                match claim(&owner_name(t)) {
+                    Ok(Some(_probe)) => true, // freed again when _probe drops
+                    Ok(None) => {
+                        others_alive = true;
+                        false
+                    }
+                    Err(_) => false,
+                }
+            };
+            if dead {
+                if Some(t) != mine {
+                    tracing::info!(table = t, "removing what a dead helper left");
+                }
+                for r in rules.iter().filter(|r| r.table == t) {
+                    let _ = self.rtnl.del_dumped_rule(r);
+                }
+                for r in routes.iter().filter(|r| r.table == t) {
+                    let _ = self.rtnl.del_route(r);
+                }
+            }
+        }
+        others_alive
+    }
+
+    /// The last helper out writes back the 0 recorded by the marker.
+    fn restore_fwmark_accept_if_last(&mut self) -> bool {
+        if self.remove_dead(Some(self.table)) {
+            return false;
+        }
+        let has_marker = self
+            .rtnl
+            .rules(IpFamily::V4)
+            .unwrap_or_default()
+            .iter()
+            .any(|d| d.rule.as_ref() == Some(&marker()));
+        if has_marker {
+            let _ = std::fs::write(FWMARK_ACCEPT, "0");
+            let _ = self.rtnl.del_rule(&marker());
+        }
+        true
+    }
+
+    /// Remove our own rules (flows included) and routes, then the marker if we are
+    /// the last; the caller holds the lock.
+    fn teardown_locked(&mut self) {
+        let table = self.table;
+        for f in [IpFamily::V4, IpFamily::V6] {
+            for r in self.rtnl.rules(f).unwrap_or_default() {
+                if r.table == table {
+                    let _ = self.rtnl.del_dumped_rule(&r);
+                }
+            }
+            for r in self.rtnl.routes_in(f, |t| t == table).unwrap_or_default() {
+                let _ = self.rtnl.del_route(&r);
+            }
+        }
+        self.flows.clear();
+        self.restore_fwmark_accept_if_last();
     }
 
     /// Whether connections of this family can keep their source address.
@@ -148,44 +355,98 @@ impl SourceIp {
         self.families.contains(&family)
     }
 
-    /// The child IP changed: the routes take it as preferred source, and the UDP rules
-    /// follow its family.
+    /// Whether UDP flows of this family can keep their source address.
+    pub fn supports_udp(&self, family: IpFamily) -> bool {
+        self.udp && self.supports(family)
+    }
+
+    /// The mark our TCP sockets carry.
+    pub fn mark(&self) -> u32 {
+        self.table
+    }
+
+    /// Divert the container's replies on one UDP flow (client <-> target) to our
+    /// socket bound to `client`. `false`: the flow must use an ordinary socket (the
+    /// same 4-tuple is kept already, e.g. two published ports to one container port,
+    /// or the rule could not be added).
+    pub fn add_udp_flow(&mut self, client: SocketAddr, target: SocketAddr) -> bool {
+        if !self.supports_udp(IpFamily::of(client.ip())) || self.flows.contains(&(client, target))
+        {
+            return false;
+        }
+        let rule = flow_rule(self.table, client, target.port());
+        match self.rtnl.add_rule(&rule) {
+            Ok(()) => {
+                self.flows.insert((client, target));
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, %client, "UDP flow rule not added");
+                false
+            }
+        }
+    }
+
+    /// The flow ended: its rule goes.
+    pub fn remove_udp_flow(&mut self, client: SocketAddr, target: SocketAddr) {
+        if self.flows.remove(&(client, target)) {
+            let _ = self
+                .rtnl
+                .del_rule(&flow_rule(self.table, client, target.port()));
+        }
+    }
+
+    /// The child IP changed: the routes take it as preferred source. (UDP flows to the
+    /// old target are dropped by their ports as their next datagram arrives.)
     pub fn reload(&mut self, child_ip: Option<IpAddr>) {
-        self.remove_udp_rules();
         let child = match usable_child(child_ip) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "source addresses not kept after reload");
+                tracing::warn!(error = %e, "client addresses not kept after reload");
+                self.families.clear();
+                self.udp = false;
                 return;
             }
         };
-        for family in self.added_routes.clone() {
-            let _ = self.rtnl.del_local_default(family, TABLE);
+        self.child = child;
+        for family in self.families.clone() {
+            let _ = self.rtnl.del_local_default(family, self.table);
             let prefsrc = (IpFamily::of(child) == family).then_some(child);
-            if let Err(e) = self.rtnl.add_local_default(family, TABLE, prefsrc) {
+            if let Err(e) = self.rtnl.add_local_default(family, self.table, prefsrc) {
                 tracing::warn!(error = %e, "re-adding the local route after reload");
-                self.added_routes.retain(|f| *f != family);
                 self.families.retain(|f| *f != family);
             }
-        }
-        if let Err(e) = self.add_udp_rules(child) {
-            tracing::warn!(error = %e, "UDP source addresses not kept after reload");
         }
     }
 }
 
 impl Drop for SourceIp {
     fn drop(&mut self) {
-        self.remove_udp_rules();
-        for r in std::mem::take(&mut self.added_rules) {
-            let _ = self.rtnl.del_rule(&r);
+        // Without the lock (another helper stuck mid-setup) we still remove our own.
+        let lock = NetnsLock::take();
+        if let Err(e) = &lock {
+            tracing::warn!(error = %e, "tearing down without the netns lock");
         }
-        for f in std::mem::take(&mut self.added_routes) {
-            let _ = self.rtnl.del_local_default(f, TABLE);
-        }
-        if let Some(v) = self.restore_fwmark_accept.take() {
-            let _ = std::fs::write(FWMARK_ACCEPT, v);
-        }
+        self.teardown_locked();
+        drop(lock);
+    }
+}
+
+fn marker() -> Rule {
+    Rule {
+        fwmark: Some((MARKER, u32::MAX)),
+        ..Rule::to_table(IpFamily::V4, PRIORITY, MARKER)
+    }
+}
+
+/// `to CLIENT ipproto udp sport CONTAINER_PORT dport CLIENT_PORT lookup TABLE`.
+fn flow_rule(table: u32, client: SocketAddr, container_port: u16) -> Rule {
+    Rule {
+        dst: Some(client.ip()),
+        ip_proto: Some(libc::IPPROTO_UDP as u8),
+        sport: Some((container_port, container_port)),
+        dport: Some((client.port(), client.port())),
+        ..Rule::to_table(IpFamily::of(client.ip()), PRIORITY, table)
     }
 }
 
@@ -220,11 +481,13 @@ pub(crate) fn source_for(
     Some(SocketAddr::new(ip, client.port()))
 }
 
-/// A socket bound to `source` (not an address of this netns) for `target`.
+/// A socket bound to `source` (not an address of this netns) for a connection or
+/// flow to the container; `mark` for TCP, so that the container's accepted socket
+/// inherits it.
 pub(crate) fn transparent_socket(
     source: SocketAddr,
     ty: socket2::Type,
-    mark: bool,
+    mark: Option<u32>,
 ) -> io::Result<socket2::Socket> {
     let s = socket2::Socket::new(socket2::Domain::for_address(source), ty, None)?;
     s.set_nonblocking(true)?;
@@ -233,8 +496,8 @@ pub(crate) fn transparent_socket(
         SocketAddr::V4(_) => s.set_ip_transparent_v4(true)?,
         SocketAddr::V6(_) => s.set_ip_transparent_v6(true)?,
     }
-    if mark {
-        s.set_mark(MARK)?;
+    if let Some(mark) = mark {
+        s.set_mark(mark)?;
     }
     s.bind(&source.into())?;
     Ok(s)
@@ -273,5 +536,28 @@ mod tests {
             None,
             "loopback target"
         );
+    }
+
+    #[test]
+    fn slots_are_stable_and_in_range() {
+        assert_eq!(slot_hash("abc"), slot_hash("abc"));
+        assert_ne!(slot_hash("abc"), slot_hash("abd"));
+        for id in ["", "x", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"] {
+            assert!(slot_hash(id) < SLOTS);
+            assert!(ours(TABLE_BASE + slot_hash(id)));
+        }
+        assert!(!ours(254) && !ours(TABLE_BASE + SLOTS));
+    }
+
+    #[test]
+    fn a_flow_rule_names_one_4_tuple() {
+        let c: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+        let r = flow_rule(TABLE_BASE + 3, c, 53);
+        assert_eq!(r.dst, Some(c.ip()));
+        assert_eq!(r.sport, Some((53, 53)));
+        assert_eq!(r.dport, Some((40000, 40000)));
+        assert_eq!(r.ip_proto, Some(17));
+        assert_eq!(r.family, IpFamily::V4);
+        assert_eq!(r.fwmark, None);
     }
 }

@@ -76,7 +76,7 @@ async fn forward(
     // This runs on a thread that entered the container netns: the socket is made there,
     // from the client's own address when it can be kept.
     let sock = match source_for(&shared.source_families, peer, to)
-        .and_then(|src| transparent_socket(src, socket2::Type::STREAM, true).ok())
+        .and_then(|src| transparent_socket(src, socket2::Type::STREAM, shared.mark).ok())
     {
         Some(s) => Ok(TcpSocket::from_std_stream(s.into())),
         None => match to {

@@ -2,10 +2,33 @@
 //!
 //! Config JSON on stdin; one line on stdout and exit 1 for anything wrong before
 //! ready; `1` on ReadyFD once every port is served; exit 0 when ExitFD reads EOF.
+//!
+//! # Logging
+//!
+//! Log lines go to stderr, each one starting with `rootlessport:` and its level
+//! (`rootlessport: warning: ...`); stdout is kept for the one error line podman reads.
+//!
+//! - `ROOTLESSPORT_LOG`: which lines are written, in `tracing-subscriber`'s `EnvFilter`
+//!   syntax: `debug`, `info`, `rootlessport=debug`, `rootlessport::tcp=trace,warn`...
+//!   Default `warn`. A value that does not parse is replaced by the default, with one
+//!   warning line saying so.
+//! - `ROOTLESSPORT_LOG_FILE`: a file the log goes to once the helper is ready (opened
+//!   when it starts, appended to, created with mode 0600). Its lines also carry a UTC
+//!   timestamp and the helper's pid (`2024-05-01T12:00:00.123456Z rootlessport[4242]:
+//!   info: ...`), as several helpers may share one file. If it cannot be opened, one
+//!   warning line says so before ready and the helper carries on as without it.
+//!
+//! Where stderr goes once ready: to `ROOTLESSPORT_LOG_FILE` when set; otherwise a
+//! regular file or a terminal is kept (an engine's log file, a person running the
+//! helper by hand), and anything else, such as the pipe podman stops reading once the
+//! container started, is replaced by `/dev/null`, so that neither a full pipe nor a
+//! closed one can block or kill the helper. stdout always goes to `/dev/null` once
+//! ready.
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io::{IsTerminal, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rootlessport::config::{parse_child_ip, plan_ports};
@@ -16,14 +39,27 @@ use rootlessport::{errno_text, Config, Error};
 /// A real config is about 100 bytes per mapping; this leaves room for 100,000 of them.
 const STDIN_LIMIT: usize = 16 * 1024 * 1024;
 
+/// The filter when `ROOTLESSPORT_LOG` is unset, empty or invalid.
+const DEFAULT_FILTER: &str = "warn";
+
+/// Set once ReadyFD was written: stdout is /dev/null from then on.
+static READY: AtomicBool = AtomicBool::new(false);
+
 fn main() {
     if std::env::args_os().len() > 1 {
+        // podman's exact words (a contract), before any logging is set up.
         eprintln!("too many arguments, rootlessport expects a json config via STDIN");
         std::process::exit(1);
     }
+    logging::init();
     if let Err(e) = run() {
-        // Before ready this is the line podman reports; after it, stdout is /dev/null.
-        println!("{e}");
+        if READY.load(Ordering::Relaxed) {
+            // stdout is /dev/null by now: the log is the only place left to say it.
+            tracing::error!("{e}");
+        } else {
+            // The line podman reports.
+            println!("{e}");
+        }
         std::process::exit(1);
     }
 }
@@ -67,12 +103,15 @@ fn run() -> Result<(), Error> {
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_UDP_IDLE);
-    eprintln!(
-        "rootlessport: {} port(s) into {} (child IP {})",
+    let summary = format!(
+        "{} port(s) into {} (child IP {})",
         specs.len(),
         cfg.netns_path,
         child_ip.map_or("loopback".to_string(), |ip| ip.to_string())
     );
+    tracing::info!("{summary}");
+    // Opened now, so that a bad path is reported while someone still reads stderr.
+    let log_file = logging::open_file();
     let forwarder = Forwarder {
         bound,
         netns,
@@ -87,6 +126,7 @@ fn run() -> Result<(), Error> {
             .unwrap_or(1)
             .clamp(1, 64),
         exit_after: true,
+        container_id: cfg.container_id.clone(),
         preserve_source: cfg.preserve_source_ip
             && !matches!(
                 std::env::var("ROOTLESSPORT_PRESERVE_SOURCE_IP").as_deref(),
@@ -95,22 +135,159 @@ fn run() -> Result<(), Error> {
     };
     let mut ready_fd = Some(ready_fd);
     forwarder.run(|| {
-        // A closed log pipe must not kill us later: stdout and stderr go to /dev/null.
-        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            // SAFETY: dup2 onto the standard fds with an fd we own.
-            unsafe {
-                libc::dup2(null.as_raw_fd(), 1);
-                libc::dup2(null.as_raw_fd(), 2);
-            }
-        }
+        let to_file = logging::redirect_std(log_file);
         let fd = ready_fd.take().ok_or(Error::InvalidReadyFd)?;
         nix::unistd::write(&fd, b"1").map_err(|e| Error::Io {
             what: "writing to ReadyFD",
             source: e.into(),
         })?;
         drop(fd);
+        READY.store(true, Ordering::Relaxed);
+        if to_file {
+            // The file's first line from this helper says which one it is.
+            tracing::info!("ready: {summary}");
+        }
         Ok(())
     })?;
     // Listeners and connections are closed by the kernel at exit.
     std::process::exit(0);
+}
+
+/// The log: a `tracing` subscriber on stderr, and where stderr goes once ready.
+mod logging {
+    use super::*;
+
+    use std::fmt;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use tracing::{Event, Level, Subscriber};
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+    use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+    use tracing_subscriber::registry::LookupSpan;
+    use tracing_subscriber::EnvFilter;
+
+    /// Set when stderr became `ROOTLESSPORT_LOG_FILE`: lines get a timestamp and pid.
+    static STAMPED: AtomicBool = AtomicBool::new(false);
+
+    /// Install the subscriber: stderr, filter from `ROOTLESSPORT_LOG`.
+    pub(super) fn init() {
+        let wanted = std::env::var("ROOTLESSPORT_LOG")
+            .ok()
+            .filter(|v| !v.trim().is_empty());
+        let (filter, invalid) = match wanted.as_deref().map(EnvFilter::try_new) {
+            None => (EnvFilter::new(DEFAULT_FILTER), None),
+            Some(Ok(f)) => (f, None),
+            Some(Err(e)) => (EnvFilter::new(DEFAULT_FILTER), Some(e)),
+        };
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_env_filter(filter)
+            .event_format(Format)
+            .try_init();
+        if let Some(e) = invalid {
+            tracing::warn!(
+                "ROOTLESSPORT_LOG={:?} is not a valid filter ({e}); using {DEFAULT_FILTER:?}",
+                wanted.unwrap_or_default()
+            );
+        }
+    }
+
+    /// Open `ROOTLESSPORT_LOG_FILE`, if set; a failure is one warning line, never an
+    /// error of the helper.
+    pub(super) fn open_file() -> Option<File> {
+        let path = std::env::var_os("ROOTLESSPORT_LOG_FILE").filter(|p| !p.is_empty())?;
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot open ROOTLESSPORT_LOG_FILE {}: {}; logging as without it",
+                    Path::new(&path).display(),
+                    errno_text(&e)
+                );
+                None
+            }
+        }
+    }
+
+    /// At ready: stdout to /dev/null; stderr to `file` if given, else kept when it is a
+    /// regular file or a terminal, else to /dev/null. True when stderr is now `file`.
+    pub(super) fn redirect_std(file: Option<File>) -> bool {
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null");
+        if let Ok(null) = &null {
+            let _ = nix::unistd::dup2_stdout(null);
+        }
+        if let Some(file) = file {
+            if nix::unistd::dup2_stderr(&file).is_ok() {
+                STAMPED.store(true, Ordering::Relaxed);
+                return true;
+            }
+        }
+        if !stderr_is_kept() {
+            if let Ok(null) = &null {
+                let _ = nix::unistd::dup2_stderr(null);
+            }
+        }
+        false
+    }
+
+    /// A regular file or a terminal: nobody has to keep reading it for us to go on.
+    fn stderr_is_kept() -> bool {
+        use nix::sys::stat::{fstat, SFlag};
+        let stderr = std::io::stderr();
+        stderr.is_terminal()
+            || fstat(&stderr).is_ok_and(|st| {
+                SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+            })
+    }
+
+    /// `rootlessport: warning: message key=value`, plus the module for debug and trace
+    /// lines, and a timestamp and pid in `ROOTLESSPORT_LOG_FILE`.
+    struct Format;
+
+    impl<S, N> FormatEvent<S, N> for Format
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut w: Writer<'_>,
+            event: &Event<'_>,
+        ) -> fmt::Result {
+            let meta = event.metadata();
+            if STAMPED.load(Ordering::Relaxed) {
+                SystemTime.format_time(&mut w)?;
+                write!(w, " rootlessport[{}]: ", std::process::id())?;
+            } else {
+                w.write_str("rootlessport: ")?;
+            }
+            let (word, colour) = match *meta.level() {
+                Level::ERROR => ("error", "31"),
+                Level::WARN => ("warning", "33"),
+                Level::INFO => ("info", "32"),
+                Level::DEBUG => ("debug", "34"),
+                Level::TRACE => ("trace", "35"),
+            };
+            if w.has_ansi_escapes() {
+                write!(w, "\x1b[{colour}m{word}\x1b[0m: ")?;
+            } else {
+                write!(w, "{word}: ")?;
+            }
+            if *meta.level() >= Level::DEBUG {
+                let target = meta.target();
+                let short = target.strip_prefix("rootlessport::").unwrap_or(target);
+                write!(w, "{short}: ")?;
+            }
+            ctx.format_fields(w.by_ref(), event)?;
+            writeln!(w)
+        }
+    }
 }
