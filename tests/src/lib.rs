@@ -283,3 +283,261 @@ pub fn xtask_bin() -> PathBuf {
 pub fn cloexec_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2")
 }
+
+/// A snapshot of the routing state a helper may touch in `ns`, for comparing before and
+/// after: `ip -4 rule`, `ip -6 rule`, every IPv4 and IPv6 route of every table, and
+/// `net.ipv4.tcp_fwmark_accept`. Each section's lines are trimmed and sorted, so the
+/// order the kernel lists equal entries in does not matter.
+pub fn netns_state(ns: &TestNetns) -> String {
+    let sections = [
+        ("ip -4 rule", "ip -4 rule"),
+        ("ip -6 rule", "ip -6 rule"),
+        ("ip -4 route", "ip -4 route show table all"),
+        ("ip -6 route", "ip -6 route show table all"),
+        (
+            "tcp_fwmark_accept",
+            "cat /proc/sys/net/ipv4/tcp_fwmark_accept",
+        ),
+    ];
+    let mut out = String::new();
+    for (title, cmd) in sections {
+        let text = ns.sh(&format!("{cmd} 2>&1 || true"));
+        let mut lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        lines.sort_unstable();
+        out.push_str(&format!("== {title}\n"));
+        for l in lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The shape podman's rootless bridge networks (netavark/CNI, `rootless_cni`) run in,
+/// built from namespaces of its own with documentation addresses only:
+///
+/// - `bridge`: podman's rootless netns, holding the Linux bridge `br0` with
+///   `198.51.100.1/24` and `2001:db8:88::1/64` (no forwarding, no other links, so
+///   nothing leaves the namespaces made here);
+/// - `container`: veth `eth0` on `br0`, `198.51.100.2/24` and `2001:db8:88::2/64`,
+///   loopback up, default routes via the bridge (`promote_secondaries` is on, so that
+///   a second address of the subnet survives the first one's removal, as in a reload);
+/// - `sibling`: another container on the same bridge, `198.51.100.3/24` and
+///   `2001:db8:88::3/64`, the same default routes;
+/// - `client`: a remote client ([`ClientHost`] of `slot`, `192.0.2.x`) joined to the
+///   harness netns, where the helper listens.
+///
+/// `slot` (as for [`ClientHost`], 0..63) keeps the names and addresses that live in the
+/// shared harness netns apart between tests running in parallel; everything else is in
+/// the topology's private namespaces. DAD is off everywhere, so IPv6 works at once.
+/// [`BridgeTopology::launch`] starts the helper for the container; dropping the
+/// topology deletes the links it made and ends its namespaces.
+pub struct BridgeTopology {
+    pub bridge: TestNetns,
+    pub container: TestNetns,
+    pub sibling: TestNetns,
+    pub client: ClientHost,
+    /// The helpers' `TmpDir` (reload sockets, logs).
+    pub dir: tempfile::TempDir,
+    slot: u8,
+    launched: std::sync::atomic::AtomicU32,
+}
+
+impl BridgeTopology {
+    pub const BRIDGE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 1);
+    pub const BRIDGE_IP6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x88, 0, 0, 0, 0, 1);
+    pub const CONTAINER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 2);
+    pub const CONTAINER_IP6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x88, 0, 0, 0, 0, 2);
+    pub const SIBLING_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 3);
+    pub const SIBLING_IP6: std::net::Ipv6Addr =
+        std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x88, 0, 0, 0, 0, 3);
+
+    pub fn new(slot: u8) -> BridgeTopology {
+        const NO_DAD: &str = "echo 0 > /proc/sys/net/ipv6/conf/all/accept_dad; \
+             echo 0 > /proc/sys/net/ipv6/conf/default/accept_dad; ip link set lo up";
+        let bridge = TestNetns::new();
+        let container = TestNetns::new();
+        let sibling = TestNetns::new();
+        for ns in [&bridge, &container, &sibling] {
+            ns.sh(NO_DAD);
+        }
+        bridge.sh(&format!(
+            "set -e
+             ip link add br0 type bridge
+             ip addr add {}/24 dev br0
+             ip -6 addr add {}/64 dev br0 nodad
+             ip link set br0 up
+             ip link add vc0 type veth peer name eth0 netns {}
+             ip link set vc0 master br0 up
+             ip link add vs0 type veth peer name eth0 netns {}
+             ip link set vs0 master br0 up",
+            Self::BRIDGE_IP,
+            Self::BRIDGE_IP6,
+            container.pid(),
+            sibling.pid(),
+        ));
+        for (ns, v4, v6) in [
+            (&container, Self::CONTAINER_IP, Self::CONTAINER_IP6),
+            (&sibling, Self::SIBLING_IP, Self::SIBLING_IP6),
+        ] {
+            ns.sh(&format!(
+                "set -e
+                 echo 1 > /proc/sys/net/ipv4/conf/eth0/promote_secondaries
+                 ip addr add {v4}/24 dev eth0
+                 ip -6 addr add {v6}/64 dev eth0 nodad
+                 ip link set eth0 up
+                 ip route add default via {}
+                 ip -6 route add default via {}",
+                Self::BRIDGE_IP,
+                Self::BRIDGE_IP6,
+            ));
+        }
+        let client = ClientHost::new(slot);
+        BridgeTopology {
+            bridge,
+            container,
+            sibling,
+            client,
+            dir: tempfile::tempdir().expect("tempdir"),
+            slot,
+            launched: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    /// 198.51.100.2, the helper's default child IP.
+    pub fn container_ip(&self) -> std::net::Ipv4Addr {
+        Self::CONTAINER_IP
+    }
+
+    /// 2001:db8:88::2.
+    pub fn container_ip6(&self) -> std::net::Ipv6Addr {
+        Self::CONTAINER_IP6
+    }
+
+    /// 198.51.100.3.
+    pub fn sibling_ip(&self) -> std::net::Ipv4Addr {
+        Self::SIBLING_IP
+    }
+
+    /// 2001:db8:88::3.
+    pub fn sibling_ip6(&self) -> std::net::Ipv6Addr {
+        Self::SIBLING_IP6
+    }
+
+    /// The config [`BridgeTopology::launch`] uses, to tweak before
+    /// [`BridgeTopology::start`]: the container netns, child IP 198.51.100.2, client
+    /// addresses kept, `RootlessCNI` (a reload socket), a container ID unique to this
+    /// topology and launch, [`BridgeTopology::dir`] as `TmpDir`.
+    pub fn config(&self, mappings: Vec<slirp_config::PortMapping>) -> rootlessport::Config {
+        let n = self
+            .launched
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        rootlessport::Config {
+            mappings,
+            netns_path: self.container.path().display().to_string(),
+            tmp_dir: self.dir.path().display().to_string(),
+            child_ip: Self::CONTAINER_IP.to_string(),
+            container_id: format!("bridge{}-{n}", self.slot),
+            preserve_source_ip: true,
+            rootless_cni: true,
+            ..rootlessport::Config::default()
+        }
+    }
+
+    /// Start the helper ([`rootlessport_bin`]) with `cfg`; panics unless it gets ready.
+    pub fn start(&self, cfg: &rootlessport::Config) -> BridgeHelper {
+        let (exit_r, exit_w) = cloexec_pipe();
+        let process = rootlessport::launcher::Launcher::new(rootlessport_bin())
+            .start(cfg, exit_r)
+            .unwrap_or_else(|e| panic!("starting {}: {e}", rootlessport_bin().display()));
+        BridgeHelper {
+            process,
+            exit: Some(exit_w),
+            tmp_dir: self.dir.path().to_path_buf(),
+            container_id: cfg.container_id.clone(),
+        }
+    }
+
+    /// Start the helper for `mappings` with [`BridgeTopology::config`].
+    pub fn launch(&self, mappings: Vec<slirp_config::PortMapping>) -> BridgeHelper {
+        self.start(&self.config(mappings))
+    }
+
+    /// Start the helper with the config of `mappings` changed by `tweak`.
+    pub fn launch_with(
+        &self,
+        mappings: Vec<slirp_config::PortMapping>,
+        tweak: impl FnOnce(&mut rootlessport::Config),
+    ) -> BridgeHelper {
+        let mut cfg = self.config(mappings);
+        tweak(&mut cfg);
+        self.start(&cfg)
+    }
+}
+
+impl Drop for BridgeTopology {
+    fn drop(&mut self) {
+        // Deleting one end of a veth deletes the other: the container's and the
+        // sibling's eth0 go too, even if a socket still holds their namespace.
+        let _ = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.bridge.path().display()))
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "ip link del vc0; ip link del vs0; ip link del br0",
+            ])
+            .output();
+        // The namespaces and the client host go with the fields.
+    }
+}
+
+/// A helper started by [`BridgeTopology::start`]. Dropping it closes its exit pipe and
+/// waits up to 5 s for it to exit, then kills it.
+pub struct BridgeHelper {
+    pub process: rootlessport::launcher::RootlessPort,
+    exit: Option<std::os::fd::OwnedFd>,
+    tmp_dir: PathBuf,
+    pub container_id: String,
+}
+
+impl BridgeHelper {
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Tell the helper its new child IP, as podman does after a network reload.
+    pub fn reload(&self, child_ip: &str) -> Result<(), rootlessport::reload::ReloadError> {
+        rootlessport::reload::reload(&self.tmp_dir, &self.container_id, child_ip)
+    }
+
+    /// Close the write end of the exit pipe (the helper should then exit).
+    pub fn close_exit_pipe(&mut self) {
+        self.exit = None;
+    }
+
+    /// Close the exit pipe and wait up to `timeout` for the helper to exit.
+    pub fn exit_within(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        self.close_exit_pipe();
+        self.process
+            .wait_timeout(timeout)
+            .expect("waiting for rootlessport")
+    }
+}
+
+impl Drop for BridgeHelper {
+    fn drop(&mut self) {
+        self.close_exit_pipe();
+        // Killed by RootlessPort's drop if still running.
+        let _ = self.process.wait_timeout(std::time::Duration::from_secs(5));
+    }
+}

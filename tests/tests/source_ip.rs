@@ -141,8 +141,12 @@ fn container_sees_the_real_client_for_tcp_and_udp_v4_and_v6() {
     let during = rules(&ns);
     assert!(during.contains("fwmark 0x524c5"), "{during}");
     assert!(
-        !during.contains("ipproto udp"),
-        "no UDP rule before a flow exists: {during}"
+        during.contains("ipproto udp sport 81 goto"),
+        "a gate in front of the UDP flow rules: {during}"
+    );
+    assert!(
+        !during.contains("ipproto udp sport 81 lookup"),
+        "no UDP rule looks up our table before a flow exists: {during}"
     );
 
     let client = ClientHost::new(5);

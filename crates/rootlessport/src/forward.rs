@@ -57,15 +57,34 @@ impl Shared {
     pub(crate) fn keep_udp_flow(&self, client: SocketAddr, target: SocketAddr) -> bool {
         self.source_ip()
             .as_mut()
-            .is_some_and(|s| s.add_udp_flow(client, target))
+            .is_some_and(|s| s.add_udp_flow(client, target.port()))
     }
 
     /// The flow kept by [`Shared::keep_udp_flow`] ended.
     pub(crate) fn release_udp_flow(&self, client: SocketAddr, target: SocketAddr) {
         if let Some(s) = self.source_ip().as_mut() {
-            s.remove_udp_flow(client, target);
+            s.remove_udp_flow(client, target.port());
         }
     }
+}
+
+/// The container port ranges published for UDP, merged.
+fn udp_ranges(bound: &[Bound]) -> Vec<(u16, u16)> {
+    let mut ports: Vec<u16> = bound
+        .iter()
+        .filter(|b| b.spec.transport == Transport::Udp)
+        .map(|b| b.spec.child_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for p in ports {
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == p => *end = p,
+            _ => out.push((p, p)),
+        }
+    }
+    out
 }
 
 /// A listening socket for one port spec, made in the engine's netns.
@@ -200,7 +219,7 @@ impl Forwarder {
             source,
         })?;
         let source = if self.preserve_source {
-            match SourceIp::setup(&self.container_id, self.child_ip) {
+            match SourceIp::setup(&self.container_id, self.child_ip, udp_ranges(&self.bound)) {
                 Ok(s) => Some(s),
                 Err(why) => {
                     tracing::warn!(
@@ -216,9 +235,13 @@ impl Forwarder {
             [IpFamily::V4, IpFamily::V6]
                 .into_iter()
                 .filter(|f| {
-                    source
-                        .as_ref()
-                        .is_some_and(|s| if udp { s.supports_udp(*f) } else { s.supports(*f) })
+                    source.as_ref().is_some_and(|s| {
+                        if udp {
+                            s.supports_udp(*f)
+                        } else {
+                            s.supports(*f)
+                        }
+                    })
                 })
                 .collect()
         };

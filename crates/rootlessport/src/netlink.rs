@@ -6,8 +6,8 @@ use std::io;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -19,12 +19,14 @@ use netlink_packet_route::{AddressFamily, IpProtocol, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// A policy-routing rule: `[to DST] [fwmark M/MASK] [ipproto P] [sport A-B] [dport
-/// C-D] lookup TABLE priority PRIO`. `dst` is a single host (/32 or /128).
+/// C-D] lookup TABLE priority PRIO` (or `goto PRIO2` instead of the lookup, when `goto`
+/// is set; `table` is then 0). `dst` is a single host (/32 or /128).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Rule {
     pub family: IpFamily,
     pub priority: u32,
     pub table: u32,
+    pub goto: Option<u32>,
     pub dst: Option<IpAddr>,
     pub fwmark: Option<(u32, u32)>,
     pub ip_proto: Option<u8>,
@@ -39,6 +41,7 @@ impl Rule {
             family,
             priority,
             table,
+            goto: None,
             dst: None,
             fwmark: None,
             ip_proto: None,
@@ -56,11 +59,18 @@ impl Rule {
                 Some(IpAddr::V6(_)) => 128,
                 None => 0,
             },
-            action: RuleAction::ToTable,
+            action: if self.goto.is_some() {
+                RuleAction::Goto
+            } else {
+                RuleAction::ToTable
+            },
             ..Default::default()
         };
         let a = &mut m.attributes;
-        a.push(RuleAttribute::Table(self.table));
+        match self.goto {
+            Some(target) => a.push(RuleAttribute::Goto(target)),
+            None => a.push(RuleAttribute::Table(self.table)),
+        }
         a.push(RuleAttribute::Priority(self.priority));
         if let Some(dst) = self.dst {
             a.push(RuleAttribute::Destination(dst));
@@ -93,14 +103,20 @@ impl Rule {
             AddressFamily::Inet6 => IpFamily::V6,
             _ => return None,
         };
-        if m.header.action != RuleAction::ToTable {
-            return None;
-        }
-        let mut r = Rule::to_table(family, 0, u32::from(m.header.table));
+        let mut r = match m.header.action {
+            RuleAction::ToTable => Rule::to_table(family, 0, u32::from(m.header.table)),
+            RuleAction::Goto => Rule::to_table(family, 0, 0),
+            _ => return None,
+        };
         let (mut mark, mut mask) = (None, None);
         for a in &m.attributes {
             match a {
-                RuleAttribute::Table(t) => r.table = *t,
+                RuleAttribute::Table(t)
+                    if r.goto.is_none() && m.header.action == RuleAction::ToTable =>
+                {
+                    r.table = *t
+                }
+                RuleAttribute::Goto(t) => r.goto = Some(*t),
                 RuleAttribute::Priority(p) => r.priority = *p,
                 RuleAttribute::Destination(d) => r.dst = Some(*d),
                 RuleAttribute::FwMark(v) => mark = Some(*v),
@@ -163,7 +179,6 @@ pub(crate) struct TableRoute {
 #[derive(Debug, Clone)]
 pub(crate) struct DumpedRule {
     pub rule: Option<Rule>,
-    pub table: u32,
     message: RuleMessage,
 }
 
@@ -271,28 +286,16 @@ impl Rtnl {
     pub fn rules(&mut self, family: IpFamily) -> io::Result<Vec<DumpedRule>> {
         let mut m = RuleMessage::default();
         m.header.family = family.af();
-        let replies =
-            self.exchange(RouteNetlinkMessage::GetRule(m), NLM_F_REQUEST | NLM_F_DUMP)?;
+        let replies = self.exchange(RouteNetlinkMessage::GetRule(m), NLM_F_REQUEST | NLM_F_DUMP)?;
         Ok(replies
             .into_iter()
             .filter_map(|r| match r {
                 RouteNetlinkMessage::NewRule(m) => Some(m),
                 _ => None,
             })
-            .map(|m| {
-                let table = m
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RuleAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(u32::from(m.header.table));
-                DumpedRule {
-                    rule: Rule::from_message(&m),
-                    table,
-                    message: m,
-                }
+            .map(|m| DumpedRule {
+                rule: Rule::from_message(&m),
+                message: m,
             })
             .collect())
     }
@@ -332,7 +335,11 @@ impl Rtnl {
         self.ack(RouteNetlinkMessage::DelRoute(r.message.clone()), 0)
     }
 
-    fn local_default(family: IpFamily, table: u32, prefsrc: Option<IpAddr>) -> io::Result<RouteMessage> {
+    fn local_default(
+        family: IpFamily,
+        table: u32,
+        prefsrc: Option<IpAddr>,
+    ) -> io::Result<RouteMessage> {
         let oif = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)?;
         let mut m = RouteMessage::default();
         m.header = RouteHeader {
@@ -394,7 +401,11 @@ mod tests {
     fn rules_survive_the_round_trip_through_a_message() {
         let mut fw = Rule::to_table(IpFamily::V6, 99, 7);
         fw.fwmark = Some((7, u32::MAX));
-        for r in [udp_flow(), fw, Rule::to_table(IpFamily::V4, 1, 2)] {
+        let mut gate = Rule::to_table(IpFamily::V4, 100, 0);
+        gate.goto = Some(102);
+        gate.ip_proto = Some(17);
+        gate.sport = Some((53, 60));
+        for r in [udp_flow(), fw, gate, Rule::to_table(IpFamily::V4, 1, 2)] {
             assert_eq!(Rule::from_message(&r.message()), Some(r));
         }
     }

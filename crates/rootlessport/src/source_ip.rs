@@ -58,8 +58,12 @@ pub const SLOTS: u32 = 4096;
 pub const MARKER: u32 = TABLE_BASE - 1;
 /// The probe rule's table (empty: a probe rule routes nothing, whatever was stored).
 const PROBE_TABLE: u32 = TABLE_BASE - 2;
-/// Before the main table's rule (32766).
+/// The marker's and the probe's rule priority (before every helper's band).
 pub const PRIORITY: u32 = 99;
+/// Each slot's rules sit in a band of 4 priorities from `BAND_BASE + 4 * slot`
+/// (all before the main table's rule, 32766): UDP gates, the skip, UDP flows, TCP.
+pub const BAND_BASE: u32 = 100;
+const BAND: u32 = 4;
 const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 /// How long to wait for another helper's setup or teardown in the same netns.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -116,22 +120,63 @@ fn slot_hash(container_id: &str) -> u32 {
     h % SLOTS
 }
 
-fn ours(table: u32) -> bool {
-    (TABLE_BASE..TABLE_BASE + SLOTS).contains(&table) || table == MARKER || table == PROBE_TABLE
+/// The rule priorities of one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Band {
+    slot: u32,
+}
+
+impl Band {
+    /// `ipproto udp sport A-B goto FLOWS`, one per published UDP range.
+    fn gates(self) -> u32 {
+        BAND_BASE + BAND * self.slot
+    }
+    /// `goto TCP`: what no gate let in skips the flow rules.
+    fn skip(self) -> u32 {
+        self.gates() + 1
+    }
+    /// One exact rule per kept UDP flow.
+    fn flows(self) -> u32 {
+        self.gates() + 2
+    }
+    /// `fwmark MARK lookup TABLE`; also the skip's target.
+    fn tcp(self) -> u32 {
+        self.gates() + 3
+    }
+    fn table(self) -> u32 {
+        TABLE_BASE + self.slot
+    }
+    fn contains(self, priority: u32) -> bool {
+        (self.gates()..=self.tcp()).contains(&priority)
+    }
+
+    /// The slot a dumped rule belongs to: its priority is in that slot's band and it
+    /// looks up that slot's table or jumps inside the band (a rule someone else put
+    /// at such a priority is never taken for ours).
+    fn owning(rule: &Rule) -> Option<Band> {
+        let slot = rule.priority.checked_sub(BAND_BASE)? / BAND;
+        let band = Band { slot };
+        (slot < SLOTS
+            && (rule.table == band.table() || rule.goto.is_some_and(|g| band.contains(g))))
+        .then_some(band)
+    }
 }
 
 /// The routing state one helper owns in the container netns.
 pub(crate) struct SourceIp {
     rtnl: Rtnl,
+    band: Band,
     /// Our table, also the mark of our TCP sockets.
     table: u32,
     _owner: OwnedFd,
     families: Vec<IpFamily>,
-    /// Whether exact UDP flow rules are stored as asked.
-    udp: bool,
+    /// The family whose UDP flows keep addresses (gates and exact rules stored as
+    /// asked), if any.
+    udp: Option<IpFamily>,
+    udp_ranges: Vec<(u16, u16)>,
     child: IpAddr,
-    /// The 4-tuples (client, target) of kept UDP flows, each with its rule.
-    flows: HashSet<(SocketAddr, SocketAddr)>,
+    /// Kept UDP flows (client, container port), each with its rule.
+    flows: HashSet<(SocketAddr, u16)>,
 }
 
 impl SourceIp {
@@ -139,7 +184,12 @@ impl SourceIp {
     ///
     /// # Errors
     /// Why addresses cannot be kept (the netns is left as it was).
-    pub fn setup(container_id: &str, child_ip: Option<IpAddr>) -> Result<SourceIp, String> {
+    /// `udp_ranges` are the container port ranges published for UDP.
+    pub fn setup(
+        container_id: &str,
+        child_ip: Option<IpAddr>,
+        udp_ranges: Vec<(u16, u16)>,
+    ) -> Result<SourceIp, String> {
         let child = usable_child(child_ip)?;
         let rtnl = Rtnl::open().map_err(|e| format!("netlink: {e}"))?;
         let lock = NetnsLock::take()?;
@@ -154,14 +204,18 @@ impl SourceIp {
             .unwrap_or_else(|| Err(format!("all {SLOTS} slots of this netns are taken")))?;
         let mut s = SourceIp {
             rtnl,
+            band: Band {
+                slot: table - TABLE_BASE,
+            },
             table,
             _owner: owner,
             families: Vec::new(),
-            udp: false,
+            udp: None,
+            udp_ranges,
             child,
             flows: HashSet::new(),
         };
-        s.remove_dead(Some(table));
+        s.remove_dead();
         let result = s.add_all();
         drop(lock);
         // On failure, dropping `s` removes what was added (under the lock again).
@@ -181,15 +235,17 @@ impl SourceIp {
                 Err(e) => return Err(e),
             }
         }
-        self.udp = match self.probe_udp_rules() {
-            Ok(()) => true,
-            Err(why) => {
-                tracing::warn!(
-                    "UDP client addresses are not kept (the container sees the child IP's side): {why}"
-                );
-                false
+        if !self.udp_ranges.is_empty() {
+            match self.add_udp_gates() {
+                Ok(()) => self.udp = Some(IpFamily::of(self.child)),
+                Err(why) => {
+                    tracing::warn!(
+                        "UDP client addresses are not kept (the container sees the child IP's side): {why}"
+                    );
+                    self.remove_rules_at(&[self.band.gates(), self.band.skip()]);
+                }
             }
-        };
+        }
         Ok(())
     }
 
@@ -199,7 +255,7 @@ impl SourceIp {
             .map_err(|e| format!("adding the local route of table {}: {e}", self.table))?;
         let rule = Rule {
             fwmark: Some((self.table, u32::MAX)),
-            ..Rule::to_table(family, PRIORITY, self.table)
+            ..Rule::to_table(family, self.band.tcp(), self.table)
         };
         self.rtnl
             .add_rule(&rule)
@@ -217,9 +273,12 @@ impl SourceIp {
         if dumped.iter().any(|d| d.rule.as_ref() == Some(rule)) {
             return Ok(());
         }
-        // What was stored instead, so it can be removed.
-        for d in dumped.iter().filter(|d| d.table == rule.table) {
-            if d.rule.as_ref().is_some_and(|r| r.priority == rule.priority) {
+        // What was stored instead goes (same priority, same table or jump).
+        for d in &dumped {
+            let same = d.rule.as_ref().is_some_and(|r| {
+                r.priority == rule.priority && r.table == rule.table && r.goto == rule.goto
+            });
+            if same {
                 let _ = self.rtnl.del_dumped_rule(d);
             }
         }
@@ -237,7 +296,10 @@ impl SourceIp {
             IpFamily::V4 => IpAddr::from([192, 0, 2, 255]),
             IpFamily::V6 => IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xffff]),
         };
-        let probe = flow_rule(PROBE_TABLE, SocketAddr::new(dst, 1), 1);
+        let probe = Rule {
+            priority: PRIORITY,
+            ..flow_rule(PROBE_TABLE, 0, SocketAddr::new(dst, 1), 1)
+        };
         match self.rtnl.add_rule(&probe) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -246,6 +308,48 @@ impl SourceIp {
         let stored = self.check_stored(&probe);
         let _ = self.rtnl.del_rule(&probe);
         stored
+    }
+
+    /// The gates in front of the flow rules: a packet of the child's family goes on
+    /// to them only when it is UDP from a published container port; everything else
+    /// skips them (so thousands of flows cost other traffic nothing).
+    fn add_udp_gates(&mut self) -> Result<(), String> {
+        self.probe_udp_rules()?;
+        let family = IpFamily::of(self.child);
+        for &(a, b) in &self.udp_ranges.clone() {
+            let gate = Rule {
+                goto: Some(self.band.flows()),
+                ip_proto: Some(libc::IPPROTO_UDP as u8),
+                sport: Some((a, b)),
+                ..Rule::to_table(family, self.band.gates(), 0)
+            };
+            self.rtnl
+                .add_rule(&gate)
+                .map_err(|e| format!("adding the UDP gate for ports {a}-{b}: {e}"))?;
+            self.check_stored(&gate)?;
+        }
+        let skip = Rule {
+            goto: Some(self.band.tcp()),
+            ..Rule::to_table(family, self.band.skip(), 0)
+        };
+        self.rtnl
+            .add_rule(&skip)
+            .map_err(|e| format!("adding the UDP skip rule: {e}"))?;
+        self.check_stored(&skip)
+    }
+
+    /// Remove every rule of ours at these priorities.
+    fn remove_rules_at(&mut self, priorities: &[u32]) {
+        for f in [IpFamily::V4, IpFamily::V6] {
+            for d in self.rtnl.rules(f).unwrap_or_default() {
+                let mine = d.rule.as_ref().is_some_and(|r| {
+                    priorities.contains(&r.priority) && Band::owning(r) == Some(self.band)
+                });
+                if mine {
+                    let _ = self.rtnl.del_dumped_rule(&d);
+                }
+            }
+        }
     }
 
     /// Set `tcp_fwmark_accept`, recording with the marker that it was 0.
@@ -267,46 +371,51 @@ impl SourceIp {
         Ok(())
     }
 
-    /// Remove what dead helpers left: every rule and route of a table in our range
-    /// whose owner name is free. `mine` is our own slot, whose leftovers (a previous
-    /// owner of it died) go too. Returns whether a live helper other than us remains.
-    fn remove_dead(&mut self, mine: Option<u32>) -> bool {
-        let mut rules: Vec<DumpedRule> = Vec::new();
+    /// Remove what dead helpers left: every rule and route of a slot whose owner
+    /// name is free. Our own slot's leftovers (a previous owner of it died) go too.
+    /// Returns whether a live helper other than us remains.
+    fn remove_dead(&mut self) -> bool {
+        let mut rules: Vec<(Band, DumpedRule)> = Vec::new();
         let mut routes = Vec::new();
         for f in [IpFamily::V4, IpFamily::V6] {
-            rules.extend(self.rtnl.rules(f).unwrap_or_default());
-            routes.extend(self.rtnl.routes_in(f, ours).unwrap_or_default());
+            for d in self.rtnl.rules(f).unwrap_or_default() {
+                if let Some(band) = d.rule.as_ref().and_then(Band::owning) {
+                    rules.push((band, d));
+                }
+            }
+            routes.extend(
+                self.rtnl
+                    .routes_in(f, |t| (TABLE_BASE..TABLE_BASE + SLOTS).contains(&t))
+                    .unwrap_or_default(),
+            );
         }
-        let mut tables: Vec<u32> = rules
+        let mut slots: Vec<u32> = rules
             .iter()
-            .map(|r| r.table)
-            .chain(routes.iter().map(|r| r.table))
-            .filter(|t| (TABLE_BASE..TABLE_BASE + SLOTS).contains(t))
+            .map(|(b, _)| b.slot)
+            .chain(routes.iter().map(|r| r.table - TABLE_BASE))
             .collect();
-        tables.sort_unstable();
-        tables.dedup();
+        slots.sort_unstable();
+        slots.dedup();
         let mut others_alive = false;
-        for t in tables {
-            let dead = if Some(t) == mine {
-                true
-            } else {
-                match claim(&owner_name(t)) {
+        for slot in slots {
+            let band = Band { slot };
+            let dead = band == self.band
+                || match claim(&owner_name(band.table())) {
                     Ok(Some(_probe)) => true, // freed again when _probe drops
                     Ok(None) => {
                         others_alive = true;
                         false
                     }
                     Err(_) => false,
-                }
-            };
+                };
             if dead {
-                if Some(t) != mine {
-                    tracing::info!(table = t, "removing what a dead helper left");
+                if band != self.band {
+                    tracing::info!(table = band.table(), "removing what a dead helper left");
                 }
-                for r in rules.iter().filter(|r| r.table == t) {
-                    let _ = self.rtnl.del_dumped_rule(r);
+                for (_, d) in rules.iter().filter(|(b, _)| *b == band) {
+                    let _ = self.rtnl.del_dumped_rule(d);
                 }
-                for r in routes.iter().filter(|r| r.table == t) {
+                for r in routes.iter().filter(|r| r.table == band.table()) {
                     let _ = self.rtnl.del_route(r);
                 }
             }
@@ -316,7 +425,7 @@ impl SourceIp {
 
     /// The last helper out writes back the 0 recorded by the marker.
     fn restore_fwmark_accept_if_last(&mut self) -> bool {
-        if self.remove_dead(Some(self.table)) {
+        if self.remove_dead() {
             return false;
         }
         let has_marker = self
@@ -335,17 +444,7 @@ impl SourceIp {
     /// Remove our own rules (flows included) and routes, then the marker if we are
     /// the last; the caller holds the lock.
     fn teardown_locked(&mut self) {
-        let table = self.table;
-        for f in [IpFamily::V4, IpFamily::V6] {
-            for r in self.rtnl.rules(f).unwrap_or_default() {
-                if r.table == table {
-                    let _ = self.rtnl.del_dumped_rule(&r);
-                }
-            }
-            for r in self.rtnl.routes_in(f, |t| t == table).unwrap_or_default() {
-                let _ = self.rtnl.del_route(&r);
-            }
-        }
+        // Our slot counts as dead here: everything of it goes.
         self.flows.clear();
         self.restore_fwmark_accept_if_last();
     }
@@ -357,7 +456,7 @@ impl SourceIp {
 
     /// Whether UDP flows of this family can keep their source address.
     pub fn supports_udp(&self, family: IpFamily) -> bool {
-        self.udp && self.supports(family)
+        self.udp == Some(family) && self.supports(family)
     }
 
     /// The mark our TCP sockets carry.
@@ -365,19 +464,20 @@ impl SourceIp {
         self.table
     }
 
-    /// Divert the container's replies on one UDP flow (client <-> target) to our
-    /// socket bound to `client`. `false`: the flow must use an ordinary socket (the
-    /// same 4-tuple is kept already, e.g. two published ports to one container port,
+    /// Divert the container's replies on one UDP flow (client <-> container port)
+    /// to our socket bound to `client`. `false`: the flow must use an ordinary socket
+    /// (the same pair is kept already, e.g. two published ports to one container port,
     /// or the rule could not be added).
-    pub fn add_udp_flow(&mut self, client: SocketAddr, target: SocketAddr) -> bool {
-        if !self.supports_udp(IpFamily::of(client.ip())) || self.flows.contains(&(client, target))
+    pub fn add_udp_flow(&mut self, client: SocketAddr, container_port: u16) -> bool {
+        if !self.supports_udp(IpFamily::of(client.ip()))
+            || self.flows.contains(&(client, container_port))
         {
             return false;
         }
-        let rule = flow_rule(self.table, client, target.port());
+        let rule = flow_rule(self.table, self.band.flows(), client, container_port);
         match self.rtnl.add_rule(&rule) {
             Ok(()) => {
-                self.flows.insert((client, target));
+                self.flows.insert((client, container_port));
                 true
             }
             Err(e) => {
@@ -388,11 +488,10 @@ impl SourceIp {
     }
 
     /// The flow ended: its rule goes.
-    pub fn remove_udp_flow(&mut self, client: SocketAddr, target: SocketAddr) {
-        if self.flows.remove(&(client, target)) {
-            let _ = self
-                .rtnl
-                .del_rule(&flow_rule(self.table, client, target.port()));
+    pub fn remove_udp_flow(&mut self, client: SocketAddr, container_port: u16) {
+        if self.flows.remove(&(client, container_port)) {
+            let rule = flow_rule(self.table, self.band.flows(), client, container_port);
+            let _ = self.rtnl.del_rule(&rule);
         }
     }
 
@@ -404,11 +503,15 @@ impl SourceIp {
             Err(e) => {
                 tracing::warn!(error = %e, "client addresses not kept after reload");
                 self.families.clear();
-                self.udp = false;
+                self.udp = None;
                 return;
             }
         };
         self.child = child;
+        if self.udp.is_some_and(|f| f != IpFamily::of(child)) {
+            tracing::warn!("UDP client addresses not kept after a reload to another family");
+            self.udp = None;
+        }
         for family in self.families.clone() {
             let _ = self.rtnl.del_local_default(family, self.table);
             let prefsrc = (IpFamily::of(child) == family).then_some(child);
@@ -432,6 +535,7 @@ impl Drop for SourceIp {
     }
 }
 
+/// `fwmark MARKER lookup MARKER`: an empty table, so it routes nothing.
 fn marker() -> Rule {
     Rule {
         fwmark: Some((MARKER, u32::MAX)),
@@ -440,13 +544,13 @@ fn marker() -> Rule {
 }
 
 /// `to CLIENT ipproto udp sport CONTAINER_PORT dport CLIENT_PORT lookup TABLE`.
-fn flow_rule(table: u32, client: SocketAddr, container_port: u16) -> Rule {
+fn flow_rule(table: u32, priority: u32, client: SocketAddr, container_port: u16) -> Rule {
     Rule {
         dst: Some(client.ip()),
         ip_proto: Some(libc::IPPROTO_UDP as u8),
         sport: Some((container_port, container_port)),
         dport: Some((client.port(), client.port())),
-        ..Rule::to_table(IpFamily::of(client.ip()), PRIORITY, table)
+        ..Rule::to_table(IpFamily::of(client.ip()), priority, table)
     }
 }
 
@@ -542,17 +646,61 @@ mod tests {
     fn slots_are_stable_and_in_range() {
         assert_eq!(slot_hash("abc"), slot_hash("abc"));
         assert_ne!(slot_hash("abc"), slot_hash("abd"));
-        for id in ["", "x", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"] {
+        for id in [
+            "",
+            "x",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
             assert!(slot_hash(id) < SLOTS);
-            assert!(ours(TABLE_BASE + slot_hash(id)));
         }
-        assert!(!ours(254) && !ours(TABLE_BASE + SLOTS));
+    }
+
+    #[test]
+    fn bands_own_only_their_own_rules() {
+        let band = Band { slot: 7 };
+        assert_eq!(band.gates(), 128);
+        assert_eq!(band.tcp(), 131);
+        let tcp = Rule {
+            fwmark: Some((band.table(), u32::MAX)),
+            ..Rule::to_table(IpFamily::V4, band.tcp(), band.table())
+        };
+        assert_eq!(Band::owning(&tcp), Some(band));
+        let skip = Rule {
+            goto: Some(band.tcp()),
+            ..Rule::to_table(IpFamily::V4, band.skip(), 0)
+        };
+        assert_eq!(Band::owning(&skip), Some(band));
+        let flow = flow_rule(
+            band.table(),
+            band.flows(),
+            "192.0.2.2:5".parse().unwrap(),
+            53,
+        );
+        assert_eq!(Band::owning(&flow), Some(band));
+        // Someone else's rules at a priority inside a band are not ours.
+        assert_eq!(Band::owning(&Rule::to_table(IpFamily::V4, 130, 254)), None);
+        let foreign_goto = Rule {
+            goto: Some(32000),
+            ..Rule::to_table(IpFamily::V4, 129, 0)
+        };
+        assert_eq!(Band::owning(&foreign_goto), None);
+        // Another slot's table at our priority is not ours either.
+        assert_eq!(
+            Band::owning(&Rule::to_table(IpFamily::V4, 131, TABLE_BASE + 8)),
+            None
+        );
+        assert_eq!(
+            Band::owning(&Rule::to_table(IpFamily::V4, 99, MARKER)),
+            None
+        );
+        // The last band ends before the main table's rule.
+        assert!(Band { slot: SLOTS - 1 }.tcp() < 32766);
     }
 
     #[test]
     fn a_flow_rule_names_one_4_tuple() {
         let c: SocketAddr = "192.0.2.2:40000".parse().unwrap();
-        let r = flow_rule(TABLE_BASE + 3, c, 53);
+        let r = flow_rule(TABLE_BASE + 3, 114, c, 53);
         assert_eq!(r.dst, Some(c.ip()));
         assert_eq!(r.sport, Some((53, 53)));
         assert_eq!(r.dport, Some((40000, 40000)));

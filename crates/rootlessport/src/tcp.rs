@@ -40,6 +40,8 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
 ) {
     loop {
+        // `accept()` counts against tokio's cooperative budget: a flood of clients
+        // makes this task yield every 128 accepts, so it needs no bound of its own.
         match listener.accept().await {
             Ok((client, peer)) => {
                 let shared = shared.clone();
@@ -73,22 +75,7 @@ async fn forward(
     shared: &Shared,
 ) {
     let to = target(shared.child_ip(), family, child_port);
-    // This runs on a thread that entered the container netns: the socket is made there,
-    // from the client's own address when it can be kept.
-    let sock = match source_for(&shared.source_families, peer, to)
-        .and_then(|src| transparent_socket(src, socket2::Type::STREAM, shared.mark).ok())
-    {
-        Some(s) => Ok(TcpSocket::from_std_stream(s.into())),
-        None => match to {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        },
-    };
-    let upstream = match sock {
-        Ok(s) => s.connect(to).await,
-        Err(e) => Err(e),
-    };
-    let upstream = match upstream {
+    let upstream = match connect(peer, to, shared).await {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(error = %e, %to, "connect in the container failed");
@@ -100,6 +87,43 @@ async fn forward(
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     relay(&client, &upstream).await;
+}
+
+/// Connect to `to` for the client `peer`. This runs on a thread that entered the
+/// container netns: the socket is made there, from the client's own address and port
+/// when they can be kept.
+async fn connect(peer: SocketAddr, to: SocketAddr, shared: &Shared) -> io::Result<TcpStream> {
+    if let Some(src) = source_for(&shared.source_families, peer, to) {
+        match transparent_socket(src, socket2::Type::STREAM, shared.mark) {
+            Ok(s) => match TcpSocket::from_std_stream(s.into()).connect(to).await {
+                // The same client address and port already has a connection to this
+                // target (two published ports for one container port, one client
+                // port): that 4-tuple is taken, so this one comes from the helper's side.
+                Err(e) if taken(&e) => tracing::debug!(
+                    error = %e, %peer, %to,
+                    "client address and port already connected to this target: the container sees the helper's"
+                ),
+                done => return done,
+            },
+            Err(e) => tracing::debug!(
+                error = %e, %peer, %to,
+                "no socket from the client's address: the container sees the helper's"
+            ),
+        }
+    }
+    let sock = match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    sock.connect(to).await
+}
+
+/// A transparent connect that collides with a connection we already have.
+fn taken(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE)
+    )
 }
 
 /// Abort a connection with RST (SO_LINGER 0 then close).
@@ -143,24 +167,61 @@ fn shutdown_write(s: &TcpStream) {
     unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) };
 }
 
+/// Work one pump does before it lets the other tasks run. `readable()` and `writable()`
+/// do not count against tokio's cooperative budget (only `accept`, `recv`, `poll_read`
+/// and the like do), so while the source keeps having data and the destination keeps
+/// taking it, the loop below would never return to the event loop: one busy connection
+/// would hold up every other one, the accept loops and the exit watch on its thread.
+const YIELD_ROUNDS: u32 = 16;
+const YIELD_BYTES: usize = 4 * 1024 * 1024;
+
+/// Rounds and bytes moved since this pump last gave the event loop a turn.
+#[derive(Default)]
+struct Turn {
+    rounds: u32,
+    bytes: usize,
+}
+
+impl Turn {
+    /// Count a round of `n` bytes; past the bound, yield once (an `epoll_wait` with no
+    /// timeout, and the other ready tasks run) and start counting again.
+    async fn moved(&mut self, n: usize) {
+        self.rounds += 1;
+        self.bytes += n;
+        if self.rounds >= YIELD_ROUNDS || self.bytes >= YIELD_BYTES {
+            *self = Turn::default();
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// An operation would block: the next readiness await parks the task anyway.
+    fn parked(&mut self) {
+        *self = Turn::default();
+    }
+}
+
 /// Move bytes from `src` to `dst` until EOF or an error.
 async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
+    let mut turn = Turn::default();
     loop {
         if src.readable().await.is_err() {
             return PumpEnd::ReadFailed;
         }
         let Some(pipe) = Pipe::take() else {
             // Boxed: its buffer must not sit in every connection's future.
-            match Box::pin(copy_once(src, dst)).await {
-                Ok(true) => continue,
-                Ok(false) => return PumpEnd::Eof,
+            match Box::pin(copy_once(src, dst, &mut turn)).await {
+                Ok(0) => return PumpEnd::Eof,
+                Ok(n) => {
+                    turn.moved(n).await;
+                    continue;
+                }
                 Err(end) => return end,
             }
         };
         let filled = src.try_io(Interest::READABLE, || {
             splice(src.as_raw_fd(), pipe.w.as_raw_fd(), chunk())
         });
-        let mut left = match filled {
+        let n = match filled {
             Ok(0) => {
                 pipe.give_back();
                 return PumpEnd::Eof;
@@ -168,6 +229,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pipe.give_back();
+                turn.parked();
                 continue;
             }
             Err(_) => {
@@ -175,12 +237,14 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
                 return PumpEnd::ReadFailed;
             }
         };
+        let mut left = n;
         while left > 0 {
             match dst.try_io(Interest::WRITABLE, || {
                 splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), left)
             }) {
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    turn.parked();
                     if dst.writable().await.is_err() {
                         return PumpEnd::WriteFailed;
                     }
@@ -190,36 +254,36 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
             }
         }
         pipe.give_back();
+        turn.moved(n).await;
     }
 }
 
 /// The fallback when no pipe can be had (fd limit): one read and write through a
-/// small buffer. Ok(false) on EOF.
-async fn copy_once(src: &TcpStream, dst: &TcpStream) -> Result<bool, PumpEnd> {
+/// small buffer. The bytes moved, 0 on EOF.
+async fn copy_once(src: &TcpStream, dst: &TcpStream, turn: &mut Turn) -> Result<usize, PumpEnd> {
     let mut buf = [0u8; 16 * 1024];
     let n = loop {
         match src.try_read(&mut buf) {
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                turn.parked();
                 src.readable().await.map_err(|_| PumpEnd::ReadFailed)?
             }
             Err(_) => return Err(PumpEnd::ReadFailed),
         }
     };
-    if n == 0 {
-        return Ok(false);
-    }
     let mut done = 0;
     while done < n {
         match dst.try_write(&buf[done..n]) {
             Ok(m) => done += m,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                turn.parked();
                 dst.writable().await.map_err(|_| PumpEnd::WriteFailed)?
             }
             Err(_) => return Err(PumpEnd::WriteFailed),
         }
     }
-    Ok(true)
+    Ok(n)
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {

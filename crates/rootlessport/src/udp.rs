@@ -48,8 +48,10 @@ struct Flow {
     upstream: UdpSocket,
     /// Where it was aimed (the child IP of its time).
     to: SocketAddr,
-    /// The client address the upstream socket is bound to, when kept (it has a rule).
+    /// The client address the upstream socket is bound to, when kept (it has a rule
+    /// until released).
     kept: Option<SocketAddr>,
+    released: std::sync::atomic::AtomicBool,
     /// Milliseconds since the port's epoch of the last datagram either way.
     last: AtomicU64,
     replies: OnceLock<AbortHandle>,
@@ -57,18 +59,27 @@ struct Flow {
 }
 
 impl Flow {
+    /// End the flow now: its reply task stops and its rule goes at once (a new flow
+    /// of the same client may need the same rule right away, after a reload).
     fn close(&self) {
         if let Some(task) = self.replies.get() {
             task.abort();
+        }
+        self.release();
+    }
+
+    fn release(&self) {
+        if let Some(src) = self.kept {
+            if !self.released.swap(true, Ordering::Relaxed) {
+                self.shared.release_udp_flow(src, self.to);
+            }
         }
     }
 }
 
 impl Drop for Flow {
     fn drop(&mut self) {
-        if let Some(src) = self.kept {
-            self.shared.release_udp_flow(src, self.to);
-        }
+        self.release();
     }
 }
 
@@ -262,6 +273,7 @@ impl Port {
                 upstream,
                 to,
                 kept,
+                released: Default::default(),
                 last: AtomicU64::new(self.now_ms()),
                 replies: OnceLock::new(),
                 shared: self.shared.clone(),

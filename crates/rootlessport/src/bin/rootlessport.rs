@@ -42,8 +42,8 @@ const STDIN_LIMIT: usize = 16 * 1024 * 1024;
 /// The filter when `ROOTLESSPORT_LOG` is unset, empty or invalid.
 const DEFAULT_FILTER: &str = "warn";
 
-/// Set once ReadyFD was written: stdout is /dev/null from then on.
-static READY: AtomicBool = AtomicBool::new(false);
+/// Set once stdout points at /dev/null (just before ReadyFD is written).
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
 
 fn main() {
     if std::env::args_os().len() > 1 {
@@ -53,11 +53,12 @@ fn main() {
     }
     logging::init();
     if let Err(e) = run() {
-        if READY.load(Ordering::Relaxed) {
+        if STDOUT_GONE.load(Ordering::Relaxed) {
             // stdout is /dev/null by now: the log is the only place left to say it.
             tracing::error!("{e}");
         } else {
-            // The line podman reports.
+            // The line podman reports (and, for a debug log, the same in the log).
+            tracing::debug!("failed before ready: {e}");
             println!("{e}");
         }
         std::process::exit(1);
@@ -76,6 +77,13 @@ fn run() -> Result<(), Error> {
     }
     let cfg = Config::from_json(&input)?;
     drop(input);
+    tracing::debug!(
+        "config: {} mapping(s), NetNSPath {:?}, ChildIP {:?}, RootlessCNI {}",
+        cfg.mappings.len(),
+        cfg.netns_path,
+        cfg.child_ip,
+        cfg.rootless_cni
+    );
     let (exit_fd, ready_fd) = take_fds(&cfg)?;
     let specs = plan_ports(&cfg.mappings)?;
     let child_ip = parse_child_ip(&cfg.child_ip)?;
@@ -136,13 +144,13 @@ fn run() -> Result<(), Error> {
     let mut ready_fd = Some(ready_fd);
     forwarder.run(|| {
         let to_file = logging::redirect_std(log_file);
+        STDOUT_GONE.store(true, Ordering::Relaxed);
         let fd = ready_fd.take().ok_or(Error::InvalidReadyFd)?;
         nix::unistd::write(&fd, b"1").map_err(|e| Error::Io {
             what: "writing to ReadyFD",
             source: e.into(),
         })?;
         drop(fd);
-        READY.store(true, Ordering::Relaxed);
         if to_file {
             // The file's first line from this helper says which one it is.
             tracing::info!("ready: {summary}");
@@ -237,18 +245,21 @@ mod logging {
         false
     }
 
-    /// A regular file or a terminal: nobody has to keep reading it for us to go on.
+    /// A terminal, or a regular file with a name (a log a person can open): nobody has
+    /// to keep reading it for us to go on. An unlinked file (a launcher's start-up log,
+    /// read back only on failure) is not kept: nobody could read what comes later.
     fn stderr_is_kept() -> bool {
         use nix::sys::stat::{fstat, SFlag};
         let stderr = std::io::stderr();
         stderr.is_terminal()
             || fstat(&stderr).is_ok_and(|st| {
                 SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+                    && st.st_nlink > 0
             })
     }
 
-    /// `rootlessport: warning: message key=value`, plus the module for debug and trace
-    /// lines, and a timestamp and pid in `ROOTLESSPORT_LOG_FILE`.
+    /// `rootlessport: warning: message key=value`, the module before the message of
+    /// debug and trace lines, and a timestamp and pid first in `ROOTLESSPORT_LOG_FILE`.
     struct Format;
 
     impl<S, N> FormatEvent<S, N> for Format
@@ -281,8 +292,10 @@ mod logging {
             } else {
                 write!(w, "{word}: ")?;
             }
-            if *meta.level() >= Level::DEBUG {
-                let target = meta.target();
+            // Which module, for debug and trace lines (`tcp: ...`), the binary's own
+            // lines aside: what `ROOTLESSPORT_LOG=rootlessport::tcp=debug` selects.
+            let target = meta.target();
+            if *meta.level() >= Level::DEBUG && target != "rootlessport" {
                 let short = target.strip_prefix("rootlessport::").unwrap_or(target);
                 write!(w, "{short}: ")?;
             }
