@@ -357,8 +357,8 @@ fn setup() -> Result<Rig, String> {
     ])?;
     run(&["nsenter", &in_client, "ip", "link", "set", "bc", "up"])?;
     run(&["nsenter", &in_client, "ip", "link", "set", "lo", "up"])?;
-    // TCP only: a UDP rule for container port 7 would also take the replies that
-    // slirp4netns's column needs (the documented UDP trade-off).
+    // UDP too: each kept flow has an exact rule of its own, so slirp4netns's column
+    // (the same container port, other clients) is not touched.
     let veth_cfg = |id: &str, (i, e): (u16, u16), keep: bool| {
         let mut cfg = helper_config(
             &netns,
@@ -366,7 +366,7 @@ fn setup() -> Result<Rig, String> {
             id,
             vec![
                 PortMapping::new("", i, 5201, 1, "tcp"),
-                PortMapping::new("", e, 7, 1, "tcp"),
+                PortMapping::new("", e, 7, 1, "tcp,udp"),
             ],
         );
         cfg.child_ip = "10.0.3.100".into();
@@ -544,6 +544,21 @@ fn short_conns_at(w: &Where, count: u64) -> Result<(f64, f64, f64), String> {
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
     ))
+}
+
+/// New UDP flows per second, one after another, each answered (a lost one fails).
+fn udp_flows_at(w: &Where, count: u64) -> Result<f64, String> {
+    let out = client_cmd_at(w, &["udpflows", &w.echo, &count.to_string()])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let done: f64 = kv(&line, "done").and_then(|d| d.parse().ok()).unwrap_or(0.0);
+    let failed: u64 = kv(&line, "failed").and_then(|d| d.parse().ok()).unwrap_or(1);
+    let secs: f64 = kv(&line, "secs").and_then(|d| d.parse().ok()).unwrap_or(0.0);
+    if failed > 0 || secs <= 0.0 {
+        return Err(format!("UDP flows through {}: {}", w.echo, line.trim()));
+    }
+    Ok(done / secs)
 }
 
 /// Total RSS in MB of a process and its children.
@@ -821,6 +836,11 @@ fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
                 Col::Ours,
                 short_conns_at(&w, s.conns)?.0,
             );
+            put(
+                &format!("veth_udpflow_{tag}"),
+                Col::Ours,
+                udp_flows_at(&w, s.conns)?,
+            );
         }
     }
     let mut report = render(s, &figures, &res, rig.podman.is_some());
@@ -904,6 +924,11 @@ fn render_source_cost(res: &Results) -> String {
     for (key, label, unit) in [
         ("veth_tcp", "TCP throughput, host to container", "Gbit/s"),
         ("veth_conn", "short connections, 2 clients", "conn/s"),
+        (
+            "veth_udpflow",
+            "new UDP flows (fresh source port, 1 query each), 1 client",
+            "flows/s",
+        ),
     ] {
         let (k, p) = (cell(&format!("{key}_kept")), cell(&format!("{key}_plain")));
         let r = match (k, p) {

@@ -6,6 +6,9 @@
 //! - `pingpong ADDR COUNT`: one connection, COUNT 1-byte round trips; latency of each.
 //! - `udp ADDR RATE SECS`: RATE datagrams/s of 64 bytes for SECS seconds; counts replies.
 //! - `hold ADDR COUNT SECS`: opens COUNT connections (1 byte each way), holds them SECS.
+//! - `udpflows ADDR COUNT`: COUNT new UDP flows in a row, each from a fresh socket (a
+//!   fresh source port, as a resolver sends its queries): one datagram, wait up to 1 s
+//!   for the answer.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -29,6 +32,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "pingpong" => pingpong(addr, num(2, "COUNT")?),
         "udp" => udp(addr, num(2, "RATE")?, num(3, "SECS")?),
         "hold" => hold(addr, num(2, "COUNT")?, num(3, "SECS")?),
+        "udpflows" => udp_flows(addr, num(2, "COUNT")?),
         other => Err(format!("bench-client: unknown mode {other:?}")),
     }
 }
@@ -125,6 +129,27 @@ fn udp(addr: SocketAddr, rate: u64, secs: u64) -> Result<(), String> {
     }
     let got = receiver.join().map_err(|_| "receiver panicked")?;
     println!("sent={sent} received={got} secs={secs}");
+    Ok(())
+}
+
+fn udp_flows(addr: SocketAddr, count: u64) -> Result<(), String> {
+    let any = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let start = Instant::now();
+    let (mut answered, mut lost) = (0u64, 0u64);
+    let mut buf = [0u8; 2048];
+    for _ in 0..count {
+        let s = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+        s.connect(addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        let _ = s.send(b"q");
+        match s.recv(&mut buf) {
+            Ok(_) => answered += 1,
+            Err(_) => lost += 1,
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("done={answered} failed={lost} secs={secs:.3}");
     Ok(())
 }
 
