@@ -839,3 +839,588 @@ fn shapes_a_udp_flood_starves_neither_tcp_nor_the_exit_pipe() {
         "exit status {status:?} after {exit_time:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------
+// More shapes: the ICMP case where the helper's upstream socket gets the error, flow
+// rules following the flows (idle expiry, eviction), one client port to two published
+// UDP ports, and a sibling's traffic while remote clients are served.
+
+/// Send `msg` to `to` once and wait up to `wait` for the answer naming it; returns the
+/// answer and the address it came from (other datagrams are listed in the error).
+fn ask_seen_from(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    msg: &str,
+    wait: Duration,
+) -> Result<(String, SocketAddr), String> {
+    sock.send_to(msg.as_bytes(), to)
+        .map_err(|e| format!("sending {msg:?} to {to}: {e}"))?;
+    let deadline = Instant::now() + wait;
+    let mut others = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no answer to {msg:?} sent to {to} within {wait:?}; other datagrams: {others:?}"
+            ));
+        }
+        sock.set_read_timeout(Some(left)).unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if text.split('|').nth(1) == Some(msg) {
+                    return Ok((text, from));
+                }
+                others.push(format!("{text:?} from {from}"));
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(format!("receiving the answer to {msg:?}: {e}")),
+        }
+    }
+}
+
+/// The exact per-flow rules (`to CLIENT ipproto udp sport P dport Q`) for `client` in
+/// `ns`, as `ip -4 rule` lists them.
+fn flow_rules(ns: &TestNetns, client: Ipv4Addr) -> Vec<String> {
+    let needle = format!(" to {client} ipproto udp sport ");
+    ns.sh("ip -4 rule")
+        .lines()
+        .filter(|l| l.contains(&needle) && l.contains(" dport "))
+        .map(|l| l.trim().to_owned())
+        .collect()
+}
+
+/// Whether one of `rules` is the flow rule of client port `port`.
+fn has_rule_for_port(rules: &[String], port: u16) -> bool {
+    let dport = format!(" dport {port} ");
+    rules.iter().any(|r| r.contains(&dport))
+}
+
+/// Open fds of a process (0 once it is gone).
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A helper started with extra environment variables. The launcher has no knob for
+/// the helper's environment (the helper inherits the test process's), and setting a
+/// variable in this process would leak into the tests running beside this one, so a
+/// wrapper script in a tempdir of its own sets them and execs the real binary (same
+/// pid, fds 3 and 4 and stdin passed on). Dropping it closes the exit pipe and waits
+/// up to 5 s (then the launcher's handle kills it).
+struct EnvHelper {
+    process: rootlessport::launcher::RootlessPort,
+    exit: Option<std::os::fd::OwnedFd>,
+    _wrapper_dir: tempfile::TempDir,
+}
+
+impl EnvHelper {
+    fn start(cfg: &rootlessport::Config, env: &[(&str, &str)]) -> EnvHelper {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let wrapper = dir.path().join("rootlessport");
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}='{v}'")).collect();
+        let script = format!(
+            "#!/bin/sh\nexport {}\nexec '{}' \"$@\"\n",
+            assignments.join(" "),
+            tests::rootlessport_bin().display()
+        );
+        std::fs::write(&wrapper, script).unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A fork elsewhere in this process may briefly hold the script open for
+        // writing (ETXTBSY): try again a few times.
+        let mut attempt = 0;
+        loop {
+            let (exit_r, exit_w) = tests::cloexec_pipe();
+            match rootlessport::launcher::Launcher::new(&wrapper).start(cfg, exit_r) {
+                Ok(process) => {
+                    return EnvHelper {
+                        process,
+                        exit: Some(exit_w),
+                        _wrapper_dir: dir,
+                    }
+                }
+                Err(rootlessport::launcher::LaunchError::Spawn(e))
+                    if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 20 =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!(
+                    "starting {} through {}: {e}",
+                    tests::rootlessport_bin().display(),
+                    wrapper.display()
+                ),
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn exit_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.exit = None;
+        self.process
+            .wait_timeout(timeout)
+            .expect("waiting for rootlessport")
+    }
+}
+
+impl Drop for EnvHelper {
+    fn drop(&mut self) {
+        self.exit = None;
+        let _ = self.process.wait_timeout(Duration::from_secs(5));
+    }
+}
+
+/// Case 4 where the ICMP reaches the helper: `client` sends once while nothing
+/// listens on the container's 8080/udp (the port-unreachable comes back to the
+/// helper's own upstream socket, as the flow does not keep the client's address),
+/// then the server starts and ONE more datagram from the same socket must be
+/// answered (no resend), seen from the child IP's side.
+fn one_datagram_after_an_icmp_error(
+    topo: &BridgeTopology,
+    client: &UdpSocket,
+    to: SocketAddr,
+    what: &str,
+) {
+    let me = client.local_addr().unwrap();
+    client.send_to(b"early", to).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut servers = Servers::new();
+    servers.udp_reporter(
+        &topo.container,
+        sock(Ipv4Addr::UNSPECIFIED, 8080),
+        "container",
+    );
+    let answer = ask_seen_from(client, to, "late", ANSWER);
+    let (text, from) = answer.unwrap_or_else(|e| {
+        panic!(
+            "{what}: the one datagram sent from {me} after the server started \
+             (same client socket, no resend) was lost: {e}"
+        )
+    });
+    let child = format!("container|late|{}:", topo.container_ip());
+    assert!(
+        text.starts_with(&child),
+        "{what}: the container should see the child IP's side: {text:?}"
+    );
+    assert_eq!(
+        from, to,
+        "{what}: the answer must come from the published port"
+    );
+}
+
+/// Case 4, client on the harness's own loopback (127.0.0.1 -> published 17015 ->
+/// container 8080): a loopback client's address is never kept, so the container's
+/// ICMP port-unreachable reaches the helper's upstream socket.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_loopback_udp_client_answered_after_an_icmp_error() {
+    require_harness();
+    let _load = light();
+    let topo = BridgeTopology::new(32);
+    let _helper = topo.launch(vec![PortMapping::new("127.0.0.1", 17015, 8080, 1, "udp")]);
+    let to = sock(Ipv4Addr::LOCALHOST, 17015);
+    let client = UdpSocket::bind(sock(Ipv4Addr::LOCALHOST, 0)).unwrap();
+    one_datagram_after_an_icmp_error(&topo, &client, to, "loopback client");
+}
+
+/// Case 4, remote client with client addresses turned off (`PreserveSourceIP:
+/// false`): the flow's socket is an ordinary one, so the ICMP reaches it.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_unkept_remote_udp_client_answered_after_an_icmp_error() {
+    require_harness();
+    let _load = light();
+    let topo = BridgeTopology::new(37);
+    let _helper = topo.launch_with(vec![udp(17016, 8080, 1)], |c| c.preserve_source_ip = false);
+    let to = sock(topo.client.host_addr, 17016);
+    let bind = sock(topo.client.client_addr, 0);
+    let client = topo.client.ns.run(move || UdpSocket::bind(bind)).unwrap();
+    one_datagram_after_an_icmp_error(&topo, &client, to, "remote client, addresses not kept");
+}
+
+/// Flows end, nothing stays: with a 2 s idle timeout, 50 clients (50 ports of the
+/// remote client host) are answered with their own address and have one exact rule
+/// each while their flows live; 4 s of silence later no flow rule and no flow socket
+/// is left, and after the helper exits the container's routing state is the one
+/// before it started.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_no_flow_rule_left_after_udp_flows_end() {
+    require_harness();
+    let _load = light();
+    const CLIENTS: usize = 50;
+    let topo = BridgeTopology::new(33);
+    let mut servers = Servers::new();
+    servers.udp_reporter(
+        &topo.container,
+        sock(Ipv4Addr::UNSPECIFIED, 53),
+        "container",
+    );
+    let before = netns_state(&topo.container);
+    let mut helper = EnvHelper::start(
+        &topo.config(vec![udp(23253, 53, 1)]),
+        &[("ROOTLESSPORT_UDP_IDLE_SECS", "2")],
+    );
+    let idle_fds = fd_count(helper.pid());
+    let a = topo.client.client_addr;
+    let to = sock(topo.client.host_addr, 23253);
+
+    // All at once, so that every flow is still live when the rules are counted.
+    let results = topo.client.ns.run(move || {
+        let socks: Vec<UdpSocket> = (0..CLIENTS)
+            .map(|_| {
+                let s = UdpSocket::bind(sock(a, 0)).unwrap();
+                s.set_nonblocking(true).unwrap();
+                s
+            })
+            .collect();
+        for (i, s) in socks.iter().enumerate() {
+            let _ = s.send_to(format!("c{i}").as_bytes(), to);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got: Vec<Option<String>> = vec![None; CLIENTS];
+        let mut buf = [0u8; 512];
+        while got.iter().any(Option::is_none) && Instant::now() < deadline {
+            for (i, s) in socks.iter().enumerate() {
+                if got[i].is_none() {
+                    if let Ok(n) = s.recv(&mut buf) {
+                        got[i] = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        socks
+            .iter()
+            .map(|s| s.local_addr().unwrap())
+            .zip(got)
+            .collect::<Vec<_>>()
+    });
+    let answered_at = Instant::now();
+    let rules = flow_rules(&topo.container, a);
+    let live_fds = fd_count(helper.pid());
+
+    let wrong: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter(|(i, (me, got))| got.as_deref() != Some(&format!("container|c{i}|{me}")))
+        .map(|(i, (me, got))| format!("c{i} from {me}: {got:?}"))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {CLIENTS} clients not answered with their own address: {wrong:?}",
+        wrong.len()
+    );
+    let missing: Vec<SocketAddr> = results
+        .iter()
+        .map(|(me, _)| *me)
+        .filter(|me| !has_rule_for_port(&rules, me.port()))
+        .collect();
+    assert!(
+        rules.len() == CLIENTS && missing.is_empty(),
+        "while the {CLIENTS} flows live (counted {:?} after the answers): {} exact flow \
+         rules, none for {missing:?}; rules: {rules:?}",
+        answered_at.elapsed(),
+        rules.len()
+    );
+
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(answered_at.elapsed()));
+    let gone = tests::eventually(6, || flow_rules(&topo.container, a).is_empty());
+    let left = flow_rules(&topo.container, a);
+    assert!(
+        gone,
+        "{} flow rules left {:?} after the last datagram (idle timeout 2 s): {left:?}",
+        left.len(),
+        answered_at.elapsed()
+    );
+    let fds_back = tests::eventually(5, || fd_count(helper.pid()) <= idle_fds);
+    assert!(
+        fds_back,
+        "the helper had {idle_fds} fds before the clients, {live_fds} with {CLIENTS} flows \
+         and still {} after they expired",
+        fd_count(helper.pid())
+    );
+
+    let status = helper.exit_within(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(
+        netns_state(&topo.container),
+        before,
+        "routing state left changed"
+    );
+}
+
+/// Eviction keeps the rules in step: one host opens 1,100 flows (more than its share
+/// of 1,024) from 1,100 source ports, each answered with its own address; at the end
+/// that host has between 1,000 and 1,024 exact flow rules, the newest ports among
+/// them, and the newest clients are still answered. After the helper exits the
+/// container's routing state is the one before it started.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_evicted_udp_flows_take_their_rules_with_them() {
+    require_harness();
+    let _load = heavy();
+    const FIRST: u16 = 30000;
+    const CLIENTS: u16 = 1100;
+    const SHARE: usize = 1024; // udp::MAX_FLOWS_PER_SOURCE
+    const NEWEST: u16 = 20;
+    let topo = BridgeTopology::new(34);
+    let mut servers = Servers::new();
+    servers.udp_reporter(
+        &topo.container,
+        sock(Ipv4Addr::UNSPECIFIED, 53),
+        "container",
+    );
+    let before = netns_state(&topo.container);
+    let mut helper = topo.launch(vec![udp(23353, 53, 1)]);
+    let a = topo.client.client_addr;
+    let to = sock(topo.client.host_addr, 23353);
+
+    // One socket per source port, a query every 2 ms, each waiting up to 3 s for its
+    // own answer (sockets close once answered).
+    let (answered, failures) = topo.client.ns.run(move || {
+        let start = Instant::now();
+        let every = Duration::from_millis(2);
+        let mut pending: Vec<(u16, UdpSocket, Instant)> = Vec::new();
+        let (mut answered, mut failures) = (0u32, Vec::new());
+        let mut next = 0u16;
+        let mut buf = [0u8; 512];
+        loop {
+            while next < CLIENTS && start + every * u32::from(next) <= Instant::now() {
+                let port = FIRST + next;
+                let s = UdpSocket::bind(sock(a, port)).unwrap();
+                s.set_nonblocking(true).unwrap();
+                let _ = s.send_to(format!("p{port}").as_bytes(), to);
+                pending.push((port, s, Instant::now()));
+                next += 1;
+            }
+            pending.retain(|(port, s, sent)| match s.recv(&mut buf) {
+                Ok(len) => {
+                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                    if text == format!("container|p{port}|{a}:{port}") {
+                        answered += 1;
+                    } else {
+                        failures.push(format!("port {port}: {text:?}"));
+                    }
+                    false
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if sent.elapsed() < ANSWER {
+                        return true;
+                    }
+                    failures.push(format!("port {port}: no answer"));
+                    false
+                }
+                Err(e) => {
+                    failures.push(format!("port {port}: {e}"));
+                    false
+                }
+            });
+            if next == CLIENTS && pending.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (answered, failures)
+    });
+    assert!(
+        failures.is_empty() && answered == u32::from(CLIENTS),
+        "{answered} of {CLIENTS} answered with their own address; {} failures, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+
+    let rules = flow_rules(&topo.container, a);
+    let newest: Vec<u16> = (FIRST + CLIENTS - NEWEST..FIRST + CLIENTS).collect();
+    let newest_missing: Vec<u16> = newest
+        .iter()
+        .copied()
+        .filter(|p| !has_rule_for_port(&rules, *p))
+        .collect();
+    let oldest_kept = has_rule_for_port(&rules, FIRST);
+    assert!(
+        (1000..=SHARE).contains(&rules.len()) && newest_missing.is_empty() && !oldest_kept,
+        "after {CLIENTS} flows from {a}: {} exact flow rules (want 1000..={SHARE}); the \
+         newest ports without one: {newest_missing:?}; the oldest port {FIRST} still has \
+         one: {oldest_kept}",
+        rules.len()
+    );
+
+    // The newest clients are answered again (their flows are live).
+    for port in newest {
+        let (answer, me) = topo.client.ns.run(move || {
+            let s = UdpSocket::bind(sock(a, port)).unwrap();
+            (
+                ask(&s, to, &format!("again{port}"), ANSWER),
+                s.local_addr().unwrap(),
+            )
+        });
+        assert_eq!(
+            answer,
+            Ok(format!("container|again{port}|{me}")),
+            "one of the newest clients, after the eviction"
+        );
+    }
+    let after = flow_rules(&topo.container, a).len();
+    assert!(
+        after <= SHARE,
+        "{after} flow rules for {a} after the newest asked again"
+    );
+
+    let status = helper.exit_within(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(
+        netns_state(&topo.container),
+        before,
+        "routing state left changed"
+    );
+}
+
+/// Case 6 for UDP: one client socket (port 50001) sends to two published ports of one
+/// container port (8021->80/udp, 8022->80/udp). Both are answered, each from the port
+/// it was sent to; the first names the client itself, the second may see the child IP.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_one_udp_client_port_to_two_published_ports_of_one_container_port() {
+    require_harness();
+    let _load = light();
+    let topo = BridgeTopology::new(35);
+    let mut servers = Servers::new();
+    servers.udp_reporter(
+        &topo.container,
+        sock(Ipv4Addr::UNSPECIFIED, 80),
+        "container",
+    );
+    let _helper = topo.launch(vec![udp(8021, 80, 1), udp(8022, 80, 1)]);
+    let host = topo.client.host_addr;
+    let me = sock(topo.client.client_addr, 50001);
+    let s = topo.client.ns.run(move || UdpSocket::bind(me)).unwrap();
+    let (first, second) = (sock(host, 8021), sock(host, 8022));
+
+    let (text, from) =
+        ask_seen_from(&s, first, "first", ANSWER).unwrap_or_else(|e| panic!("to {first}: {e}"));
+    assert_eq!(
+        (text.as_str(), from),
+        (format!("container|first|{me}").as_str(), first),
+        "the first published port's answer"
+    );
+    let (text, from) = ask_seen_from(&s, second, "second", ANSWER)
+        .unwrap_or_else(|e| panic!("to {second}, after {first}: {e}"));
+    assert!(
+        text.starts_with("container|second|") && from == second,
+        "the second published port's answer: {text:?} from {from}"
+    );
+    // Both flows are live at once: each still answered on its own port.
+    let (text, from) = ask_seen_from(&s, first, "first again", ANSWER)
+        .unwrap_or_else(|e| panic!("to {first} again: {e}"));
+    assert_eq!(
+        (text.as_str(), from),
+        (format!("container|first again|{me}").as_str(), first),
+        "the first published port, once the second flow exists"
+    );
+    let (text, from) = ask_seen_from(&s, second, "second again", ANSWER)
+        .unwrap_or_else(|e| panic!("to {second} again: {e}"));
+    assert!(
+        text.starts_with("container|second again|") && from == second,
+        "the second published port, again: {text:?} from {from}"
+    );
+}
+
+/// A sibling's TCP (to 198.51.100.2:80) and UDP (to :53) keep working while the
+/// helper publishes both ports with client addresses kept and a remote client has a
+/// TCP connection and a UDP flow through it: everyone is answered and sees the right
+/// peer, in several rounds interleaved.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_sibling_tcp_and_udp_work_while_remote_clients_are_served() {
+    require_harness();
+    let _load = light();
+    let topo = BridgeTopology::new(36);
+    let mut servers = Servers::new();
+    servers.udp_reporter(
+        &topo.container,
+        sock(Ipv4Addr::UNSPECIFIED, 53),
+        "container",
+    );
+    servers.tcp_server(&topo.container, sock(Ipv4Addr::UNSPECIFIED, 80), true);
+    let tcp_to = sock(topo.container_ip(), 80);
+    let udp_to = sock(topo.container_ip(), 53);
+    let sibling_ip = topo.sibling_ip();
+    let sibling_round = |round: u32| -> Result<(), String> {
+        sibling_tcp_round(&topo.sibling, tcp_to, round)?;
+        let (answer, me) = ask_from(&topo.sibling, sock(sibling_ip, 0), udp_to, "sibling");
+        match answer {
+            Ok(text) if text == format!("container|sibling|{me}") => Ok(()),
+            other => Err(format!("round {round}: sibling UDP to {udp_to}: {other:?}")),
+        }
+    };
+    sibling_round(0).unwrap_or_else(|e| panic!("the topology itself is broken: {e}"));
+
+    let before = netns_state(&topo.container);
+    let mut helper = topo.launch(vec![tcp(23480, 80), udp(23453, 53, 1)]);
+    let host = topo.client.host_addr;
+    let remote_tcp_to = sock(host, 23480);
+    let mut remote = topo
+        .client
+        .ns
+        .run(move || TcpStream::connect_timeout(&remote_tcp_to, Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("the remote client connecting to {remote_tcp_to}: {e}"));
+    let remote_me = remote.local_addr().unwrap();
+    assert_eq!(
+        read_line(&mut remote),
+        Ok(remote_me.to_string()),
+        "the remote client's TCP connection through the helper"
+    );
+    let bind = sock(topo.client.client_addr, 0);
+    let remote_udp = topo.client.ns.run(move || UdpSocket::bind(bind)).unwrap();
+    let remote_udp_me = remote_udp.local_addr().unwrap();
+    let remote_udp_to = sock(host, 23453);
+
+    for round in 1..=5 {
+        let msg = format!("remote{round}");
+        assert_eq!(
+            ask(&remote_udp, remote_udp_to, &msg, ANSWER),
+            Ok(format!("container|{msg}|{remote_udp_me}")),
+            "round {round}: the remote client's UDP flow through the helper"
+        );
+        sibling_round(round).unwrap_or_else(|e| {
+            panic!("while the helper serves the remote client (TCP {remote_me}, UDP {remote_udp_me}): {e}")
+        });
+        echo_back(&mut remote, format!("tcp round {round}").as_bytes())
+            .unwrap_or_else(|e| panic!("round {round}: the remote client's TCP connection: {e}"));
+    }
+
+    drop(remote);
+    let status = helper.exit_within(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(
+        netns_state(&topo.container),
+        before,
+        "routing state left changed"
+    );
+}
+
+/// From the sibling: a TCP connection to `to`; the container must see the sibling's
+/// own address and echo.
+fn sibling_tcp_round(ns: &TestNetns, to: SocketAddr, round: u32) -> Result<(), String> {
+    ns.run(move || {
+        let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .map_err(|e| format!("round {round}: sibling connecting to {to}: {e}"))?;
+        let me = c.local_addr().unwrap();
+        let seen = read_line(&mut c).map_err(|e| format!("round {round}: sibling TCP: {e}"))?;
+        if seen != me.to_string() {
+            return Err(format!(
+                "round {round}: the container saw {seen} for the sibling's {me}"
+            ));
+        }
+        echo_back(&mut c, b"sibling data")
+            .map_err(|e| format!("round {round}: sibling TCP echo: {e}"))
+    })
+}
