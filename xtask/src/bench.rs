@@ -552,9 +552,15 @@ fn udp_flows_at(w: &Where, count: u64) -> Result<f64, String> {
         .output()
         .map_err(|e| e.to_string())?;
     let line = String::from_utf8_lossy(&out.stdout).to_string();
-    let done: f64 = kv(&line, "done").and_then(|d| d.parse().ok()).unwrap_or(0.0);
-    let failed: u64 = kv(&line, "failed").and_then(|d| d.parse().ok()).unwrap_or(1);
-    let secs: f64 = kv(&line, "secs").and_then(|d| d.parse().ok()).unwrap_or(0.0);
+    let done: f64 = kv(&line, "done")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0.0);
+    let failed: u64 = kv(&line, "failed")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(1);
+    let secs: f64 = kv(&line, "secs")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0.0);
     if failed > 0 || secs <= 0.0 {
         return Err(format!("UDP flows through {}: {}", w.echo, line.trim()));
     }

@@ -133,7 +133,11 @@ fn udp(addr: SocketAddr, rate: u64, secs: u64) -> Result<(), String> {
 }
 
 fn udp_flows(addr: SocketAddr, count: u64) -> Result<(), String> {
-    let any = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let any = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     let start = Instant::now();
     let (mut answered, mut lost) = (0u64, 0u64);
     let mut buf = [0u8; 2048];

@@ -35,6 +35,7 @@ pub mod forward;
 pub mod launcher;
 mod netlink;
 pub mod reload;
+mod routing;
 mod source_ip;
 mod tcp;
 mod udp;

@@ -182,6 +182,63 @@ pub(crate) struct DumpedRule {
     message: RuleMessage,
 }
 
+impl DumpedRule {
+    fn from_message(message: RuleMessage) -> DumpedRule {
+        DumpedRule {
+            rule: Rule::from_message(&message),
+            message,
+        }
+    }
+
+    /// How a dump shows `rule` once the kernel stored it as it is (for test doubles:
+    /// our view goes through the same message round trip as a real dump).
+    #[cfg(test)]
+    pub fn stored(rule: &Rule) -> DumpedRule {
+        DumpedRule::from_message(rule.message())
+    }
+}
+
+#[cfg(test)]
+impl TableRoute {
+    /// How a dump shows `local default dev lo table TABLE [src PREFSRC]` (for test
+    /// doubles; `lo` as index 1).
+    pub fn local_default(family: IpFamily, table: u32, prefsrc: Option<IpAddr>) -> TableRoute {
+        TableRoute {
+            table,
+            message: local_default(family, table, prefsrc, 1),
+        }
+    }
+
+    /// The route's family (`None`: neither IPv4 nor IPv6).
+    pub fn family(&self) -> Option<IpFamily> {
+        match self.message.header.address_family {
+            AddressFamily::Inet => Some(IpFamily::V4),
+            AddressFamily::Inet6 => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+}
+
+/// The message of `local default dev OIF table TABLE [src PREFSRC]`.
+fn local_default(family: IpFamily, table: u32, prefsrc: Option<IpAddr>, oif: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header = RouteHeader {
+        address_family: family.af(),
+        table: RouteHeader::RT_TABLE_UNSPEC,
+        protocol: RouteProtocol::Static,
+        scope: RouteScope::Host,
+        kind: RouteType::Local,
+        ..Default::default()
+    };
+    m.attributes.push(RouteAttribute::Table(table));
+    m.attributes.push(RouteAttribute::Oif(oif));
+    if let Some(src) = prefsrc {
+        m.attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::from(src)));
+    }
+    m
+}
+
 /// A NETLINK_ROUTE socket in the netns it was made in; requests are synchronous.
 pub(crate) struct Rtnl {
     sock: Socket,
@@ -293,10 +350,7 @@ impl Rtnl {
                 RouteNetlinkMessage::NewRule(m) => Some(m),
                 _ => None,
             })
-            .map(|m| DumpedRule {
-                rule: Rule::from_message(&m),
-                message: m,
-            })
+            .map(DumpedRule::from_message)
             .collect())
     }
 
@@ -341,22 +395,7 @@ impl Rtnl {
         prefsrc: Option<IpAddr>,
     ) -> io::Result<RouteMessage> {
         let oif = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)?;
-        let mut m = RouteMessage::default();
-        m.header = RouteHeader {
-            address_family: family.af(),
-            table: RouteHeader::RT_TABLE_UNSPEC,
-            protocol: RouteProtocol::Static,
-            scope: RouteScope::Host,
-            kind: RouteType::Local,
-            ..Default::default()
-        };
-        m.attributes.push(RouteAttribute::Table(table));
-        m.attributes.push(RouteAttribute::Oif(oif));
-        if let Some(src) = prefsrc {
-            m.attributes
-                .push(RouteAttribute::PrefSource(RouteAddress::from(src)));
-        }
-        Ok(m)
+        Ok(local_default(family, table, prefsrc, oif))
     }
 
     /// `local default dev lo table TABLE [src PREFSRC]`: everything routed by that

@@ -41,14 +41,23 @@
 //! rule on an empty table at start; the helper then keeps UDP client addresses off (one
 //! warning line) and never adds a flow rule. Any failure to set up leaves the netns as
 //! it was and forwards as podman's helper does (the container sees the child IP's side).
+//!
+//! # Tested without root
+//!
+//! Everything privileged goes through [`RoutingOps`] ([`crate::routing`]): the real
+//! netns in the helper, an in-memory double in the unit tests below, which can also
+//! behave like a 4.16 kernel, refuse IPv6 or everything, or fail the sysctl write. The
+//! owner and lock sockets stay real there, under a name prefix of each test's own.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use crate::netlink::{DumpedRule, IpFamily, Rtnl, Rule};
+use crate::netlink::{DumpedRule, IpFamily, Rule};
+use crate::routing::{NetnsRouting, RoutingOps, FWMARK_ACCEPT};
 
 /// First table (and mark) of the range our helpers use: "RLP" and 0x5000.
 pub const TABLE_BASE: u32 = 0x524c_5000;
@@ -64,12 +73,40 @@ pub const PRIORITY: u32 = 99;
 /// (all before the main table's rule, 32766): UDP gates, the skip, UDP flows, TCP.
 pub const BAND_BASE: u32 = 100;
 const BAND: u32 = 4;
-const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 /// How long to wait for another helper's setup or teardown in the same netns.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-fn owner_name(table: u32) -> String {
-    format!("rootless-net/rootlessport/{table:08x}")
+/// The abstract unix socket names of the helpers in one netns, under one prefix: each
+/// slot's owner and the netns-wide lock.
+#[derive(Debug, Clone)]
+struct Names {
+    prefix: Cow<'static, str>,
+}
+
+impl Names {
+    /// What every helper uses.
+    const REAL: Names = Names {
+        prefix: Cow::Borrowed("rootless-net/rootlessport"),
+    };
+
+    /// A prefix of its own: unit tests share this process's netns for the names.
+    #[cfg(test)]
+    fn unique() -> Names {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Names {
+            prefix: format!("rootless-net-test/{}/{n}", std::process::id()).into(),
+        }
+    }
+
+    /// Held by the helper owning `table` while it lives.
+    fn owner(&self, table: u32) -> String {
+        format!("{}/{table:08x}", self.prefix)
+    }
+
+    fn lock(&self) -> String {
+        format!("{}/lock", self.prefix)
+    }
 }
 
 /// Bind an abstract unix socket in the calling thread's netns: `Ok(None)` when the
@@ -94,10 +131,11 @@ fn claim(name: &str) -> io::Result<Option<OwnedFd>> {
 struct NetnsLock(#[allow(dead_code)] OwnedFd);
 
 impl NetnsLock {
-    fn take() -> Result<NetnsLock, String> {
+    fn take(names: &Names) -> Result<NetnsLock, String> {
         let deadline = Instant::now() + LOCK_WAIT;
+        let name = names.lock();
         loop {
-            match claim("rootless-net/rootlessport/lock") {
+            match claim(&name) {
                 Ok(Some(fd)) => return Ok(NetnsLock(fd)),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
@@ -164,7 +202,8 @@ impl Band {
 
 /// The routing state one helper owns in the container netns.
 pub(crate) struct SourceIp {
-    rtnl: Rtnl,
+    net: Box<dyn RoutingOps + Send>,
+    names: Names,
     band: Band,
     /// Our table, also the mark of our TCP sockets.
     table: u32,
@@ -191,19 +230,31 @@ impl SourceIp {
         udp_ranges: Vec<(u16, u16)>,
     ) -> Result<SourceIp, String> {
         let child = usable_child(child_ip)?;
-        let rtnl = Rtnl::open().map_err(|e| format!("netlink: {e}"))?;
-        let lock = NetnsLock::take()?;
+        let net = NetnsRouting::open().map_err(|e| format!("netlink: {e}"))?;
+        SourceIp::setup_in(Box::new(net), Names::REAL, container_id, child, udp_ranges)
+    }
+
+    /// [`SourceIp::setup`] on `net`, with the owner and lock sockets named under `names`.
+    fn setup_in(
+        net: Box<dyn RoutingOps + Send>,
+        names: Names,
+        container_id: &str,
+        child: IpAddr,
+        udp_ranges: Vec<(u16, u16)>,
+    ) -> Result<SourceIp, String> {
+        let lock = NetnsLock::take(&names)?;
         let first = slot_hash(container_id);
         let (table, owner) = (0..SLOTS)
             .map(|i| TABLE_BASE + (first + i) % SLOTS)
-            .find_map(|t| match claim(&owner_name(t)) {
+            .find_map(|t| match claim(&names.owner(t)) {
                 Ok(Some(fd)) => Some(Ok((t, fd))),
                 Ok(None) => None,
                 Err(e) => Some(Err(format!("owner socket: {e}"))),
             })
             .unwrap_or_else(|| Err(format!("all {SLOTS} slots of this netns are taken")))?;
         let mut s = SourceIp {
-            rtnl,
+            net,
+            names,
             band: Band {
                 slot: table - TABLE_BASE,
             },
@@ -250,14 +301,14 @@ impl SourceIp {
     }
 
     fn add_family(&mut self, family: IpFamily, prefsrc: Option<IpAddr>) -> Result<(), String> {
-        self.rtnl
+        self.net
             .add_local_default(family, self.table, prefsrc)
             .map_err(|e| format!("adding the local route of table {}: {e}", self.table))?;
         let rule = Rule {
             fwmark: Some((self.table, u32::MAX)),
             ..Rule::to_table(family, self.band.tcp(), self.table)
         };
-        self.rtnl
+        self.net
             .add_rule(&rule)
             .map_err(|e| format!("adding the fwmark rule: {e}"))?;
         self.check_stored(&rule)
@@ -267,7 +318,7 @@ impl SourceIp {
     /// Read the rules back: the kernel must have stored `rule` as asked.
     fn check_stored(&mut self, rule: &Rule) -> Result<(), String> {
         let dumped = self
-            .rtnl
+            .net
             .rules(rule.family)
             .map_err(|e| format!("reading the rules back: {e}"))?;
         if dumped.iter().any(|d| d.rule.as_ref() == Some(rule)) {
@@ -279,7 +330,7 @@ impl SourceIp {
                 r.priority == rule.priority && r.table == rule.table && r.goto == rule.goto
             });
             if same {
-                let _ = self.rtnl.del_dumped_rule(d);
+                let _ = self.net.del_dumped_rule(d);
             }
         }
         Err("the kernel stored a different rule than asked (kernel too old?)".into())
@@ -300,13 +351,13 @@ impl SourceIp {
             priority: PRIORITY,
             ..flow_rule(PROBE_TABLE, 0, SocketAddr::new(dst, 1), 1)
         };
-        match self.rtnl.add_rule(&probe) {
+        match self.net.add_rule(&probe) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(format!("the kernel refused a port-matching rule: {e}")),
         }
         let stored = self.check_stored(&probe);
-        let _ = self.rtnl.del_rule(&probe);
+        let _ = self.net.del_rule(&probe);
         stored
     }
 
@@ -323,7 +374,7 @@ impl SourceIp {
                 sport: Some((a, b)),
                 ..Rule::to_table(family, self.band.gates(), 0)
             };
-            self.rtnl
+            self.net
                 .add_rule(&gate)
                 .map_err(|e| format!("adding the UDP gate for ports {a}-{b}: {e}"))?;
             self.check_stored(&gate)?;
@@ -332,7 +383,7 @@ impl SourceIp {
             goto: Some(self.band.tcp()),
             ..Rule::to_table(family, self.band.skip(), 0)
         };
-        self.rtnl
+        self.net
             .add_rule(&skip)
             .map_err(|e| format!("adding the UDP skip rule: {e}"))?;
         self.check_stored(&skip)
@@ -341,12 +392,12 @@ impl SourceIp {
     /// Remove every rule of ours at these priorities.
     fn remove_rules_at(&mut self, priorities: &[u32]) {
         for f in [IpFamily::V4, IpFamily::V6] {
-            for d in self.rtnl.rules(f).unwrap_or_default() {
+            for d in self.net.rules(f).unwrap_or_default() {
                 let mine = d.rule.as_ref().is_some_and(|r| {
                     priorities.contains(&r.priority) && Band::owning(r) == Some(self.band)
                 });
                 if mine {
-                    let _ = self.rtnl.del_dumped_rule(&d);
+                    let _ = self.net.del_dumped_rule(&d);
                 }
             }
         }
@@ -354,17 +405,19 @@ impl SourceIp {
 
     /// Set `tcp_fwmark_accept`, recording with the marker that it was 0.
     fn enable_fwmark_accept(&mut self) -> Result<(), String> {
-        let current =
-            std::fs::read_to_string(FWMARK_ACCEPT).map_err(|e| format!("{FWMARK_ACCEPT}: {e}"))?;
-        if current.trim() != "0" {
+        let on = self
+            .net
+            .tcp_fwmark_accept()
+            .map_err(|e| format!("{FWMARK_ACCEPT}: {e}"))?;
+        if on {
             return Ok(());
         }
-        match self.rtnl.add_rule(&marker()) {
+        match self.net.add_rule(&marker()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(format!("adding the marker rule: {e}")),
         }
-        if let Err(e) = std::fs::write(FWMARK_ACCEPT, "1") {
+        if let Err(e) = self.net.set_tcp_fwmark_accept(true) {
             let _ = self.restore_fwmark_accept_if_last();
             return Err(format!("{FWMARK_ACCEPT}: {e}"));
         }
@@ -378,14 +431,14 @@ impl SourceIp {
         let mut rules: Vec<(Band, DumpedRule)> = Vec::new();
         let mut routes = Vec::new();
         for f in [IpFamily::V4, IpFamily::V6] {
-            for d in self.rtnl.rules(f).unwrap_or_default() {
+            for d in self.net.rules(f).unwrap_or_default() {
                 if let Some(band) = d.rule.as_ref().and_then(Band::owning) {
                     rules.push((band, d));
                 }
             }
             routes.extend(
-                self.rtnl
-                    .routes_in(f, |t| (TABLE_BASE..TABLE_BASE + SLOTS).contains(&t))
+                self.net
+                    .routes_in(f, TABLE_BASE..TABLE_BASE + SLOTS)
                     .unwrap_or_default(),
             );
         }
@@ -400,7 +453,7 @@ impl SourceIp {
         for slot in slots {
             let band = Band { slot };
             let dead = band == self.band
-                || match claim(&owner_name(band.table())) {
+                || match claim(&self.names.owner(band.table())) {
                     Ok(Some(_probe)) => true, // freed again when _probe drops
                     Ok(None) => {
                         others_alive = true;
@@ -413,10 +466,10 @@ impl SourceIp {
                     tracing::info!(table = band.table(), "removing what a dead helper left");
                 }
                 for (_, d) in rules.iter().filter(|(b, _)| *b == band) {
-                    let _ = self.rtnl.del_dumped_rule(d);
+                    let _ = self.net.del_dumped_rule(d);
                 }
                 for r in routes.iter().filter(|r| r.table == band.table()) {
-                    let _ = self.rtnl.del_route(r);
+                    let _ = self.net.del_route(r);
                 }
             }
         }
@@ -429,14 +482,14 @@ impl SourceIp {
             return false;
         }
         let has_marker = self
-            .rtnl
+            .net
             .rules(IpFamily::V4)
             .unwrap_or_default()
             .iter()
             .any(|d| d.rule.as_ref() == Some(&marker()));
         if has_marker {
-            let _ = std::fs::write(FWMARK_ACCEPT, "0");
-            let _ = self.rtnl.del_rule(&marker());
+            let _ = self.net.set_tcp_fwmark_accept(false);
+            let _ = self.net.del_rule(&marker());
         }
         true
     }
@@ -475,7 +528,7 @@ impl SourceIp {
             return false;
         }
         let rule = flow_rule(self.table, self.band.flows(), client, container_port);
-        match self.rtnl.add_rule(&rule) {
+        match self.net.add_rule(&rule) {
             Ok(()) => {
                 self.flows.insert((client, container_port));
                 true
@@ -491,7 +544,7 @@ impl SourceIp {
     pub fn remove_udp_flow(&mut self, client: SocketAddr, container_port: u16) {
         if self.flows.remove(&(client, container_port)) {
             let rule = flow_rule(self.table, self.band.flows(), client, container_port);
-            let _ = self.rtnl.del_rule(&rule);
+            let _ = self.net.del_rule(&rule);
         }
     }
 
@@ -513,9 +566,9 @@ impl SourceIp {
             self.udp = None;
         }
         for family in self.families.clone() {
-            let _ = self.rtnl.del_local_default(family, self.table);
+            let _ = self.net.del_local_default(family, self.table);
             let prefsrc = (IpFamily::of(child) == family).then_some(child);
-            if let Err(e) = self.rtnl.add_local_default(family, self.table, prefsrc) {
+            if let Err(e) = self.net.add_local_default(family, self.table, prefsrc) {
                 tracing::warn!(error = %e, "re-adding the local route after reload");
                 self.families.retain(|f| *f != family);
             }
@@ -526,7 +579,7 @@ impl SourceIp {
 impl Drop for SourceIp {
     fn drop(&mut self) {
         // Without the lock (another helper stuck mid-setup) we still remove our own.
-        let lock = NetnsLock::take();
+        let lock = NetnsLock::take(&self.names);
         if let Err(e) = &lock {
             tracing::warn!(error = %e, "tearing down without the netns lock");
         }
@@ -707,5 +760,550 @@ mod tests {
         assert_eq!(r.ip_proto, Some(17));
         assert_eq!(r.family, IpFamily::V4);
         assert_eq!(r.fwmark, None);
+    }
+
+    // The logic above the netns, on the in-memory double of `crate::routing`.
+
+    use crate::routing::fake::{self, FakeNetns, Kernel, Route, Snapshot};
+
+    const CHILD: &str = "10.0.2.100";
+
+    /// One container netns: the fake routing, and socket names of its own (the owner
+    /// and lock sockets are real, in this process's netns).
+    struct Netns {
+        fake: FakeNetns,
+        names: Names,
+    }
+
+    impl Netns {
+        fn new(kernel: Kernel) -> Netns {
+            Netns {
+                fake: FakeNetns::new(kernel),
+                names: Names::unique(),
+            }
+        }
+
+        fn helper(&self, id: &str, child: &str, udp: &[(u16, u16)]) -> Result<SourceIp, String> {
+            let child = child.parse().expect("a child IP");
+            SourceIp::setup_in(self.fake.ops(), self.names.clone(), id, child, udp.to_vec())
+        }
+
+        /// A helper set up, given `flows`, then killed with -9: its rules and routes
+        /// stay, its owner name in this netns is free. (Its sockets are named under a
+        /// prefix of their own and leaked, so the names under ours were never taken.)
+        fn killed_helper(&self, id: &str, flows: &[(SocketAddr, u16)]) -> Band {
+            let child = CHILD.parse().expect("an IP");
+            let mut s = SourceIp::setup_in(self.fake.ops(), Names::unique(), id, child, udp())
+                .expect("setup");
+            for &(c, p) in flows {
+                assert!(s.add_udp_flow(c, p));
+            }
+            let band = s.band;
+            std::mem::forget(s);
+            band
+        }
+    }
+
+    fn udp() -> Vec<(u16, u16)> {
+        vec![(53, 53), (5000, 5010)]
+    }
+
+    fn client(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::from([192, 0, 2, 2]), port)
+    }
+
+    fn tcp_rule(family: IpFamily, band: Band) -> Rule {
+        Rule {
+            fwmark: Some((band.table(), u32::MAX)),
+            ..Rule::to_table(family, band.tcp(), band.table())
+        }
+    }
+
+    fn gate(band: Band, (a, b): (u16, u16)) -> Rule {
+        Rule {
+            goto: Some(band.flows()),
+            ip_proto: Some(17),
+            sport: Some((a, b)),
+            ..Rule::to_table(IpFamily::V4, band.gates(), 0)
+        }
+    }
+
+    fn skip(band: Band) -> Rule {
+        Rule {
+            goto: Some(band.tcp()),
+            ..Rule::to_table(IpFamily::V4, band.skip(), 0)
+        }
+    }
+
+    /// The rules of `after` that `before` did not have, in order.
+    fn added(before: &Snapshot, after: &Snapshot) -> Vec<Rule> {
+        let mut after = after.rules.clone();
+        after.retain(|r| !before.rules.contains(r));
+        after
+    }
+
+    /// A rule that, stored without its port matches, would catch a whole host or
+    /// jump unconditionally: a port or protocol match, `to HOST lookup`, the probe,
+    /// or an unconditional `goto` at a gate's priority.
+    fn hazardous(rule: &Rule, band: Band) -> bool {
+        let ports = rule.ip_proto.is_some() || rule.sport.is_some() || rule.dport.is_some();
+        let catch_all = rule.dst.is_some() && rule.goto.is_none();
+        let open_gate = rule.priority == band.gates() && rule.goto.is_some();
+        ports || catch_all || open_gate || rule.table == PROBE_TABLE
+    }
+
+    /// Run `f`, with the warnings logged meanwhile, one per line.
+    fn warnings<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                let mut out = self.0.lock().unwrap_or_else(|p| p.into_inner());
+                out.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = lines.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let text = String::from_utf8_lossy(&text).into_owned();
+        (out, text.lines().map(str::to_string).collect())
+    }
+
+    #[test]
+    fn on_a_4_16_kernel_udp_keeping_is_off_and_no_port_rule_is_left() {
+        // One range (then nothing but the read-back stops an unconditional gate), and
+        // two (the second gate would also collide with the first as stored).
+        for ranges in [vec![(53, 53)], udp()] {
+            on_a_4_16_kernel(&ranges);
+        }
+    }
+
+    fn on_a_4_16_kernel(ranges: &[(u16, u16)]) {
+        let net = Netns::new(Kernel::V4_16);
+        let before = net.fake.snapshot();
+        let (s, warned) = warnings(|| net.helper("ctr", CHILD, ranges));
+        let mut s = s.unwrap_or_else(|e| panic!("{e}\n{}", net.fake.log()));
+
+        // UDP is not kept: no probe, no gate (that would now be an unconditional
+        // goto), no flow rule (that would now catch every packet to the client's host).
+        let band = s.band;
+        let hazards = || -> Vec<Rule> {
+            let rules = net.fake.rules();
+            rules.into_iter().filter(|r| hazardous(r, band)).collect()
+        };
+        assert_eq!(hazards(), [], "{}", net.fake.log());
+        assert!(!s.add_udp_flow(client(40000), 53));
+        assert!(!s.add_udp_flow(client(40001), 53));
+        assert_eq!(hazards(), [], "{}", net.fake.log());
+        assert!(!s.supports_udp(IpFamily::V4) && !s.supports_udp(IpFamily::V6));
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0].contains("WARN") && warned[0].contains("UDP client addresses are not kept"),
+            "{warned:?}"
+        );
+
+        // TCP is: the fwmark rules and the routes are there, the mark is ours.
+        assert!(s.supports(IpFamily::V4) && s.supports(IpFamily::V6));
+        assert_eq!(s.mark(), s.band.table());
+        let after = net.fake.snapshot();
+        assert_eq!(
+            added(&before, &after),
+            [
+                marker(),
+                tcp_rule(IpFamily::V4, s.band),
+                tcp_rule(IpFamily::V6, s.band)
+            ],
+            "{}",
+            net.fake.log()
+        );
+        assert!(after.tcp_fwmark_accept);
+        let child = CHILD.parse().ok();
+        assert!(after.routes.contains(&Route {
+            family: IpFamily::V4,
+            table: s.table,
+            prefsrc: child,
+        }));
+        s.remove_udp_flow(client(40000), 53);
+        assert_eq!(net.fake.snapshot(), after);
+
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn a_gate_stored_without_its_match_is_removed() {
+        // The probe and the first gate are stored as asked, the second gate (a port
+        // range) is not: the gates' own read-back turns UDP keeping off and removes
+        // every gate.
+        fn ranged_gotos_lose_their_matches(r: &mut Rule) {
+            if r.goto.is_some() && r.sport.is_some_and(|(a, b)| a != b) {
+                fake::without_port_matches(r);
+            }
+        }
+        let net = Netns::new(Kernel {
+            parses: ranged_gotos_lose_their_matches,
+            ..Kernel::MODERN
+        });
+        let before = net.fake.snapshot();
+        let (s, warned) = warnings(|| net.helper("ctr", CHILD, &udp()));
+        let mut s = s.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(!s.supports_udp(IpFamily::V4));
+        assert!(s.supports(IpFamily::V4));
+        assert!(!s.add_udp_flow(client(40000), 53));
+        let left: Vec<_> = net
+            .fake
+            .rules()
+            .into_iter()
+            .filter(|r| hazardous(r, s.band) || r.priority == s.band.skip())
+            .collect();
+        assert!(left.is_empty(), "{left:?}\n{}", net.fake.log());
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before);
+    }
+
+    #[test]
+    fn a_refused_skip_takes_the_gates_back() {
+        fn no_plain_gotos(r: &Rule) -> Option<i32> {
+            (r.goto.is_some() && r.ip_proto.is_none()).then_some(libc::ENOSPC)
+        }
+        let net = Netns::new(Kernel {
+            refuses: no_plain_gotos,
+            ..Kernel::MODERN
+        });
+        let before = net.fake.snapshot();
+        let (s, warned) = warnings(|| net.helper("ctr", CHILD, &udp()));
+        let s = s.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("adding the UDP skip rule"), "{warned:?}");
+        assert!(!s.supports_udp(IpFamily::V4) && s.supports(IpFamily::V4));
+        let gate_added = format!("add {:?} -> ok", gate(s.band, (5000, 5010)));
+        assert!(net.fake.log().contains(&gate_added), "{}", net.fake.log());
+        let left: Vec<_> = net
+            .fake
+            .rules()
+            .into_iter()
+            .filter(|r| hazardous(r, s.band))
+            .collect();
+        assert!(left.is_empty(), "{left:?}\n{}", net.fake.log());
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before);
+    }
+
+    #[test]
+    fn a_fwmark_rule_stored_differently_fails_setup_cleanly() {
+        // No kernel drops the fwmark, but one that did would turn the TCP rule into a
+        // catch-all. (Preset 1: the marker, an fwmark rule too, stays out of it.)
+        fn no_fwmark(r: &mut Rule) {
+            r.fwmark = None;
+        }
+        let net = Netns::new(Kernel {
+            parses: no_fwmark,
+            ..Kernel::MODERN
+        });
+        net.fake.preset_tcp_fwmark_accept(true);
+        let before = net.fake.snapshot();
+        let err = net.helper("ctr", CHILD, &udp()).err().expect("setup fails");
+        assert!(
+            err.contains("the fwmark rule") && err.contains("different rule"),
+            "{err}"
+        );
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn on_a_modern_kernel_gates_skip_and_tcp_rules_are_added_and_removed() {
+        let net = Netns::new(Kernel::MODERN);
+        let before = net.fake.snapshot();
+        let (s, warned) = warnings(|| net.helper("ctr", CHILD, &udp()));
+        let s = s.unwrap_or_else(|e| panic!("{e}"));
+        assert!(warned.is_empty(), "{warned:?}");
+        assert!(s.supports(IpFamily::V4) && s.supports(IpFamily::V6));
+        assert!(s.supports_udp(IpFamily::V4) && !s.supports_udp(IpFamily::V6));
+        let band = s.band;
+        let after = net.fake.snapshot();
+        assert_eq!(
+            added(&before, &after),
+            [
+                marker(),
+                gate(band, (53, 53)),
+                gate(band, (5000, 5010)),
+                skip(band),
+                tcp_rule(IpFamily::V4, band),
+                tcp_rule(IpFamily::V6, band),
+            ],
+            "{}",
+            net.fake.log()
+        );
+        assert!(after.tcp_fwmark_accept);
+        let child = CHILD.parse().ok();
+        let ours: Vec<_> = after.routes.iter().filter(|r| r.table == s.table).collect();
+        assert_eq!(
+            ours,
+            [
+                &Route {
+                    family: IpFamily::V4,
+                    table: s.table,
+                    prefsrc: child
+                },
+                &Route {
+                    family: IpFamily::V6,
+                    table: s.table,
+                    prefsrc: None
+                }
+            ]
+        );
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn one_exact_rule_per_flow() {
+        let net = Netns::new(Kernel::MODERN);
+        let before = net.fake.snapshot();
+        let mut s = net.helper("ctr", CHILD, &udp()).expect("setup");
+        let set_up = net.fake.snapshot();
+        let (table, band) = (s.table, s.band);
+        let rule = |c, p| flow_rule(table, band.flows(), c, p);
+
+        assert!(s.add_udp_flow(client(40000), 53));
+        assert_eq!(
+            added(&set_up, &net.fake.snapshot()),
+            [rule(client(40000), 53)]
+        );
+        // The same (client, container port) again, e.g. a second published port to
+        // the same container port: an ordinary socket, and no second rule.
+        assert!(!s.add_udp_flow(client(40000), 53));
+        assert_eq!(
+            added(&set_up, &net.fake.snapshot()),
+            [rule(client(40000), 53)]
+        );
+        assert!(s.add_udp_flow(client(40000), 5001));
+        assert!(s.add_udp_flow(client(40001), 53));
+        assert_eq!(added(&set_up, &net.fake.snapshot()).len(), 3);
+        // Another family than the child's: not kept.
+        assert!(!s.add_udp_flow("[2001:db8::2]:40000".parse().expect("addr"), 53));
+
+        s.remove_udp_flow(client(40000), 53);
+        assert_eq!(
+            added(&set_up, &net.fake.snapshot()),
+            [rule(client(40000), 5001), rule(client(40001), 53)]
+        );
+        s.remove_udp_flow(client(40000), 53);
+        s.remove_udp_flow(client(40000), 5001);
+        assert_eq!(
+            added(&set_up, &net.fake.snapshot()),
+            [rule(client(40001), 53)]
+        );
+        // The flow that is still kept goes at exit with the rest.
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn tcp_fwmark_accept_goes_back_to_0_with_the_last_helper() {
+        let net = Netns::new(Kernel::MODERN);
+        let before = net.fake.snapshot();
+        assert!(!before.tcp_fwmark_accept);
+        let a = net.helper("a", CHILD, &[]).expect("setup");
+        let b = net.helper("b", CHILD, &[]).expect("setup");
+        let markers = || net.fake.rules().iter().filter(|r| **r == marker()).count();
+        assert!(net.fake.snapshot().tcp_fwmark_accept);
+        assert_eq!(markers(), 1);
+        drop(a);
+        assert!(net.fake.snapshot().tcp_fwmark_accept, "b still needs it");
+        assert_eq!(markers(), 1);
+        drop(b);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn tcp_fwmark_accept_set_by_someone_else_stays() {
+        let net = Netns::new(Kernel::MODERN);
+        net.fake.preset_tcp_fwmark_accept(true);
+        let before = net.fake.snapshot();
+        let a = net.helper("a", CHILD, &udp()).expect("setup");
+        assert!(!net.fake.rules().contains(&marker()));
+        drop(a);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+        assert!(net.fake.snapshot().tcp_fwmark_accept);
+    }
+
+    #[test]
+    fn without_cap_net_admin_setup_fails_and_changes_nothing() {
+        for preset in [false, true] {
+            let net = Netns::new(Kernel {
+                eperm: true,
+                ..Kernel::MODERN
+            });
+            net.fake.preset_tcp_fwmark_accept(preset);
+            let before = net.fake.snapshot();
+            let err = net.helper("ctr", CHILD, &udp()).err().expect("setup fails");
+            assert!(err.contains("Operation not permitted"), "{err}");
+            assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+            assert!(net.fake.log().contains("-> Operation not permitted"));
+        }
+    }
+
+    #[test]
+    fn a_failed_sysctl_write_takes_the_marker_back() {
+        let net = Netns::new(Kernel {
+            sysctl_read_only: true,
+            ..Kernel::MODERN
+        });
+        let before = net.fake.snapshot();
+        let err = net.helper("ctr", CHILD, &udp()).err().expect("setup fails");
+        assert!(err.starts_with(FWMARK_ACCEPT), "{err}");
+        let marker_added = format!("add {:?} -> ok", marker());
+        assert!(net.fake.log().contains(&marker_added), "{}", net.fake.log());
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn without_ipv6_the_ipv4_side_is_kept() {
+        let kernel = Kernel {
+            ipv6: false,
+            ..Kernel::MODERN
+        };
+        let net = Netns::new(kernel);
+        let before = net.fake.snapshot();
+        let mut s = net.helper("ctr", CHILD, &udp()).expect("setup");
+        assert!(s.supports(IpFamily::V4) && !s.supports(IpFamily::V6));
+        assert!(s.supports_udp(IpFamily::V4));
+        assert!(s.add_udp_flow(client(40000), 53));
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+
+        // An IPv6 child IP: TCP from IPv4 clients only, and no UDP (nor its probe).
+        let net = Netns::new(kernel);
+        let before = net.fake.snapshot();
+        let (s, warned) = warnings(|| net.helper("ctr", "fd00::100", &udp()));
+        let s = s.expect("setup");
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(s.supports(IpFamily::V4) && !s.supports(IpFamily::V6));
+        assert!(!s.supports_udp(IpFamily::V6) && !s.supports_udp(IpFamily::V4));
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn a_reload_moves_the_routes_source() {
+        let net = Netns::new(Kernel::MODERN);
+        let before = net.fake.snapshot();
+        let mut s = net.helper("ctr", CHILD, &udp()).expect("setup");
+        let new: IpAddr = "10.0.2.101".parse().expect("addr");
+        s.reload(Some(new));
+        let v4: Vec<_> = net
+            .fake
+            .snapshot()
+            .routes
+            .into_iter()
+            .filter(|r| r.table == s.table && r.family == IpFamily::V4)
+            .collect();
+        assert_eq!(v4.len(), 1);
+        assert_eq!(v4[0].prefsrc, Some(new));
+        assert!(s.supports_udp(IpFamily::V4));
+        s.reload(None);
+        assert!(!s.supports(IpFamily::V4) && !s.supports_udp(IpFamily::V4));
+        assert!(!s.add_udp_flow(client(40000), 53));
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn a_dead_helpers_state_goes_a_live_ones_stays() {
+        let net = Netns::new(Kernel::MODERN);
+        let before = net.fake.snapshot();
+        let dead = net.killed_helper("dead", &[(client(40000), 53)]);
+        let of = |band: Band| {
+            let rules = net.fake.rules();
+            let routes = net.fake.snapshot().routes;
+            let rules = rules
+                .iter()
+                .filter(|r| Band::owning(r) == Some(band))
+                .count();
+            let routes = routes.iter().filter(|r| r.table == band.table()).count();
+            (rules, routes)
+        };
+        // gates 2, skip, flow, tcp 2; routes 2
+        assert_eq!(of(dead), (6, 2));
+
+        let mut live = net.helper("live", CHILD, &udp()).expect("setup");
+        assert!(live.add_udp_flow(client(40000), 53));
+        assert_eq!(of(dead), (0, 0), "the live helper's setup removed it");
+        let live_band = live.band;
+        assert_eq!(of(live_band), (6, 2));
+        // State of a slot whose owner is alive but not a SourceIp of ours here.
+        let held = Band { slot: 4000 };
+        let owner = claim(&net.names.owner(held.table()))
+            .expect("claim")
+            .expect("free");
+        net.fake.insert_rule(tcp_rule(IpFamily::V4, held));
+
+        let b = net.helper("b", CHILD, &udp()).expect("setup");
+        assert_eq!(of(live_band), (6, 2), "{}", net.fake.log());
+        assert_eq!(of(held), (1, 0));
+        drop(b);
+        drop(live);
+        assert_eq!(of(live_band), (0, 0));
+        assert_eq!(of(held), (1, 0));
+        assert!(
+            net.fake.snapshot().tcp_fwmark_accept,
+            "a helper is still alive"
+        );
+        assert!(net.fake.rules().contains(&marker()));
+
+        // Its owner dies: the next helper cleans up after it, and is the last one.
+        drop(owner);
+        let c = net.helper("c", CHILD, &udp()).expect("setup");
+        assert_eq!(of(held), (0, 0));
+        drop(c);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn rules_of_others_inside_a_band_are_never_touched() {
+        let id = (0..)
+            .map(|i| format!("ctr{i}"))
+            .find(|id| slot_hash(id) == 7)
+            .expect("an id of slot 7");
+        let net = Netns::new(Kernel::MODERN);
+        // Band 7 is 128..=131, table TABLE_BASE + 7.
+        net.fake.insert_rule(Rule::to_table(IpFamily::V4, 130, 254));
+        net.fake.insert_rule(Rule {
+            goto: Some(32000),
+            ..Rule::to_table(IpFamily::V4, 129, 0)
+        });
+        net.fake
+            .insert_rule(Rule::to_table(IpFamily::V4, 131, TABLE_BASE + 8));
+        net.fake.insert_rule(Rule {
+            ip_proto: Some(17),
+            sport: Some((53, 53)),
+            ..Rule::to_table(IpFamily::V6, 128, 254)
+        });
+        let before = net.fake.snapshot();
+        let dead = net.killed_helper(&id, &[(client(40000), 53)]);
+        assert_eq!(dead, Band { slot: 7 });
+        let b = net.helper("b", CHILD, &udp()).expect("setup");
+        let left: Vec<_> = net
+            .fake
+            .rules()
+            .into_iter()
+            .filter(|r| dead.contains(r.priority) && !before.rules.contains(r))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        drop(b);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
     }
 }
