@@ -328,6 +328,15 @@ impl Rtnl {
         )
     }
 
+    /// Like [`Rtnl::add_rule`] without `NLM_F_EXCL`: the kernel skips its walk over
+    /// every rule looking for a duplicate.
+    ///
+    /// # Errors
+    /// As [`Rtnl::add_rule`], without `EEXIST`.
+    pub fn append_rule(&mut self, r: &Rule) -> io::Result<()> {
+        self.ack(RouteNetlinkMessage::NewRule(r.message()), NLM_F_CREATE)
+    }
+
     /// # Errors
     /// The kernel's answer (`ENOENT` for a rule that is not there).
     pub fn del_rule(&mut self, r: &Rule) -> io::Result<()> {

@@ -22,6 +22,9 @@ pub(crate) const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
 pub(crate) trait RoutingOps {
     /// Add a rule (`NLM_F_EXCL`: `EEXIST` when an identical rule is there).
     fn add_rule(&mut self, rule: &Rule) -> io::Result<()>;
+    /// Add a rule without the kernel's duplicate check (no `NLM_F_EXCL`, which walks
+    /// every rule of the netns): for rules the caller knows are new.
+    fn append_rule(&mut self, rule: &Rule) -> io::Result<()>;
     /// Delete the first rule matching every attribute `rule` sets (`ENOENT`: none).
     fn del_rule(&mut self, rule: &Rule) -> io::Result<()>;
     /// Delete a rule exactly as it was dumped.
@@ -67,6 +70,10 @@ impl NetnsRouting {
 impl RoutingOps for NetnsRouting {
     fn add_rule(&mut self, rule: &Rule) -> io::Result<()> {
         self.rtnl.add_rule(rule)
+    }
+
+    fn append_rule(&mut self, rule: &Rule) -> io::Result<()> {
+        self.rtnl.append_rule(rule)
     }
 
     fn del_rule(&mut self, rule: &Rule) -> io::Result<()> {
@@ -374,6 +381,17 @@ pub(crate) mod fake {
                 }
                 if st.netns.rules.contains(&parsed) {
                     return Err(err(libc::EEXIST));
+                }
+                st.insert(rule.clone());
+                Ok(())
+            })
+        }
+
+        fn append_rule(&mut self, rule: &Rule) -> io::Result<()> {
+            self.request(format!("append {rule:?}"), Some(rule.family), true, |st| {
+                let parsed = st.parsed(rule);
+                if let Some(errno) = (st.kernel.refuses)(&parsed) {
+                    return Err(err(errno));
                 }
                 st.insert(rule.clone());
                 Ok(())

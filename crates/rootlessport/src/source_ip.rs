@@ -61,18 +61,23 @@ use crate::routing::{NetnsRouting, RoutingOps, FWMARK_ACCEPT};
 
 /// First table (and mark) of the range our helpers use: "RLP" and 0x5000.
 pub const TABLE_BASE: u32 = 0x524c_5000;
-/// Slots in the range: at most this many helpers keep addresses in one netns.
-pub const SLOTS: u32 = 4096;
+/// Slots in the range: at most this many helpers keep addresses in one netns (their
+/// bands fill the priorities up to the main table's rule).
+pub const SLOTS: u32 = 240;
 /// The marker's table and mark (just below the range; nothing is ever routed by it).
 pub const MARKER: u32 = TABLE_BASE - 1;
 /// The probe rule's table (empty: a probe rule routes nothing, whatever was stored).
 const PROBE_TABLE: u32 = TABLE_BASE - 2;
 /// The marker's and the probe's rule priority (before every helper's band).
 pub const PRIORITY: u32 = 99;
-/// Each slot's rules sit in a band of 4 priorities from `BAND_BASE + 4 * slot`
-/// (all before the main table's rule, 32766): UDP gates, the skip, UDP flows, TCP.
+/// Each slot's rules sit in a band of [`BAND`] priorities from `BAND_BASE + BAND *
+/// slot` (all before the main table's rule, 32766): see [`Band`].
 pub const BAND_BASE: u32 = 100;
-const BAND: u32 = 4;
+const BAND: u32 = 136;
+/// Kept UDP flows are sorted into buckets by client port, 1,024 ports each, so that a
+/// datagram from a published port walks the flow rules of one bucket, not all.
+const BUCKETS: usize = 64;
+const BUCKET_PORTS: u32 = 65536 / BUCKETS as u32;
 /// How long to wait for another helper's setup or teardown in the same netns.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
@@ -164,22 +169,41 @@ struct Band {
     slot: u32,
 }
 
+/// The layout of one band, for a packet of the child IP's family walking it:
+///
+/// | priority | rules | |
+/// |---|---|---|
+/// | +0 | `ipproto udp sport A-B goto +2` | one gate per published UDP range |
+/// | +1 | `goto TCP` | what no gate let in skips every flow rule |
+/// | +2 | `ipproto udp dport P-Q goto +4+2b` | one per bucket holding flows |
+/// | +3 | `goto TCP` | a client port whose bucket is empty |
+/// | +4+2b | `to CLIENT ipproto udp sport S dport D lookup TABLE` | the flows of bucket b |
+/// | +5+2b | `goto TCP` | the end of bucket b |
+/// | TCP = +132 | `fwmark MARK lookup TABLE` | (both families) |
+///
+/// So a packet that is not UDP from a published port meets 2 rules of ours plus one
+/// per published range; one that is walks the bucket gates and one bucket's flows.
 impl Band {
-    /// `ipproto udp sport A-B goto FLOWS`, one per published UDP range.
     fn gates(self) -> u32 {
         BAND_BASE + BAND * self.slot
     }
-    /// `goto TCP`: what no gate let in skips the flow rules.
     fn skip(self) -> u32 {
         self.gates() + 1
     }
-    /// One exact rule per kept UDP flow.
-    fn flows(self) -> u32 {
+    fn bucket_gates(self) -> u32 {
         self.gates() + 2
     }
-    /// `fwmark MARK lookup TABLE`; also the skip's target.
-    fn tcp(self) -> u32 {
+    fn bucket_skip(self) -> u32 {
         self.gates() + 3
+    }
+    fn flows(self, bucket: usize) -> u32 {
+        self.gates() + 4 + 2 * bucket as u32
+    }
+    fn bucket_end(self, bucket: usize) -> u32 {
+        self.flows(bucket) + 1
+    }
+    fn tcp(self) -> u32 {
+        self.bucket_end(BUCKETS - 1) + 1
     }
     fn table(self) -> u32 {
         TABLE_BASE + self.slot
@@ -216,6 +240,8 @@ pub(crate) struct SourceIp {
     child: IpAddr,
     /// Kept UDP flows (client, container port), each with its rule.
     flows: HashSet<(SocketAddr, u16)>,
+    /// Flows per bucket; a bucket with flows has its gate and end rule.
+    buckets: [u32; BUCKETS],
 }
 
 impl SourceIp {
@@ -265,6 +291,7 @@ impl SourceIp {
             udp_ranges,
             child,
             flows: HashSet::new(),
+            buckets: [0; BUCKETS],
         };
         s.remove_dead();
         let result = s.add_all();
@@ -293,7 +320,8 @@ impl SourceIp {
                     tracing::warn!(
                         "UDP client addresses are not kept (the container sees the child IP's side): {why}"
                     );
-                    self.remove_rules_at(&[self.band.gates(), self.band.skip()]);
+                    let b = self.band;
+                    self.remove_rules_at(&[b.gates(), b.skip(), b.bucket_skip()]);
                 }
             }
         }
@@ -369,7 +397,7 @@ impl SourceIp {
         let family = IpFamily::of(self.child);
         for &(a, b) in &self.udp_ranges.clone() {
             let gate = Rule {
-                goto: Some(self.band.flows()),
+                goto: Some(self.band.bucket_gates()),
                 ip_proto: Some(libc::IPPROTO_UDP as u8),
                 sport: Some((a, b)),
                 ..Rule::to_table(family, self.band.gates(), 0)
@@ -386,7 +414,32 @@ impl SourceIp {
         self.net
             .add_rule(&skip)
             .map_err(|e| format!("adding the UDP skip rule: {e}"))?;
-        self.check_stored(&skip)
+        self.check_stored(&skip)?;
+        let bucket_skip = Rule {
+            priority: self.band.bucket_skip(),
+            ..skip
+        };
+        self.net
+            .add_rule(&bucket_skip)
+            .map_err(|e| format!("adding the UDP skip rule: {e}"))?;
+        self.check_stored(&bucket_skip)
+    }
+
+    /// The gate of `bucket` (`ipproto udp dport P-Q goto FLOWS(b)`) and the rule
+    /// ending its flows (`goto TCP`), in the child IP's family.
+    fn bucket_rules(&self, family: IpFamily, bucket: usize) -> (Rule, Rule) {
+        let first = bucket as u32 * BUCKET_PORTS;
+        let gate = Rule {
+            goto: Some(self.band.flows(bucket)),
+            ip_proto: Some(libc::IPPROTO_UDP as u8),
+            dport: Some((first as u16, (first + BUCKET_PORTS - 1) as u16)),
+            ..Rule::to_table(family, self.band.bucket_gates(), 0)
+        };
+        let end = Rule {
+            goto: Some(self.band.tcp()),
+            ..Rule::to_table(family, self.band.bucket_end(bucket), 0)
+        };
+        (gate, end)
     }
 
     /// Remove every rule of ours at these priorities.
@@ -522,30 +575,61 @@ impl SourceIp {
     /// (the same pair is kept already, e.g. two published ports to one container port,
     /// or the rule could not be added).
     pub fn add_udp_flow(&mut self, client: SocketAddr, container_port: u16) -> bool {
-        if !self.supports_udp(IpFamily::of(client.ip()))
-            || self.flows.contains(&(client, container_port))
-        {
+        let family = IpFamily::of(client.ip());
+        if !self.supports_udp(family) || self.flows.contains(&(client, container_port)) {
             return false;
         }
-        let rule = flow_rule(self.table, self.band.flows(), client, container_port);
-        match self.net.add_rule(&rule) {
+        let bucket = bucket_of(client.port());
+        if self.buckets[bucket] == 0 {
+            // The end first, then the gate: a gate never jumps to a bucket without one.
+            let (gate, end) = self.bucket_rules(family, bucket);
+            if let Err(e) = self.net.add_rule(&end) {
+                tracing::debug!(error = %e, bucket, "UDP bucket end rule not added");
+                return false;
+            }
+            if let Err(e) = self.net.add_rule(&gate) {
+                tracing::debug!(error = %e, bucket, "UDP bucket gate not added");
+                let _ = self.net.del_rule(&end);
+                return false;
+            }
+        }
+        let rule = flow_rule(self.table, self.band.flows(bucket), client, container_port);
+        // Unique by construction (the set above, our own table): no duplicate check,
+        // which would walk every rule of the netns for each new flow.
+        match self.net.append_rule(&rule) {
             Ok(()) => {
                 self.flows.insert((client, container_port));
+                self.buckets[bucket] += 1;
                 true
             }
             Err(e) => {
                 tracing::debug!(error = %e, %client, "UDP flow rule not added");
+                if self.buckets[bucket] == 0 {
+                    self.remove_bucket(family, bucket);
+                }
                 false
             }
         }
     }
 
-    /// The flow ended: its rule goes.
+    /// The flow ended: its rule goes (and its bucket's, when it was the last).
     pub fn remove_udp_flow(&mut self, client: SocketAddr, container_port: u16) {
         if self.flows.remove(&(client, container_port)) {
-            let rule = flow_rule(self.table, self.band.flows(), client, container_port);
+            let bucket = bucket_of(client.port());
+            let rule = flow_rule(self.table, self.band.flows(bucket), client, container_port);
             let _ = self.net.del_rule(&rule);
+            self.buckets[bucket] = self.buckets[bucket].saturating_sub(1);
+            if self.buckets[bucket] == 0 {
+                self.remove_bucket(IpFamily::of(client.ip()), bucket);
+            }
         }
+    }
+
+    /// The gate first, then the end: a gate never jumps to a bucket without one.
+    fn remove_bucket(&mut self, family: IpFamily, bucket: usize) {
+        let (gate, end) = self.bucket_rules(family, bucket);
+        let _ = self.net.del_rule(&gate);
+        let _ = self.net.del_rule(&end);
     }
 
     /// The child IP changed: the routes take it as preferred source. (UDP flows to the
@@ -586,6 +670,10 @@ impl Drop for SourceIp {
         self.teardown_locked();
         drop(lock);
     }
+}
+
+fn bucket_of(client_port: u16) -> usize {
+    (u32::from(client_port) / BUCKET_PORTS) as usize
 }
 
 /// `fwmark MARKER lookup MARKER`: an empty table, so it routes nothing.
@@ -711,8 +799,9 @@ mod tests {
     #[test]
     fn bands_own_only_their_own_rules() {
         let band = Band { slot: 7 };
-        assert_eq!(band.gates(), 128);
-        assert_eq!(band.tcp(), 131);
+        assert_eq!(band.gates(), 100 + 7 * 136);
+        assert_eq!(band.tcp(), band.gates() + 132);
+        assert!(band.tcp() < band.gates() + BAND);
         let tcp = Rule {
             fwmark: Some((band.table(), u32::MAX)),
             ..Rule::to_table(IpFamily::V4, band.tcp(), band.table())
@@ -725,21 +814,25 @@ mod tests {
         assert_eq!(Band::owning(&skip), Some(band));
         let flow = flow_rule(
             band.table(),
-            band.flows(),
+            band.flows(0),
             "192.0.2.2:5".parse().unwrap(),
             53,
         );
         assert_eq!(Band::owning(&flow), Some(band));
         // Someone else's rules at a priority inside a band are not ours.
-        assert_eq!(Band::owning(&Rule::to_table(IpFamily::V4, 130, 254)), None);
+        let g = band.gates();
+        assert_eq!(
+            Band::owning(&Rule::to_table(IpFamily::V4, g + 2, 254)),
+            None
+        );
         let foreign_goto = Rule {
             goto: Some(32000),
-            ..Rule::to_table(IpFamily::V4, 129, 0)
+            ..Rule::to_table(IpFamily::V4, g + 1, 0)
         };
         assert_eq!(Band::owning(&foreign_goto), None);
         // Another slot's table at our priority is not ours either.
         assert_eq!(
-            Band::owning(&Rule::to_table(IpFamily::V4, 131, TABLE_BASE + 8)),
+            Band::owning(&Rule::to_table(IpFamily::V4, g + 132, TABLE_BASE + 8)),
             None
         );
         assert_eq!(
@@ -821,7 +914,7 @@ mod tests {
 
     fn gate(band: Band, (a, b): (u16, u16)) -> Rule {
         Rule {
-            goto: Some(band.flows()),
+            goto: Some(band.bucket_gates()),
             ip_proto: Some(17),
             sport: Some((a, b)),
             ..Rule::to_table(IpFamily::V4, band.gates(), 0)
@@ -833,6 +926,13 @@ mod tests {
             goto: Some(band.tcp()),
             ..Rule::to_table(IpFamily::V4, band.skip(), 0)
         }
+    }
+
+    /// The flow rules (one host, lookup) of `after` that `before` did not have.
+    fn added_flows(before: &Snapshot, after: &Snapshot) -> Vec<Rule> {
+        let mut v = added(before, after);
+        v.retain(|r| r.dst.is_some() && r.goto.is_none());
+        v
     }
 
     /// The rules of `after` that `before` did not have, in order.
@@ -1040,6 +1140,10 @@ mod tests {
                 gate(band, (53, 53)),
                 gate(band, (5000, 5010)),
                 skip(band),
+                Rule {
+                    priority: band.bucket_skip(),
+                    ..skip(band)
+                },
                 tcp_rule(IpFamily::V4, band),
                 tcp_rule(IpFamily::V6, band),
             ],
@@ -1075,35 +1179,35 @@ mod tests {
         let mut s = net.helper("ctr", CHILD, &udp()).expect("setup");
         let set_up = net.fake.snapshot();
         let (table, band) = (s.table, s.band);
-        let rule = |c, p| flow_rule(table, band.flows(), c, p);
+        let rule = |c: SocketAddr, p| flow_rule(table, band.flows(bucket_of(c.port())), c, p);
 
         assert!(s.add_udp_flow(client(40000), 53));
         assert_eq!(
-            added(&set_up, &net.fake.snapshot()),
+            added_flows(&set_up, &net.fake.snapshot()),
             [rule(client(40000), 53)]
         );
         // The same (client, container port) again, e.g. a second published port to
         // the same container port: an ordinary socket, and no second rule.
         assert!(!s.add_udp_flow(client(40000), 53));
         assert_eq!(
-            added(&set_up, &net.fake.snapshot()),
+            added_flows(&set_up, &net.fake.snapshot()),
             [rule(client(40000), 53)]
         );
         assert!(s.add_udp_flow(client(40000), 5001));
         assert!(s.add_udp_flow(client(40001), 53));
-        assert_eq!(added(&set_up, &net.fake.snapshot()).len(), 3);
+        assert_eq!(added_flows(&set_up, &net.fake.snapshot()).len(), 3);
         // Another family than the child's: not kept.
         assert!(!s.add_udp_flow("[2001:db8::2]:40000".parse().expect("addr"), 53));
 
         s.remove_udp_flow(client(40000), 53);
         assert_eq!(
-            added(&set_up, &net.fake.snapshot()),
+            added_flows(&set_up, &net.fake.snapshot()),
             [rule(client(40000), 5001), rule(client(40001), 53)]
         );
         s.remove_udp_flow(client(40000), 53);
         s.remove_udp_flow(client(40000), 5001);
         assert_eq!(
-            added(&set_up, &net.fake.snapshot()),
+            added_flows(&set_up, &net.fake.snapshot()),
             [rule(client(40001), 53)]
         );
         // The flow that is still kept goes at exit with the rest.
@@ -1236,23 +1340,23 @@ mod tests {
             let routes = routes.iter().filter(|r| r.table == band.table()).count();
             (rules, routes)
         };
-        // gates 2, skip, flow, tcp 2; routes 2
-        assert_eq!(of(dead), (6, 2));
+        // gates 2, skip 2, bucket gate and end, flow, tcp 2; routes 2
+        assert_eq!(of(dead), (9, 2));
 
         let mut live = net.helper("live", CHILD, &udp()).expect("setup");
         assert!(live.add_udp_flow(client(40000), 53));
         assert_eq!(of(dead), (0, 0), "the live helper's setup removed it");
         let live_band = live.band;
-        assert_eq!(of(live_band), (6, 2));
+        assert_eq!(of(live_band), (9, 2));
         // State of a slot whose owner is alive but not a SourceIp of ours here.
-        let held = Band { slot: 4000 };
+        let held = Band { slot: 200 };
         let owner = claim(&net.names.owner(held.table()))
             .expect("claim")
             .expect("free");
         net.fake.insert_rule(tcp_rule(IpFamily::V4, held));
 
         let b = net.helper("b", CHILD, &udp()).expect("setup");
-        assert_eq!(of(live_band), (6, 2), "{}", net.fake.log());
+        assert_eq!(of(live_band), (9, 2), "{}", net.fake.log());
         assert_eq!(of(held), (1, 0));
         drop(b);
         drop(live);
@@ -1279,18 +1383,20 @@ mod tests {
             .find(|id| slot_hash(id) == 7)
             .expect("an id of slot 7");
         let net = Netns::new(Kernel::MODERN);
-        // Band 7 is 128..=131, table TABLE_BASE + 7.
-        net.fake.insert_rule(Rule::to_table(IpFamily::V4, 130, 254));
+        // Band 7 starts at g, table TABLE_BASE + 7.
+        let g = Band { slot: 7 }.gates();
+        net.fake
+            .insert_rule(Rule::to_table(IpFamily::V4, g + 2, 254));
         net.fake.insert_rule(Rule {
             goto: Some(32000),
-            ..Rule::to_table(IpFamily::V4, 129, 0)
+            ..Rule::to_table(IpFamily::V4, g + 1, 0)
         });
         net.fake
-            .insert_rule(Rule::to_table(IpFamily::V4, 131, TABLE_BASE + 8));
+            .insert_rule(Rule::to_table(IpFamily::V4, g + 132, TABLE_BASE + 8));
         net.fake.insert_rule(Rule {
             ip_proto: Some(17),
             sport: Some((53, 53)),
-            ..Rule::to_table(IpFamily::V6, 128, 254)
+            ..Rule::to_table(IpFamily::V6, g, 254)
         });
         let before = net.fake.snapshot();
         let dead = net.killed_helper(&id, &[(client(40000), 53)]);
