@@ -541,3 +541,15 @@ impl Drop for BridgeHelper {
         let _ = self.process.wait_timeout(std::time::Duration::from_secs(5));
     }
 }
+
+/// An address as the container reports it: IPv4-mapped IPv6 (`::ffff:a.b.c.d`, what
+/// a dual-stack socket sees of an IPv4 peer) shown as plain IPv4.
+pub fn unmap(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a {
+        std::net::SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => std::net::SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}

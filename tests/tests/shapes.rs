@@ -13,14 +13,14 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use slirp_config::PortMapping;
-use tests::{netns_state, require_harness, BridgeTopology, ClientHost, TestNetns};
+use tests::{netns_state, require_harness, unmap, BridgeTopology, ClientHost, TestNetns};
 
 /// How long a single UDP answer may take (generous: a loaded 2-core machine).
 const ANSWER: Duration = Duration::from_secs(3);
@@ -43,16 +43,6 @@ fn udp(host_port: u16, container_port: u16, range: u16) -> PortMapping {
 
 fn tcp(host_port: u16, container_port: u16) -> PortMapping {
     PortMapping::new("", host_port, container_port, 1, "tcp")
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
 }
 
 /// Servers on background threads, stopped and joined on drop (so that none of their
@@ -164,31 +154,14 @@ impl Drop for Servers {
 /// Send `msg` to `to` and wait up to `wait` for the answer naming it (`TAG|msg|PEER`);
 /// anything else that arrives meanwhile is listed in the error.
 fn ask(sock: &UdpSocket, to: SocketAddr, msg: &str, wait: Duration) -> Result<String, String> {
-    sock.send_to(msg.as_bytes(), to)
-        .map_err(|e| format!("sending {msg:?} to {to}: {e}"))?;
-    let deadline = Instant::now() + wait;
-    let mut others = Vec::new();
-    let mut buf = [0u8; 2048];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "no answer to {msg:?} sent to {to} within {wait:?}; other datagrams: {others:?}"
-            ));
-        }
-        sock.set_read_timeout(Some(left)).unwrap();
-        match sock.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if text.split('|').nth(1) == Some(msg) {
-                    return Ok(text);
-                }
-                others.push(format!("{text:?} from {from}"));
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => return Err(format!("receiving the answer to {msg:?}: {e}")),
-        }
-    }
+    ask_seen_from(sock, to, msg, wait).map(|(text, _)| text)
+}
+
+/// The helper exited cleanly once its exit pipe closed (`status`), and the container
+/// netns's routing state is `before` again.
+fn exits_leaving(status: Option<std::process::ExitStatus>, container: &TestNetns, before: &str) {
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(netns_state(container), before, "routing state left changed");
 }
 
 /// In `ns`: a UDP socket bound to `bind`, one question to `to`, the answer or why not,
@@ -369,27 +342,54 @@ fn shapes_container_query_from_a_port_in_a_published_range() {
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn shapes_remote_client_keeps_its_address_on_a_bridge_network() {
+    remote_client_keeps_its_address(false);
+}
+
+/// The IPv6 variant: a remote IPv6 client, child IP 2001:db8:88::2.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_remote_ipv6_client_keeps_its_address_on_a_bridge_network() {
+    remote_client_keeps_its_address(true);
+}
+
+fn remote_client_keeps_its_address(v6: bool) {
     require_harness();
     let _load = light();
-    let topo = BridgeTopology::new(23);
+    let topo = BridgeTopology::new(if v6 { 24 } else { 23 });
     let mut servers = Servers::new();
-    servers.udp_reporter(
-        &topo.container,
-        sock(Ipv4Addr::UNSPECIFIED, 53),
-        "container",
-    );
-    servers.tcp_server(&topo.container, sock(Ipv4Addr::UNSPECIFIED, 80), true);
+    let any: IpAddr = if v6 {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    servers.udp_reporter(&topo.container, SocketAddr::new(any, 53), "container");
+    servers.tcp_server(&topo.container, SocketAddr::new(any, 80), true);
     let before = netns_state(&topo.container);
-    let mut helper = topo.launch(vec![udp(20253, 53, 1), tcp(20280, 80)]);
-    let host = topo.client.host_addr;
+    let (udp_port, tcp_port) = if v6 { (20653, 20680) } else { (20253, 20280) };
+    let child = if v6 {
+        topo.container_ip6().to_string()
+    } else {
+        topo.container_ip().to_string()
+    };
+    let mut helper = topo.launch_with(vec![udp(udp_port, 53, 1), tcp(tcp_port, 80)], |c| {
+        c.child_ip = child
+    });
+    let (host, me_ip): (IpAddr, IpAddr) = if v6 {
+        (
+            topo.client.host_addr6.into(),
+            topo.client.client_addr6.into(),
+        )
+    } else {
+        (topo.client.host_addr.into(), topo.client.client_addr.into())
+    };
 
-    let (seen, me) = tcp_peer(&topo.client, sock(host, 20280));
+    let (seen, me) = tcp_peer(&topo.client, SocketAddr::new(host, tcp_port));
     assert_eq!(seen, Ok(me.to_string()), "TCP through the helper");
-    assert_eq!(me.ip(), IpAddr::from(topo.client.client_addr));
+    assert_eq!(me.ip(), me_ip);
     let (answer, me) = ask_from(
         &topo.client.ns,
-        sock(topo.client.client_addr, 0),
-        sock(host, 20253),
+        SocketAddr::new(me_ip, 0),
+        SocketAddr::new(host, udp_port),
         "client",
     );
     assert_eq!(
@@ -398,53 +398,10 @@ fn shapes_remote_client_keeps_its_address_on_a_bridge_network() {
         "UDP through the helper"
     );
 
-    let status = helper.exit_within(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    assert_eq!(
-        netns_state(&topo.container),
-        before,
-        "routing state left changed"
-    );
-}
-
-/// The IPv6 variant: a remote IPv6 client, child IP 2001:db8:88::2.
-#[test]
-#[ignore = "itest: needs the cargo xtask itest namespaces"]
-fn shapes_remote_ipv6_client_keeps_its_address_on_a_bridge_network() {
-    require_harness();
-    let _load = light();
-    let topo = BridgeTopology::new(24);
-    let mut servers = Servers::new();
-    servers.udp_reporter(&topo.container, "[::]:53".parse().unwrap(), "container");
-    servers.tcp_server(&topo.container, "[::]:80".parse().unwrap(), true);
-    let before = netns_state(&topo.container);
-    let child = topo.container_ip6().to_string();
-    let mut helper = topo.launch_with(vec![udp(20653, 53, 1), tcp(20680, 80)], |c| {
-        c.child_ip = child
-    });
-    let host = topo.client.host_addr6;
-
-    let (seen, me) = tcp_peer(&topo.client, sock(host, 20680));
-    assert_eq!(seen, Ok(me.to_string()), "IPv6 TCP through the helper");
-    assert_eq!(me.ip(), IpAddr::from(topo.client.client_addr6));
-    let (answer, me) = ask_from(
-        &topo.client.ns,
-        sock(topo.client.client_addr6, 0),
-        sock(host, 20653),
-        "client6",
-    );
-    assert_eq!(
-        answer,
-        Ok(format!("container|client6|{me}")),
-        "IPv6 UDP through the helper"
-    );
-
-    let status = helper.exit_within(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    assert_eq!(
-        netns_state(&topo.container),
-        before,
-        "routing state left changed"
+    exits_leaving(
+        helper.exit_within(Duration::from_secs(10)),
+        &topo.container,
+        &before,
     );
 }
 
@@ -1148,12 +1105,10 @@ fn shapes_no_flow_rule_left_after_udp_flows_end() {
         fd_count(helper.pid())
     );
 
-    let status = helper.exit_within(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    assert_eq!(
-        netns_state(&topo.container),
-        before,
-        "routing state left changed"
+    exits_leaving(
+        helper.exit_within(Duration::from_secs(10)),
+        &topo.container,
+        &before,
     );
 }
 
@@ -1274,12 +1229,10 @@ fn shapes_evicted_udp_flows_take_their_rules_with_them() {
         "{after} flow rules for {a} after the newest asked again"
     );
 
-    let status = helper.exit_within(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    assert_eq!(
-        netns_state(&topo.container),
-        before,
-        "routing state left changed"
+    exits_leaving(
+        helper.exit_within(Duration::from_secs(10)),
+        &topo.container,
+        &before,
     );
 }
 
@@ -1398,12 +1351,10 @@ fn shapes_sibling_tcp_and_udp_work_while_remote_clients_are_served() {
     }
 
     drop(remote);
-    let status = helper.exit_within(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    assert_eq!(
-        netns_state(&topo.container),
-        before,
-        "routing state left changed"
+    exits_leaving(
+        helper.exit_within(Duration::from_secs(10)),
+        &topo.container,
+        &before,
     );
 }
 

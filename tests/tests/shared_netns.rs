@@ -20,7 +20,9 @@ use std::time::Duration;
 use rootlessport::launcher::{Launcher, RootlessPort};
 use rootlessport::Config;
 use slirp_config::PortMapping;
-use tests::{eventually, process_exists, require_harness, rootlessport_bin, ClientHost, TestNetns};
+use tests::{
+    eventually, process_exists, require_harness, rootlessport_bin, unmap, ClientHost, TestNetns,
+};
 
 const CHILD4: &str = "198.51.100.2";
 const CHILD6: &str = "2001:db8:88::2";
@@ -358,16 +360,6 @@ fn serve_tcp(mut c: TcpStream, port: u16) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-    }
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
     }
 }
 

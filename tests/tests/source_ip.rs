@@ -13,7 +13,7 @@ use rootlessport::launcher::{Launcher, RootlessPort};
 use rootlessport::Config;
 use slirp_config::PortMapping;
 use slirp_spawn::{Slirp4netns, SlirpSpec};
-use tests::{require_harness, rootlessport_bin, ClientHost, TestNetns};
+use tests::{require_harness, rootlessport_bin, unmap, ClientHost, TestNetns};
 
 /// Every table of ours is in 0x524c4ffe..0x524c6000 (decimal 138073xxxx): the
 /// per-helper range, the marker and the probe table.
@@ -50,16 +50,6 @@ fn reporters(ns: &TestNetns, tcp: u16, udp: u16) {
             let _ = u.send_to(format!("udp peer {}", unmap(from)).as_bytes(), from);
         }
     });
-}
-
-fn unmap(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
 }
 
 fn launch(
