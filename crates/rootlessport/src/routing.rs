@@ -12,9 +12,37 @@ use std::ops::Range;
 
 use crate::netlink::{DumpedRule, IpFamily, Rtnl, Rule, TableRoute};
 
-/// The sysctl shared by every helper in a netns (per netns: the file shows the netns
-/// of the thread that opens it).
-pub(crate) const FWMARK_ACCEPT: &str = "/proc/sys/net/ipv4/tcp_fwmark_accept";
+/// A sysctl shared by every helper in a netns (per netns: the file shows the netns of
+/// the thread that opens it), which keeping client addresses needs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sysctl {
+    /// `net.ipv4.tcp_fwmark_accept`: an accepted TCP socket takes the mark of the SYN
+    /// (both families), so the container's replies on our connections carry our mark.
+    TcpFwmarkAccept,
+    /// `net.ipv4.fwmark_reflect`: the kernel's own replies (a RST for a closed port, an
+    /// ICMP error) take the mark of the packet they answer, so they reach our socket.
+    FwmarkReflect4,
+    /// `net.ipv6.fwmark_reflect`, the same for IPv6.
+    FwmarkReflect6,
+}
+
+impl Sysctl {
+    /// Every one, in the order they are turned on.
+    pub const ALL: [Sysctl; 3] = [
+        Sysctl::TcpFwmarkAccept,
+        Sysctl::FwmarkReflect4,
+        Sysctl::FwmarkReflect6,
+    ];
+
+    /// Its file under `/proc/sys`.
+    pub fn path(self) -> &'static str {
+        match self {
+            Sysctl::TcpFwmarkAccept => "/proc/sys/net/ipv4/tcp_fwmark_accept",
+            Sysctl::FwmarkReflect4 => "/proc/sys/net/ipv4/fwmark_reflect",
+            Sysctl::FwmarkReflect6 => "/proc/sys/net/ipv6/fwmark_reflect",
+        }
+    }
+}
 
 /// The privileged operations on one netns's routing. Errors are the kernel's answers
 /// (`EEXIST`, `ENOENT`/`ESRCH`, `EPERM` without `CAP_NET_ADMIN` over the netns,
@@ -45,14 +73,15 @@ pub(crate) trait RoutingOps {
     ) -> io::Result<()>;
     /// Delete that route again (`ESRCH`: it is not there).
     fn del_local_default(&mut self, family: IpFamily, table: u32) -> io::Result<()>;
-    /// Whether `net.ipv4.tcp_fwmark_accept` is on (anything but `0`).
-    fn tcp_fwmark_accept(&mut self) -> io::Result<bool>;
-    /// Write `1` or `0` to `net.ipv4.tcp_fwmark_accept`.
-    fn set_tcp_fwmark_accept(&mut self, on: bool) -> io::Result<()>;
+    /// Whether `which` is on (anything but `0`); `ENOENT` when the netns has no such
+    /// sysctl (no IPv6).
+    fn sysctl(&mut self, which: Sysctl) -> io::Result<bool>;
+    /// Write `1` or `0` to `which`.
+    fn set_sysctl(&mut self, which: Sysctl, on: bool) -> io::Result<()>;
 }
 
 /// The real netns: rtnetlink from a socket made in the calling thread's netns, and
-/// that netns's [`FWMARK_ACCEPT`] (call from a thread inside it).
+/// that netns's [`Sysctl`]s (call from a thread inside it).
 pub(crate) struct NetnsRouting {
     rtnl: Rtnl,
 }
@@ -109,12 +138,12 @@ impl RoutingOps for NetnsRouting {
         self.rtnl.del_local_default(family, table)
     }
 
-    fn tcp_fwmark_accept(&mut self) -> io::Result<bool> {
-        Ok(std::fs::read_to_string(FWMARK_ACCEPT)?.trim() != "0")
+    fn sysctl(&mut self, which: Sysctl) -> io::Result<bool> {
+        Ok(std::fs::read_to_string(which.path())?.trim() != "0")
     }
 
-    fn set_tcp_fwmark_accept(&mut self, on: bool) -> io::Result<()> {
-        std::fs::write(FWMARK_ACCEPT, if on { "1" } else { "0" })
+    fn set_sysctl(&mut self, which: Sysctl, on: bool) -> io::Result<()> {
+        std::fs::write(which.path(), if on { "1" } else { "0" })
     }
 }
 
@@ -188,6 +217,8 @@ pub(crate) mod fake {
         pub routes: Vec<Route>,
         /// `net.ipv4.tcp_fwmark_accept` is 1.
         pub tcp_fwmark_accept: bool,
+        /// `net.ipv4.fwmark_reflect` and `net.ipv6.fwmark_reflect` are 1.
+        pub fwmark_reflect: [bool; 2],
     }
 
     struct State {
@@ -248,6 +279,7 @@ pub(crate) mod fake {
                     rules,
                     routes,
                     tcp_fwmark_accept: false,
+                    fwmark_reflect: [false; 2],
                 },
                 log: Vec::new(),
             })))
@@ -287,7 +319,12 @@ pub(crate) mod fake {
 
         /// Set the sysctl as someone else would.
         pub fn preset_tcp_fwmark_accept(&self, on: bool) {
-            self.state().netns.tcp_fwmark_accept = on;
+            self.preset_sysctl(Sysctl::TcpFwmarkAccept, on);
+        }
+
+        /// Set a sysctl as someone else would.
+        pub fn preset_sysctl(&self, which: Sysctl, on: bool) {
+            *self.state().netns.sysctl(which) = on;
         }
 
         /// Change how the kernel behaves from now on.
@@ -484,18 +521,35 @@ pub(crate) mod fake {
             })
         }
 
-        fn tcp_fwmark_accept(&mut self) -> io::Result<bool> {
-            Ok(self.state().netns.tcp_fwmark_accept)
+        fn sysctl(&mut self, which: Sysctl) -> io::Result<bool> {
+            let mut st = self.state();
+            if which == Sysctl::FwmarkReflect6 && !st.kernel.ipv6 {
+                return Err(err(libc::ENOENT));
+            }
+            Ok(*st.netns.sysctl(which))
         }
 
-        fn set_tcp_fwmark_accept(&mut self, on: bool) -> io::Result<()> {
-            self.request(format!("tcp_fwmark_accept = {on}"), None, true, |st| {
+        fn set_sysctl(&mut self, which: Sysctl, on: bool) -> io::Result<()> {
+            self.request(format!("{which:?} = {on}"), None, true, |st| {
+                if which == Sysctl::FwmarkReflect6 && !st.kernel.ipv6 {
+                    return Err(err(libc::ENOENT));
+                }
                 if st.kernel.sysctl_read_only {
                     return Err(err(libc::EACCES));
                 }
-                st.netns.tcp_fwmark_accept = on;
+                *st.netns.sysctl(which) = on;
                 Ok(())
             })
+        }
+    }
+
+    impl Snapshot {
+        fn sysctl(&mut self, which: Sysctl) -> &mut bool {
+            match which {
+                Sysctl::TcpFwmarkAccept => &mut self.tcp_fwmark_accept,
+                Sysctl::FwmarkReflect4 => &mut self.fwmark_reflect[0],
+                Sysctl::FwmarkReflect6 => &mut self.fwmark_reflect[1],
+            }
         }
     }
 
@@ -591,7 +645,10 @@ pub(crate) mod fake {
                 errno(ops.add_local_default(IpFamily::V4, 7, None)),
                 Some(libc::EPERM)
             );
-            assert_eq!(errno(ops.set_tcp_fwmark_accept(true)), Some(libc::EPERM));
+            assert_eq!(
+                errno(ops.set_sysctl(Sysctl::TcpFwmarkAccept, true)),
+                Some(libc::EPERM)
+            );
             assert_eq!(ops.rules(IpFamily::V6).unwrap().len(), 2, "dumps work");
             assert!(netns.log().contains("Operation not permitted"));
 
@@ -605,8 +662,11 @@ pub(crate) mod fake {
                 errno(ops.add_local_default(IpFamily::V6, 7, None)),
                 Some(libc::EAFNOSUPPORT)
             );
-            assert_eq!(errno(ops.set_tcp_fwmark_accept(true)), Some(libc::EACCES));
-            assert!(!ops.tcp_fwmark_accept().unwrap());
+            assert_eq!(
+                errno(ops.set_sysctl(Sysctl::TcpFwmarkAccept, true)),
+                Some(libc::EACCES)
+            );
+            assert!(!ops.sysctl(Sysctl::TcpFwmarkAccept).unwrap());
             assert_eq!(netns.snapshot(), FakeNetns::new(Kernel::MODERN).snapshot());
         }
     }

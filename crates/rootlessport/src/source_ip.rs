@@ -6,32 +6,42 @@
 //! # What each helper puts into the netns
 //!
 //! Every helper owns a slot: a number derived from its container ID (FNV-1a, probing
-//! on collision), giving its own routing table and socket mark `TABLE_BASE + slot`.
+//! on collision), giving its own routing table and socket mark `TABLE_BASE + slot` and
+//! its own band of rule priorities (see [`Band`]).
 //! - The table holds one route per family, `local default dev lo src CHILD_IP`: what
 //!   is sent to it is delivered locally, to our transparent sockets.
 //! - TCP: our sockets carry the helper's mark; with `net.ipv4.tcp_fwmark_accept=1` the
 //!   container's accepted socket inherits it, and one rule `fwmark MARK lookup TABLE`
-//!   per family diverts the packets of that connection alone. The container's other
-//!   connections, siblings' connections and other helpers' (other mark) are untouched.
+//!   per family diverts the packets of that connection alone. With
+//!   `net.ipv{4,6}.fwmark_reflect=1` the kernel's own answers to our packets (the RST
+//!   of a closed port) carry it too, so a closed port resets at once.
 //! - UDP has no such inheritance, so each kept flow gets one exact rule, added before its
 //!   first datagram is forwarded and removed with the flow: `to CLIENT ipproto udp sport
 //!   CONTAINER_PORT dport CLIENT_PORT lookup TABLE`. Only the container's datagrams on
 //!   that one 4-tuple (its replies to that client) are diverted; a sibling's query, a
 //!   peer the container starts talking to from its published port, or its own lookups
 //!   from a published range keep their normal route.
+//! - The rules that let our packets in (the "front door": the TCP rule, and one gate
+//!   per published UDP range that jumps to the flow rules) sit at priority 0, right
+//!   after the `local` rule, so that rules the container adds later without a priority
+//!   (the kernel puts those just before the second rule: a VPN's `not fwmark ... table
+//!   ...`) cannot take our replies away. Everything else of ours sits after the
+//!   `main` and `default` rules, where nothing but our own jumps ever leads.
 //!
 //! # Ownership, death and sharing
 //!
 //! The owner of a slot holds an abstract unix socket named after it in the container
 //! netns (`@rootless-net/rootlessport/<table>`); the kernel frees the name when the
-//! helper dies, `kill -9` included. A helper starting or exiting takes the netns-wide
-//! lock (another abstract name), removes every rule and route of a table in our range
-//! whose owner name is free (a dead helper's), and only then adds or removes its own.
-//! `tcp_fwmark_accept` is shared by all helpers in a netns: the first one that finds it
-//! 0 sets it to 1 and adds a marker rule (`fwmark M lookup M` on an empty table, which
-//! routes nothing) recording that it was 0; the last helper to leave (no live owner
-//! left) writes 0 back and removes the marker. A value of 1 found without the marker
-//! was set by someone else and is never changed.
+//! helper dies, `kill -9` included. A starting helper removes every rule and route of a
+//! slot whose owner name is free (a dead helper's); a rule is only taken for ours when
+//! it has exactly the shape we add. The sysctls are shared by all helpers in a netns:
+//! under a netns-wide lock (another abstract name, held for a few system calls), the
+//! first helper that finds one at 0 sets it to 1 and adds a marker rule for it (`fwmark
+//! M lookup M` on an empty table, which routes nothing) recording that it was 0; the
+//! last helper to leave (no other owner name taken) writes 0 back and removes the
+//! marker. A 1 found without the marker was set by someone else and is never changed.
+//! When in doubt (the lock not had within a second, an owner that cannot be probed),
+//! a helper leaves the sysctls as they are rather than pull them from under another.
 //!
 //! # Checked, with a fallback
 //!
@@ -41,6 +51,8 @@
 //! rule on an empty table at start; the helper then keeps UDP client addresses off (one
 //! warning line) and never adds a flow rule. Any failure to set up leaves the netns as
 //! it was and forwards as podman's helper does (the container sees the child IP's side).
+//! The kernel refuses port ranges that start at 0 or end at 65535: UDP flows from
+//! client port 65535 or to container port 65535 are forwarded without their address.
 //!
 //! # Tested without root
 //!
@@ -57,29 +69,33 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::netlink::{DumpedRule, IpFamily, Rule};
-use crate::routing::{NetnsRouting, RoutingOps, FWMARK_ACCEPT};
+use crate::routing::{NetnsRouting, RoutingOps, Sysctl};
 
 /// First table (and mark) of the range our helpers use: "RLP" and 0x5000.
 pub const TABLE_BASE: u32 = 0x524c_5000;
-/// Slots in the range: at most this many helpers keep addresses in one netns (their
-/// bands fill the priorities up to the main table's rule).
-pub const SLOTS: u32 = 240;
-/// The marker's table and mark (just below the range; nothing is ever routed by it).
-pub const MARKER: u32 = TABLE_BASE - 1;
+/// Slots in the range: at most this many helpers keep addresses in one netns.
+pub const SLOTS: u32 = 4096;
+/// The markers' tables and marks, one per [`Sysctl`] (just below the range; nothing
+/// is ever routed by them).
+pub const MARKERS: [u32; 3] = [TABLE_BASE - 1, TABLE_BASE - 3, TABLE_BASE - 4];
 /// The probe rule's table (empty: a probe rule routes nothing, whatever was stored).
 const PROBE_TABLE: u32 = TABLE_BASE - 2;
-/// The marker's and the probe's rule priority (before every helper's band).
-pub const PRIORITY: u32 = 99;
-/// Each slot's rules sit in a band of [`BAND`] priorities from `BAND_BASE + BAND *
-/// slot` (all before the main table's rule, 32766): see [`Band`].
-pub const BAND_BASE: u32 = 100;
+/// The front door's priority: with the `local` rule, before anything else.
+pub const FRONT: u32 = 0;
+/// The markers' and the probe's priority: after the bands' start is not needed, only
+/// after `main` and `default` (32766, 32767), so they never change where a rule added
+/// without a priority lands.
+pub const MARKER_PRIORITY: u32 = 99_999;
+/// Each slot's band of [`BAND`] priorities starts at `BAND_BASE + BAND * slot`.
+pub const BAND_BASE: u32 = 100_000;
 const BAND: u32 = 136;
 /// Kept UDP flows are sorted into buckets by client port, 1,024 ports each, so that a
 /// datagram from a published port walks the flow rules of one bucket, not all.
 const BUCKETS: usize = 64;
 const BUCKET_PORTS: u32 = 65536 / BUCKETS as u32;
-/// How long to wait for another helper's setup or teardown in the same netns.
-const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for the netns-wide lock, which others hold for a few system calls.
+/// Short enough that readiness is never late for podman (it waits 3 s).
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// The abstract unix socket names of the helpers in one netns, under one prefix: each
 /// slot's owner and the netns-wide lock.
@@ -132,7 +148,7 @@ fn claim(name: &str) -> io::Result<Option<OwnedFd>> {
     }
 }
 
-/// The netns-wide lock: held while a helper sets up or tears down.
+/// The netns-wide lock: held while a helper reads and changes the shared sysctls.
 struct NetnsLock(#[allow(dead_code)] OwnedFd);
 
 impl NetnsLock {
@@ -163,64 +179,158 @@ fn slot_hash(container_id: &str) -> u32 {
     h % SLOTS
 }
 
-/// The rule priorities of one slot.
+/// A port range the kernel accepts in a rule: it refuses a start of 0 and an end of
+/// 65535 (`fib_rule_port_range_valid`).
+fn rule_ports(first: u32, last: u32) -> Option<(u16, u16)> {
+    let (a, b) = (first.max(1), last.min(65534));
+    (a <= b).then_some((a as u16, b as u16))
+}
+
+/// One slot's rules. The front door, at priority [`FRONT`]:
+///
+/// | rule | |
+/// |---|---|
+/// | `fwmark MARK lookup TABLE` | TCP, both families |
+/// | `ipproto udp sport A-B goto ANCHOR` | one per published UDP range and family |
+///
+/// and the band, from `BAND_BASE + BAND * slot`, per UDP family:
+///
+/// | priority | rule | |
+/// |---|---|---|
+/// | +0 ANCHOR | `fwmark MARK lookup TABLE` | what the gates jump to (never unresolved) |
+/// | +1 | `ipproto udp dport P-Q goto +3+2b` | one per bucket holding flows |
+/// | +2 | `goto END` | a client port whose bucket is empty |
+/// | +3+2b | `to CLIENT ipproto udp sport S dport D lookup TABLE` | the flows of bucket b |
+/// | +4+2b | `goto END` | the end of bucket b |
+/// | +131 END | `fwmark MARK lookup TABLE` | |
+///
+/// A packet that is not UDP from a published port meets one front-door rule per
+/// published range and none of the band; one that is walks the bucket gates and one
+/// bucket's flows. (A packet with no route in `main` or `default` walks on into the
+/// bands; it only meets exact rules of ours, and was unroutable anyway.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Band {
     slot: u32,
 }
 
-/// The layout of one band, for a packet of the child IP's family walking it:
-///
-/// | priority | rules | |
-/// |---|---|---|
-/// | +0 | `ipproto udp sport A-B goto +2` | one gate per published UDP range |
-/// | +1 | `goto TCP` | what no gate let in skips every flow rule |
-/// | +2 | `ipproto udp dport P-Q goto +4+2b` | one per bucket holding flows |
-/// | +3 | `goto TCP` | a client port whose bucket is empty |
-/// | +4+2b | `to CLIENT ipproto udp sport S dport D lookup TABLE` | the flows of bucket b |
-/// | +5+2b | `goto TCP` | the end of bucket b |
-/// | TCP = +132 | `fwmark MARK lookup TABLE` | (both families) |
-///
-/// So a packet that is not UDP from a published port meets 2 rules of ours plus one
-/// per published range; one that is walks the bucket gates and one bucket's flows.
 impl Band {
-    fn gates(self) -> u32 {
+    /// The band a table number belongs to.
+    fn of_table(table: u32) -> Option<Band> {
+        let slot = table.checked_sub(TABLE_BASE)?;
+        (slot < SLOTS).then_some(Band { slot })
+    }
+    /// The band a priority lies in.
+    fn of_priority(priority: u32) -> Option<Band> {
+        let slot = priority.checked_sub(BAND_BASE)? / BAND;
+        (slot < SLOTS).then_some(Band { slot })
+    }
+    fn anchor(self) -> u32 {
         BAND_BASE + BAND * self.slot
     }
-    fn skip(self) -> u32 {
-        self.gates() + 1
-    }
     fn bucket_gates(self) -> u32 {
-        self.gates() + 2
+        self.anchor() + 1
     }
     fn bucket_skip(self) -> u32 {
-        self.gates() + 3
+        self.anchor() + 2
     }
     fn flows(self, bucket: usize) -> u32 {
-        self.gates() + 4 + 2 * bucket as u32
+        self.anchor() + 3 + 2 * bucket as u32
     }
     fn bucket_end(self, bucket: usize) -> u32 {
         self.flows(bucket) + 1
     }
-    fn tcp(self) -> u32 {
+    fn end(self) -> u32 {
         self.bucket_end(BUCKETS - 1) + 1
     }
     fn table(self) -> u32 {
         TABLE_BASE + self.slot
     }
+    #[cfg(test)]
     fn contains(self, priority: u32) -> bool {
-        (self.gates()..=self.tcp()).contains(&priority)
+        (self.anchor()..=self.end()).contains(&priority)
+    }
+    /// The bucket whose flow rules sit at `priority`, if any.
+    fn bucket_at(self, priority: u32) -> Option<usize> {
+        let off = priority.checked_sub(self.flows(0))?;
+        (off % 2 == 0 && (off / 2) < BUCKETS as u32).then_some((off / 2) as usize)
+    }
+    /// `fwmark MARK lookup TABLE` at `priority`: the TCP rule, the anchor and the end.
+    fn mark_rule(self, family: IpFamily, priority: u32) -> Rule {
+        Rule {
+            fwmark: Some((self.table(), u32::MAX)),
+            ..Rule::to_table(family, priority, self.table())
+        }
+    }
+    /// An unconditional `goto END` at `priority`.
+    fn skip_rule(self, family: IpFamily, priority: u32) -> Rule {
+        Rule {
+            goto: Some(self.end()),
+            ..Rule::to_table(family, priority, 0)
+        }
+    }
+    /// The gate of `bucket` (`ipproto udp dport P-Q goto FLOWS(b)`) and the rule
+    /// ending its flows; `None` for a bucket no valid client port falls in.
+    fn bucket_rules(self, family: IpFamily, bucket: usize) -> (Rule, Rule) {
+        let first = bucket as u32 * BUCKET_PORTS;
+        let gate = Rule {
+            goto: Some(self.flows(bucket)),
+            ip_proto: Some(libc::IPPROTO_UDP as u8),
+            dport: rule_ports(first, first + BUCKET_PORTS - 1),
+            ..Rule::to_table(family, self.bucket_gates(), 0)
+        };
+        (gate, self.skip_rule(family, self.bucket_end(bucket)))
     }
 
-    /// The slot a dumped rule belongs to: its priority is in that slot's band and it
-    /// looks up that slot's table or jumps inside the band (a rule someone else put
-    /// at such a priority is never taken for ours).
+    /// The slot a dumped rule belongs to: only a rule with exactly one of the shapes
+    /// we add, for that slot, is taken for ours (a rule someone else put at one of our
+    /// priorities, or jumping into a band, never is).
     fn owning(rule: &Rule) -> Option<Band> {
-        let slot = rule.priority.checked_sub(BAND_BASE)? / BAND;
-        let band = Band { slot };
-        (slot < SLOTS
-            && (rule.table == band.table() || rule.goto.is_some_and(|g| band.contains(g))))
-        .then_some(band)
+        let udp = Some(libc::IPPROTO_UDP as u8);
+        let plain = rule.dst.is_none() && rule.fwmark.is_none();
+        match rule.goto {
+            None => {
+                let band = Band::of_table(rule.table)?;
+                let marked = rule.fwmark == Some((band.table(), u32::MAX))
+                    && rule.dst.is_none()
+                    && rule.ip_proto.is_none()
+                    && rule.sport.is_none()
+                    && rule.dport.is_none();
+                let at_mark = rule.priority == FRONT
+                    || rule.priority == band.anchor()
+                    || rule.priority == band.end();
+                let flow = band.bucket_at(rule.priority).is_some()
+                    && rule.dst.is_some()
+                    && rule.fwmark.is_none()
+                    && rule.ip_proto == udp
+                    && rule.sport.is_some()
+                    && rule.dport.is_some();
+                ((marked && at_mark) || flow).then_some(band)
+            }
+            Some(target) => {
+                let band = Band::of_priority(target)?;
+                let front_gate = rule.priority == FRONT
+                    && target == band.anchor()
+                    && plain
+                    && rule.ip_proto == udp
+                    && rule.sport.is_some()
+                    && rule.dport.is_none();
+                let bucket_gate = rule.priority == band.bucket_gates()
+                    && band
+                        .bucket_at(target)
+                        .is_some_and(|b| band.bucket_rules(rule.family, b).0.dport == rule.dport)
+                    && plain
+                    && rule.ip_proto == udp
+                    && rule.sport.is_none();
+                let skip = target == band.end()
+                    && (rule.priority == band.bucket_skip()
+                        || band.bucket_at(rule.priority.wrapping_sub(1)).is_some())
+                    && plain
+                    && rule.ip_proto.is_none()
+                    && rule.sport.is_none()
+                    && rule.dport.is_none();
+                (front_gate || bucket_gate || skip).then_some(band)
+            }
+        }
     }
 }
 
@@ -233,23 +343,30 @@ pub(crate) struct SourceIp {
     table: u32,
     _owner: OwnedFd,
     families: Vec<IpFamily>,
-    /// The family whose UDP flows keep addresses (gates and exact rules stored as
-    /// asked), if any.
-    udp: Option<IpFamily>,
+    /// The families whose UDP flows keep addresses (gates and exact rules stored as
+    /// asked).
+    udp: Vec<IpFamily>,
     udp_ranges: Vec<(u16, u16)>,
     child: IpAddr,
     /// Kept UDP flows (client, container port), each with its rule.
     flows: HashSet<(SocketAddr, u16)>,
-    /// Flows per bucket; a bucket with flows has its gate and end rule.
-    buckets: [u32; BUCKETS],
+    /// Flows per bucket and family (v4, v6); a bucket with flows has its gate and end.
+    buckets: [[u32; BUCKETS]; 2],
+}
+
+fn fam_index(f: IpFamily) -> usize {
+    match f {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
+    }
 }
 
 impl SourceIp {
-    /// Set it up from a thread inside the container netns.
+    /// Set it up from a thread inside the container netns. `udp_ranges` are the
+    /// container port ranges published for UDP.
     ///
     /// # Errors
     /// Why addresses cannot be kept (the netns is left as it was).
-    /// `udp_ranges` are the container port ranges published for UDP.
     pub fn setup(
         container_id: &str,
         child_ip: Option<IpAddr>,
@@ -268,7 +385,6 @@ impl SourceIp {
         child: IpAddr,
         udp_ranges: Vec<(u16, u16)>,
     ) -> Result<SourceIp, String> {
-        let lock = NetnsLock::take(&names)?;
         let first = slot_hash(container_id);
         let (table, owner) = (0..SLOTS)
             .map(|i| TABLE_BASE + (first + i) % SLOTS)
@@ -287,21 +403,19 @@ impl SourceIp {
             table,
             _owner: owner,
             families: Vec::new(),
-            udp: None,
+            udp: Vec::new(),
             udp_ranges,
             child,
             flows: HashSet::new(),
-            buckets: [0; BUCKETS],
+            buckets: [[0; BUCKETS]; 2],
         };
         s.remove_dead();
-        let result = s.add_all();
-        drop(lock);
-        // On failure, dropping `s` removes what was added (under the lock again).
-        result.map(|()| s)
+        // On failure, dropping `s` removes what was added.
+        s.add_all().map(|()| s)
     }
 
     fn add_all(&mut self) -> Result<(), String> {
-        self.enable_fwmark_accept()?;
+        self.enable_sysctls()?;
         for family in [IpFamily::V4, IpFamily::V6] {
             let prefsrc = (IpFamily::of(self.child) == family).then_some(self.child);
             match self.add_family(family, prefsrc) {
@@ -314,14 +428,17 @@ impl SourceIp {
             }
         }
         if !self.udp_ranges.is_empty() {
-            match self.add_udp_gates() {
-                Ok(()) => self.udp = Some(IpFamily::of(self.child)),
-                Err(why) => {
-                    tracing::warn!(
-                        "UDP client addresses are not kept (the container sees the child IP's side): {why}"
-                    );
-                    let b = self.band;
-                    self.remove_rules_at(&[b.gates(), b.skip(), b.bucket_skip()]);
+            for family in self.families.clone() {
+                match self.add_udp_gates(family) {
+                    Ok(()) => self.udp.push(family),
+                    Err(why) => {
+                        if family == IpFamily::of(self.child) {
+                            tracing::warn!(
+                                "UDP client addresses are not kept (the container sees the child IP's side): {why}"
+                            );
+                        }
+                        self.remove_udp_gates(family);
+                    }
                 }
             }
         }
@@ -332,10 +449,7 @@ impl SourceIp {
         self.net
             .add_local_default(family, self.table, prefsrc)
             .map_err(|e| format!("adding the local route of table {}: {e}", self.table))?;
-        let rule = Rule {
-            fwmark: Some((self.table, u32::MAX)),
-            ..Rule::to_table(family, self.band.tcp(), self.table)
-        };
+        let rule = self.band.mark_rule(family, FRONT);
         self.net
             .add_rule(&rule)
             .map_err(|e| format!("adding the fwmark rule: {e}"))?;
@@ -366,19 +480,12 @@ impl SourceIp {
 
     /// Add and read back an exact flow rule on an empty table: if the kernel ignores
     /// a match, the stored rule differs (and, on an empty table, still routes nothing).
-    fn probe_udp_rules(&mut self) -> Result<(), String> {
-        let family = IpFamily::of(self.child);
-        if !self.families.contains(&family) {
-            return Err(format!("no {family:?} routing set up"));
-        }
+    fn probe_udp_rules(&mut self, family: IpFamily) -> Result<(), String> {
         let dst = match family {
             IpFamily::V4 => IpAddr::from([192, 0, 2, 255]),
             IpFamily::V6 => IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xffff]),
         };
-        let probe = Rule {
-            priority: PRIORITY,
-            ..flow_rule(PROBE_TABLE, 0, SocketAddr::new(dst, 1), 1)
-        };
+        let probe = flow_rule(PROBE_TABLE, MARKER_PRIORITY, SocketAddr::new(dst, 1), 1);
         match self.net.add_rule(&probe) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -389,98 +496,88 @@ impl SourceIp {
         stored
     }
 
-    /// The gates in front of the flow rules: a packet of the child's family goes on
-    /// to them only when it is UDP from a published container port; everything else
-    /// skips them (so thousands of flows cost other traffic nothing).
-    fn add_udp_gates(&mut self) -> Result<(), String> {
-        self.probe_udp_rules()?;
-        let family = IpFamily::of(self.child);
-        for &(a, b) in &self.udp_ranges.clone() {
+    /// The front-door gates of one family (a packet goes on to the flow rules only
+    /// when it is UDP from a published container port), and the band's fixed rules.
+    fn add_udp_gates(&mut self, family: IpFamily) -> Result<(), String> {
+        self.probe_udp_rules(family)?;
+        let b = self.band;
+        for rule in [
+            b.mark_rule(family, b.end()),
+            b.skip_rule(family, b.bucket_skip()),
+            b.mark_rule(family, b.anchor()),
+        ] {
+            self.net
+                .add_rule(&rule)
+                .map_err(|e| format!("adding a rule of the UDP flows: {e}"))?;
+            self.check_stored(&rule)?;
+        }
+        for (first, last) in self.udp_ranges.clone() {
+            // A range of only port 65535 cannot be matched: its flows are not kept.
+            let Some(ports) = rule_ports(u32::from(first), u32::from(last)) else {
+                continue;
+            };
             let gate = Rule {
-                goto: Some(self.band.bucket_gates()),
+                goto: Some(b.anchor()),
                 ip_proto: Some(libc::IPPROTO_UDP as u8),
-                sport: Some((a, b)),
-                ..Rule::to_table(family, self.band.gates(), 0)
+                sport: Some(ports),
+                ..Rule::to_table(family, FRONT, 0)
             };
             self.net
                 .add_rule(&gate)
-                .map_err(|e| format!("adding the UDP gate for ports {a}-{b}: {e}"))?;
+                .map_err(|e| format!("adding the UDP gate for ports {first}-{last}: {e}"))?;
             self.check_stored(&gate)?;
-        }
-        let skip = Rule {
-            goto: Some(self.band.tcp()),
-            ..Rule::to_table(family, self.band.skip(), 0)
-        };
-        self.net
-            .add_rule(&skip)
-            .map_err(|e| format!("adding the UDP skip rule: {e}"))?;
-        self.check_stored(&skip)?;
-        let bucket_skip = Rule {
-            priority: self.band.bucket_skip(),
-            ..skip
-        };
-        self.net
-            .add_rule(&bucket_skip)
-            .map_err(|e| format!("adding the UDP skip rule: {e}"))?;
-        self.check_stored(&bucket_skip)
-    }
-
-    /// The gate of `bucket` (`ipproto udp dport P-Q goto FLOWS(b)`) and the rule
-    /// ending its flows (`goto TCP`), in the child IP's family.
-    fn bucket_rules(&self, family: IpFamily, bucket: usize) -> (Rule, Rule) {
-        let first = bucket as u32 * BUCKET_PORTS;
-        let gate = Rule {
-            goto: Some(self.band.flows(bucket)),
-            ip_proto: Some(libc::IPPROTO_UDP as u8),
-            dport: Some((first as u16, (first + BUCKET_PORTS - 1) as u16)),
-            ..Rule::to_table(family, self.band.bucket_gates(), 0)
-        };
-        let end = Rule {
-            goto: Some(self.band.tcp()),
-            ..Rule::to_table(family, self.band.bucket_end(bucket), 0)
-        };
-        (gate, end)
-    }
-
-    /// Remove every rule of ours at these priorities.
-    fn remove_rules_at(&mut self, priorities: &[u32]) {
-        for f in [IpFamily::V4, IpFamily::V6] {
-            for d in self.net.rules(f).unwrap_or_default() {
-                let mine = d.rule.as_ref().is_some_and(|r| {
-                    priorities.contains(&r.priority) && Band::owning(r) == Some(self.band)
-                });
-                if mine {
-                    let _ = self.net.del_dumped_rule(&d);
-                }
-            }
-        }
-    }
-
-    /// Set `tcp_fwmark_accept`, recording with the marker that it was 0.
-    fn enable_fwmark_accept(&mut self) -> Result<(), String> {
-        let on = self
-            .net
-            .tcp_fwmark_accept()
-            .map_err(|e| format!("{FWMARK_ACCEPT}: {e}"))?;
-        if on {
-            return Ok(());
-        }
-        match self.net.add_rule(&marker()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(format!("adding the marker rule: {e}")),
-        }
-        if let Err(e) = self.net.set_tcp_fwmark_accept(true) {
-            let _ = self.restore_fwmark_accept_if_last();
-            return Err(format!("{FWMARK_ACCEPT}: {e}"));
         }
         Ok(())
     }
 
+    /// Remove the UDP rules of one family (after a failed [`SourceIp::add_udp_gates`]).
+    fn remove_udp_gates(&mut self, family: IpFamily) {
+        for d in self.net.rules(family).unwrap_or_default() {
+            let mine = d.rule.as_ref().is_some_and(|r| {
+                Band::owning(r) == Some(self.band) && (r.goto.is_some() || r.priority != FRONT)
+            });
+            if mine {
+                let _ = self.net.del_dumped_rule(&d);
+            }
+        }
+    }
+
+    /// Turn every [`Sysctl`] on, recording with a marker each one that was 0. Under
+    /// the lock: another helper may be turning them off as the last one out.
+    fn enable_sysctls(&mut self) -> Result<(), String> {
+        let lock = NetnsLock::take(&self.names)?;
+        for (which, table) in Sysctl::ALL.into_iter().zip(MARKERS) {
+            let on = match self.net.sysctl(which) {
+                Ok(on) => on,
+                // No IPv6 in this netns: nothing to reflect.
+                Err(e) if which == Sysctl::FwmarkReflect6 => {
+                    tracing::debug!(error = %e, "no net.ipv6.fwmark_reflect");
+                    continue;
+                }
+                Err(e) => return Err(format!("{}: {e}", which.path())),
+            };
+            if on {
+                continue;
+            }
+            match self.net.add_rule(&marker(table)) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(format!("adding the marker rule: {e}")),
+            }
+            if let Err(e) = self.net.set_sysctl(which, true) {
+                // Nobody else turned it on either (it was 0, under the lock).
+                let _ = self.net.del_rule(&marker(table));
+                return Err(format!("{}: {e}", which.path()));
+            }
+        }
+        drop(lock);
+        Ok(())
+    }
+
     /// Remove what dead helpers left: every rule and route of a slot whose owner
-    /// name is free. Our own slot's leftovers (a previous owner of it died) go too.
-    /// Returns whether a live helper other than us remains.
-    fn remove_dead(&mut self) -> bool {
+    /// name is free. Our own slot's leftovers (a previous owner of it died) go too;
+    /// a slot whose owner cannot be probed (out of fds) is left alone.
+    fn remove_dead(&mut self) {
         let mut rules: Vec<(Band, DumpedRule)> = Vec::new();
         let mut routes = Vec::new();
         for f in [IpFamily::V4, IpFamily::V6] {
@@ -502,18 +599,10 @@ impl SourceIp {
             .collect();
         slots.sort_unstable();
         slots.dedup();
-        let mut others_alive = false;
         for slot in slots {
             let band = Band { slot };
-            let dead = band == self.band
-                || match claim(&self.names.owner(band.table())) {
-                    Ok(Some(_probe)) => true, // freed again when _probe drops
-                    Ok(None) => {
-                        others_alive = true;
-                        false
-                    }
-                    Err(_) => false,
-                };
+            let dead =
+                band == self.band || matches!(claim(&self.names.owner(band.table())), Ok(Some(_)));
             if dead {
                 if band != self.band {
                     tracing::info!(table = band.table(), "removing what a dead helper left");
@@ -526,33 +615,42 @@ impl SourceIp {
                 }
             }
         }
-        others_alive
     }
 
-    /// The last helper out writes back the 0 recorded by the marker.
-    fn restore_fwmark_accept_if_last(&mut self) -> bool {
-        if self.remove_dead() {
-            return false;
-        }
-        let has_marker = self
-            .net
-            .rules(IpFamily::V4)
-            .unwrap_or_default()
-            .iter()
-            .any(|d| d.rule.as_ref() == Some(&marker()));
-        if has_marker {
-            let _ = self.net.set_tcp_fwmark_accept(false);
-            let _ = self.net.del_rule(&marker());
-        }
-        true
+    /// Whether another helper lives in this netns: any other slot's owner name taken
+    /// (or not probeable, which counts as taken).
+    fn others_alive(&self) -> bool {
+        (0..SLOTS)
+            .filter(|s| *s != self.band.slot)
+            .any(|s| !matches!(claim(&self.names.owner(TABLE_BASE + s)), Ok(Some(_))))
     }
 
-    /// Remove our own rules (flows included) and routes, then the marker if we are
-    /// the last; the caller holds the lock.
-    fn teardown_locked(&mut self) {
-        // Our slot counts as dead here: everything of it goes.
-        self.flows.clear();
-        self.restore_fwmark_accept_if_last();
+    /// The last helper out writes back the 0s recorded by the markers.
+    fn restore_sysctls_if_last(&mut self) {
+        let lock = match NetnsLock::take(&self.names) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "sysctls left on: the netns lock was not to be had");
+                return;
+            }
+        };
+        if self.others_alive() {
+            return;
+        }
+        let rules = self.net.rules(IpFamily::V4).unwrap_or_default();
+        for (which, table) in Sysctl::ALL.into_iter().zip(MARKERS) {
+            if !rules
+                .iter()
+                .any(|d| d.rule.as_ref() == Some(&marker(table)))
+            {
+                continue;
+            }
+            // A failed write keeps the marker, so that a later helper tries again.
+            if self.net.set_sysctl(which, false).is_ok() {
+                let _ = self.net.del_rule(&marker(table));
+            }
+        }
+        drop(lock);
     }
 
     /// Whether connections of this family can keep their source address.
@@ -562,7 +660,7 @@ impl SourceIp {
 
     /// Whether UDP flows of this family can keep their source address.
     pub fn supports_udp(&self, family: IpFamily) -> bool {
-        self.udp == Some(family) && self.supports(family)
+        self.udp.contains(&family) && self.supports(family)
     }
 
     /// The mark our TCP sockets carry.
@@ -572,17 +670,23 @@ impl SourceIp {
 
     /// Divert the container's replies on one UDP flow (client <-> container port)
     /// to our socket bound to `client`. `false`: the flow must use an ordinary socket
-    /// (the same pair is kept already, e.g. two published ports to one container port,
-    /// or the rule could not be added).
+    /// (the same pair is kept already, e.g. two published ports to one container port;
+    /// a port the kernel cannot match, 65535; or the rule could not be added).
     pub fn add_udp_flow(&mut self, client: SocketAddr, container_port: u16) -> bool {
         let family = IpFamily::of(client.ip());
-        if !self.supports_udp(family) || self.flows.contains(&(client, container_port)) {
+        if !self.supports_udp(family)
+            || client.port() == u16::MAX
+            || client.port() == 0
+            || container_port == u16::MAX
+            || self.flows.contains(&(client, container_port))
+        {
             return false;
         }
         let bucket = bucket_of(client.port());
-        if self.buckets[bucket] == 0 {
+        let count = &self.buckets[fam_index(family)][bucket];
+        if *count == 0 {
             // The end first, then the gate: a gate never jumps to a bucket without one.
-            let (gate, end) = self.bucket_rules(family, bucket);
+            let (gate, end) = self.band.bucket_rules(family, bucket);
             if let Err(e) = self.net.add_rule(&end) {
                 tracing::debug!(error = %e, bucket, "UDP bucket end rule not added");
                 return false;
@@ -599,12 +703,12 @@ impl SourceIp {
         match self.net.append_rule(&rule) {
             Ok(()) => {
                 self.flows.insert((client, container_port));
-                self.buckets[bucket] += 1;
+                self.buckets[fam_index(family)][bucket] += 1;
                 true
             }
             Err(e) => {
                 tracing::debug!(error = %e, %client, "UDP flow rule not added");
-                if self.buckets[bucket] == 0 {
+                if self.buckets[fam_index(family)][bucket] == 0 {
                     self.remove_bucket(family, bucket);
                 }
                 false
@@ -615,40 +719,39 @@ impl SourceIp {
     /// The flow ended: its rule goes (and its bucket's, when it was the last).
     pub fn remove_udp_flow(&mut self, client: SocketAddr, container_port: u16) {
         if self.flows.remove(&(client, container_port)) {
+            let family = IpFamily::of(client.ip());
             let bucket = bucket_of(client.port());
             let rule = flow_rule(self.table, self.band.flows(bucket), client, container_port);
             let _ = self.net.del_rule(&rule);
-            self.buckets[bucket] = self.buckets[bucket].saturating_sub(1);
-            if self.buckets[bucket] == 0 {
-                self.remove_bucket(IpFamily::of(client.ip()), bucket);
+            let count = &mut self.buckets[fam_index(family)][bucket];
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.remove_bucket(family, bucket);
             }
         }
     }
 
     /// The gate first, then the end: a gate never jumps to a bucket without one.
     fn remove_bucket(&mut self, family: IpFamily, bucket: usize) {
-        let (gate, end) = self.bucket_rules(family, bucket);
+        let (gate, end) = self.band.bucket_rules(family, bucket);
         let _ = self.net.del_rule(&gate);
         let _ = self.net.del_rule(&end);
     }
 
-    /// The child IP changed: the routes take it as preferred source. (UDP flows to the
-    /// old target are dropped by their ports as their next datagram arrives.)
+    /// The child IP changed: the routes take it as preferred source. Nothing else
+    /// changes: the rules serve either family, and a child IP that is not usable
+    /// (none, loopback) only means new connections are not kept until the next reload.
+    /// (UDP flows to the old target are dropped by their ports as their next datagram
+    /// arrives.)
     pub fn reload(&mut self, child_ip: Option<IpAddr>) {
         let child = match usable_child(child_ip) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "client addresses not kept after reload");
-                self.families.clear();
-                self.udp = None;
+                tracing::info!(error = %e, "client addresses not kept until the next reload");
                 return;
             }
         };
         self.child = child;
-        if self.udp.is_some_and(|f| f != IpFamily::of(child)) {
-            tracing::warn!("UDP client addresses not kept after a reload to another family");
-            self.udp = None;
-        }
         for family in self.families.clone() {
             let _ = self.net.del_local_default(family, self.table);
             let prefsrc = (IpFamily::of(child) == family).then_some(child);
@@ -662,13 +765,21 @@ impl SourceIp {
 
 impl Drop for SourceIp {
     fn drop(&mut self) {
-        // Without the lock (another helper stuck mid-setup) we still remove our own.
-        let lock = NetnsLock::take(&self.names);
-        if let Err(e) = &lock {
-            tracing::warn!(error = %e, "tearing down without the netns lock");
+        // Our own rules and routes need no lock: nobody else touches them.
+        let band = self.band;
+        for f in [IpFamily::V4, IpFamily::V6] {
+            for d in self.net.rules(f).unwrap_or_default() {
+                if d.rule.as_ref().and_then(Band::owning) == Some(band) {
+                    let _ = self.net.del_dumped_rule(&d);
+                }
+            }
+            let table = self.table;
+            for r in self.net.routes_in(f, table..table + 1).unwrap_or_default() {
+                let _ = self.net.del_route(&r);
+            }
         }
-        self.teardown_locked();
-        drop(lock);
+        self.flows.clear();
+        self.restore_sysctls_if_last();
     }
 }
 
@@ -676,11 +787,11 @@ fn bucket_of(client_port: u16) -> usize {
     (u32::from(client_port) / BUCKET_PORTS) as usize
 }
 
-/// `fwmark MARKER lookup MARKER`: an empty table, so it routes nothing.
-fn marker() -> Rule {
+/// `fwmark M lookup M` for the marker table `M`: an empty table, so it routes nothing.
+fn marker(table: u32) -> Rule {
     Rule {
-        fwmark: Some((MARKER, u32::MAX)),
-        ..Rule::to_table(IpFamily::V4, PRIORITY, MARKER)
+        fwmark: Some((table, u32::MAX)),
+        ..Rule::to_table(IpFamily::V4, MARKER_PRIORITY, table)
     }
 }
 
@@ -799,48 +910,79 @@ mod tests {
     #[test]
     fn bands_own_only_their_own_rules() {
         let band = Band { slot: 7 };
-        assert_eq!(band.gates(), 100 + 7 * 136);
-        assert_eq!(band.tcp(), band.gates() + 132);
-        assert!(band.tcp() < band.gates() + BAND);
-        let tcp = Rule {
-            fwmark: Some((band.table(), u32::MAX)),
-            ..Rule::to_table(IpFamily::V4, band.tcp(), band.table())
-        };
-        assert_eq!(Band::owning(&tcp), Some(band));
-        let skip = Rule {
-            goto: Some(band.tcp()),
-            ..Rule::to_table(IpFamily::V4, band.skip(), 0)
-        };
-        assert_eq!(Band::owning(&skip), Some(band));
-        let flow = flow_rule(
-            band.table(),
-            band.flows(0),
-            "192.0.2.2:5".parse().unwrap(),
-            53,
-        );
-        assert_eq!(Band::owning(&flow), Some(band));
-        // Someone else's rules at a priority inside a band are not ours.
-        let g = band.gates();
+        let f = IpFamily::V4;
+        assert_eq!(band.anchor(), BAND_BASE + 7 * 136);
+        assert_eq!(band.end(), band.anchor() + 131);
+        assert!(band.end() < Band { slot: 8 }.anchor());
+        assert!(Band { slot: SLOTS - 1 }.end() > BAND_BASE);
+        for b in [0, 5, BUCKETS - 1] {
+            assert_eq!(band.bucket_at(band.flows(b)), Some(b));
+            assert_eq!(band.bucket_at(band.bucket_end(b)), None);
+            let (gate, end) = band.bucket_rules(f, b);
+            assert_eq!(Band::owning(&gate), Some(band), "{gate:?}");
+            assert_eq!(Band::owning(&end), Some(band), "{end:?}");
+        }
+        let ours = [
+            band.mark_rule(f, FRONT),
+            band.mark_rule(IpFamily::V6, FRONT),
+            band.mark_rule(f, band.anchor()),
+            band.mark_rule(f, band.end()),
+            band.skip_rule(f, band.bucket_skip()),
+            front_gate(band, (53, 53)),
+            flow_rule(
+                band.table(),
+                band.flows(0),
+                "192.0.2.2:5".parse().unwrap(),
+                53,
+            ),
+        ];
+        for r in &ours {
+            assert_eq!(Band::owning(r), Some(band), "{r:?}");
+        }
+        // Someone else's rules at our priorities, or jumping into a band, are not ours:
+        // not a plain lookup of another table, not a goto between two priorities of
+        // one band, not our mark rule at a priority we never use.
+        let a = band.anchor();
+        let foreign = [
+            Rule::to_table(f, a + 2, 254),
+            Rule::to_table(f, FRONT, 254),
+            Rule {
+                goto: Some(a + 10),
+                ..Rule::to_table(f, a + 1, 0)
+            },
+            Rule {
+                goto: Some(410),
+                ..Rule::to_table(f, 400, 0)
+            },
+            Rule {
+                goto: Some(a + 5),
+                ..Rule::to_table(f, 100, 0)
+            },
+            Rule {
+                goto: Some(a),
+                ..Rule::to_table(f, 7, 0)
+            },
+            band.mark_rule(f, a + 7),
+            Rule::to_table(f, band.end(), TABLE_BASE + 8),
+            marker(MARKERS[0]),
+        ];
+        for r in &foreign {
+            assert_eq!(Band::owning(r), None, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn port_ranges_the_kernel_accepts() {
+        assert_eq!(rule_ports(0, 1023), Some((1, 1023)));
+        assert_eq!(rule_ports(64512, 65535), Some((64512, 65534)));
+        assert_eq!(rule_ports(65535, 65535), None);
+        assert_eq!(rule_ports(53, 53), Some((53, 53)));
+        let band = Band { slot: 0 };
+        assert_eq!(band.bucket_rules(IpFamily::V4, 0).0.dport, Some((1, 1023)));
         assert_eq!(
-            Band::owning(&Rule::to_table(IpFamily::V4, g + 2, 254)),
-            None
+            band.bucket_rules(IpFamily::V4, BUCKETS - 1).0.dport,
+            Some((64512, 65534))
         );
-        let foreign_goto = Rule {
-            goto: Some(32000),
-            ..Rule::to_table(IpFamily::V4, g + 1, 0)
-        };
-        assert_eq!(Band::owning(&foreign_goto), None);
-        // Another slot's table at our priority is not ours either.
-        assert_eq!(
-            Band::owning(&Rule::to_table(IpFamily::V4, g + 132, TABLE_BASE + 8)),
-            None
-        );
-        assert_eq!(
-            Band::owning(&Rule::to_table(IpFamily::V4, 99, MARKER)),
-            None
-        );
-        // The last band ends before the main table's rule.
-        assert!(Band { slot: SLOTS - 1 }.tcp() < 32766);
     }
 
     #[test]
@@ -906,26 +1048,34 @@ mod tests {
     }
 
     fn tcp_rule(family: IpFamily, band: Band) -> Rule {
-        Rule {
-            fwmark: Some((band.table(), u32::MAX)),
-            ..Rule::to_table(family, band.tcp(), band.table())
-        }
+        band.mark_rule(family, FRONT)
     }
 
-    fn gate(band: Band, (a, b): (u16, u16)) -> Rule {
+    fn front_gate(band: Band, ports: (u16, u16)) -> Rule {
+        front_gate_in(IpFamily::V4, band, ports)
+    }
+
+    fn front_gate_in(family: IpFamily, band: Band, (a, b): (u16, u16)) -> Rule {
         Rule {
-            goto: Some(band.bucket_gates()),
+            goto: Some(band.anchor()),
             ip_proto: Some(17),
             sport: Some((a, b)),
-            ..Rule::to_table(IpFamily::V4, band.gates(), 0)
+            ..Rule::to_table(family, FRONT, 0)
         }
     }
 
-    fn skip(band: Band) -> Rule {
-        Rule {
-            goto: Some(band.tcp()),
-            ..Rule::to_table(IpFamily::V4, band.skip(), 0)
-        }
+    /// The band's fixed UDP rules of one family: end, skip, anchor.
+    fn band_rules(family: IpFamily, band: Band) -> [Rule; 3] {
+        [
+            band.mark_rule(family, band.end()),
+            band.skip_rule(family, band.bucket_skip()),
+            band.mark_rule(family, band.anchor()),
+        ]
+    }
+
+    /// The three markers (every sysctl was 0).
+    fn markers() -> [Rule; 3] {
+        MARKERS.map(marker)
     }
 
     /// The flow rules (one host, lookup) of `after` that `before` did not have.
@@ -948,7 +1098,7 @@ mod tests {
     fn hazardous(rule: &Rule, band: Band) -> bool {
         let ports = rule.ip_proto.is_some() || rule.sport.is_some() || rule.dport.is_some();
         let catch_all = rule.dst.is_some() && rule.goto.is_none();
-        let open_gate = rule.priority == band.gates() && rule.goto.is_some();
+        let open_gate = rule.priority == FRONT && rule.goto.is_some() && band.slot < SLOTS;
         ports || catch_all || open_gate || rule.table == PROBE_TABLE
     }
 
@@ -1017,11 +1167,14 @@ mod tests {
         assert!(s.supports(IpFamily::V4) && s.supports(IpFamily::V6));
         assert_eq!(s.mark(), s.band.table());
         let after = net.fake.snapshot();
+        let [m0, m1, m2] = markers();
         assert_eq!(
             added(&before, &after),
             [
-                marker(),
                 tcp_rule(IpFamily::V4, s.band),
+                m0,
+                m1,
+                m2,
                 tcp_rule(IpFamily::V6, s.band)
             ],
             "{}",
@@ -1066,7 +1219,9 @@ mod tests {
             .fake
             .rules()
             .into_iter()
-            .filter(|r| hazardous(r, s.band) || r.priority == s.band.skip())
+            .filter(|r| {
+                hazardous(r, s.band) || (r.priority >= BAND_BASE && Band::owning(r) == Some(s.band))
+            })
             .collect();
         assert!(left.is_empty(), "{left:?}\n{}", net.fake.log());
         drop(s);
@@ -1074,7 +1229,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_skip_takes_the_gates_back() {
+    fn a_refused_band_rule_takes_the_udp_rules_back() {
         fn no_plain_gotos(r: &Rule) -> Option<i32> {
             (r.goto.is_some() && r.ip_proto.is_none()).then_some(libc::ENOSPC)
         }
@@ -1086,10 +1241,15 @@ mod tests {
         let (s, warned) = warnings(|| net.helper("ctr", CHILD, &udp()));
         let s = s.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(warned.len(), 1, "{warned:?}");
-        assert!(warned[0].contains("adding the UDP skip rule"), "{warned:?}");
+        assert!(
+            warned[0].contains("adding a rule of the UDP flows"),
+            "{warned:?}"
+        );
         assert!(!s.supports_udp(IpFamily::V4) && s.supports(IpFamily::V4));
-        let gate_added = format!("add {:?} -> ok", gate(s.band, (5000, 5010)));
-        assert!(net.fake.log().contains(&gate_added), "{}", net.fake.log());
+        let end = s.band.mark_rule(IpFamily::V4, s.band.end());
+        let end_added = format!("add {end:?} -> ok");
+        assert!(net.fake.log().contains(&end_added), "{}", net.fake.log());
+        assert!(!net.fake.rules().contains(&end), "{}", net.fake.log());
         let left: Vec<_> = net
             .fake
             .rules()
@@ -1112,7 +1272,9 @@ mod tests {
             parses: no_fwmark,
             ..Kernel::MODERN
         });
-        net.fake.preset_tcp_fwmark_accept(true);
+        for which in Sysctl::ALL {
+            net.fake.preset_sysctl(which, true);
+        }
         let before = net.fake.snapshot();
         let err = net.helper("ctr", CHILD, &udp()).err().expect("setup fails");
         assert!(
@@ -1130,26 +1292,22 @@ mod tests {
         let s = s.unwrap_or_else(|e| panic!("{e}"));
         assert!(warned.is_empty(), "{warned:?}");
         assert!(s.supports(IpFamily::V4) && s.supports(IpFamily::V6));
-        assert!(s.supports_udp(IpFamily::V4) && !s.supports_udp(IpFamily::V6));
+        assert!(s.supports_udp(IpFamily::V4) && s.supports_udp(IpFamily::V6));
         let band = s.band;
         let after = net.fake.snapshot();
-        assert_eq!(
-            added(&before, &after),
-            [
-                marker(),
-                gate(band, (53, 53)),
-                gate(band, (5000, 5010)),
-                skip(band),
-                Rule {
-                    priority: band.bucket_skip(),
-                    ..skip(band)
-                },
-                tcp_rule(IpFamily::V4, band),
-                tcp_rule(IpFamily::V6, band),
-            ],
-            "{}",
-            net.fake.log()
-        );
+        let mut expected = Vec::new();
+        for f in [IpFamily::V4, IpFamily::V6] {
+            expected.push(tcp_rule(f, band));
+            expected.push(front_gate_in(f, band, (53, 53)));
+            expected.push(front_gate_in(f, band, (5000, 5010)));
+            if f == IpFamily::V4 {
+                expected.extend(markers());
+            }
+            let [end, skip, anchor] = band_rules(f, band);
+            expected.extend([anchor, skip, end]);
+        }
+        assert_eq!(added(&before, &after), expected, "{}", net.fake.log());
+        assert!(after.tcp_fwmark_accept && after.fwmark_reflect == [true, true]);
         assert!(after.tcp_fwmark_accept);
         let child = CHILD.parse().ok();
         let ours: Vec<_> = after.routes.iter().filter(|r| r.table == s.table).collect();
@@ -1196,8 +1354,17 @@ mod tests {
         assert!(s.add_udp_flow(client(40000), 5001));
         assert!(s.add_udp_flow(client(40001), 53));
         assert_eq!(added_flows(&set_up, &net.fake.snapshot()).len(), 3);
-        // Another family than the child's: not kept.
-        assert!(!s.add_udp_flow("[2001:db8::2]:40000".parse().expect("addr"), 53));
+        // The other family is kept too (its gates are there for a reload to it).
+        assert!(s.add_udp_flow("[2001:db8::2]:40000".parse().expect("addr"), 53));
+        s.remove_udp_flow("[2001:db8::2]:40000".parse().expect("addr"), 53);
+        // Ports the kernel cannot match in a rule: an ordinary socket.
+        assert!(!s.add_udp_flow(client(65535), 53));
+        assert!(!s.add_udp_flow(client(40002), 65535));
+        // Ports at the edges of the first and last buckets are kept.
+        for p in [1, 999, 1023, 64512, 65534] {
+            assert!(s.add_udp_flow(client(p), 53), "client port {p}");
+            s.remove_udp_flow(client(p), 53);
+        }
 
         s.remove_udp_flow(client(40000), 53);
         assert_eq!(
@@ -1222,7 +1389,13 @@ mod tests {
         assert!(!before.tcp_fwmark_accept);
         let a = net.helper("a", CHILD, &[]).expect("setup");
         let b = net.helper("b", CHILD, &[]).expect("setup");
-        let markers = || net.fake.rules().iter().filter(|r| **r == marker()).count();
+        let markers = || {
+            net.fake
+                .rules()
+                .iter()
+                .filter(|r| **r == marker(MARKERS[0]))
+                .count()
+        };
         assert!(net.fake.snapshot().tcp_fwmark_accept);
         assert_eq!(markers(), 1);
         drop(a);
@@ -1238,7 +1411,7 @@ mod tests {
         net.fake.preset_tcp_fwmark_accept(true);
         let before = net.fake.snapshot();
         let a = net.helper("a", CHILD, &udp()).expect("setup");
-        assert!(!net.fake.rules().contains(&marker()));
+        assert!(!net.fake.rules().contains(&marker(MARKERS[0])));
         drop(a);
         assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
         assert!(net.fake.snapshot().tcp_fwmark_accept);
@@ -1268,8 +1441,8 @@ mod tests {
         });
         let before = net.fake.snapshot();
         let err = net.helper("ctr", CHILD, &udp()).err().expect("setup fails");
-        assert!(err.starts_with(FWMARK_ACCEPT), "{err}");
-        let marker_added = format!("add {:?} -> ok", marker());
+        assert!(err.starts_with(Sysctl::TcpFwmarkAccept.path()), "{err}");
+        let marker_added = format!("add {:?} -> ok", marker(MARKERS[0]));
         assert!(net.fake.log().contains(&marker_added), "{}", net.fake.log());
         assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
     }
@@ -1289,14 +1462,14 @@ mod tests {
         drop(s);
         assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
 
-        // An IPv6 child IP: TCP from IPv4 clients only, and no UDP (nor its probe).
+        // An IPv6 child IP: IPv4 only (for a reload to an IPv4 child), no IPv6 probe.
         let net = Netns::new(kernel);
         let before = net.fake.snapshot();
         let (s, warned) = warnings(|| net.helper("ctr", "fd00::100", &udp()));
         let s = s.expect("setup");
-        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned.is_empty(), "{warned:?}");
         assert!(s.supports(IpFamily::V4) && !s.supports(IpFamily::V6));
-        assert!(!s.supports_udp(IpFamily::V6) && !s.supports_udp(IpFamily::V4));
+        assert!(!s.supports_udp(IpFamily::V6) && s.supports_udp(IpFamily::V4));
         drop(s);
         assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
     }
@@ -1318,9 +1491,31 @@ mod tests {
         assert_eq!(v4.len(), 1);
         assert_eq!(v4[0].prefsrc, Some(new));
         assert!(s.supports_udp(IpFamily::V4));
+        // No child IP for a while (forwarding to the container's loopback, where no
+        // address is kept), then back: nothing was torn down on the way.
+        let set = net.fake.snapshot();
         s.reload(None);
-        assert!(!s.supports(IpFamily::V4) && !s.supports_udp(IpFamily::V4));
-        assert!(!s.add_udp_flow(client(40000), 53));
+        assert_eq!(net.fake.snapshot(), set);
+        assert!(s.supports(IpFamily::V4) && s.supports_udp(IpFamily::V4));
+        // To IPv6 and back: the routes follow, UDP stays kept in both families.
+        let v6: IpAddr = "fd00::100".parse().expect("addr");
+        s.reload(Some(v6));
+        let table = s.table;
+        let ours = |f| {
+            net.fake
+                .snapshot()
+                .routes
+                .into_iter()
+                .find(|r| r.table == table && r.family == f)
+                .map(|r| r.prefsrc)
+        };
+        assert_eq!(ours(IpFamily::V6), Some(Some(v6)));
+        assert_eq!(ours(IpFamily::V4), Some(None));
+        assert!(s.supports_udp(IpFamily::V6));
+        assert!(s.add_udp_flow("[2001:db8::2]:40000".parse().expect("addr"), 53));
+        s.reload(Some(new));
+        assert_eq!(ours(IpFamily::V4), Some(Some(new)));
+        assert!(s.add_udp_flow(client(40000), 53));
         drop(s);
         assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
     }
@@ -1340,14 +1535,15 @@ mod tests {
             let routes = routes.iter().filter(|r| r.table == band.table()).count();
             (rules, routes)
         };
-        // gates 2, skip 2, bucket gate and end, flow, tcp 2; routes 2
-        assert_eq!(of(dead), (9, 2));
+        // Per family: tcp, 2 front gates, anchor, skip, end; then the flow with its
+        // bucket's gate and end (IPv4); routes 2.
+        assert_eq!(of(dead), (15, 2));
 
         let mut live = net.helper("live", CHILD, &udp()).expect("setup");
         assert!(live.add_udp_flow(client(40000), 53));
         assert_eq!(of(dead), (0, 0), "the live helper's setup removed it");
         let live_band = live.band;
-        assert_eq!(of(live_band), (9, 2));
+        assert_eq!(of(live_band), (15, 2));
         // State of a slot whose owner is alive but not a SourceIp of ours here.
         let held = Band { slot: 200 };
         let owner = claim(&net.names.owner(held.table()))
@@ -1356,7 +1552,7 @@ mod tests {
         net.fake.insert_rule(tcp_rule(IpFamily::V4, held));
 
         let b = net.helper("b", CHILD, &udp()).expect("setup");
-        assert_eq!(of(live_band), (9, 2), "{}", net.fake.log());
+        assert_eq!(of(live_band), (15, 2), "{}", net.fake.log());
         assert_eq!(of(held), (1, 0));
         drop(b);
         drop(live);
@@ -1366,7 +1562,7 @@ mod tests {
             net.fake.snapshot().tcp_fwmark_accept,
             "a helper is still alive"
         );
-        assert!(net.fake.rules().contains(&marker()));
+        assert!(net.fake.rules().contains(&marker(MARKERS[0])));
 
         // Its owner dies: the next helper cleans up after it, and is the last one.
         drop(owner);
@@ -1383,20 +1579,30 @@ mod tests {
             .find(|id| slot_hash(id) == 7)
             .expect("an id of slot 7");
         let net = Netns::new(Kernel::MODERN);
-        // Band 7 starts at g, table TABLE_BASE + 7.
-        let g = Band { slot: 7 }.gates();
+        // Band 7 starts at g, table TABLE_BASE + 7; the user's own rules at its
+        // priorities, at the front door's, and jumping into it (as a reviewer's
+        // `pref 400 goto 410` did within one band of the old layout).
+        let g = Band { slot: 7 }.anchor();
         net.fake
             .insert_rule(Rule::to_table(IpFamily::V4, g + 2, 254));
         net.fake.insert_rule(Rule {
-            goto: Some(32000),
+            goto: Some(g + 40),
             ..Rule::to_table(IpFamily::V4, g + 1, 0)
         });
         net.fake
-            .insert_rule(Rule::to_table(IpFamily::V4, g + 132, TABLE_BASE + 8));
+            .insert_rule(Rule::to_table(IpFamily::V4, g + 131, TABLE_BASE + 8));
         net.fake.insert_rule(Rule {
             ip_proto: Some(17),
             sport: Some((53, 53)),
             ..Rule::to_table(IpFamily::V6, g, 254)
+        });
+        net.fake.insert_rule(Rule {
+            goto: Some(410),
+            ..Rule::to_table(IpFamily::V4, 400, 0)
+        });
+        net.fake.insert_rule(Rule {
+            goto: Some(g),
+            ..Rule::to_table(IpFamily::V4, FRONT, 0)
         });
         let before = net.fake.snapshot();
         let dead = net.killed_helper(&id, &[(client(40000), 53)]);

@@ -10,13 +10,17 @@
 //!
 //! - `ROOTLESSPORT_LOG`: which lines are written, in `tracing-subscriber`'s `EnvFilter`
 //!   syntax: `debug`, `info`, `rootlessport=debug`, `rootlessport::tcp=trace,warn`...
-//!   Default `warn`. A value that does not parse is replaced by the default, with one
-//!   warning line saying so.
+//!   Level words are `off`, `error`, `warn` (or `warning`), `info`, `debug`, `trace`,
+//!   in any case. Default `warn`. A value that does not parse, or a word in it that is
+//!   not a level (`degub`: `EnvFilter` alone would take it for a target and turn every
+//!   other line off), is replaced by the default, with one warning line saying so.
 //! - `ROOTLESSPORT_LOG_FILE`: a file the log goes to once the helper is ready (opened
 //!   when it starts, appended to, created with mode 0600). Its lines also carry a UTC
 //!   timestamp and the helper's pid (`2024-05-01T12:00:00.123456Z rootlessport[4242]:
-//!   info: ...`), as several helpers may share one file. If it cannot be opened, one
-//!   warning line says so before ready and the helper carries on as without it.
+//!   info: ...`), as several helpers may share one file. Only a regular file is taken
+//!   (a FIFO, socket, directory or device is refused, and opening never blocks). If it
+//!   cannot be opened, one warning line says so before ready and the helper carries on
+//!   as without it.
 //!
 //! Where stderr goes once ready: to `ROOTLESSPORT_LOG_FILE` when set; otherwise a
 //! regular file or a terminal is kept (an engine's log file, a person running the
@@ -180,13 +184,18 @@ mod logging {
 
     /// Install the subscriber: stderr, filter from `ROOTLESSPORT_LOG`.
     pub(super) fn init() {
-        let wanted = std::env::var("ROOTLESSPORT_LOG")
-            .ok()
-            .filter(|v| !v.trim().is_empty());
-        let (filter, invalid) = match wanted.as_deref().map(EnvFilter::try_new) {
-            None => (EnvFilter::new(DEFAULT_FILTER), None),
-            Some(Ok(f)) => (f, None),
-            Some(Err(e)) => (EnvFilter::new(DEFAULT_FILTER), Some(e)),
+        let wanted = std::env::var("ROOTLESSPORT_LOG").ok();
+        let parsed = match wanted.as_deref().map(directives) {
+            None | Some(Ok(None)) => Ok(None),
+            Some(Ok(Some(dirs))) => EnvFilter::try_new(dirs)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            Some(Err(reason)) => Err(reason),
+        };
+        let (filter, invalid) = match parsed {
+            Ok(Some(f)) => (f, None),
+            Ok(None) => (EnvFilter::new(DEFAULT_FILTER), None),
+            Err(e) => (EnvFilter::new(DEFAULT_FILTER), Some(e)),
         };
         let _ = tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
@@ -202,22 +211,85 @@ mod logging {
         }
     }
 
+    /// `ROOTLESSPORT_LOG` as `EnvFilter` directives. `Ok(None)` for an empty value (the
+    /// default, said nothing about); `Err` says why the value is refused.
+    ///
+    /// Each comma-separated entry is a level word (any case, `warning` for `warn`, or
+    /// `EnvFilter`'s `0`..`5`), or a `target=level` / `target[span]=level` form (its
+    /// level word taken the same way) or a span form, left to `EnvFilter` to check. A
+    /// bare word that is not a level is refused: `EnvFilter` would take `degub` for a
+    /// target name and turn every other line, warnings included, off.
+    pub(super) fn directives(value: &str) -> Result<Option<String>, String> {
+        fn level(word: &str) -> Option<&'static str> {
+            const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+            if word.eq_ignore_ascii_case("warning") {
+                return Some("warn");
+            }
+            let numeric = ["0", "1", "2", "3", "4", "5"]
+                .iter()
+                .position(|n| *n == word);
+            numeric
+                .or_else(|| LEVELS.iter().position(|l| l.eq_ignore_ascii_case(word)))
+                .map(|i| LEVELS[i])
+        }
+        let mut out = Vec::new();
+        for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            if let Some(l) = level(entry) {
+                out.push(l.to_string());
+            } else if let Some((head, tail)) = entry.rsplit_once('=') {
+                match level(tail.trim()) {
+                    Some(l) => out.push(format!("{}={l}", head.trim_end())),
+                    None => out.push(entry.to_string()),
+                }
+            } else if entry.contains('[') {
+                out.push(entry.to_string());
+            } else {
+                return Err(format!(
+                    "{entry:?} is not a level (off, error, warn, info, debug, trace) \
+                     nor target=level"
+                ));
+            }
+        }
+        Ok((!out.is_empty()).then(|| out.join(",")))
+    }
+
     /// Open `ROOTLESSPORT_LOG_FILE`, if set; a failure is one warning line, never an
-    /// error of the helper.
+    /// error of the helper. Only a regular file is taken, and the open never blocks (a
+    /// FIFO nobody reads would otherwise hold the helper before ready).
     pub(super) fn open_file() -> Option<File> {
         let path = std::env::var_os("ROOTLESSPORT_LOG_FILE").filter(|p| !p.is_empty())?;
-        match std::fs::OpenOptions::new()
+        let not_regular = || "not a regular file".to_string();
+        let opened = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o600)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
-        {
+            .map_err(|e| {
+                // A FIFO without a reader, a socket (ENXIO), a directory: say what it is.
+                match std::fs::metadata(&path) {
+                    Ok(m) if !m.is_file() => not_regular(),
+                    _ => errno_text(&e),
+                }
+            })
+            .and_then(|f| match f.metadata() {
+                Ok(m) if m.is_file() => Ok(f),
+                Ok(_) => Err(not_regular()),
+                Err(e) => Err(errno_text(&e)),
+            })
+            .and_then(|f| {
+                use nix::fcntl::{fcntl, FcntlArg, OFlag};
+                let flags = fcntl(&f, FcntlArg::F_GETFL).map_err(|e| errno_text(&e.into()))?;
+                let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+                fcntl(&f, FcntlArg::F_SETFL(flags)).map_err(|e| errno_text(&e.into()))?;
+                Ok(f)
+            });
+        match opened {
             Ok(f) => Some(f),
-            Err(e) => {
+            Err(reason) => {
                 tracing::warn!(
-                    "cannot open ROOTLESSPORT_LOG_FILE {}: {}; logging as without it",
+                    "cannot open ROOTLESSPORT_LOG_FILE {}: {reason}; logging as without it",
                     Path::new(&path).display(),
-                    errno_text(&e)
                 );
                 None
             }
@@ -302,5 +374,79 @@ mod logging {
             ctx.format_fields(w.by_ref(), event)?;
             writeln!(w)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logging::directives;
+
+    #[test]
+    fn level_words_any_case_and_warning() {
+        assert_eq!(directives("warning"), Ok(Some("warn".into())));
+        assert_eq!(directives("WARN"), Ok(Some("warn".into())));
+        assert_eq!(directives("Warning"), Ok(Some("warn".into())));
+        assert_eq!(directives("Debug"), Ok(Some("debug".into())));
+        assert_eq!(directives("off"), Ok(Some("off".into())));
+        assert_eq!(directives(" trace "), Ok(Some("trace".into())));
+        assert_eq!(directives("4"), Ok(Some("debug".into())));
+    }
+
+    #[test]
+    fn bare_word_not_a_level_is_refused() {
+        let e = directives("degub").unwrap_err();
+        assert!(e.contains("\"degub\""), "{e}");
+        assert!(directives("info,degub").is_err());
+        assert!(directives("rootlessport").is_err());
+        assert!(directives("6").is_err());
+    }
+
+    #[test]
+    fn target_forms() {
+        assert_eq!(
+            directives("rootlessport=debug"),
+            Ok(Some("rootlessport=debug".into()))
+        );
+        assert_eq!(
+            directives("rootlessport::udp=trace,warn"),
+            Ok(Some("rootlessport::udp=trace,warn".into()))
+        );
+        assert_eq!(
+            directives("rootlessport::tcp=Warning, INFO"),
+            Ok(Some("rootlessport::tcp=warn,info".into()))
+        );
+        assert_eq!(
+            directives("rootlessport[conn]=debug"),
+            Ok(Some("rootlessport[conn]=debug".into()))
+        );
+        // An unknown level after `=` is left to EnvFilter, which refuses it.
+        assert_eq!(
+            directives("rootlessport=degub"),
+            Ok(Some("rootlessport=degub".into()))
+        );
+    }
+
+    #[test]
+    fn empty_is_the_default() {
+        assert_eq!(directives(""), Ok(None));
+        assert_eq!(directives("  "), Ok(None));
+        assert_eq!(directives(","), Ok(None));
+    }
+
+    #[test]
+    fn every_accepted_value_builds_a_filter() {
+        use tracing_subscriber::EnvFilter;
+        for v in [
+            "warning",
+            "WARN",
+            "rootlessport=debug",
+            "rootlessport::udp=trace,warn",
+            "rootlessport::tcp=Warning, INFO",
+            "rootlessport[conn]=debug",
+        ] {
+            let d = directives(v).unwrap().unwrap();
+            assert!(EnvFilter::try_new(&d).is_ok(), "{v} -> {d}");
+        }
+        assert!(EnvFilter::try_new("rootlessport=degub").is_err());
     }
 }
