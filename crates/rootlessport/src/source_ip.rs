@@ -21,12 +21,11 @@
 //!   that one 4-tuple (its replies to that client) are diverted; a sibling's query, a
 //!   peer the container starts talking to from its published port, or its own lookups
 //!   from a published range keep their normal route.
-//! - The rules that let our packets in (the "front door": the TCP rule, and one gate
-//!   per published UDP range that jumps to the flow rules) sit at priority 0, right
-//!   after the `local` rule, so that rules the container adds later without a priority
-//!   (the kernel puts those just before the second rule: a VPN's `not fwmark ... table
-//!   ...`) cannot take our replies away. Everything else of ours sits after the
-//!   `main` and `default` rules, where nothing but our own jumps ever leads.
+//! - Every rule sits in the helper's band of priorities, before `main`; a band that
+//!   holds a rule of anyone else is not taken, and every jump lands inside the band.
+//!   Rules the container adds later without a priority land before ours (the kernel
+//!   puts them just before the second rule, and their order must stay as it is), so a
+//!   container that routes everything elsewhere by policy takes our replies with it.
 //!
 //! # Ownership, death and sharing
 //!
@@ -73,21 +72,21 @@ use crate::routing::{NetnsRouting, RoutingOps, Sysctl};
 
 /// First table (and mark) of the range our helpers use: "RLP" and 0x5000.
 pub const TABLE_BASE: u32 = 0x524c_5000;
-/// Slots in the range: at most this many helpers keep addresses in one netns.
-pub const SLOTS: u32 = 4096;
+/// Slots in the range: at most this many helpers keep addresses in one netns (their
+/// bands fill the priorities up to the main table's rule).
+pub const SLOTS: u32 = 240;
 /// The markers' tables and marks, one per [`Sysctl`] (just below the range; nothing
 /// is ever routed by them).
 pub const MARKERS: [u32; 3] = [TABLE_BASE - 1, TABLE_BASE - 3, TABLE_BASE - 4];
 /// The probe rule's table (empty: a probe rule routes nothing, whatever was stored).
 const PROBE_TABLE: u32 = TABLE_BASE - 2;
-/// The front door's priority: with the `local` rule, before anything else.
-pub const FRONT: u32 = 0;
-/// The markers' and the probe's priority: after the bands' start is not needed, only
-/// after `main` and `default` (32766, 32767), so they never change where a rule added
-/// without a priority lands.
+/// The markers' and the probe's priority: after `main` and `default` (32766, 32767),
+/// where they route nothing and never change where the kernel puts a rule added
+/// without a priority (just before the second rule).
 pub const MARKER_PRIORITY: u32 = 99_999;
-/// Each slot's band of [`BAND`] priorities starts at `BAND_BASE + BAND * slot`.
-pub const BAND_BASE: u32 = 100_000;
+/// Each slot's band of [`BAND`] priorities starts at `BAND_BASE + BAND * slot`, all
+/// before the main table's rule (32766).
+pub const BAND_BASE: u32 = 100;
 const BAND: u32 = 136;
 /// Kept UDP flows are sorted into buckets by client port, 1,024 ports each, so that a
 /// datagram from a published port walks the flow rules of one bucket, not all.
@@ -186,90 +185,91 @@ fn rule_ports(first: u32, last: u32) -> Option<(u16, u16)> {
     (a <= b).then_some((a as u16, b as u16))
 }
 
-/// One slot's rules. The front door, at priority [`FRONT`]:
-///
-/// | rule | |
-/// |---|---|
-/// | `fwmark MARK lookup TABLE` | TCP, both families |
-/// | `ipproto udp sport A-B goto ANCHOR` | one per published UDP range and family |
-///
-/// and the band, from `BAND_BASE + BAND * slot`, per UDP family:
+/// One slot's band of rule priorities, per family:
 ///
 /// | priority | rule | |
 /// |---|---|---|
-/// | +0 ANCHOR | `fwmark MARK lookup TABLE` | what the gates jump to (never unresolved) |
-/// | +1 | `ipproto udp dport P-Q goto +3+2b` | one per bucket holding flows |
-/// | +2 | `goto END` | a client port whose bucket is empty |
-/// | +3+2b | `to CLIENT ipproto udp sport S dport D lookup TABLE` | the flows of bucket b |
-/// | +4+2b | `goto END` | the end of bucket b |
-/// | +131 END | `fwmark MARK lookup TABLE` | |
+/// | +0 | `ipproto udp sport A-B goto +2` | one gate per published UDP range |
+/// | +1 | `goto TCP` | what no gate let in skips every flow rule |
+/// | +2 | `ipproto udp dport P-Q goto +4+2b` | one per bucket holding flows |
+/// | +3 | `goto TCP` | a client port whose bucket is empty |
+/// | +4+2b | `to CLIENT ipproto udp sport S dport D lookup TABLE` | the flows of bucket b |
+/// | +5+2b | `goto TCP` | the end of bucket b |
+/// | TCP = +132 | `fwmark MARK lookup TABLE` | |
 ///
-/// A packet that is not UDP from a published port meets one front-door rule per
-/// published range and none of the band; one that is walks the bucket gates and one
-/// bucket's flows. (A packet with no route in `main` or `default` walks on into the
-/// bands; it only meets exact rules of ours, and was unroutable anyway.)
+/// A packet that is not UDP from a published port meets one rule per published range,
+/// the skip and the TCP rule; one that is walks the bucket gates and one bucket's
+/// flows. Every jump lands inside the band, and a band is only taken when no rule of
+/// anyone else lies in it, so no jump passes over a rule that is not ours (one added
+/// later inside a live band would be; see the README's limits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Band {
     slot: u32,
 }
 
 impl Band {
-    /// The band a table number belongs to.
-    fn of_table(table: u32) -> Option<Band> {
-        let slot = table.checked_sub(TABLE_BASE)?;
-        (slot < SLOTS).then_some(Band { slot })
-    }
     /// The band a priority lies in.
     fn of_priority(priority: u32) -> Option<Band> {
         let slot = priority.checked_sub(BAND_BASE)? / BAND;
         (slot < SLOTS).then_some(Band { slot })
     }
-    fn anchor(self) -> u32 {
+    fn gates(self) -> u32 {
         BAND_BASE + BAND * self.slot
     }
+    fn skip(self) -> u32 {
+        self.gates() + 1
+    }
     fn bucket_gates(self) -> u32 {
-        self.anchor() + 1
+        self.gates() + 2
     }
     fn bucket_skip(self) -> u32 {
-        self.anchor() + 2
+        self.gates() + 3
     }
     fn flows(self, bucket: usize) -> u32 {
-        self.anchor() + 3 + 2 * bucket as u32
+        self.gates() + 4 + 2 * bucket as u32
     }
     fn bucket_end(self, bucket: usize) -> u32 {
         self.flows(bucket) + 1
     }
-    fn end(self) -> u32 {
+    fn tcp(self) -> u32 {
         self.bucket_end(BUCKETS - 1) + 1
     }
     fn table(self) -> u32 {
         TABLE_BASE + self.slot
     }
-    #[cfg(test)]
     fn contains(self, priority: u32) -> bool {
-        (self.anchor()..=self.end()).contains(&priority)
+        (self.gates()..=self.tcp()).contains(&priority)
     }
     /// The bucket whose flow rules sit at `priority`, if any.
     fn bucket_at(self, priority: u32) -> Option<usize> {
         let off = priority.checked_sub(self.flows(0))?;
         (off % 2 == 0 && (off / 2) < BUCKETS as u32).then_some((off / 2) as usize)
     }
-    /// `fwmark MARK lookup TABLE` at `priority`: the TCP rule, the anchor and the end.
-    fn mark_rule(self, family: IpFamily, priority: u32) -> Rule {
+    /// `fwmark MARK lookup TABLE`: the TCP rule.
+    fn tcp_rule(self, family: IpFamily) -> Rule {
         Rule {
             fwmark: Some((self.table(), u32::MAX)),
-            ..Rule::to_table(family, priority, self.table())
+            ..Rule::to_table(family, self.tcp(), self.table())
         }
     }
-    /// An unconditional `goto END` at `priority`.
+    /// An unconditional `goto TCP` at `priority`.
     fn skip_rule(self, family: IpFamily, priority: u32) -> Rule {
         Rule {
-            goto: Some(self.end()),
+            goto: Some(self.tcp()),
             ..Rule::to_table(family, priority, 0)
         }
     }
+    /// `ipproto udp sport A-B goto BUCKET_GATES`.
+    fn gate(self, family: IpFamily, ports: (u16, u16)) -> Rule {
+        Rule {
+            goto: Some(self.bucket_gates()),
+            ip_proto: Some(libc::IPPROTO_UDP as u8),
+            sport: Some(ports),
+            ..Rule::to_table(family, self.gates(), 0)
+        }
+    }
     /// The gate of `bucket` (`ipproto udp dport P-Q goto FLOWS(b)`) and the rule
-    /// ending its flows; `None` for a bucket no valid client port falls in.
+    /// ending its flows.
     fn bucket_rules(self, family: IpFamily, bucket: usize) -> (Rule, Rule) {
         let first = bucket as u32 * BUCKET_PORTS;
         let gate = Rule {
@@ -282,55 +282,49 @@ impl Band {
     }
 
     /// The slot a dumped rule belongs to: only a rule with exactly one of the shapes
-    /// we add, for that slot, is taken for ours (a rule someone else put at one of our
-    /// priorities, or jumping into a band, never is).
+    /// we add, at its place in that slot's band, is taken for ours (a rule someone
+    /// else put at one of our priorities, or jumping into a band, never is).
     fn owning(rule: &Rule) -> Option<Band> {
         let udp = Some(libc::IPPROTO_UDP as u8);
-        let plain = rule.dst.is_none() && rule.fwmark.is_none();
-        match rule.goto {
+        let band = Band::of_priority(rule.priority)?;
+        let bare = rule.dst.is_none()
+            && rule.fwmark.is_none()
+            && rule.ip_proto.is_none()
+            && rule.sport.is_none()
+            && rule.dport.is_none();
+        let ours = match rule.goto {
             None => {
-                let band = Band::of_table(rule.table)?;
-                let marked = rule.fwmark == Some((band.table(), u32::MAX))
-                    && rule.dst.is_none()
-                    && rule.ip_proto.is_none()
-                    && rule.sport.is_none()
-                    && rule.dport.is_none();
-                let at_mark = rule.priority == FRONT
-                    || rule.priority == band.anchor()
-                    || rule.priority == band.end();
+                let tcp = *rule == band.tcp_rule(rule.family);
                 let flow = band.bucket_at(rule.priority).is_some()
+                    && rule.table == band.table()
                     && rule.dst.is_some()
                     && rule.fwmark.is_none()
                     && rule.ip_proto == udp
                     && rule.sport.is_some()
                     && rule.dport.is_some();
-                ((marked && at_mark) || flow).then_some(band)
+                tcp || flow
             }
             Some(target) => {
-                let band = Band::of_priority(target)?;
-                let front_gate = rule.priority == FRONT
-                    && target == band.anchor()
-                    && plain
+                let gate = rule.priority == band.gates()
+                    && target == band.bucket_gates()
                     && rule.ip_proto == udp
                     && rule.sport.is_some()
+                    && rule.dst.is_none()
+                    && rule.fwmark.is_none()
                     && rule.dport.is_none();
                 let bucket_gate = rule.priority == band.bucket_gates()
                     && band
                         .bucket_at(target)
-                        .is_some_and(|b| band.bucket_rules(rule.family, b).0.dport == rule.dport)
-                    && plain
-                    && rule.ip_proto == udp
-                    && rule.sport.is_none();
-                let skip = target == band.end()
-                    && (rule.priority == band.bucket_skip()
-                        || band.bucket_at(rule.priority.wrapping_sub(1)).is_some())
-                    && plain
-                    && rule.ip_proto.is_none()
-                    && rule.sport.is_none()
-                    && rule.dport.is_none();
-                (front_gate || bucket_gate || skip).then_some(band)
+                        .is_some_and(|b| band.bucket_rules(rule.family, b).0 == *rule);
+                let skip = target == band.tcp()
+                    && bare
+                    && (rule.priority == band.skip()
+                        || rule.priority == band.bucket_skip()
+                        || band.bucket_at(rule.priority.wrapping_sub(1)).is_some());
+                gate || bucket_gate || skip
             }
-        }
+        };
+        ours.then_some(band)
     }
 }
 
@@ -385,15 +379,31 @@ impl SourceIp {
         child: IpAddr,
         udp_ranges: Vec<(u16, u16)>,
     ) -> Result<SourceIp, String> {
+        let mut net = net;
         let first = slot_hash(container_id);
         let (table, owner) = (0..SLOTS)
             .map(|i| TABLE_BASE + (first + i) % SLOTS)
             .find_map(|t| match claim(&names.owner(t)) {
-                Ok(Some(fd)) => Some(Ok((t, fd))),
-                Ok(None) => None,
+                // A band with someone else's rule in it is passed over: our jumps
+                // would skip that rule.
+                Ok(Some(fd))
+                    if band_is_free(
+                        &mut *net,
+                        Band {
+                            slot: t - TABLE_BASE,
+                        },
+                    ) =>
+                {
+                    Some(Ok((t, fd)))
+                }
+                Ok(_) => None,
                 Err(e) => Some(Err(format!("owner socket: {e}"))),
             })
-            .unwrap_or_else(|| Err(format!("all {SLOTS} slots of this netns are taken")))?;
+            .unwrap_or_else(|| {
+                Err(format!(
+                    "all {SLOTS} slots of this netns are taken (or hold rules of others)"
+                ))
+            })?;
         let mut s = SourceIp {
             net,
             names,
@@ -449,7 +459,7 @@ impl SourceIp {
         self.net
             .add_local_default(family, self.table, prefsrc)
             .map_err(|e| format!("adding the local route of table {}: {e}", self.table))?;
-        let rule = self.band.mark_rule(family, FRONT);
+        let rule = self.band.tcp_rule(family);
         self.net
             .add_rule(&rule)
             .map_err(|e| format!("adding the fwmark rule: {e}"))?;
@@ -502,9 +512,8 @@ impl SourceIp {
         self.probe_udp_rules(family)?;
         let b = self.band;
         for rule in [
-            b.mark_rule(family, b.end()),
             b.skip_rule(family, b.bucket_skip()),
-            b.mark_rule(family, b.anchor()),
+            b.skip_rule(family, b.skip()),
         ] {
             self.net
                 .add_rule(&rule)
@@ -516,12 +525,7 @@ impl SourceIp {
             let Some(ports) = rule_ports(u32::from(first), u32::from(last)) else {
                 continue;
             };
-            let gate = Rule {
-                goto: Some(b.anchor()),
-                ip_proto: Some(libc::IPPROTO_UDP as u8),
-                sport: Some(ports),
-                ..Rule::to_table(family, FRONT, 0)
-            };
+            let gate = b.gate(family, ports);
             self.net
                 .add_rule(&gate)
                 .map_err(|e| format!("adding the UDP gate for ports {first}-{last}: {e}"))?;
@@ -533,8 +537,10 @@ impl SourceIp {
     /// Remove the UDP rules of one family (after a failed [`SourceIp::add_udp_gates`]).
     fn remove_udp_gates(&mut self, family: IpFamily) {
         for d in self.net.rules(family).unwrap_or_default() {
+            let b = self.band;
             let mine = d.rule.as_ref().is_some_and(|r| {
-                Band::owning(r) == Some(self.band) && (r.goto.is_some() || r.priority != FRONT)
+                Band::owning(r) == Some(b)
+                    && [b.gates(), b.skip(), b.bucket_skip()].contains(&r.priority)
             });
             if mine {
                 let _ = self.net.del_dumped_rule(&d);
@@ -779,8 +785,25 @@ impl Drop for SourceIp {
             }
         }
         self.flows.clear();
+        // And what helpers that died since we started left (the last one out would
+        // otherwise leave it for good).
+        self.remove_dead();
         self.restore_sysctls_if_last();
     }
+}
+
+/// Whether no rule but ours (of `band`, e.g. a dead helper's) lies in `band`'s
+/// priorities, in either family.
+fn band_is_free(net: &mut dyn RoutingOps, band: Band) -> bool {
+    [IpFamily::V4, IpFamily::V6].into_iter().all(|f| {
+        net.rules(f)
+            .unwrap_or_default()
+            .iter()
+            .all(|d| match &d.rule {
+                Some(r) => !band.contains(r.priority) || Band::owning(r) == Some(band),
+                None => true,
+            })
+    })
 }
 
 fn bucket_of(client_port: u16) -> usize {
@@ -911,10 +934,11 @@ mod tests {
     fn bands_own_only_their_own_rules() {
         let band = Band { slot: 7 };
         let f = IpFamily::V4;
-        assert_eq!(band.anchor(), BAND_BASE + 7 * 136);
-        assert_eq!(band.end(), band.anchor() + 131);
-        assert!(band.end() < Band { slot: 8 }.anchor());
-        assert!(Band { slot: SLOTS - 1 }.end() > BAND_BASE);
+        assert_eq!(band.gates(), BAND_BASE + 7 * 136);
+        assert_eq!(band.tcp(), band.gates() + 132);
+        assert!(band.tcp() < Band { slot: 8 }.gates());
+        // The last band ends before the main table's rule.
+        assert!(Band { slot: SLOTS - 1 }.tcp() < 32766);
         for b in [0, 5, BUCKETS - 1] {
             assert_eq!(band.bucket_at(band.flows(b)), Some(b));
             assert_eq!(band.bucket_at(band.bucket_end(b)), None);
@@ -923,12 +947,11 @@ mod tests {
             assert_eq!(Band::owning(&end), Some(band), "{end:?}");
         }
         let ours = [
-            band.mark_rule(f, FRONT),
-            band.mark_rule(IpFamily::V6, FRONT),
-            band.mark_rule(f, band.anchor()),
-            band.mark_rule(f, band.end()),
+            band.tcp_rule(f),
+            band.tcp_rule(IpFamily::V6),
+            band.skip_rule(f, band.skip()),
             band.skip_rule(f, band.bucket_skip()),
-            front_gate(band, (53, 53)),
+            band.gate(f, (53, 53)),
             flow_rule(
                 band.table(),
                 band.flows(0),
@@ -941,29 +964,27 @@ mod tests {
         }
         // Someone else's rules at our priorities, or jumping into a band, are not ours:
         // not a plain lookup of another table, not a goto between two priorities of
-        // one band, not our mark rule at a priority we never use.
-        let a = band.anchor();
+        // one band, not our TCP rule at a priority we never use.
+        let g = band.gates();
         let foreign = [
-            Rule::to_table(f, a + 2, 254),
-            Rule::to_table(f, FRONT, 254),
+            Rule::to_table(f, g + 2, 254),
             Rule {
-                goto: Some(a + 10),
-                ..Rule::to_table(f, a + 1, 0)
+                goto: Some(g + 10),
+                ..Rule::to_table(f, g + 1, 0)
             },
             Rule {
                 goto: Some(410),
                 ..Rule::to_table(f, 400, 0)
             },
             Rule {
-                goto: Some(a + 5),
-                ..Rule::to_table(f, 100, 0)
+                goto: Some(g + 2),
+                ..Rule::to_table(f, 50, 0)
             },
             Rule {
-                goto: Some(a),
-                ..Rule::to_table(f, 7, 0)
+                priority: g + 7,
+                ..band.tcp_rule(f)
             },
-            band.mark_rule(f, a + 7),
-            Rule::to_table(f, band.end(), TABLE_BASE + 8),
+            Rule::to_table(f, band.tcp(), TABLE_BASE + 8),
             marker(MARKERS[0]),
         ];
         for r in &foreign {
@@ -1048,29 +1069,7 @@ mod tests {
     }
 
     fn tcp_rule(family: IpFamily, band: Band) -> Rule {
-        band.mark_rule(family, FRONT)
-    }
-
-    fn front_gate(band: Band, ports: (u16, u16)) -> Rule {
-        front_gate_in(IpFamily::V4, band, ports)
-    }
-
-    fn front_gate_in(family: IpFamily, band: Band, (a, b): (u16, u16)) -> Rule {
-        Rule {
-            goto: Some(band.anchor()),
-            ip_proto: Some(17),
-            sport: Some((a, b)),
-            ..Rule::to_table(family, FRONT, 0)
-        }
-    }
-
-    /// The band's fixed UDP rules of one family: end, skip, anchor.
-    fn band_rules(family: IpFamily, band: Band) -> [Rule; 3] {
-        [
-            band.mark_rule(family, band.end()),
-            band.skip_rule(family, band.bucket_skip()),
-            band.mark_rule(family, band.anchor()),
-        ]
+        band.tcp_rule(family)
     }
 
     /// The three markers (every sysctl was 0).
@@ -1098,7 +1097,7 @@ mod tests {
     fn hazardous(rule: &Rule, band: Band) -> bool {
         let ports = rule.ip_proto.is_some() || rule.sport.is_some() || rule.dport.is_some();
         let catch_all = rule.dst.is_some() && rule.goto.is_none();
-        let open_gate = rule.priority == FRONT && rule.goto.is_some() && band.slot < SLOTS;
+        let open_gate = rule.priority == band.gates() && rule.goto.is_some();
         ports || catch_all || open_gate || rule.table == PROBE_TABLE
     }
 
@@ -1220,7 +1219,7 @@ mod tests {
             .rules()
             .into_iter()
             .filter(|r| {
-                hazardous(r, s.band) || (r.priority >= BAND_BASE && Band::owning(r) == Some(s.band))
+                hazardous(r, s.band) || [s.band.skip(), s.band.bucket_skip()].contains(&r.priority)
             })
             .collect();
         assert!(left.is_empty(), "{left:?}\n{}", net.fake.log());
@@ -1246,10 +1245,13 @@ mod tests {
             "{warned:?}"
         );
         assert!(!s.supports_udp(IpFamily::V4) && s.supports(IpFamily::V4));
-        let end = s.band.mark_rule(IpFamily::V4, s.band.end());
-        let end_added = format!("add {end:?} -> ok");
-        assert!(net.fake.log().contains(&end_added), "{}", net.fake.log());
-        assert!(!net.fake.rules().contains(&end), "{}", net.fake.log());
+        let skip = s.band.skip_rule(IpFamily::V4, s.band.bucket_skip());
+        let refused = format!(
+            "add {skip:?} -> {}",
+            io::Error::from_raw_os_error(libc::ENOSPC)
+        );
+        assert!(net.fake.log().contains(&refused), "{}", net.fake.log());
+        assert!(!net.fake.rules().contains(&skip), "{}", net.fake.log());
         let left: Vec<_> = net
             .fake
             .rules()
@@ -1297,14 +1299,16 @@ mod tests {
         let after = net.fake.snapshot();
         let mut expected = Vec::new();
         for f in [IpFamily::V4, IpFamily::V6] {
-            expected.push(tcp_rule(f, band));
-            expected.push(front_gate_in(f, band, (53, 53)));
-            expected.push(front_gate_in(f, band, (5000, 5010)));
+            expected.extend([
+                band.gate(f, (53, 53)),
+                band.gate(f, (5000, 5010)),
+                band.skip_rule(f, band.skip()),
+                band.skip_rule(f, band.bucket_skip()),
+                tcp_rule(f, band),
+            ]);
             if f == IpFamily::V4 {
                 expected.extend(markers());
             }
-            let [end, skip, anchor] = band_rules(f, band);
-            expected.extend([anchor, skip, end]);
         }
         assert_eq!(added(&before, &after), expected, "{}", net.fake.log());
         assert!(after.tcp_fwmark_accept && after.fwmark_reflect == [true, true]);
@@ -1535,15 +1539,15 @@ mod tests {
             let routes = routes.iter().filter(|r| r.table == band.table()).count();
             (rules, routes)
         };
-        // Per family: tcp, 2 front gates, anchor, skip, end; then the flow with its
-        // bucket's gate and end (IPv4); routes 2.
-        assert_eq!(of(dead), (15, 2));
+        // Per family: 2 gates, 2 skips, tcp; then the flow with its bucket's gate and
+        // end (IPv4); routes 2.
+        assert_eq!(of(dead), (13, 2));
 
         let mut live = net.helper("live", CHILD, &udp()).expect("setup");
         assert!(live.add_udp_flow(client(40000), 53));
         assert_eq!(of(dead), (0, 0), "the live helper's setup removed it");
         let live_band = live.band;
-        assert_eq!(of(live_band), (15, 2));
+        assert_eq!(of(live_band), (13, 2));
         // State of a slot whose owner is alive but not a SourceIp of ours here.
         let held = Band { slot: 200 };
         let owner = claim(&net.names.owner(held.table()))
@@ -1552,7 +1556,7 @@ mod tests {
         net.fake.insert_rule(tcp_rule(IpFamily::V4, held));
 
         let b = net.helper("b", CHILD, &udp()).expect("setup");
-        assert_eq!(of(live_band), (15, 2), "{}", net.fake.log());
+        assert_eq!(of(live_band), (13, 2), "{}", net.fake.log());
         assert_eq!(of(held), (1, 0));
         drop(b);
         drop(live);
@@ -1578,44 +1582,57 @@ mod tests {
             .map(|i| format!("ctr{i}"))
             .find(|id| slot_hash(id) == 7)
             .expect("an id of slot 7");
+        // Band 7 starts at g, table TABLE_BASE + 7. The user's own rules at its
+        // priorities, and jumping into it (as a reviewer's `pref 400 goto 410` did
+        // within one band of an earlier layout), added while its helper lived.
+        let g = Band { slot: 7 }.gates();
+        let foreign = [
+            Rule::to_table(IpFamily::V4, g + 2, 254),
+            Rule {
+                goto: Some(g + 40),
+                ..Rule::to_table(IpFamily::V4, g + 1, 0)
+            },
+            Rule::to_table(IpFamily::V4, g + 132, TABLE_BASE + 8),
+            Rule {
+                ip_proto: Some(17),
+                sport: Some((53, 53)),
+                ..Rule::to_table(IpFamily::V6, g, 254)
+            },
+            Rule {
+                goto: Some(410),
+                ..Rule::to_table(IpFamily::V4, 400, 0)
+            },
+            Rule {
+                goto: Some(g + 2),
+                ..Rule::to_table(IpFamily::V4, 50, 0)
+            },
+        ];
         let net = Netns::new(Kernel::MODERN);
-        // Band 7 starts at g, table TABLE_BASE + 7; the user's own rules at its
-        // priorities, at the front door's, and jumping into it (as a reviewer's
-        // `pref 400 goto 410` did within one band of the old layout).
-        let g = Band { slot: 7 }.anchor();
-        net.fake
-            .insert_rule(Rule::to_table(IpFamily::V4, g + 2, 254));
-        net.fake.insert_rule(Rule {
-            goto: Some(g + 40),
-            ..Rule::to_table(IpFamily::V4, g + 1, 0)
-        });
-        net.fake
-            .insert_rule(Rule::to_table(IpFamily::V4, g + 131, TABLE_BASE + 8));
-        net.fake.insert_rule(Rule {
-            ip_proto: Some(17),
-            sport: Some((53, 53)),
-            ..Rule::to_table(IpFamily::V6, g, 254)
-        });
-        net.fake.insert_rule(Rule {
-            goto: Some(410),
-            ..Rule::to_table(IpFamily::V4, 400, 0)
-        });
-        net.fake.insert_rule(Rule {
-            goto: Some(g),
-            ..Rule::to_table(IpFamily::V4, FRONT, 0)
-        });
-        let before = net.fake.snapshot();
         let dead = net.killed_helper(&id, &[(client(40000), 53)]);
         assert_eq!(dead, Band { slot: 7 });
+        for r in &foreign {
+            net.fake.insert_rule(r.clone());
+        }
+        // What the netns should come back to: a fresh one with the user's rules.
+        let expected = FakeNetns::new(Kernel::MODERN);
+        for r in &foreign {
+            expected.insert_rule(r.clone());
+        }
         let b = net.helper("b", CHILD, &udp()).expect("setup");
+        assert_ne!(b.band, dead, "a band holding rules of others is not taken");
         let left: Vec<_> = net
             .fake
             .rules()
             .into_iter()
-            .filter(|r| dead.contains(r.priority) && !before.rules.contains(r))
+            .filter(|r| Band::owning(r) == Some(dead))
             .collect();
         assert!(left.is_empty(), "{left:?}");
         drop(b);
-        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+        assert_eq!(
+            net.fake.snapshot(),
+            expected.snapshot(),
+            "{}",
+            net.fake.log()
+        );
     }
 }
