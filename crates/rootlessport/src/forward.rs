@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     /// The mark of our TCP sockets when client addresses are kept.
     pub(crate) mark: Option<u32>,
     source_ip: Mutex<Option<SourceIp>>,
+    /// The helper-wide bound on UDP flows (see [`crate::udp`]), from the open-file limit.
+    pub(crate) udp_budget: crate::udp::FlowBudget,
 }
 
 impl Shared {
@@ -64,6 +66,21 @@ impl Shared {
     pub(crate) fn release_udp_flow(&self, client: SocketAddr, target: SocketAddr) {
         if let Some(s) = self.source_ip().as_mut() {
             s.remove_udp_flow(client, target.port());
+        }
+    }
+
+    /// For unit tests: no child IP (the netns's loopback), client addresses not kept,
+    /// a UDP budget of `udp_bound` live flows.
+    #[cfg(test)]
+    pub(crate) fn for_tests(udp_idle: Duration, udp_bound: usize) -> Shared {
+        Shared {
+            child_ip: RwLock::new(None),
+            udp_idle,
+            source_families: Vec::new(),
+            udp_families: Vec::new(),
+            mark: None,
+            source_ip: Mutex::new(None),
+            udp_budget: crate::udp::FlowBudget::new(udp_bound),
         }
     }
 }
@@ -245,6 +262,9 @@ impl Forwarder {
                 })
                 .collect()
         };
+        let nofile = nofile_limit();
+        let udp_bound = crate::udp::flow_bound(nofile);
+        tracing::debug!("open-file limit {nofile}: at most {udp_bound} UDP flows helper-wide");
         let shared = Arc::new(Shared {
             child_ip: RwLock::new(self.child_ip),
             udp_idle: self.udp_idle,
@@ -252,6 +272,7 @@ impl Forwarder {
             udp_families: families(true),
             mark: source.as_ref().map(SourceIp::mark),
             source_ip: Mutex::new(source),
+            udp_budget: crate::udp::FlowBudget::new(udp_bound),
         });
         let keep = shared.clone();
         let self_exit = self.exit_after;
@@ -428,6 +449,20 @@ pub fn raise_nofile_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// The soft limit on open files (`RLIMIT_NOFILE`) now; `u64::MAX` when unlimited or
+/// unknown.
+pub fn nofile_limit() -> u64 {
+    // SAFETY: getrlimit into a local struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur
+        } else {
+            u64::MAX
         }
     }
 }

@@ -3,14 +3,55 @@
 //! when it is kept); the container's replies come back through the published socket
 //! to the client they belong to.
 //!
-//! Limits, per published port: at most [`MAX_FLOWS_PER_PORT`] flows; when a new client
-//! comes and the table is full, the least recently used flow is closed to make room
-//! (so a new client is never refused). One source address holds at most
-//! [`MAX_FLOWS_PER_SOURCE`] of them: past that its own least recently used flow makes
-//! room, so a host spraying source ports only evicts itself. A flow idle for the idle
-//! timeout (podman's 90 s) is closed. After a reload, a flow aimed at the old child
-//! IP is closed when its next datagram arrives, and that datagram opens a flow to the
-//! new one.
+//! # Limits
+//!
+//! Each flow costs the helper one open file (its socket), so flows are bounded twice:
+//! per published port, and across the whole helper, whose bound comes from its
+//! open-file limit. A flow idle for the idle timeout (podman's 90 s) is closed.
+//!
+//! - Per published port: at most [`MAX_FLOWS_PER_PORT`] (4,096) flows, of which one
+//!   source address holds at most [`MAX_FLOWS_PER_SOURCE`] (1,024). When a new client
+//!   comes and the port's table is full, its least recently used flow is closed to
+//!   make room; a source address at its share closes its own least recently used flow
+//!   on that port instead, so a host spraying source ports only evicts itself.
+//! - Helper-wide, over every published port: at most `B` live flows, where `B` is a
+//!   quarter of the open-file limit (`RLIMIT_NOFILE`, read when the forwarder starts,
+//!   after the helper raised its soft limit to the hard one), and at least
+//!   [`MIN_FLOW_BOUND`] (256): [`flow_bound`]. With a limit of 20,000 that is 5,000.
+//!   The other three quarters stay for TCP connections (two sockets each, and a pipe
+//!   pair while data moves), listeners and the rest, so that no number of UDP clients,
+//!   over however many published ports, can make `accept` or `socket` fail with
+//!   `EMFILE`. One source address holds at most `B / 4` of those flows (1,250 with a
+//!   limit of 20,000, 64 at the floor), whichever ports they are on. An IPv4 client
+//!   counts as the same address on an IPv4 and a dual-stack listener; each address
+//!   counts on its own (a host with many addresses has a share per address).
+//!
+//! A datagram from a client without a flow on its port, once that port's own limits
+//! made room:
+//!
+//! 1. if its source address holds its helper-wide share: that address's least
+//!    recently used flow on this port is closed to make room; if it has none on this
+//!    port, the datagram is dropped (a host spraying source ports over many published
+//!    ports only ever evicts its own flows);
+//! 2. otherwise, if the helper holds `B` flows: this port's least recently used flow
+//!    is closed to make room; if the port holds none, the datagram is dropped;
+//! 3. then the flow is opened.
+//!
+//! A dropped datagram is logged at debug level and costs nothing else, as a drop in
+//! the network would: the client's next datagram tries again, and every existing flow,
+//! every other port and all TCP keep working. So a new client is turned away only
+//! when its own address already holds its helper-wide share on other ports, or when
+//! the helper holds `B` flows and the client's port holds none to give up.
+//!
+//! A closed flow gives its place back at once, but its socket is released only when
+//! the event loop next runs the flow's task (an idle one at once, an evicted one after
+//! the current burst of datagrams). Those sockets count too: while `B + B / 4` flow
+//! sockets are open, new clients' datagrams are dropped until some are released, so
+//! UDP flows never hold more than `B + B / 4` open files (6,250 with a limit of
+//! 20,000, 320 at the floor).
+//!
+//! After a reload, a flow aimed at the old child IP is closed when its next datagram
+//! arrives, and that datagram opens a flow to the new one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -34,10 +75,201 @@ use crate::tcp::target;
 pub const MAX_FLOWS_PER_PORT: usize = 4096;
 /// Flows one source address may hold on a published port (a quarter of the table).
 pub const MAX_FLOWS_PER_SOURCE: usize = MAX_FLOWS_PER_PORT / 4;
+/// The helper-wide bound on live flows is never below this, however low the open-file
+/// limit.
+pub const MIN_FLOW_BOUND: usize = 256;
 /// Datagrams handled per socket per wake-up before other sockets get their turn.
 const BURST: usize = 64;
 /// Largest datagram we carry.
 const MAX_DATAGRAM: usize = 65536;
+
+/// The helper-wide bound on live UDP flows for an open-file limit of `nofile`: a
+/// quarter of it, at least [`MIN_FLOW_BOUND`].
+pub fn flow_bound(nofile: u64) -> usize {
+    usize::try_from(nofile / 4)
+        .unwrap_or(usize::MAX)
+        .max(MIN_FLOW_BOUND)
+}
+
+/// The helper-wide limits derived from a bound of `live` flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limits {
+    /// Live flows, over every published port.
+    live: usize,
+    /// Live flows of one source address, over every published port.
+    per_source: usize,
+    /// Flow sockets, closed flows whose socket is not released yet included.
+    sockets: usize,
+}
+
+impl Limits {
+    fn new(live: usize) -> Limits {
+        let live = live.max(1);
+        Limits {
+            live,
+            per_source: (live / 4).max(1),
+            sockets: live.saturating_add(live / 4),
+        }
+    }
+}
+
+/// The helper-wide counts, as [`FlowBudget`] keeps them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    live: usize,
+    /// Live flows of the source address in question.
+    source: usize,
+    sockets: usize,
+}
+
+/// What a new flow needs before it may be opened, helper-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Within every limit.
+    Free,
+    /// The source address holds its share: close its least recently used flow on
+    /// this port.
+    CloseSourceOldest,
+    /// The helper holds its bound: close this port's least recently used flow.
+    ClosePortOldest,
+    /// Nothing this port may give up: drop the datagram.
+    Refuse(&'static str),
+}
+
+/// The helper-wide decision for a new flow of a source address that holds `now.source`
+/// live flows, on a port where it holds a flow (`source_here`) and that holds any
+/// (`port_has_flows`).
+fn room(limits: Limits, now: Counts, source_here: bool, port_has_flows: bool) -> Room {
+    if now.sockets >= limits.sockets {
+        // Closing a flow would not release its socket before this datagram is handled.
+        Room::Refuse("UDP sockets of closed flows not released yet")
+    } else if now.source >= limits.per_source {
+        if source_here {
+            Room::CloseSourceOldest
+        } else {
+            Room::Refuse("source address holds its helper-wide share of UDP flows on other ports")
+        }
+    } else if now.live >= limits.live {
+        if port_has_flows {
+            Room::ClosePortOldest
+        } else {
+            Room::Refuse("helper-wide UDP flow bound reached and this port holds no flow")
+        }
+    } else {
+        Room::Free
+    }
+}
+
+/// The helper-wide bound on UDP flows, and the counts it is checked against: live flows
+/// (given back when a flow closes), live flows per source address, and flow sockets
+/// (given back when the socket is dropped, a moment after an evicted flow closed).
+pub(crate) struct FlowBudget {
+    limits: Limits,
+    counts: Mutex<BudgetCounts>,
+}
+
+#[derive(Default)]
+struct BudgetCounts {
+    live: usize,
+    sockets: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+impl FlowBudget {
+    /// A budget of `bound` live flows (see [`flow_bound`]).
+    pub(crate) fn new(bound: usize) -> FlowBudget {
+        FlowBudget {
+            limits: Limits::new(bound),
+            counts: Mutex::default(),
+        }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, BudgetCounts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now(&self, source: IpAddr) -> Counts {
+        let c = self.counts();
+        Counts {
+            live: c.live,
+            source: c.by_source.get(&source).copied().unwrap_or(0),
+            sockets: c.sockets,
+        }
+    }
+
+    /// Count one more flow of `source` if every limit allows it.
+    fn take(&self, source: IpAddr) -> bool {
+        let mut c = self.counts();
+        let now = Counts {
+            live: c.live,
+            source: c.by_source.get(&source).copied().unwrap_or(0),
+            sockets: c.sockets,
+        };
+        if room(self.limits, now, false, false) != Room::Free {
+            return false;
+        }
+        c.live += 1;
+        c.sockets += 1;
+        *c.by_source.entry(source).or_insert(0) += 1;
+        true
+    }
+
+    /// A flow of `source` closed (its socket may live on for a moment).
+    fn end_live(&self, source: IpAddr) {
+        let mut c = self.counts();
+        c.live = c.live.saturating_sub(1);
+        if let Some(n) = c.by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_source.remove(&source);
+            }
+        }
+    }
+
+    /// A flow's socket was dropped.
+    fn socket_closed(&self) {
+        let mut c = self.counts();
+        c.sockets = c.sockets.saturating_sub(1);
+    }
+
+    /// Live flows, flow sockets (for logs and tests).
+    fn totals(&self) -> (usize, usize) {
+        let c = self.counts();
+        (c.live, c.sockets)
+    }
+}
+
+/// A flow's place in the helper-wide budget, taken before its socket is made: the live
+/// count is given back when the flow closes, the socket count when this is dropped
+/// (after the socket, which is declared before it in [`Flow`]).
+struct FlowSlot {
+    shared: Arc<Shared>,
+    source: IpAddr,
+    live: std::sync::atomic::AtomicBool,
+}
+
+impl FlowSlot {
+    fn take(shared: &Arc<Shared>, source: IpAddr) -> Option<FlowSlot> {
+        shared.udp_budget.take(source).then(|| FlowSlot {
+            shared: shared.clone(),
+            source,
+            live: true.into(),
+        })
+    }
+
+    fn end_live(&self) {
+        if self.live.swap(false, Ordering::Relaxed) {
+            self.shared.udp_budget.end_live(self.source);
+        }
+    }
+}
+
+impl Drop for FlowSlot {
+    fn drop(&mut self) {
+        self.end_live();
+        self.shared.udp_budget.socket_closed();
+    }
+}
 
 thread_local! {
     // One buffer per thread, used only between awaits: no flow or port owns one.
@@ -56,6 +288,8 @@ struct Flow {
     last: AtomicU64,
     replies: OnceLock<AbortHandle>,
     shared: Arc<Shared>,
+    /// Last: released after the socket closed.
+    slot: FlowSlot,
 }
 
 impl Flow {
@@ -66,6 +300,8 @@ impl Flow {
             task.abort();
         }
         self.release();
+        // The socket closes once the aborted task is dropped; the flow no longer counts.
+        self.slot.end_live();
     }
 
     fn release(&self) {
@@ -117,20 +353,66 @@ impl FlowTable {
         Some(f)
     }
 
-    /// Make room for one more flow of `client`'s source address.
+    /// The least recently used flow of `client`'s source address on this port.
+    fn source_oldest(&self, client: SocketAddr) -> Option<SocketAddr> {
+        let ports = self.by_source.get(&client.ip())?;
+        ports
+            .peek_lru()
+            .map(|(p, ())| SocketAddr::new(client.ip(), *p))
+    }
+
+    /// The least recently used flow of this port.
+    fn oldest(&self) -> Option<SocketAddr> {
+        self.by_client.as_ref()?.peek_lru().map(|(c, _)| *c)
+    }
+
+    /// Make room for one more flow of `client`'s source address on this port.
     fn make_room(&mut self, client: SocketAddr) {
-        let own = self.by_source.get_mut(&client.ip()).and_then(|ports| {
-            (ports.len() >= MAX_FLOWS_PER_SOURCE)
-                .then(|| ports.peek_lru().map(|(p, ())| *p))
-                .flatten()
-        });
-        if let Some(port) = own {
-            self.remove(SocketAddr::new(client.ip(), port));
+        let at_share = self
+            .by_source
+            .get(&client.ip())
+            .is_some_and(|ports| ports.len() >= MAX_FLOWS_PER_SOURCE);
+        if let Some(own) = self.source_oldest(client).filter(|_| at_share) {
+            self.remove(own);
             tracing::debug!(source = %client.ip(), "flows of one source at their share: oldest closed");
         } else if self.flows().len() >= MAX_FLOWS_PER_PORT {
-            if let Some(oldest) = self.flows().peek_lru().map(|(c, _)| *c) {
+            if let Some(oldest) = self.oldest() {
                 self.remove(oldest);
                 tracing::debug!("UDP flow table full: least recently used flow closed");
+            }
+        }
+    }
+
+    /// Make room for one more flow of `client` within the helper-wide limits (this
+    /// port's own limits made room first); `false` when the datagram is to be dropped.
+    fn make_room_helper_wide(&mut self, client: SocketAddr, budget: &FlowBudget) -> bool {
+        let source = client.ip().to_canonical();
+        let own = self.source_oldest(client);
+        let oldest = self.oldest();
+        match room(
+            budget.limits,
+            budget.now(source),
+            own.is_some(),
+            oldest.is_some(),
+        ) {
+            Room::Free => true,
+            Room::CloseSourceOldest => {
+                if let Some(own) = own {
+                    self.remove(own);
+                }
+                tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its oldest on this port closed");
+                true
+            }
+            Room::ClosePortOldest => {
+                if let Some(oldest) = oldest {
+                    self.remove(oldest);
+                }
+                tracing::debug!("helper-wide UDP flow bound reached: this port's least recently used flow closed");
+                true
+            }
+            Room::Refuse(why) => {
+                tracing::debug!(%client, "{why}: datagram dropped");
+                false
             }
         }
     }
@@ -234,7 +516,16 @@ impl Port {
             table.remove(client);
         }
         table.make_room(client);
-        let flow = Arc::new(self.open_flow(client, to)?);
+        if !table.make_room_helper_wide(client, &self.shared.udp_budget) {
+            return None;
+        }
+        // Taken before the socket is made, so that the bound holds for sockets too.
+        let Some(slot) = FlowSlot::take(&self.shared, client.ip().to_canonical()) else {
+            // Another thread took the room meanwhile.
+            tracing::debug!(%client, "helper-wide UDP flow bound reached: datagram dropped");
+            return None;
+        };
+        let flow = Arc::new(self.open_flow(client, to, slot)?);
         table.insert(client, flow.clone());
         let task = tokio::spawn(replies(
             flow.clone(),
@@ -245,13 +536,14 @@ impl Port {
             self.epoch,
         ));
         let _ = flow.replies.set(task.abort_handle());
-        tracing::trace!(%client, %to, flows = table.len(), "new UDP flow");
+        let (live, sockets) = self.shared.udp_budget.totals();
+        tracing::trace!(%client, %to, flows = table.len(), live, sockets, "new UDP flow");
         Some(flow)
     }
 
     /// A socket connected to the container, made on this thread (inside its netns),
     /// from the client's own address when it can be kept.
-    fn open_flow(&self, client: SocketAddr, to: SocketAddr) -> Option<Flow> {
+    fn open_flow(&self, client: SocketAddr, to: SocketAddr, slot: FlowSlot) -> Option<Flow> {
         let mut kept = source_for(&self.shared.udp_families, client, to)
             .filter(|src| self.shared.keep_udp_flow(*src, to));
         let sock = match kept.map(|src| transparent_socket(src, socket2::Type::DGRAM, None)) {
@@ -277,6 +569,7 @@ impl Port {
                 last: AtomicU64::new(self.now_ms()),
                 replies: OnceLock::new(),
                 shared: self.shared.clone(),
+                slot,
             }),
             Err(e) => {
                 if let Some(src) = kept {
@@ -353,5 +646,255 @@ async fn replies(
         .is_some_and(|f| Arc::ptr_eq(f, &flow))
     {
         table.remove(client);
+    }
+}
+
+#[cfg(test)]
+mod flow_bounds_tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn flow_bounds_bound_is_a_quarter_of_the_fd_limit_and_at_least_256() {
+        assert_eq!(flow_bound(0), 256);
+        assert_eq!(flow_bound(1024), 256);
+        assert_eq!(flow_bound(1027), 256);
+        assert_eq!(flow_bound(1028), 257);
+        assert_eq!(flow_bound(20_000), 5_000); // podman's limit
+        assert_eq!(flow_bound(1 << 20), 1 << 18);
+        // RLIM_INFINITY: no overflow anywhere.
+        let huge = flow_bound(u64::MAX);
+        assert!(huge >= usize::MAX / 8);
+        let l = Limits::new(huge);
+        assert!(l.sockets >= l.live && l.per_source <= l.live);
+    }
+
+    #[test]
+    fn flow_bounds_limits_derived_from_the_bound() {
+        assert_eq!(
+            Limits::new(256),
+            Limits {
+                live: 256,
+                per_source: 64,
+                sockets: 320
+            }
+        );
+        assert_eq!(
+            Limits::new(5_000),
+            Limits {
+                live: 5_000,
+                per_source: 1_250,
+                sockets: 6_250
+            }
+        );
+        // Degenerate bounds still let one flow through.
+        assert_eq!(
+            Limits::new(0),
+            Limits {
+                live: 1,
+                per_source: 1,
+                sockets: 1
+            }
+        );
+    }
+
+    #[test]
+    fn flow_bounds_room_decisions() {
+        let l = Limits::new(256);
+        let at = |live, source, sockets| Counts {
+            live,
+            source,
+            sockets,
+        };
+        // Within every limit, whatever the port holds.
+        for (here, any) in [(false, false), (false, true), (true, true)] {
+            assert_eq!(room(l, at(0, 0, 0), here, any), Room::Free);
+            assert_eq!(room(l, at(255, 63, 319), here, any), Room::Free);
+        }
+        // The source at its share: only its own flow on this port may go.
+        assert_eq!(room(l, at(64, 64, 64), true, true), Room::CloseSourceOldest);
+        assert!(matches!(
+            room(l, at(64, 64, 64), false, true),
+            Room::Refuse(_)
+        ));
+        // Its share is checked before the helper-wide bound: a sprayer evicts itself.
+        assert_eq!(
+            room(l, at(256, 64, 256), true, true),
+            Room::CloseSourceOldest
+        );
+        assert!(matches!(
+            room(l, at(256, 64, 256), false, true),
+            Room::Refuse(_)
+        ));
+        // The helper at its bound: this port's oldest goes, if it has one.
+        assert_eq!(room(l, at(256, 0, 256), false, true), Room::ClosePortOldest);
+        assert_eq!(room(l, at(256, 3, 300), true, true), Room::ClosePortOldest);
+        assert!(matches!(
+            room(l, at(256, 0, 256), false, false),
+            Room::Refuse(_)
+        ));
+        // Too many sockets of closed flows still open: nothing helps right now.
+        assert!(matches!(
+            room(l, at(10, 0, 320), true, true),
+            Room::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn flow_bounds_budget_counts_live_flows_sources_and_sockets() {
+        let b = FlowBudget::new(8); // per source 2, sockets 10
+        let a = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(b.take(a));
+        assert!(b.take(mapped.to_canonical()));
+        assert!(!b.take(a), "a third flow of one source");
+        let others: Vec<IpAddr> = (2..8u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)))
+            .collect();
+        for ip in &others {
+            assert!(b.take(*ip));
+        }
+        assert_eq!(b.totals(), (8, 8));
+        let nine = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9));
+        assert!(!b.take(nine), "past the bound");
+        // A closed flow makes room at once; its socket still counts until dropped.
+        b.end_live(others[0]);
+        assert_eq!(b.totals(), (7, 8));
+        assert!(b.take(nine));
+        b.end_live(others[1]);
+        assert!(b.take(others[1]));
+        assert_eq!(b.totals(), (8, 10));
+        b.end_live(others[2]);
+        assert!(!b.take(others[2]), "ten sockets open: none more");
+        b.socket_closed();
+        assert!(b.take(others[2]));
+        b.end_live(a);
+        assert_eq!(b.now(a).source, 1);
+        b.end_live(a);
+        assert!(!b.counts().by_source.contains_key(&a));
+    }
+
+    /// A port of `shared`'s helper, published on loopback, forwarding to `child_port`
+    /// on loopback (no child IP).
+    fn port(shared: &Arc<Shared>, child_port: u16) -> Port {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_nonblocking(true).unwrap();
+        Port {
+            published: Arc::new(UdpSocket::from_std(s).unwrap()),
+            flows: Arc::default(),
+            child_port,
+            family: Family::V4,
+            shared: shared.clone(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn client(a: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::new(192, 0, 2, a).into(), port)
+    }
+
+    fn flows_of(p: &Port, a: u8) -> usize {
+        let t = p.flows.lock().unwrap();
+        t.by_source
+            .get(&IpAddr::V4(Ipv4Addr::new(192, 0, 2, a)))
+            .map_or(0, |ports| ports.len())
+    }
+
+    /// Let the event loop drop the tasks of closed flows (their sockets close).
+    async fn settle() {
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn flow_bounds_ports_share_one_helper_wide_bound() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // 16 flows helper-wide, 4 per source, 20 sockets.
+            let shared = Arc::new(Shared::for_tests(Duration::from_secs(60), 16));
+            let ports: Vec<Port> = (0..4).map(|_| port(&shared, 9)).collect();
+            let live = || shared.udp_budget.totals().0;
+
+            // A source spraying over every port holds 4 flows at most, and once at its
+            // share evicts only its own flow on the port in question.
+            for i in 0..40u16 {
+                let p = &ports[usize::from(i % 4)];
+                let opened = p.flow_for(client(1, 1000 + i)).is_some();
+                assert!(opened, "datagram {i}: the source has a flow on every port");
+                assert!(live() <= 4);
+                settle().await;
+            }
+            assert_eq!(live(), 4);
+            assert_eq!((0..4).map(|i| flows_of(&ports[i], 1)).sum::<usize>(), 4);
+
+            // Three more sources fill the helper (4 x 4) on port 0.
+            for a in 2..5u8 {
+                for i in 0..4 {
+                    assert!(ports[0].flow_for(client(a, 2000 + i)).is_some());
+                }
+            }
+            assert_eq!(live(), 16);
+            // A new source on port 0 replaces port 0's least recently used flow.
+            assert!(ports[0].flow_for(client(5, 3000)).is_some());
+            assert_eq!(live(), 16);
+            // On port 1 it replaces port 1's (the sprayer's) flow.
+            assert_eq!(flows_of(&ports[1], 1), 1);
+            assert!(ports[1].flow_for(client(6, 3000)).is_some());
+            assert_eq!(flows_of(&ports[1], 1), 0);
+            settle().await;
+            // Port 1 still holds a flow (source 6); a port that holds none refuses.
+            let empty = port(&shared, 9);
+            assert!(empty.flow_for(client(7, 3000)).is_none());
+            assert_eq!(live(), 16);
+            // A known client keeps its flow, even with the helper full.
+            assert!(ports[1].flow_for(client(6, 3000)).is_some());
+            assert_eq!(live(), 16);
+            // One flow closing (idle, evicted elsewhere) gives the empty port its turn.
+            ports[1].flows.lock().unwrap().remove(client(6, 3000));
+            assert!(empty.flow_for(client(7, 3000)).is_some());
+            assert_eq!(live(), 16);
+        });
+    }
+
+    #[test]
+    fn flow_bounds_sockets_of_closed_flows_count_until_released() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // 16 flows, 4 per source, 20 sockets.
+            let shared = Arc::new(Shared::for_tests(Duration::from_secs(60), 16));
+            let p = port(&shared, 9);
+            for a in 1..5u8 {
+                for i in 0..4 {
+                    assert!(p.flow_for(client(a, 1000 + i)).is_some());
+                }
+            }
+            // Without the event loop running, evicted flows keep their sockets: four
+            // replacements, then new clients wait for those sockets to close.
+            for a in 10..14u8 {
+                assert!(p.flow_for(client(a, 1)).is_some());
+            }
+            assert_eq!(shared.udp_budget.totals(), (16, 20));
+            assert!(p.flow_for(client(14, 1)).is_none());
+            settle().await;
+            assert_eq!(shared.udp_budget.totals(), (16, 16));
+            assert!(p.flow_for(client(14, 1)).is_some());
+            // Every flow closed (as idle ones are): nothing counted any more.
+            let clients: Vec<SocketAddr> = {
+                let mut t = p.flows.lock().unwrap();
+                t.flows().iter().map(|(c, _)| *c).collect()
+            };
+            for c in clients {
+                p.flows.lock().unwrap().remove(c);
+            }
+            settle().await;
+            assert_eq!(shared.udp_budget.totals(), (0, 0));
+        });
     }
 }
