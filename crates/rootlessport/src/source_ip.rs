@@ -67,7 +67,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use crate::netlink::{DumpedRule, IpFamily, Rule};
+use crate::netlink::{IpFamily, Rule};
 use crate::routing::{NetnsRouting, RoutingOps, Sysctl};
 
 /// First table (and mark) of the range our helpers use: "RLP" and 0x5000.
@@ -335,7 +335,8 @@ pub(crate) struct SourceIp {
     band: Band,
     /// Our table, also the mark of our TCP sockets.
     table: u32,
-    _owner: OwnedFd,
+    /// Our owner name; given up only at the very end of the teardown.
+    owner: Option<OwnedFd>,
     families: Vec<IpFamily>,
     /// The families whose UDP flows keep addresses (gates and exact rules stored as
     /// asked).
@@ -411,7 +412,7 @@ impl SourceIp {
                 slot: table - TABLE_BASE,
             },
             table,
-            _owner: owner,
+            owner: Some(owner),
             families: Vec::new(),
             udp: Vec::new(),
             udp_ranges,
@@ -582,43 +583,56 @@ impl SourceIp {
 
     /// Remove what dead helpers left: every rule and route of a slot whose owner
     /// name is free. Our own slot's leftovers (a previous owner of it died) go too;
-    /// a slot whose owner cannot be probed (out of fds) is left alone.
+    /// a slot whose owner cannot be probed (out of fds) is left alone. A dead slot's
+    /// name is held while its state goes, and its rules are read only then, so a
+    /// helper starting meanwhile cannot take that slot and lose its fresh rules.
     fn remove_dead(&mut self) {
-        let mut rules: Vec<(Band, DumpedRule)> = Vec::new();
-        let mut routes = Vec::new();
+        let mut slots: Vec<u32> = Vec::new();
         for f in [IpFamily::V4, IpFamily::V6] {
             for d in self.net.rules(f).unwrap_or_default() {
                 if let Some(band) = d.rule.as_ref().and_then(Band::owning) {
-                    rules.push((band, d));
+                    slots.push(band.slot);
                 }
             }
-            routes.extend(
+            slots.extend(
                 self.net
                     .routes_in(f, TABLE_BASE..TABLE_BASE + SLOTS)
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|r| r.table - TABLE_BASE),
             );
         }
-        let mut slots: Vec<u32> = rules
-            .iter()
-            .map(|(b, _)| b.slot)
-            .chain(routes.iter().map(|r| r.table - TABLE_BASE))
-            .collect();
         slots.sort_unstable();
         slots.dedup();
         for slot in slots {
             let band = Band { slot };
-            let dead =
-                band == self.band || matches!(claim(&self.names.owner(band.table())), Ok(Some(_)));
-            if dead {
-                if band != self.band {
-                    tracing::info!(table = band.table(), "removing what a dead helper left");
+            let held = if band == self.band {
+                None
+            } else {
+                match claim(&self.names.owner(band.table())) {
+                    Ok(Some(fd)) => Some(fd),
+                    _ => continue, // alive, or cannot tell: not ours to touch
                 }
-                for (_, d) in rules.iter().filter(|(b, _)| *b == band) {
-                    let _ = self.net.del_dumped_rule(d);
+            };
+            if held.is_some() {
+                tracing::info!(table = band.table(), "removing what a dead helper left");
+            }
+            self.remove_band(band);
+            drop(held);
+        }
+    }
+
+    /// Delete every rule of `band` and every route of its table, as they are now.
+    fn remove_band(&mut self, band: Band) {
+        for f in [IpFamily::V4, IpFamily::V6] {
+            for d in self.net.rules(f).unwrap_or_default() {
+                if d.rule.as_ref().and_then(Band::owning) == Some(band) {
+                    let _ = self.net.del_dumped_rule(&d);
                 }
-                for r in routes.iter().filter(|r| r.table == band.table()) {
-                    let _ = self.net.del_route(r);
-                }
+            }
+            let t = band.table();
+            for r in self.net.routes_in(f, t..t + 1).unwrap_or_default() {
+                let _ = self.net.del_route(&r);
             }
         }
     }
@@ -631,7 +645,9 @@ impl SourceIp {
             .any(|s| !matches!(claim(&self.names.owner(TABLE_BASE + s)), Ok(Some(_))))
     }
 
-    /// The last helper out writes back the 0s recorded by the markers.
+    /// The last helper out writes back the 0s recorded by the markers. Our owner
+    /// name is given up under the lock, before looking for others: of two helpers
+    /// leaving at once, the second then sees the first gone and restores.
     fn restore_sysctls_if_last(&mut self) {
         let lock = match NetnsLock::take(&self.names) {
             Ok(l) => l,
@@ -640,6 +656,7 @@ impl SourceIp {
                 return;
             }
         };
+        drop(self.owner.take());
         if self.others_alive() {
             return;
         }
@@ -771,19 +788,9 @@ impl SourceIp {
 
 impl Drop for SourceIp {
     fn drop(&mut self) {
-        // Our own rules and routes need no lock: nobody else touches them.
-        let band = self.band;
-        for f in [IpFamily::V4, IpFamily::V6] {
-            for d in self.net.rules(f).unwrap_or_default() {
-                if d.rule.as_ref().and_then(Band::owning) == Some(band) {
-                    let _ = self.net.del_dumped_rule(&d);
-                }
-            }
-            let table = self.table;
-            for r in self.net.routes_in(f, table..table + 1).unwrap_or_default() {
-                let _ = self.net.del_route(&r);
-            }
-        }
+        // Our own rules and routes need no lock: nobody else touches them while we
+        // hold our owner name.
+        self.remove_band(self.band);
         self.flows.clear();
         // And what helpers that died since we started left (the last one out would
         // otherwise leave it for good).
