@@ -1097,7 +1097,7 @@ fn shapes_no_flow_rule_left_after_udp_flows_end() {
         left.len(),
         answered_at.elapsed()
     );
-    let fds_back = tests::eventually(5, || fd_count(helper.pid()) <= idle_fds);
+    let fds_back = tests::eventually(15, || fd_count(helper.pid()) <= idle_fds);
     assert!(
         fds_back,
         "the helper had {idle_fds} fds before the clients, {live_fds} with {CLIENTS} flows \
