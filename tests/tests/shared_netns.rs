@@ -311,7 +311,8 @@ fn state(ns: &TestNetns) -> String {
          echo '# ip -6 rule'; ip -6 rule
          echo '# ip -4 route show table all'; ip -4 route show table all
          echo '# ip -6 route show table all'; ip -6 route show table all
-         echo '# tcp_fwmark_accept'; cat {FWMARK_ACCEPT}"
+         echo '# tcp_fwmark_accept'; cat {FWMARK_ACCEPT}
+         echo '# fwmark_reflect'; cat /proc/sys/net/ipv4/fwmark_reflect /proc/sys/net/ipv6/fwmark_reflect"
     ))
 }
 
@@ -598,6 +599,34 @@ mod shared_netns {
         fx.check("A restarted after kill -9", false, 8301, 80);
         a2.stop();
         fx.assert_original_state("after kill -9 A, then A restarted and exited cleanly");
+    }
+
+    /// Helpers leaving at the same moment (podman stopping a pod, or a host
+    /// shutting down): each sees the others and none may assume another one restores
+    /// the sysctls; after every round the netns is exactly as before.
+    #[test]
+    #[ignore = "itest: needs the cargo xtask itest namespaces"]
+    fn helpers_leaving_at_once_leave_nothing() {
+        require_harness();
+        let fx = Fixture::new(47, None);
+        for round in 0..5u16 {
+            let mut hs: Vec<Helper> = (0..5u16)
+                .map(|i| {
+                    let port = 8600 + 10 * round + i;
+                    fx.start(&format!("once-{round}-{i}"), CHILD4, &[(port, 80)])
+                })
+                .collect();
+            fx.check(&format!("round {round}"), false, 8600 + 10 * round, 80);
+            let handles: Vec<RootlessPort> =
+                hs.iter_mut().filter_map(|h| h.handle.take()).collect();
+            // Every exit pipe closes at once.
+            drop(hs);
+            for mut h in handles {
+                let status = h.wait_timeout(EXIT_TIMEOUT).unwrap();
+                assert!(status.is_some_and(|s| s.success()), "{status:?}");
+            }
+            fx.assert_original_state(&format!("after round {round} of helpers leaving at once"));
+        }
     }
 
     #[test]
