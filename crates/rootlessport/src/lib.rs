@@ -22,7 +22,8 @@
 //!     container_id: "ctr1".into(),
 //!     ..Config::default()
 //! };
-//! let (exit_r, exit_w) = nix::unistd::pipe()?; // hand exit_w to the container's monitor
+//! // Close-on-exec, so that no other child of the engine holds the helper's exit pipe open.
+//! let (exit_r, exit_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?; // exit_w: the container's monitor
 //! let helper = Launcher::new("/usr/libexec/rootless-net/rootlessport").start(&config, exit_r)?;
 //! helper.release();
 //! # drop(exit_w); Ok(()) }

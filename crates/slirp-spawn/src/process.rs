@@ -209,6 +209,15 @@ impl HelperCommand {
             moved.push((unsafe { OwnedFd::from_raw_fd(raw) }, *target));
         }
         let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+        // For kernels without close_range(CLOSE_RANGE_CLOEXEC) (before 5.11: RHEL 8,
+        // Debian 11, Ubuntu 20.04): the highest fd open now, read before the fork (the
+        // child may not allocate), plus a margin for fds other threads open meanwhile.
+        let highest = open_fds(std::process::id())
+            .ok()
+            .and_then(|fds| fds.last().copied())
+            .unwrap_or(1024)
+            .max(min + self.fds.len() as RawFd);
+        let sweep_to = highest.saturating_add(CLOEXEC_MARGIN);
         let new_mount_ns = self.new_mount_ns;
         let netns = self.netns.as_ref().map(|fd| fd.as_raw_fd());
         let userns = self.userns.as_ref().map(|fd| fd.as_raw_fd());
@@ -218,12 +227,23 @@ impl HelperCommand {
             cmd.pre_exec(move || {
                 // Everything inherited from fd 3 up closes at exec, whoever opened it
                 // without O_CLOEXEC; the dup2s below then re-open exactly the chosen ones.
-                let _ = libc::syscall(
+                let swept = libc::syscall(
                     libc::SYS_close_range,
                     3u32,
                     u32::MAX,
                     libc::CLOSE_RANGE_CLOEXEC,
-                );
+                ) == 0;
+                if !swept {
+                    // No close_range (ENOSYS before 5.9, EINVAL for the flag before
+                    // 5.11, or a seccomp filter): mark each fd by hand. Closed numbers
+                    // just fail with EBADF.
+                    for fd in 3..=sweep_to {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                        }
+                    }
+                }
                 for &(src, dst) in &plan {
                     if src == dst {
                         if libc::fcntl(dst, libc::F_SETFD, 0) < 0 {
@@ -250,10 +270,19 @@ impl HelperCommand {
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
+        let mut child = cmd.spawn()?;
         drop(moved);
         let pid = child.id();
-        let pidfd = pidfd_open(pid)?;
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                // No pidfd (before 5.3, or out of fds): the child must not outlive the
+                // error as a process nobody waits for.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         Ok(Helper {
             child: Some(child),
             pidfd,
@@ -263,6 +292,10 @@ impl HelperCommand {
         })
     }
 }
+
+/// fds above the highest one open before the fork that the fallback sweep also marks
+/// close-on-exec (opened by other threads between the listing and the fork).
+const CLOEXEC_MARGIN: RawFd = 256;
 
 fn payload_file(payload: &[u8]) -> io::Result<File> {
     let fd = nix::sys::memfd::memfd_create("helper-stdin", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
