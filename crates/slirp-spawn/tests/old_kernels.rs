@@ -95,8 +95,7 @@ fn without_pidfd_open_the_start_fails_and_leaves_no_zombie() {
         let err = HelperCommand::new("sleep")
             .args(["30.25"])
             .spawn()
-            .err()
-            .expect("no pidfd, no start");
+            .expect_err("no pidfd, no start");
         assert_eq!(err.raw_os_error(), Some(libc::ENOSYS), "{err}");
         // Killed and reaped before the error came back: neither running nor a zombie.
         assert_eq!(
