@@ -2,8 +2,8 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-const HELP_030: &str = include_str!("../../crates/slirp-config/fixtures/slirp4netns-0.3.0-help.txt");
-const HELP_120: &str = include_str!("../../crates/slirp-config/fixtures/slirp4netns-1.2.0-help.txt");
+const HELP_030: &str = include_str!("../../slirp-config/fixtures/slirp4netns-0.3.0-help.txt");
+const HELP_120: &str = include_str!("../../slirp-config/fixtures/slirp4netns-1.2.0-help.txt");
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

@@ -27,7 +27,7 @@ pub fn slirp4netns() -> PathBuf {
 /// A fixture file shipped with slirp-config.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../crates/slirp-config/fixtures")
+        .join("../slirp-config/fixtures")
         .join(name)
 }
 
