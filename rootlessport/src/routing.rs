@@ -332,6 +332,21 @@ pub(crate) mod fake {
             self.state().kernel = kernel;
         }
 
+        /// RTM_NEWRULE, with the kernel's duplicate check (`NLM_F_EXCL`) or without.
+        fn new_rule(&mut self, verb: &str, rule: &Rule, exclusive: bool) -> io::Result<()> {
+            self.request(format!("{verb} {rule:?}"), Some(rule.family), true, |st| {
+                let parsed = st.parsed(rule);
+                if let Some(errno) = (st.kernel.refuses)(&parsed) {
+                    return Err(err(errno));
+                }
+                if exclusive && st.netns.rules.contains(&parsed) {
+                    return Err(err(libc::EEXIST));
+                }
+                st.insert(rule.clone());
+                Ok(())
+            })
+        }
+
         /// Run one request: recorded, refused as the kernel would, else `f`.
         fn request<T>(
             &mut self,
@@ -411,28 +426,11 @@ pub(crate) mod fake {
 
     impl RoutingOps for FakeNetns {
         fn add_rule(&mut self, rule: &Rule) -> io::Result<()> {
-            self.request(format!("add {rule:?}"), Some(rule.family), true, |st| {
-                let parsed = st.parsed(rule);
-                if let Some(errno) = (st.kernel.refuses)(&parsed) {
-                    return Err(err(errno));
-                }
-                if st.netns.rules.contains(&parsed) {
-                    return Err(err(libc::EEXIST));
-                }
-                st.insert(rule.clone());
-                Ok(())
-            })
+            self.new_rule("add", rule, true)
         }
 
         fn append_rule(&mut self, rule: &Rule) -> io::Result<()> {
-            self.request(format!("append {rule:?}"), Some(rule.family), true, |st| {
-                let parsed = st.parsed(rule);
-                if let Some(errno) = (st.kernel.refuses)(&parsed) {
-                    return Err(err(errno));
-                }
-                st.insert(rule.clone());
-                Ok(())
-            })
+            self.new_rule("append", rule, false)
         }
 
         fn del_rule(&mut self, rule: &Rule) -> io::Result<()> {

@@ -536,8 +536,14 @@ impl Port {
             self.epoch,
         ));
         let _ = flow.replies.set(task.abort_handle());
-        let (live, sockets) = self.shared.udp_budget.totals();
-        tracing::trace!(%client, %to, flows = table.len(), live, sockets, "new UDP flow");
+        // Counted only when trace lines are on (the fields are evaluated lazily).
+        tracing::trace!(
+            %client,
+            %to,
+            flows = table.len(),
+            live_and_sockets = ?self.shared.udp_budget.totals(),
+            "new UDP flow"
+        );
         Some(flow)
     }
 

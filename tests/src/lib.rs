@@ -286,7 +286,7 @@ pub fn cloexec_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
 
 /// A snapshot of the routing state a helper may touch in `ns`, for comparing before and
 /// after: `ip -4 rule`, `ip -6 rule`, every IPv4 and IPv6 route of every table, and
-/// `net.ipv4.tcp_fwmark_accept`. Each section's lines are trimmed and sorted, so the
+/// `net.ipv4.tcp_fwmark_accept` and both `fwmark_reflect`s. Each section's lines are trimmed and sorted, so the
 /// order the kernel lists equal entries in does not matter.
 pub fn netns_state(ns: &TestNetns) -> String {
     let sections = [
@@ -297,6 +297,14 @@ pub fn netns_state(ns: &TestNetns) -> String {
         (
             "tcp_fwmark_accept",
             "cat /proc/sys/net/ipv4/tcp_fwmark_accept",
+        ),
+        (
+            "ipv4 fwmark_reflect",
+            "cat /proc/sys/net/ipv4/fwmark_reflect",
+        ),
+        (
+            "ipv6 fwmark_reflect",
+            "cat /proc/sys/net/ipv6/fwmark_reflect",
         ),
     ];
     let mut out = String::new();

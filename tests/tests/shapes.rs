@@ -240,6 +240,16 @@ fn tcp_peer(client: &ClientHost, to: SocketAddr) -> (Result<String, String>, Soc
     })
 }
 
+/// A bridge topology on `slot` whose container answers on `any`: UDP 53 with
+/// `container|PAYLOAD|PEER`, TCP 80 with `PEER\n` and then an echo.
+fn serving_53_and_80(slot: u8, any: IpAddr) -> (BridgeTopology, Servers) {
+    let topo = BridgeTopology::new(slot);
+    let mut servers = Servers::new();
+    servers.udp_reporter(&topo.container, SocketAddr::new(any, 53), "container");
+    servers.tcp_server(&topo.container, SocketAddr::new(any, 80), true);
+    (topo, servers)
+}
+
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
@@ -861,27 +871,32 @@ fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// A helper started with extra environment variables. The launcher has no knob for
-/// the helper's environment (the helper inherits the test process's), and setting a
-/// variable in this process would leak into the tests running beside this one, so a
-/// wrapper script in a tempdir of its own sets them and execs the real binary (same
-/// pid, fds 3 and 4 and stdin passed on). Dropping it closes the exit pipe and waits
-/// up to 5 s (then the launcher's handle kills it).
-struct EnvHelper {
+/// A helper started through a wrapper script that runs `prelude` (shell lines: an
+/// `export` of extra environment variables, a `ulimit`) and then execs the real binary
+/// (same pid, fds 3 and 4 and stdin passed on). The launcher has no knob for the
+/// helper's environment or limits (the helper inherits the test process's), and
+/// changing this process's would leak into the tests running beside this one.
+/// Dropping it closes the exit pipe and waits up to 5 s (then the launcher's handle
+/// kills it).
+struct WrappedHelper {
     process: rootlessport::launcher::RootlessPort,
     exit: Option<std::os::fd::OwnedFd>,
     _wrapper_dir: tempfile::TempDir,
 }
 
-impl EnvHelper {
-    fn start(cfg: &rootlessport::Config, env: &[(&str, &str)]) -> EnvHelper {
+impl WrappedHelper {
+    /// With `env` exported.
+    fn with_env(cfg: &rootlessport::Config, env: &[(&str, &str)]) -> WrappedHelper {
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}='{v}'")).collect();
+        WrappedHelper::start(cfg, &format!("export {}", assignments.join(" ")))
+    }
+
+    fn start(cfg: &rootlessport::Config, prelude: &str) -> WrappedHelper {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let wrapper = dir.path().join("rootlessport");
-        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}='{v}'")).collect();
         let script = format!(
-            "#!/bin/sh\nexport {}\nexec '{}' \"$@\"\n",
-            assignments.join(" "),
+            "#!/bin/sh\n{prelude} || exit 1\nexec '{}' \"$@\"\n",
             tests::rootlessport_bin().display()
         );
         std::fs::write(&wrapper, script).unwrap();
@@ -893,7 +908,7 @@ impl EnvHelper {
             let (exit_r, exit_w) = tests::cloexec_pipe();
             match rootlessport::launcher::Launcher::new(&wrapper).start(cfg, exit_r) {
                 Ok(process) => {
-                    return EnvHelper {
+                    return WrappedHelper {
                         process,
                         exit: Some(exit_w),
                         _wrapper_dir: dir,
@@ -926,7 +941,7 @@ impl EnvHelper {
     }
 }
 
-impl Drop for EnvHelper {
+impl Drop for WrappedHelper {
     fn drop(&mut self) {
         self.exit = None;
         let _ = self.process.wait_timeout(Duration::from_secs(5));
@@ -1021,7 +1036,7 @@ fn shapes_no_flow_rule_left_after_udp_flows_end() {
         "container",
     );
     let before = netns_state(&topo.container);
-    let mut helper = EnvHelper::start(
+    let mut helper = WrappedHelper::with_env(
         &topo.config(vec![udp(23253, 53, 1)]),
         &[("ROOTLESSPORT_UDP_IDLE_SECS", "2")],
     );
@@ -1295,14 +1310,7 @@ fn shapes_one_udp_client_port_to_two_published_ports_of_one_container_port() {
 fn shapes_sibling_tcp_and_udp_work_while_remote_clients_are_served() {
     require_harness();
     let _load = light();
-    let topo = BridgeTopology::new(36);
-    let mut servers = Servers::new();
-    servers.udp_reporter(
-        &topo.container,
-        sock(Ipv4Addr::UNSPECIFIED, 53),
-        "container",
-    );
-    servers.tcp_server(&topo.container, sock(Ipv4Addr::UNSPECIFIED, 80), true);
+    let (topo, _servers) = serving_53_and_80(36, Ipv4Addr::UNSPECIFIED.into());
     let tcp_to = sock(topo.container_ip(), 80);
     let udp_to = sock(topo.container_ip(), 53);
     let sibling_ip = topo.sibling_ip();
@@ -1385,26 +1393,6 @@ fn sibling_tcp_round(ns: &TestNetns, to: SocketAddr, round: u32) -> Result<(), S
 // back keeps UDP client addresses again.
 
 /// [`netns_state`] plus `net.ipv4.fwmark_reflect` and `net.ipv6.fwmark_reflect` (a
-/// helper may turn them on while it runs; it must leave them as it found them).
-fn full_state(ns: &TestNetns) -> String {
-    let mut out = netns_state(ns);
-    for family in ["ipv4", "ipv6"] {
-        let value = ns.sh(&format!("cat /proc/sys/net/{family}/fwmark_reflect"));
-        out.push_str(&format!("== {family} fwmark_reflect\n{}\n", value.trim()));
-    }
-    out
-}
-
-/// [`exits_leaving`] with [`full_state`].
-fn exits_leaving_all(
-    status: Option<std::process::ExitStatus>,
-    container: &TestNetns,
-    before: &str,
-) {
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    assert_eq!(full_state(container), before, "routing state left changed");
-}
-
 /// From the remote client's `bind` (port 0: any), one UDP question to `to`: the
 /// answer (or why not) and the socket's own address.
 fn client_asks(
@@ -1443,7 +1431,7 @@ fn shapes_tcp_to_a_closed_container_port_is_reset_promptly() {
     let topo = BridgeTopology::new(40);
     let mut servers = Servers::new();
     servers.tcp_server(&topo.container, sock(Ipv4Addr::UNSPECIFIED, 80), true);
-    let before = full_state(&topo.container);
+    let before = netns_state(&topo.container);
     let mut helper = topo.launch(vec![tcp(24080, 80), tcp(24081, 81)]);
     let host = topo.client.host_addr;
 
@@ -1489,7 +1477,7 @@ fn shapes_tcp_to_a_closed_container_port_is_reset_promptly() {
         Ok(me.to_string()),
         "TCP to the served port 24080 -> 80, after the closed one"
     );
-    exits_leaving_all(
+    exits_leaving(
         helper.exit_within(Duration::from_secs(10)),
         &topo.container,
         &before,
@@ -1511,15 +1499,8 @@ fn shapes_tcp_to_a_closed_container_port_is_reset_promptly() {
 fn shapes_full_tunnel_vpn_in_the_container_keeps_its_own_rule_order() {
     require_harness();
     let _load = light();
-    let topo = BridgeTopology::new(41);
-    let mut servers = Servers::new();
-    servers.udp_reporter(
-        &topo.container,
-        sock(Ipv4Addr::UNSPECIFIED, 53),
-        "container",
-    );
-    servers.tcp_server(&topo.container, sock(Ipv4Addr::UNSPECIFIED, 80), true);
-    let before = full_state(&topo.container);
+    let (topo, _servers) = serving_53_and_80(41, Ipv4Addr::UNSPECIFIED.into());
+    let before = netns_state(&topo.container);
     let mut helper = topo.launch(vec![udp(24153, 53, 1), tcp(24180, 80)]);
     let host = topo.client.host_addr;
     let client = topo.client.client_addr;
@@ -1577,7 +1558,7 @@ fn shapes_full_tunnel_vpn_in_the_container_keeps_its_own_rule_order() {
         Ok(format!("container|after|{me}")),
         "UDP after the VPN went"
     );
-    exits_leaving_all(
+    exits_leaving(
         helper.exit_within(Duration::from_secs(10)),
         &topo.container,
         &before,
@@ -1600,7 +1581,7 @@ fn shapes_udp_client_ports_at_the_edges_are_kept() {
         sock(Ipv4Addr::UNSPECIFIED, 53),
         "container",
     );
-    let before = full_state(&topo.container);
+    let before = netns_state(&topo.container);
     let mut helper = topo.launch(vec![udp(24253, 53, 1)]);
     let to = sock(topo.client.host_addr, 24253);
     let client = topo.client.client_addr;
@@ -1628,7 +1609,7 @@ fn shapes_udp_client_ports_at_the_edges_are_kept() {
         "UDP from {client} to {to} (-> 53), by client port:\n{}",
         problems.join("\n")
     );
-    exits_leaving_all(
+    exits_leaving(
         helper.exit_within(Duration::from_secs(10)),
         &topo.container,
         &before,
@@ -1652,7 +1633,7 @@ fn shapes_publishing_udp_port_65535_keeps_the_other_udp_ports() {
             "container",
         );
     }
-    let before = full_state(&topo.container);
+    let before = netns_state(&topo.container);
     let mut helper = topo.launch(vec![udp(24355, 55, 1), udp(24335, 65535, 1)]);
     let host = topo.client.host_addr;
     let bind = sock(topo.client.client_addr, 0);
@@ -1670,7 +1651,7 @@ fn shapes_publishing_udp_port_65535_keeps_the_other_udp_ports() {
         Ok(format!("container|to55|{me55}")),
         "UDP to 24355 -> 55, with 65535/udp published by the same helper"
     );
-    exits_leaving_all(
+    exits_leaving(
         helper.exit_within(Duration::from_secs(10)),
         &topo.container,
         &before,
@@ -1707,14 +1688,7 @@ fn container_id_in_slot(prefix: &str, slot: u32) -> String {
 fn shapes_users_own_policy_rules_are_kept_and_obeyed() {
     require_harness();
     let _load = light();
-    let topo = BridgeTopology::new(44);
-    let mut servers = Servers::new();
-    servers.udp_reporter(
-        &topo.container,
-        sock(Ipv4Addr::UNSPECIFIED, 53),
-        "container",
-    );
-    servers.tcp_server(&topo.container, sock(Ipv4Addr::UNSPECIFIED, 80), true);
+    let (topo, _servers) = serving_53_and_80(44, Ipv4Addr::UNSPECIFIED.into());
     topo.container.sh("set -e
          ip rule add pref 400 goto 410
          ip rule add pref 410 lookup main suppress_prefixlength 0
@@ -1749,7 +1723,7 @@ fn shapes_users_own_policy_rules_are_kept_and_obeyed() {
         unreachable(&route),
         "the topology itself is broken (no helper yet): {route:?}"
     );
-    let before = full_state(&topo.container);
+    let before = netns_state(&topo.container);
 
     let id = container_id_in_slot("users-rules", 11);
     let mut helper = topo.launch_with(vec![udp(24453, 53, 1), tcp(24480, 80)], |c| {
@@ -1786,7 +1760,7 @@ fn shapes_users_own_policy_rules_are_kept_and_obeyed() {
         "{}\nrules while the helper runs:\n{rules}",
         problems.join("\n")
     );
-    exits_leaving_all(
+    exits_leaving(
         helper.exit_within(Duration::from_secs(10)),
         &topo.container,
         &before,
@@ -1804,15 +1778,8 @@ fn shapes_users_own_policy_rules_are_kept_and_obeyed() {
 fn shapes_reload_to_another_family_and_back_keeps_udp_clients() {
     require_harness();
     let _load = light();
-    let topo = BridgeTopology::new(45);
-    let mut servers = Servers::new();
-    servers.udp_reporter(
-        &topo.container,
-        sock(Ipv6Addr::UNSPECIFIED, 53),
-        "container",
-    );
-    servers.tcp_server(&topo.container, sock(Ipv6Addr::UNSPECIFIED, 80), true);
-    let before = full_state(&topo.container);
+    let (topo, _servers) = serving_53_and_80(45, Ipv6Addr::UNSPECIFIED.into());
+    let before = netns_state(&topo.container);
     let mut helper = topo.launch(vec![udp(24553, 53, 1), tcp(24580, 80)]);
     let c = &topo.client;
     let (v4, v6): (IpAddr, IpAddr) = (c.client_addr.into(), c.client_addr6.into());
@@ -1880,9 +1847,160 @@ fn shapes_reload_to_another_family_and_back_keeps_udp_clients() {
         "reloads 198.51.100.2 -> {v6_ip} -> 198.51.100.2 -> \"\" -> 198.51.100.2:\n{}",
         problems.join("\n")
     );
-    exits_leaving_all(
+    exits_leaving(
         helper.exit_within(Duration::from_secs(10)),
         &topo.container,
         &before,
     );
+}
+
+/// The soft "Max open files" of a process.
+fn nofile_of(pid: u32) -> Option<usize> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The helper-wide bound on UDP flows: a client spraying source ports over many
+/// published ports (a published range, one listener per port) must not use up the
+/// helper's open files. The helper runs with a low limit (1,024, soft and hard, set by
+/// its wrapper script), a range of 16 UDP ports is published, and one remote host sends
+/// from 3,000 source ports spread over them; afterwards a new UDP client (another host,
+/// and another port of the sprayer) and new TCP connections are still served, and the
+/// helper's open files stayed below the limit all along. (`flow_bounds` in the name:
+/// `cargo xtask itest flow_bounds` runs it with the unit tests of the bound.)
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_flow_bounds_a_spray_over_a_published_range_leaves_room_for_new_clients() {
+    require_harness();
+    let _load = heavy();
+    /// The helper's open-file limit.
+    const NOFILE: usize = 1024;
+    /// Published UDP ports: host 21000-21015 to container 10000-10015.
+    const HOST_UDP: u16 = 21000;
+    const CHILD_UDP: u16 = 10000;
+    const RANGE: u16 = 16;
+    const HOST_TCP: u16 = 21100;
+    /// Source ports the sprayer sends from, one datagram each.
+    const SPRAY: u16 = 3000;
+
+    let topo = BridgeTopology::new(50);
+    let other = ClientHost::new(51);
+    let mut servers = Servers::new();
+    for p in CHILD_UDP..CHILD_UDP + RANGE {
+        servers.udp_reporter(&topo.container, sock(Ipv4Addr::UNSPECIFIED, p), "c");
+    }
+    servers.tcp_server(&topo.container, sock(Ipv4Addr::UNSPECIFIED, 7), true);
+    let cfg = topo.config(vec![
+        PortMapping::new("", HOST_UDP, CHILD_UDP, RANGE, "udp"),
+        PortMapping::new("", HOST_TCP, 7, 1, "tcp"),
+    ]);
+    let mut helper = WrappedHelper::start(&cfg, &format!("ulimit -n {NOFILE}"));
+    let pid = helper.pid();
+    assert_eq!(nofile_of(pid), Some(NOFILE), "the wrapper set the limit");
+
+    // Another host's flow, made before the spray: it must survive it.
+    let host = topo.client.host_addr;
+    let other_to = sock(other.host_addr, HOST_UDP + 5);
+    let other_addr = other.client_addr;
+    let other_sock = other
+        .ns
+        .run(move || UdpSocket::bind(sock(other_addr, 0)).unwrap());
+    let other_me = other_sock.local_addr().unwrap();
+    assert_eq!(
+        ask(&other_sock, other_to, "before", ANSWER),
+        Ok(format!("c|before|{other_me}"))
+    );
+
+    // Watch the helper's fds while the spray runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watcher = {
+        let (done, peak) = (done.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                peak.fetch_max(fd_count(pid), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let a = topo.client.client_addr;
+    let started = Instant::now();
+    let sent = topo.client.ns.run(move || {
+        let mut sent = 0u32;
+        for i in 0..SPRAY {
+            let s = UdpSocket::bind((a, 30000 + i)).unwrap();
+            if s.send_to(b"spray", (host, HOST_UDP + i % RANGE)).is_ok() {
+                sent += 1;
+            }
+            // Paced a little so that the helper sees them all (a full socket
+            // buffer would drop them before they count).
+            if i % 100 == 99 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        sent
+    });
+    let spray_time = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    let peak = peak.load(Ordering::Relaxed);
+    let after = fd_count(pid);
+    let what = format!(
+        "after {sent} datagrams from {SPRAY} ports of {a} over {RANGE} published ports \
+         in {spray_time:?} (the helper's fds: peak {peak}, now {after}, limit {NOFILE})"
+    );
+    eprintln!("{what}");
+
+    // New UDP clients: another host, and another port of the sprayer itself.
+    let (answer, me) = ask_from(
+        &other.ns,
+        sock(other.client_addr, 0),
+        sock(other.host_addr, HOST_UDP + 3),
+        "new",
+    );
+    assert_eq!(answer, Ok(format!("c|new|{me}")), "a new client; {what}");
+    let (answer, me) = ask_from(
+        &topo.client.ns,
+        sock(a, 40000),
+        sock(host, HOST_UDP + 9),
+        "own",
+    );
+    assert_eq!(
+        answer,
+        Ok(format!("c|own|{me}")),
+        "a new port of the sprayer; {what}"
+    );
+    // The flow made before the spray still works.
+    assert_eq!(
+        ask(&other_sock, other_to, "again", ANSWER),
+        Ok(format!("c|again|{other_me}")),
+        "the other host's flow from before the spray; {what}"
+    );
+    // New TCP connections, from both hosts.
+    for (client, to) in [
+        (&other, sock(other.host_addr, HOST_TCP)),
+        (&topo.client, sock(host, HOST_TCP)),
+    ] {
+        let (seen, me) = tcp_peer(client, to);
+        assert_eq!(
+            seen,
+            Ok(me.to_string()),
+            "a new TCP connection to {to}; {what}"
+        );
+    }
+    assert!(
+        peak < NOFILE && after < NOFILE,
+        "the helper's fds reached its limit; {what}"
+    );
+    // A quarter of the limit for live flows, a quarter of that more for sockets of
+    // closed ones: room to spare for everything else.
+    assert!(
+        peak <= NOFILE / 2,
+        "UDP flows held more than half the fds; {what}"
+    );
+
+    let status = helper.exit_within(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "exit {status:?}");
 }
