@@ -69,17 +69,29 @@ impl Shared {
         }
     }
 
-    /// For unit tests: no child IP (the netns's loopback), client addresses not kept,
-    /// a UDP budget of `udp_bound` live flows.
-    #[cfg(test)]
-    pub(crate) fn for_tests(udp_idle: Duration, udp_bound: usize) -> Shared {
+    /// The state of a forwarder to `child_ip` keeping client addresses as `source`
+    /// allows (none without it), with a UDP budget of `udp_bound` live flows. The
+    /// families and the mark are copied out of `source` once, so that the data path
+    /// reads them without its lock.
+    pub(crate) fn new(
+        child_ip: Option<IpAddr>,
+        udp_idle: Duration,
+        source: Option<SourceIp>,
+        udp_bound: usize,
+    ) -> Shared {
+        let families = |kept: fn(&SourceIp, IpFamily) -> bool| -> Vec<IpFamily> {
+            [IpFamily::V4, IpFamily::V6]
+                .into_iter()
+                .filter(|f| source.as_ref().is_some_and(|s| kept(s, *f)))
+                .collect()
+        };
         Shared {
-            child_ip: RwLock::new(None),
+            child_ip: RwLock::new(child_ip),
             udp_idle,
-            source_families: Vec::new(),
-            udp_families: Vec::new(),
-            mark: None,
-            source_ip: Mutex::new(None),
+            source_families: families(SourceIp::supports),
+            udp_families: families(SourceIp::supports_udp),
+            mark: source.as_ref().map(SourceIp::mark),
+            source_ip: Mutex::new(source),
             udp_budget: crate::udp::FlowBudget::new(udp_bound),
         }
     }
@@ -248,32 +260,10 @@ impl Forwarder {
         } else {
             None
         };
-        let families = |udp: bool| -> Vec<IpFamily> {
-            [IpFamily::V4, IpFamily::V6]
-                .into_iter()
-                .filter(|f| {
-                    source.as_ref().is_some_and(|s| {
-                        if udp {
-                            s.supports_udp(*f)
-                        } else {
-                            s.supports(*f)
-                        }
-                    })
-                })
-                .collect()
-        };
         let nofile = nofile_limit();
         let udp_bound = crate::udp::flow_bound(nofile);
         tracing::debug!("open-file limit {nofile}: at most {udp_bound} UDP flows helper-wide");
-        let shared = Arc::new(Shared {
-            child_ip: RwLock::new(self.child_ip),
-            udp_idle: self.udp_idle,
-            source_families: families(false),
-            udp_families: families(true),
-            mark: source.as_ref().map(SourceIp::mark),
-            source_ip: Mutex::new(source),
-            udp_budget: crate::udp::FlowBudget::new(udp_bound),
-        });
+        let shared = Arc::new(Shared::new(self.child_ip, self.udp_idle, source, udp_bound));
         let keep = shared.clone();
         let self_exit = self.exit_after;
         let Forwarder {
@@ -443,28 +433,18 @@ fn is_pipe_or_socket(fd: i32) -> bool {
 /// Raise the soft limit on open files to the hard one: each connection costs two
 /// sockets, and a pipe pair while data moves.
 pub fn raise_nofile_limit() {
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
 }
 
-/// The soft limit on open files (`RLIMIT_NOFILE`) now; `u64::MAX` when unlimited or
-/// unknown.
-pub fn nofile_limit() -> u64 {
-    // SAFETY: getrlimit into a local struct.
-    unsafe {
-        let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur
-        } else {
-            u64::MAX
-        }
-    }
+/// The soft limit on open files now; `u64::MAX` when unlimited or unknown.
+fn nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft)
 }
 
 /// Register an owned fd with the event loop.

@@ -821,7 +821,7 @@ mod flow_bounds_tests {
             .unwrap();
         rt.block_on(async {
             // 16 flows helper-wide, 4 per source, 20 sockets.
-            let shared = Arc::new(Shared::for_tests(Duration::from_secs(60), 16));
+            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
             let ports: Vec<Port> = (0..4).map(|_| port(&shared, 9)).collect();
             let live = || shared.udp_budget.totals().0;
 
@@ -874,7 +874,7 @@ mod flow_bounds_tests {
             .unwrap();
         rt.block_on(async {
             // 16 flows, 4 per source, 20 sockets.
-            let shared = Arc::new(Shared::for_tests(Duration::from_secs(60), 16));
+            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
             let p = port(&shared, 9);
             for a in 1..5u8 {
                 for i in 0..4 {
