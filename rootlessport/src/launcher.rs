@@ -150,11 +150,16 @@ pub struct RootlessPort {
 }
 
 impl RootlessPort {
+    /// The helper's process id.
     pub fn pid(&self) -> u32 {
         self.helper.pid()
     }
 
-    pub fn pidfd(&self) -> BorrowedFd<'_> {
+    /// A pidfd for the helper, readable once it has exited.
+    ///
+    /// `None` on kernels without `pidfd_open` (before 5.3), or when it failed; the
+    /// helper works the same, its death is then polled for.
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
         self.helper.pidfd()
     }
 

@@ -296,7 +296,8 @@ pub fn plan(ports: &[PortMapping]) -> Result<Vec<Forward>, Error> {
 }
 
 /// Wait until `socket` exists and accepts connections, for at most `timeout`. When
-/// `helper` (a pidfd of slirp4netns) is given, its death ends the wait at once.
+/// `helper` (a pidfd of slirp4netns) is given, its death ends the wait at once; without
+/// one (no pidfd on kernels before 5.3) a dead helper is noticed only at `timeout`.
 pub fn wait_for_socket(
     socket: &Path,
     helper: Option<BorrowedFd<'_>>,

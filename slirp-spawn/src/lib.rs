@@ -4,10 +4,13 @@
 //!   = ready pipe (write end) and nothing else leaked, its stdout and stderr in a log
 //!   file that is unlinked at once, its own process group, a new mount namespace when
 //!   the sandbox is on, `--netns-type=path` when given a path (else PID mode).
-//! - Readiness and death are awaited together (poll on the ready pipe and a pidfd),
-//!   under an overall deadline: a helper that dies is reported at once with its log.
+//! - Readiness and death are awaited together (poll on the ready pipe and a pidfd;
+//!   without `pidfd_open`, before 5.3, the ready pipe in 20 ms slices with `waitpid`
+//!   between them), under an overall deadline: a helper that dies is reported at once
+//!   with its log.
 //! - With IPv6 on, `accept_dad` is switched off inside the namespace during the launch
-//!   (from a throwaway thread that entered it) and restored, even on failure.
+//!   (from a forked child that joined it, after the user namespace when one is given)
+//!   and restored, even on failure.
 //! - [`process`] is the reusable part: any helper (rootlessport too) is started with a
 //!   stdin payload, chosen leaked fds and a log, and awaited the same way.
 //! - [`reaper`] reaps helpers the engine lets run on.

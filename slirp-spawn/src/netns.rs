@@ -1,5 +1,6 @@
 //! Network namespaces: naming one, and running code inside it on a throwaway thread.
 
+use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -69,44 +70,63 @@ where
 }
 
 const ACCEPT_DAD: &str = "/proc/sys/net/ipv6/conf/default/accept_dad";
+const ACCEPT_DAD_C: &CStr = c"/proc/sys/net/ipv6/conf/default/accept_dad";
 
 /// IPv6 duplicate address detection switched off in a namespace while slirp4netns
 /// configures it (DAD would delay the address by a second or more), and switched back
 /// to its original value by [`DadGuard::restore`] or on drop, whatever happened between.
+///
+/// The sysctl is read and written by a short-lived forked child that joins the
+/// namespaces (the user namespace first when one is given, then the network namespace),
+/// so the engine itself never changes namespace and an unprivileged engine can do it
+/// in the user namespace that owns the network namespace: joining a user namespace is
+/// only allowed to a single-threaded process, which a forked child is.
 #[derive(Debug)]
 pub struct DadGuard {
     ns: OwnedFd,
-    original: Option<String>,
+    userns: Option<OwnedFd>,
+    original: Option<Vec<u8>>,
 }
 
 impl DadGuard {
-    /// Save `accept_dad` of the namespace and set it to 0. A namespace without IPv6
-    /// (no such file) is fine: there is nothing to restore.
+    /// Save `accept_dad` of the namespace and set it to 0, as root in the caller's user
+    /// namespace. A namespace without IPv6 (no such file) is fine: there is nothing to
+    /// restore.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::Sysctl`] when the namespace cannot be entered or the sysctl not
+    /// read or written (e.g. `EPERM` for a caller without privilege over it: see
+    /// [`DadGuard::disable_in`]).
     pub fn disable(ns: &OwnedFd) -> Result<DadGuard, crate::Error> {
-        let original = in_netns(ns, || -> io::Result<Option<String>> {
-            let original = match std::fs::read_to_string(ACCEPT_DAD) {
-                Ok(v) => v.trim().to_owned(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            std::fs::write(ACCEPT_DAD, "0")?;
-            Ok(Some(original))
-        })
-        .and_then(|r| r)
-        .map_err(|source| crate::Error::Sysctl {
+        Self::disable_in(ns, None)
+    }
+
+    /// As [`DadGuard::disable`], from inside the user namespace `userns` (a rootless
+    /// engine's, which owns `ns`): the child joins it before the network namespace,
+    /// where it holds the privilege to write the sysctl.
+    ///
+    /// # Errors
+    ///
+    /// As [`DadGuard::disable`].
+    pub fn disable_in(ns: &OwnedFd, userns: Option<&OwnedFd>) -> Result<DadGuard, crate::Error> {
+        let err = |source| crate::Error::Sysctl {
             path: ACCEPT_DAD.into(),
             source,
-        })?;
+        };
+        let original = swap_sysctl(ns, userns, ACCEPT_DAD_C, b"0").map_err(err)?;
         Ok(DadGuard {
-            ns: ns.try_clone().map_err(|source| crate::Error::Sysctl {
-                path: ACCEPT_DAD.into(),
-                source,
-            })?,
+            ns: ns.try_clone().map_err(err)?,
+            userns: userns.map(OwnedFd::try_clone).transpose().map_err(err)?,
             original,
         })
     }
 
     /// Put the original value back.
+    ///
+    /// # Errors
+    ///
+    /// [`crate::Error::Sysctl`] when it cannot be written.
     pub fn restore(mut self) -> Result<(), crate::Error> {
         self.restore_now()
     }
@@ -115,8 +135,8 @@ impl DadGuard {
         let Some(value) = self.original.take() else {
             return Ok(());
         };
-        in_netns(&self.ns, move || std::fs::write(ACCEPT_DAD, value))
-            .and_then(|r| r)
+        swap_sysctl(&self.ns, self.userns.as_ref(), ACCEPT_DAD_C, &value)
+            .map(|_| ())
             .map_err(|source| crate::Error::Sysctl {
                 path: ACCEPT_DAD.into(),
                 source,
@@ -128,6 +148,94 @@ impl Drop for DadGuard {
     fn drop(&mut self) {
         if let Err(e) = self.restore_now() {
             tracing::warn!(error = %e, "could not restore accept_dad");
+        }
+    }
+}
+
+/// The longest sysctl value [`swap_sysctl`] reads back.
+const SYSCTL_MAX: usize = 64;
+
+/// In a forked child that joins `userns` (when given) and then `netns`: read the sysctl
+/// file `path`, write `value` to it, and hand the old value back through a pipe.
+/// `Ok(None)` when the file does not exist there (no IPv6 in the namespace).
+fn swap_sysctl(
+    netns: &OwnedFd,
+    userns: Option<&OwnedFd>,
+    path: &CStr,
+    value: &[u8],
+) -> io::Result<Option<Vec<u8>>> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{fork, ForkResult};
+
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY: the child calls only async-signal-safe syscalls (setns, open, read, write,
+    // _exit) on values prepared before the fork, and allocates nothing.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            let step = || -> Result<(), nix::errno::Errno> {
+                if let Some(userns) = userns {
+                    nix::sched::setns(userns, CloneFlags::CLONE_NEWUSER)?;
+                }
+                nix::sched::setns(netns, CloneFlags::CLONE_NEWNET)?;
+                let old = match open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+                    Ok(fd) => fd,
+                    Err(nix::errno::Errno::ENOENT) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                let mut buf = [0u8; SYSCTL_MAX];
+                let n = nix::unistd::read(&old, &mut buf)?;
+                // A sysctl takes a write at offset 0 only: a fresh open.
+                let new = open(path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+                nix::unistd::write(&new, value)?;
+                // The old value, or "!" for an empty one so that it differs from absence.
+                nix::unistd::write(&w, if n == 0 { b"!" } else { &buf[..n] })?;
+                Ok(())
+            };
+            let code = match step() {
+                Ok(()) => 0,
+                Err(e) => (e as i32).clamp(1, 255),
+            };
+            // SAFETY: _exit ends the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            let mut buf = [0u8; SYSCTL_MAX];
+            let mut len = 0;
+            loop {
+                match nix::unistd::read(&r, &mut buf[len..]) {
+                    Ok(0) => break,
+                    Ok(n) => len += n,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        let _ = nix::sys::signal::kill(child, nix::sys::signal::SIGKILL);
+                        let _ = waitpid(child, None);
+                        return Err(e.into());
+                    }
+                }
+                if len == buf.len() {
+                    break;
+                }
+            }
+            let status = loop {
+                match waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other?,
+                }
+            };
+            match status {
+                WaitStatus::Exited(_, 0) => Ok(match &buf[..len] {
+                    [] => None,
+                    b"!" => Some(Vec::new()),
+                    old => Some(old.to_vec()),
+                }),
+                WaitStatus::Exited(_, code) => Err(io::Error::from_raw_os_error(code)),
+                other => Err(io::Error::other(format!(
+                    "the child setting the sysctl ended as {other:?}"
+                ))),
+            }
         }
     }
 }

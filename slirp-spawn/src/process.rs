@@ -1,7 +1,8 @@
 //! Starting a helper process the way container engines do, reusable for any helper
 //! (slirp4netns, rootlessport): a stdin payload, chosen fds leaked at chosen numbers and
 //! nothing else, stdout and stderr into an unlinked log file, its own process group,
-//! optionally a new mount namespace; then readiness and death awaited together.
+//! optionally a new mount namespace; then readiness and death awaited together (on a
+//! pidfd, or, on kernels without `pidfd_open`, by polling in short slices).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -14,6 +15,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 /// Most of a log we read back into an error: the end of it, where the reason is.
 const LOG_TAIL_LIMIT: u64 = 64 * 1024;
@@ -175,6 +178,16 @@ impl HelperCommand {
     }
 
     /// Start the helper.
+    ///
+    /// Its death is watched through a pidfd when the kernel has `pidfd_open` (5.3 and
+    /// later); without one (older kernels, a seccomp filter, out of fds) the helper
+    /// starts all the same and [`Helper`] polls for its death instead.
+    ///
+    /// # Errors
+    ///
+    /// An fd target below 3, or failing to prepare the stdin payload, the log fds or the
+    /// leaked fds, or to fork and exec (including any step of the child's setup: dup2,
+    /// `setns`, `unshare`). No child is left behind on any of these errors.
     pub fn spawn(self) -> io::Result<Helper> {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
@@ -270,26 +283,29 @@ impl HelperCommand {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn()?;
-        drop(moved);
-        let pid = child.id();
-        let pidfd = match pidfd_open(pid) {
-            Ok(fd) => fd,
-            Err(e) => {
-                // No pidfd (before 5.3, or out of fds): the child must not outlive the
-                // error as a process nobody waits for.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        };
-        Ok(Helper {
+        let child = cmd.spawn()?;
+        // From here on the handle owns the child: whatever fails, its drop kills and
+        // reaps it.
+        let mut helper = Helper {
+            pid: child.id(),
             child: Some(child),
-            pidfd,
-            pid,
+            pidfd: None,
             own_group: self.own_process_group,
             status: None,
-        })
+        };
+        drop(moved);
+        match pidfd_open(helper.pid) {
+            Ok(fd) => helper.pidfd = Some(fd),
+            Err(error) => {
+                // Before 5.3 (RHEL 8's 4.18), under a seccomp filter, or out of fds.
+                tracing::debug!(
+                    pid = helper.pid,
+                    %error,
+                    "no pidfd for the helper: polling for its death instead"
+                );
+            }
+        }
+        Ok(helper)
     }
 }
 
@@ -304,6 +320,11 @@ fn payload_file(payload: &[u8]) -> io::Result<File> {
     f.rewind()?;
     Ok(f)
 }
+
+/// How often a helper without a pidfd is checked for death (`waitpid(WNOHANG)`) while
+/// we wait for it: short enough that a dead helper is noticed at once for a human,
+/// long enough to cost nothing.
+const DEATH_POLL_SLICE: Duration = Duration::from_millis(20);
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
@@ -329,53 +350,75 @@ pub enum Sync {
     TimedOut,
 }
 
-/// A running helper: its pid, a pidfd to watch it with, and its reaping.
+/// A running helper: its pid, a pidfd to watch it with (when the kernel has
+/// `pidfd_open`), and its reaping.
 ///
 /// Dropping a `Helper` that has not been reaped kills its process group (SIGKILL) and
 /// reaps it, so neither a process nor a zombie outlives the handle. Use
-/// [`Helper::into_reaper`] to let a helper run on without us.
+/// [`Helper::hand_to_reaper`] to let a helper run on without us.
 #[derive(Debug)]
 pub struct Helper {
+    /// Our unreaped child; `None` once handed to the reaper. While it is here and
+    /// `status` is `None`, its pid (and process group id) cannot be reused, so plain
+    /// `kill(2)` names it as surely as a pidfd.
     child: Option<Child>,
-    pidfd: OwnedFd,
+    /// `None` on kernels without `pidfd_open` (or when it failed), and once handed to
+    /// the reaper.
+    pidfd: Option<OwnedFd>,
     pid: u32,
     own_group: bool,
     status: Option<ExitStatus>,
 }
 
 impl Helper {
+    /// The helper's process id.
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
-    /// A pidfd for the helper: readable once it has exited.
-    pub fn pidfd(&self) -> BorrowedFd<'_> {
-        self.pidfd.as_fd()
+    /// A pidfd for the helper, readable once it has exited.
+    ///
+    /// `None` on kernels without `pidfd_open` (before 5.3), when it failed (a seccomp
+    /// filter, out of fds), and after [`Helper::hand_to_reaper`].
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(|fd| fd.as_fd())
     }
 
     /// Wait for the helper to write on `ready` (the read end of its ready pipe) or to
     /// die, whichever comes first, until `deadline`.
+    ///
+    /// Death is seen on the pidfd at once; without a pidfd the helper is checked every
+    /// 20 ms between waits on `ready`.
+    ///
+    /// # Errors
+    ///
+    /// `poll`, `read` or `waitpid` failing.
     pub fn wait_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> io::Result<Sync> {
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Sync::TimedOut);
+            }
             let (ready_ev, dead) = {
-                let mut fds = [
-                    PollFd::new(ready.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN),
-                ];
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(Sync::TimedOut);
-                }
-                match poll(&mut fds, poll_timeout(left)) {
-                    Ok(0) => return Ok(Sync::TimedOut),
+                let mut fds = vec![PollFd::new(ready.as_fd(), PollFlags::POLLIN)];
+                let wait = match &self.pidfd {
+                    Some(pidfd) => {
+                        fds.push(PollFd::new(pidfd.as_fd(), PollFlags::POLLIN));
+                        left
+                    }
+                    None => left.min(DEATH_POLL_SLICE),
+                };
+                match poll(&mut fds, poll_timeout(wait)) {
                     Ok(_) => {}
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(e) => return Err(e.into()),
                 }
-                (
-                    fds[0].revents().unwrap_or(PollFlags::empty()),
-                    fds[1].revents().is_some_and(|r| !r.is_empty()),
-                )
+                let dead = match fds.get(1) {
+                    Some(pidfd) => pidfd.revents().is_some_and(|r| !r.is_empty()),
+                    // No pidfd: ask waitpid after every slice.
+                    None => true,
+                };
+                (fds[0].revents().unwrap_or(PollFlags::empty()), dead)
             };
             if ready_ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
                 let mut buf = [0u8; 64];
@@ -405,7 +448,12 @@ impl Helper {
         }
     }
 
-    /// Reap the helper if it has exited.
+    /// Reap the helper if it has exited (`waitpid` with `WNOHANG`); its status once
+    /// reaped. `None` while it runs, and after [`Helper::hand_to_reaper`].
+    ///
+    /// # Errors
+    ///
+    /// `waitpid` failing.
     pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         if let Some(s) = self.status {
             return Ok(Some(s));
@@ -418,7 +466,14 @@ impl Helper {
         Ok(status)
     }
 
-    /// Wait up to `timeout` for the helper to exit, and reap it.
+    /// Wait up to `timeout` for the helper to exit, and reap it. `None` if it still runs
+    /// (or was handed to the reaper).
+    ///
+    /// Without a pidfd the helper is checked every 20 ms.
+    ///
+    /// # Errors
+    ///
+    /// `poll` or `waitpid` failing.
     pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -429,44 +484,59 @@ impl Helper {
             if left.is_zero() {
                 return Ok(None);
             }
-            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, poll_timeout(left)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
+            match &self.pidfd {
+                Some(pidfd) => {
+                    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, poll_timeout(left)) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => std::thread::sleep(left.min(DEATH_POLL_SLICE)),
             }
         }
     }
 
-    /// Send `signal` to the helper (and to its process group when it has its own).
+    /// Send `signal` to the helper (and to its process group when it has its own). Does
+    /// nothing once the helper is reaped.
+    ///
+    /// Plain `kill(2)`, with or without a pidfd: the helper is our child and unreaped,
+    /// so its pid (and its group's id) cannot have been reused.
+    ///
+    /// # Errors
+    ///
+    /// An unknown signal number, `kill(2)` failing other than with ESRCH, or a helper
+    /// already handed to the reaper (whose pid may since name another process).
     pub fn signal(&self, signal: libc::c_int) -> io::Result<()> {
         if self.status.is_some() {
             return Ok(());
         }
-        // SAFETY: pidfd_send_signal on a pidfd we own; the pidfd cannot name a reused pid.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
+        if self.child.is_none() {
+            return Err(io::Error::other("helper already handed to the reaper"));
+        }
+        let signal = match signal {
+            0 => None,
+            n => Some(Signal::try_from(n)?),
         };
+        let pid = Pid::from_raw(self.pid as libc::pid_t);
+        let r = nix::sys::signal::kill(pid, signal);
         if self.own_group {
-            // The group id is our unreaped child's pid, so it cannot have been reused.
-            // SAFETY: kill(2) with a negative pid signals that process group.
-            unsafe { libc::kill(-(self.pid as libc::pid_t), signal) };
+            // Helpers the helper started, still in its group (ESRCH: none is left).
+            let _ = nix::sys::signal::killpg(pid, signal);
         }
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ESRCH) {
-                return Err(e);
-            }
+        match r {
+            // ESRCH cannot happen while it is unreaped (a zombie takes signals), but it
+            // would mean it is gone anyway.
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 
     /// SIGKILL the helper (and its group) and reap it.
+    ///
+    /// # Errors
+    ///
+    /// Signalling or `waitpid` failing, or a helper already handed to the reaper.
     pub fn kill(&mut self) -> io::Result<ExitStatus> {
         if let Some(s) = self.try_wait()? {
             return Ok(s);
@@ -483,6 +553,10 @@ impl Helper {
     /// Stop the helper gracefully: wait up to `grace` for it to exit on its own (after
     /// the caller closed its exit fd, say), then SIGTERM and another `grace`, then
     /// SIGKILL. Always reaps.
+    ///
+    /// # Errors
+    ///
+    /// Waiting or signalling failing (the drop of the handle still kills and reaps).
     pub fn stop(&mut self, grace: Duration) -> io::Result<ExitStatus> {
         if let Some(s) = self.wait_timeout(grace)? {
             return Ok(s);
@@ -495,14 +569,16 @@ impl Helper {
     }
 
     /// Let the helper run on without this handle: the shared reaper reaps it when it
-    /// exits, so it never lingers as a zombie. Afterwards this handle only knows the pid
-    /// and its drop does nothing. Returns the pid.
+    /// exits (a thread blocked in `waitpid` for a helper without a pidfd), so it never
+    /// lingers as a zombie. Afterwards this handle only knows the pid: it has no pidfd,
+    /// cannot signal, and its drop does nothing. Returns the pid.
     pub fn hand_to_reaper(&mut self) -> u32 {
+        let pidfd = self.pidfd.take();
         if let Some(child) = self.child.take() {
             if self.status.is_none() {
-                match self.pidfd.try_clone() {
-                    Ok(pidfd) => crate::reaper::adopt(child, pidfd),
-                    Err(_) => crate::reaper::adopt_blocking(child),
+                match pidfd {
+                    Some(pidfd) => crate::reaper::adopt(child, pidfd),
+                    None => crate::reaper::adopt_blocking(child),
                 }
             }
         }

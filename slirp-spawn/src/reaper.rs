@@ -1,9 +1,11 @@
 //! Reaping helpers the engine lets go (podman's "servicereaper"): one background
 //! thread waits on the pidfds of every released helper and reaps each as it exits, so
-//! none lingers as a zombie and no SIGCHLD handler is needed.
+//! none lingers as a zombie and no SIGCHLD handler is needed. A helper without a pidfd
+//! (kernels before 5.3) gets a thread of its own blocked in `waitpid` instead.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::Child;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -14,6 +16,9 @@ struct Reaper {
 }
 
 static REAPER: OnceLock<Reaper> = OnceLock::new();
+
+/// Released helpers without a pidfd whose waiting thread has not reaped them yet.
+static BLOCKING: AtomicUsize = AtomicUsize::new(0);
 
 fn reaper() -> &'static Reaper {
     REAPER.get_or_init(|| {
@@ -43,17 +48,27 @@ pub(crate) fn adopt(child: Child, pidfd: OwnedFd) {
 
 /// Fallback when no pidfd could be had: a thread that blocks in wait.
 pub(crate) fn adopt_blocking(mut child: Child) {
-    let _ = std::thread::Builder::new()
+    let pid = child.id();
+    BLOCKING.fetch_add(1, Ordering::SeqCst);
+    let started = std::thread::Builder::new()
         .name("helper-wait".into())
-        .spawn(move || child.wait());
+        .spawn(move || {
+            let _ = child.wait();
+            BLOCKING.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(error) = started {
+        BLOCKING.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!(pid, %error, "no thread to reap a released helper: it will stay a zombie once it exits");
+    }
 }
 
-/// How many released helpers are still running (not yet reaped).
+/// How many released helpers are still running (not yet reaped), with a pidfd or not.
 pub fn pending() -> usize {
-    REAPER
+    let polled = REAPER
         .get()
         .map(|r| r.children.lock().map(|c| c.len()).unwrap_or(0))
-        .unwrap_or(0)
+        .unwrap_or(0);
+    polled + BLOCKING.load(Ordering::SeqCst)
 }
 
 fn run(wake_r: OwnedFd) {

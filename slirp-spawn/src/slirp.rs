@@ -50,7 +50,10 @@ pub struct SlirpSpec {
     /// The overall deadline for readiness.
     pub ready_timeout: Duration,
     /// The user namespace owning `netns`, for a caller without privilege over it
-    /// (rootless): slirp4netns joins it first (`--userns-path`).
+    /// (rootless; e.g. `/proc/PID/ns/user` of the engine's namespace holder). The DAD
+    /// sysctl is then set from inside it, and slirp4netns runs in it (as root there,
+    /// as under rootless podman) and is also given `--userns-path`. The caller's uid
+    /// must be mapped to 0 in it.
     pub userns: Option<PathBuf>,
 }
 
@@ -137,13 +140,17 @@ impl Slirp4netns {
             remove_stale_socket(sock)?;
         }
         let ns = spec.netns.open()?;
+        let userns = match &spec.userns {
+            Some(path) => Some(open_userns(path)?),
+            None => None,
+        };
         // Held until slirp4netns is ready: it names the netns for a binary that only
         // takes a PID.
         let mut _holder = None;
         let target = match &spec.netns {
             Netns::Path(p) if features.has_netns_type => NetnsTarget::Path(p.clone()),
             Netns::Path(_) => {
-                let holder = netns_holder(&ns)?;
+                let holder = netns_holder(&ns, userns.as_ref())?;
                 let pid = holder.pid();
                 _holder = Some(holder);
                 NetnsTarget::Pid(pid)
@@ -163,7 +170,7 @@ impl Slirp4netns {
             dad: None,
         };
         if opts.enable_ipv6 {
-            launch.dad = Some(DadGuard::disable(&ns)?);
+            launch.dad = Some(DadGuard::disable_in(&ns, userns.as_ref())?);
         }
 
         let (exit_r, exit_w) = pipe().map_err(Error::io("creating the exit pipe"))?;
@@ -176,7 +183,19 @@ impl Slirp4netns {
             "creating the slirp4netns log file in {}",
             spec.tmp_dir.display()
         )))?;
-        let mut helper = HelperCommand::new(&binary)
+        let mut command = HelperCommand::new(&binary);
+        if let Some(userns) = &userns {
+            // As under rootless podman, slirp4netns runs in the engine's user namespace
+            // (as root there), joined before the sandbox's mount namespace is made:
+            // unprivileged, neither that namespace nor the sandbox's set-uid to 0 could
+            // be had. Its own `--userns-path` join is then a no-op it tolerates.
+            command = command.join_userns(
+                userns
+                    .try_clone()
+                    .map_err(Error::io("duplicating the user namespace fd"))?,
+            );
+        }
+        let mut helper = command
             .args(&args)
             .leak_fd(exit_r, EXIT_FD)
             .leak_fd(ready_w, READY_FD)
@@ -234,7 +253,10 @@ impl Slirp4netns {
     }
 
     /// A pidfd for the helper, readable once it has died: for waiting on its API socket.
-    pub fn pidfd(&self) -> BorrowedFd<'_> {
+    ///
+    /// `None` on kernels without `pidfd_open` (before 5.3), or when it failed: waits on
+    /// the API socket then end at their timeout instead of at its death.
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
         self.helper.pidfd()
     }
 
@@ -405,18 +427,34 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
 
 /// A placeholder process inside `ns`, for slirp4netns versions without
 /// `--netns-type=path`: they are given its PID. Killed and reaped when dropped.
-fn netns_holder(ns: &OwnedFd) -> Result<Helper, Error> {
+fn netns_holder(ns: &OwnedFd, userns: Option<&OwnedFd>) -> Result<Helper, Error> {
     let ns = ns
         .try_clone()
         .map_err(Error::io("duplicating the netns fd"))?;
-    HelperCommand::new("sleep")
-        .args(["infinity"])
+    let mut command = HelperCommand::new("sleep").args(["infinity"]);
+    if let Some(userns) = userns {
+        command = command.join_userns(
+            userns
+                .try_clone()
+                .map_err(Error::io("duplicating the user namespace fd"))?,
+        );
+    }
+    command
         .join_netns(ns)
         .spawn()
         .map_err(|source| Error::Spawn {
             binary: "sleep (netns placeholder for PID mode)".into(),
             source,
         })
+}
+
+fn open_userns(path: &Path) -> Result<OwnedFd, Error> {
+    std::fs::File::open(path)
+        .map(OwnedFd::from)
+        .map_err(Error::io(format!(
+            "opening the user namespace {}",
+            path.display()
+        )))
 }
 
 fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {

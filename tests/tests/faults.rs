@@ -329,7 +329,7 @@ fn slirp4netns_dying_while_ports_are_published() {
     // SAFETY: killing the slirp4netns we started.
     unsafe { libc::kill(slirp.pid() as i32, libc::SIGKILL) };
     let t = Instant::now();
-    let e = slirp_portfwd::publish_ports(&sock, Some(slirp.pidfd()), &[pm(29240, 80)]).unwrap_err();
+    let e = slirp_portfwd::publish_ports(&sock, slirp.pidfd(), &[pm(29240, 80)]).unwrap_err();
     println!("publication noticed the death after {:?}: {e}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(5));
     let text = e.to_string();

@@ -100,7 +100,7 @@ fn publish_a_tcp_udp_range_then_list_and_remove() {
     let sock = slirp.api_socket().unwrap().to_owned();
 
     let mapping = PortMapping::new("127.0.0.1", 18080, 80, 3, "tcp,udp");
-    let ids = publish_ports(&sock, Some(slirp.pidfd()), &[mapping]).unwrap();
+    let ids = publish_ports(&sock, slirp.pidfd(), &[mapping]).unwrap();
     assert_eq!(ids.len(), 6);
 
     for i in 0..3u16 {
@@ -179,7 +179,7 @@ fn failed_publication_rolls_back() {
     // Something else holds host port 18102 already.
     let _busy = TcpListener::bind("127.0.0.1:18102").unwrap();
     let mapping = PortMapping::new("127.0.0.1", 18100, 80, 3, "tcp");
-    let e = publish_ports(&sock, Some(slirp.pidfd()), &[mapping]).unwrap_err();
+    let e = publish_ports(&sock, slirp.pidfd(), &[mapping]).unwrap_err();
     assert!(
         e.to_string()
             .starts_with("from slirp4netns while setting up port redirection: "),
@@ -192,7 +192,7 @@ fn failed_publication_rolls_back() {
 
     // Refused before anything is sent.
     let past_end = PortMapping::new("", 65534, 80, 3, "udp");
-    let e = publish_ports(&sock, Some(slirp.pidfd()), &[past_end]).unwrap_err();
+    let e = publish_ports(&sock, slirp.pidfd(), &[past_end]).unwrap_err();
     assert_eq!(
         e.to_string(),
         "port range 65534-65536 (host) goes past 65535"
@@ -210,7 +210,7 @@ fn waiting_for_the_socket_ends_when_the_helper_dies() {
     let t = Instant::now();
     let e = wait_for_socket(
         &dir.path().join("never.sock"),
-        Some(helper.pidfd()),
+        helper.pidfd(),
         Duration::from_secs(30),
     )
     .unwrap_err();
@@ -305,7 +305,7 @@ fn udp_from_a_remote_client_with_podman_defaults() {
     echo_servers(&ns, vec![90, 91, 92]);
     let sock = slirp.api_socket().unwrap().to_owned();
     let mapping = PortMapping::new("", 18190, 90, 3, "tcp,udp");
-    publish_ports(&sock, Some(slirp.pidfd()), &[mapping]).unwrap();
+    publish_ports(&sock, slirp.pidfd(), &[mapping]).unwrap();
     let client = ClientHost::new(1);
     let to = client.host_addr;
     for i in 0..3u16 {

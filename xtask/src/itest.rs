@@ -179,6 +179,55 @@ fn has_ignored_tests(exe: &Path) -> Result<bool, String> {
         .any(|l| l.ends_with(": test")))
 }
 
+/// Test executables whose namespaced tests also run as an unprivileged user.
+const RUN_ROOTLESS: &[&str] = &["main_job", "rootless"];
+/// Test executables whose tests run only as an unprivileged user.
+const ROOTLESS_ONLY: &[&str] = &["rootless"];
+
+/// A test executable's name without cargo's hash (`main_job-0123abcd` -> `main_job`).
+fn test_name(exe: &Path) -> String {
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match name.rsplit_once('-') {
+        Some((stem, _)) => stem.to_owned(),
+        None => name,
+    }
+}
+
+/// Who runs the rootless tests, and how.
+struct RootlessRunner {
+    user: String,
+    test_user: Option<crate::testuser::TestUser>,
+}
+
+impl RootlessRunner {
+    fn command(&self, program: &Path) -> Command {
+        match &self.test_user {
+            Some(u) => u.command(program),
+            None => Command::new(program),
+        }
+    }
+}
+
+/// As root: the test user (created on demand). Otherwise the current user, if it can
+/// make user namespaces and use `/dev/net/tun`; else one line saying why not.
+fn rootless_runner() -> Result<RootlessRunner, String> {
+    if sys::is_root() {
+        let u = crate::testuser::ensure_test_user()?;
+        return Ok(RootlessRunner {
+            user: u.name.clone(),
+            test_user: Some(u),
+        });
+    }
+    crate::testuser::current_user_can_go_rootless()?;
+    Ok(RootlessRunner {
+        user: std::env::var("USER").unwrap_or_else(|_| nix::unistd::getuid().to_string()),
+        test_user: None,
+    })
+}
+
 pub fn run(args: &[String]) -> Result<(), String> {
     let filters: Vec<&String> = args.iter().filter(|a| a.as_str() != "--").collect();
     sys::ensure(sys::ITEST_NEEDS)?;
@@ -204,11 +253,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let bins = namespaced_binaries()?;
     let unshare = sys::find_in_path("unshare").ok_or("unshare not found")?;
     let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;
-    for (exe, dir) in bins {
-        let name = exe
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+    for (exe, dir) in &bins {
+        let name = test_name(exe);
+        if ROOTLESS_ONLY.contains(&name.as_str()) {
+            continue;
+        }
         eprintln!("xtask: namespaced tests of {name}");
         let mut cmd = Command::new(&unshare);
         if !sys::is_root() {
@@ -217,12 +266,40 @@ pub fn run(args: &[String]) -> Result<(), String> {
         cmd.args(["--net", "--mount", "--propagation", "private", "--"])
             .arg(&me)
             .args(["ns-exec", "--"])
-            .arg(&exe)
+            .arg(exe)
             .args(["--ignored", "--show-output"])
             .args(&filters)
             .current_dir(dir)
             .env(HARNESS_ENV, "1");
         run_counted(&format!("namespaced tests of {name}"), &mut cmd, &mut tally)?;
+    }
+
+    // The same stack with no privilege at all: as a test user when we are root (made
+    // on demand, as a distribution sets one up), else as ourselves.
+    let rootless = rootless_runner();
+    match &rootless {
+        Ok(runner) => {
+            for (exe, dir) in &bins {
+                let name = test_name(exe);
+                if !RUN_ROOTLESS.contains(&name.as_str()) {
+                    continue;
+                }
+                eprintln!(
+                    "xtask: tests of {name} as unprivileged user {}",
+                    runner.user
+                );
+                let mut cmd = runner.command(exe);
+                cmd.args(["--ignored", "--show-output"])
+                    .args(&filters)
+                    .current_dir(dir)
+                    .env(HARNESS_ENV, "rootless");
+                run_counted(&format!("rootless tests of {name}"), &mut cmd, &mut tally)?;
+            }
+        }
+        Err(why) => eprintln!(
+            "xtask: rootless tests skipped ({}): {why}",
+            RUN_ROOTLESS.join(", ")
+        ),
     }
 
     if std::env::var_os("ITEST_SKIP_PODMAN").is_none() && crate::e2e::available() && sys::is_root()
@@ -233,6 +310,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
         run_counted_plain("podman-e2e", &mut cmd, &mut tally)?;
     } else {
         eprintln!("xtask: podman-e2e skipped (needs root with podman installed or installable)");
+    }
+    if std::env::var_os("ITEST_SKIP_PODMAN").is_none() && crate::e2e::available() {
+        match &rootless {
+            Ok(_) => {
+                eprintln!("xtask: podman-e2e-rootless");
+                let mut cmd = Command::new(&me);
+                cmd.arg("podman-e2e-rootless");
+                run_counted_plain("podman-e2e-rootless", &mut cmd, &mut tally)?;
+            }
+            Err(why) => eprintln!("xtask: podman-e2e-rootless skipped: {why}"),
+        }
     }
 
     // Every fuzz target for a few seconds.

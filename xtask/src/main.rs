@@ -6,6 +6,7 @@
 //!   binary's `#[ignore]`d tests (the ones that need namespaces or system programs)
 //!   inside fresh network and mount namespaces.
 //! - `podman-e2e`: a real podman runs containers with our `rootlessport`.
+//! - `podman-e2e-rootless`: the same, rootless, as an unprivileged user.
 //! - `ns-exec -- PROGRAM ARGS...` (internal): run PROGRAM in the namespace set up by
 //!   `unshare`, with loopback up and a private `/run/netns`.
 
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 mod bench;
 mod demo;
 mod e2e;
+mod e2e_rootless;
 mod echo;
 mod fuzz;
 mod helper;
@@ -24,6 +26,7 @@ mod run;
 mod session;
 mod soak;
 mod sys;
+mod testuser;
 
 const USAGE: &str = "usage: cargo xtask <command>
 
@@ -46,6 +49,9 @@ commands:
                       its fd count and RSS must stay flat (slopes reported)
   podman-e2e          podman 4.x runs containers with our release rootlessport
                       (installs podman, runc, busybox-static when root)
+  podman-e2e-rootless rootless podman 4.x (as an unprivileged user; as root, the user
+                      rootless-net-test, created on demand) with our release rootlessport:
+                      slirp4netns and bridge networks, restarts, kills, network connect
   ns-exec -- CMD...   (internal) run CMD inside a namespace prepared for tests
   echo-server --tcp P,P --udp P,P
                       (internal) the TCP/UDP echo server used inside containers";
@@ -56,6 +62,7 @@ fn main() -> ExitCode {
         Some("itest") => itest::run(&args[1..]),
         Some("ns-exec") => nsexec::run(&args[1..]),
         Some("podman-e2e") => e2e::run(&args[1..]),
+        Some("podman-e2e-rootless") => e2e_rootless::run(&args[1..]),
         Some("echo-server") => echo::run(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),

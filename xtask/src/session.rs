@@ -266,7 +266,7 @@ impl Session {
         } else if !spec.ports.is_empty() {
             let slirp = session.slirp.as_ref().ok_or("slirp4netns is gone")?;
             let api = api.ok_or("slirp4netns has no API socket")?;
-            slirp_portfwd::publish_ports(&api, Some(slirp.pidfd()), &spec.ports)
+            slirp_portfwd::publish_ports(&api, slirp.pidfd(), &spec.ports)
                 .map_err(|e| e.to_string())?;
             for m in &spec.ports {
                 progress(format!("published {} (slirp4netns)", describe(m)));

@@ -1,0 +1,256 @@
+//! The library launch path as an engine running as an ordinary user uses it: a user
+//! namespace mapping the user to root and a network namespace it owns, slirp4netns
+//! started with `SlirpSpec.userns` (DAD sysctl and sandbox inside that user namespace),
+//! and rootlessport through the launcher with `Launcher.userns`. No step may need root.
+//!
+//! `cargo xtask itest` runs these as an unprivileged user (a test user it creates when
+//! it runs as root, else the current user); [`require_rootless`] refuses any other run.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use slirp_config::PortMapping;
+use slirp_spawn::{Netns, Slirp4netns, SlirpSpec};
+use tests::{cloexec_pipe, process_exists, rootlessport_bin, xtask_bin, HARNESS_ENV};
+
+/// The value `cargo xtask itest` gives [`HARNESS_ENV`] for the unprivileged run.
+const ROOTLESS: &str = "rootless";
+
+fn require_rootless() {
+    assert_eq!(
+        std::env::var(HARNESS_ENV).as_deref(),
+        Ok(ROOTLESS),
+        "this test must run as an unprivileged user: run it through `cargo xtask itest`"
+    );
+    assert!(
+        !nix::unistd::geteuid().is_root(),
+        "this test must not run as root"
+    );
+}
+
+/// The engine's namespaces: `unshare --user --map-root-user --net` running the echo
+/// server (TCP and UDP on the given container ports) inside them. Killed on drop.
+struct EngineNamespaces {
+    child: Child,
+}
+
+impl EngineNamespaces {
+    fn start(tcp: u16, udp: u16) -> EngineNamespaces {
+        let mut child = Command::new("unshare")
+            .args(["--user", "--map-root-user", "--net", "--"])
+            .arg(xtask_bin())
+            .args([
+                "echo-server",
+                "--tcp",
+                &tcp.to_string(),
+                "--udp",
+                &udp.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The server says it listens, so the namespaces exist by then.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "echo-server: ready");
+        EngineNamespaces { child }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn ns(&self, kind: &str) -> String {
+        format!("/proc/{}/ns/{kind}", self.pid())
+    }
+
+    /// A sysctl of the network namespace, read from inside (nsenter as the user's root).
+    fn sysctl(&self, path: &str) -> String {
+        let out = Command::new("nsenter")
+            .args([
+                "--target",
+                &self.pid().to_string(),
+                "--user",
+                "--net",
+                "--preserve-credentials",
+                "cat",
+                path,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for EngineNamespaces {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn same_namespace(a: &str, b: &str) -> bool {
+    std::fs::read_link(a).unwrap() == std::fs::read_link(b).unwrap()
+}
+
+fn mapping(host: u16, container: u16, protocol: &str) -> PortMapping {
+    PortMapping {
+        host_ip: "127.0.0.1".into(),
+        host_port: host,
+        container_port: container,
+        protocol: protocol.into(),
+        range: 1,
+    }
+}
+
+fn fetch_tcp(port: u16) -> String {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"x").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
+fn ask_udp(port: u16) -> String {
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = (0..20)
+        .find_map(|_| {
+            u.send_to(b"hi", ("127.0.0.1", port)).unwrap();
+            u.recv(&mut buf).ok()
+        })
+        .expect("no UDP reply");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+#[ignore = "itest: runs as an unprivileged user (cargo xtask itest)"]
+fn rootless_library_launch_publishes_and_leaves_nothing() {
+    require_rootless();
+    let engine = EngineNamespaces::start(80, 53);
+    let dad_before = engine.sysctl("/proc/sys/net/ipv6/conf/default/accept_dad");
+    let tmp = tempfile::tempdir().unwrap();
+
+    // podman's defaults: IPv6 on (so the DAD sysctl is set), sandbox on (mount ns).
+    let mut spec = SlirpSpec::new(
+        Netns::Path(engine.ns("net").into()),
+        tmp.path(),
+        "rootless-lib",
+    );
+    spec.userns = Some(engine.ns("user").into());
+    assert!(spec.options.enable_ipv6 && !spec.options.no_pivot_root);
+    let slirp = Slirp4netns::start(&spec).unwrap();
+    let slirp_pid = slirp.pid();
+    assert!(
+        same_namespace(&format!("/proc/{slirp_pid}/ns/user"), &engine.ns("user")),
+        "slirp4netns runs in the engine's user namespace"
+    );
+    assert!(
+        !same_namespace(&format!("/proc/{slirp_pid}/ns/mnt"), "/proc/self/ns/mnt"),
+        "slirp4netns's sandbox has a mount namespace of its own"
+    );
+    assert_eq!(
+        engine.sysctl("/proc/sys/net/ipv6/conf/default/accept_dad"),
+        dad_before,
+        "accept_dad restored after the launch"
+    );
+
+    let config = rootlessport::Config {
+        mappings: vec![mapping(28910, 80, "tcp"), mapping(28911, 53, "udp")],
+        netns_path: engine.ns("net"),
+        tmp_dir: tmp.path().display().to_string(),
+        child_ip: slirp.guest_ip().to_string(),
+        container_id: "rootless-lib".into(),
+        ..Default::default()
+    };
+    let (exit_r, exit_w) = cloexec_pipe();
+    let mut launcher = rootlessport::launcher::Launcher::new(rootlessport_bin());
+    launcher.userns = Some(engine.ns("user").into());
+    let mut helper = launcher.start(&config, exit_r).unwrap();
+    let helper_pid = helper.pid();
+    assert!(
+        same_namespace(&format!("/proc/{helper_pid}/ns/user"), &engine.ns("user")),
+        "rootlessport runs in the engine's user namespace"
+    );
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{helper_pid}/status"))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1),
+        Some(nix::unistd::getuid().to_string().as_str()),
+        "the helper keeps the user's own uid on the host"
+    );
+
+    let tcp = fetch_tcp(28910);
+    assert!(tcp.starts_with("tcp 80 from "), "{tcp}");
+    let udp = ask_udp(28911);
+    assert!(
+        udp.starts_with("udp 53 from ") && udp.ends_with(": hi"),
+        "{udp}"
+    );
+
+    drop(exit_w);
+    let status = helper.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "rootlessport must exit cleanly once its exit pipe closes: {status:?}"
+    );
+    slirp.stop().unwrap();
+    assert!(!process_exists(slirp_pid), "slirp4netns left");
+    assert!(
+        TcpListener::bind("127.0.0.1:28910").is_ok() && UdpSocket::bind("127.0.0.1:28911").is_ok(),
+        "a published port is still held"
+    );
+    let left: Vec<String> = entries(tmp.path())
+        .into_iter()
+        .filter(|e| e != "rp")
+        .collect();
+    assert_eq!(left, [] as [String; 0], "files left in the tmp dir");
+}
+
+#[test]
+#[ignore = "itest: runs as an unprivileged user (cargo xtask itest)"]
+fn rootless_without_the_user_namespace_fails_with_a_clear_error() {
+    require_rootless();
+    let engine = EngineNamespaces::start(80, 53);
+    let tmp = tempfile::tempdir().unwrap();
+    // Forgetting `userns`: the user holds no privilege over the namespace, and the
+    // error must say which step needed it.
+    let spec = SlirpSpec::new(
+        Netns::Path(engine.ns("net").into()),
+        tmp.path(),
+        "rootless-nouserns",
+    );
+    let err = Slirp4netns::start(&spec).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "cannot set /proc/sys/net/ipv6/conf/default/accept_dad in the container network namespace: Operation not permitted (os error 1)"
+    );
+    assert_eq!(entries(tmp.path()), [] as [String; 0]);
+}
