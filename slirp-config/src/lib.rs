@@ -1,6 +1,7 @@
 //! slirp4netns configuration as podman does it: the `slirp4netns:` options, feature
-//! detection from the binary's `--help`, the command line, and the port mapping type
-//! shared by every port forwarder.
+//! detection from the binary's `--help`, the command line, and the port model shared by
+//! every port forwarder: podman's [`PortMapping`] wire type, its `-p` syntax, and its
+//! expansion into checked single forwards ([`forwards`]).
 //!
 //! Error texts are podman's, byte for byte, with values quoted as Go's `%q` quotes them.
 //!
@@ -35,6 +36,7 @@ mod features;
 mod network;
 mod options;
 mod port;
+mod publish;
 mod quote;
 
 pub use args::{
@@ -46,5 +48,9 @@ pub use features::{
 };
 pub use network::parse_network;
 pub use options::{parse_options, SlirpOptions, DEFAULT_MTU, MAX_MTU, MIN_MTU};
-pub use port::PortMapping;
+pub use port::{
+    forwards, Family, Forwards, PortError, PortForward, PortMapping, PortRange, PortSide, Proto,
+    Protocol,
+};
+pub use publish::{ParsePublishError, PublishSyntaxError};
 pub use quote::go_quote;
