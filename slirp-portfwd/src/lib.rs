@@ -17,7 +17,7 @@
 //! ```
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown};
+use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use slirp_config::{go_quote, PortMapping};
+use slirp_config::{go_quote, Family, PortError, PortMapping, PortRange, Proto, Protocol};
 
 /// How long one request may take, sending and answering.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -247,52 +247,63 @@ pub struct Forward {
     pub guest_port: u16,
 }
 
-/// The requests that publish `ports`: one per port of each range and per protocol of
-/// each comma list; host IP `""` is 0.0.0.0, `range` 0 is 1, protocol `""` is tcp.
-/// Everything is checked before anything is sent: a range past 65535, a port 0, a
-/// protocol other than tcp/udp or a non-IPv4 host IP is an error.
+/// The requests that publish `ports`, in podman's order (each mapping, each protocol
+/// of its comma list, each port of its range: [`slirp_config::forwards`]); host IP
+/// `""` is 0.0.0.0, `range` 0 is 1, protocol `""` is tcp.
+///
+/// Everything is checked before anything is sent. podman sends what it is given and
+/// leaves the refusal to slirp4netns, one forward in; we refuse the whole list first,
+/// in our words.
+///
+/// # Errors
+///
+/// The shared checks of [`slirp_config::forwards`] ([`Error::PortZero`],
+/// [`Error::RangeOverflow`], an unknown protocol or a host IP that is no address), and
+/// what slirp4netns's API cannot carry: a protocol other than plain `tcp`/`udp`
+/// ([`Error::UnsupportedProtocol`]) or a host IP other than IPv4
+/// ([`Error::UnsupportedHostIp`]).
 pub fn plan(ports: &[PortMapping]) -> Result<Vec<Forward>, Error> {
-    let mut out = Vec::new();
-    for m in ports {
-        let host_addr = match m.host_ip.as_str() {
-            "" => Ipv4Addr::UNSPECIFIED,
-            ip => ip
-                .parse::<Ipv4Addr>()
-                .map_err(|_| Error::UnsupportedHostIp(ip.to_owned()))?,
-        };
-        if m.host_port == 0 {
-            return Err(Error::PortZero { what: "host" });
-        }
-        if m.container_port == 0 {
-            return Err(Error::PortZero { what: "container" });
-        }
-        let count = m.count();
-        for (what, first) in [("host", m.host_port), ("container", m.container_port)] {
-            let last = u32::from(first) + u32::from(count) - 1;
-            if last > 65535 {
-                return Err(Error::RangeOverflow { what, first, last });
-            }
-        }
-        let mut protos = Vec::new();
-        for p in m.protocols() {
-            protos.push(match p {
-                "tcp" => "tcp",
-                "udp" => "udp",
-                other => return Err(Error::UnsupportedProtocol(other.to_owned())),
-            });
-        }
-        for i in 0..count {
-            for proto in &protos {
-                out.push(Forward {
-                    proto,
-                    host_addr,
-                    host_port: m.host_port + i,
-                    guest_port: m.container_port + i,
-                });
-            }
-        }
+    slirp_config::forwards(ports)
+        .map(|f| {
+            let f = f.map_err(refusal)?;
+            let proto = match f.proto {
+                Proto {
+                    protocol: p @ (Protocol::Tcp | Protocol::Udp),
+                    family: Family::Any,
+                } => p.as_str(),
+                other => return Err(Error::UnsupportedProtocol(other.to_string())),
+            };
+            let host_addr = match f.host_ip {
+                None => Ipv4Addr::UNSPECIFIED,
+                Some(IpAddr::V4(a)) => a,
+                Some(IpAddr::V6(_)) => {
+                    return Err(Error::UnsupportedHostIp(f.mapping.host_ip.clone()))
+                }
+            };
+            Ok(Forward {
+                proto,
+                host_addr,
+                host_port: f.host_port,
+                guest_port: f.container_port,
+            })
+        })
+        .collect()
+}
+
+/// A shared check's failure, in our words.
+fn refusal(e: PortError) -> Error {
+    match e {
+        PortError::UnknownProtocol(p) => Error::UnsupportedProtocol(p),
+        PortError::InvalidHostIp(ip) => Error::UnsupportedHostIp(ip),
+        PortError::PortZero(side) => Error::PortZero {
+            what: side.as_str(),
+        },
+        PortError::RangePastEnd { side, first, count } => Error::RangeOverflow {
+            what: side.as_str(),
+            first,
+            last: PortRange { first, count }.last(),
+        },
     }
-    Ok(out)
 }
 
 /// Wait until `socket` exists and accepts connections, for at most `timeout`. When
