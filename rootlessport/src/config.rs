@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Deserializer, Serialize};
-use slirp_config::{go_quote, PortMapping};
+use slirp_config::{go_quote, PortError, PortMapping, PortSide, Protocol};
 
 use crate::Error;
 
@@ -121,16 +121,9 @@ impl Transport {
     }
 }
 
-/// Which address families a listener serves, from the proto suffix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// `tcp`/`udp`: a wildcard listens on IPv4 and IPv6 at once.
-    Any,
-    /// `tcp4`/`udp4`.
-    V4,
-    /// `tcp6`/`udp6`.
-    V6,
-}
+/// Which address families a listener serves, from the proto suffix (`tcp`: a wildcard
+/// listens on IPv4 and IPv6 at once; `tcp4`, `udp6`: that family only).
+pub use slirp_config::Family;
 
 /// One validated port to forward (RootlessKit's `port.Spec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,70 +216,69 @@ pub fn parse_child_ip(s: &str) -> Result<Option<IpAddr>, Error> {
 }
 
 /// Expand and validate the mappings into port specs, in podman's order (each mapping,
-/// each protocol of its comma list, each port of its range), with RootlessKit's checks
-/// and texts. Everything is checked before anything listens.
+/// each protocol of its comma list, each port of its range: [`slirp_config::forwards`]),
+/// with RootlessKit's checks and texts. Everything is checked before anything listens.
+///
+/// # Errors
+///
+/// The first failure in that order, as RootlessKit's `ValidatePortSpec` words it (the
+/// helper's stdout line): `unknown proto: "X"`, `invalid ParentIP: "X"`,
+/// `invalid ParentPort: 0`, `invalid ChildPort: 0`, our `invalid port range: ...` for a
+/// range past 65535 (podman's helper wraps around), `conflict with ID N` for a proto,
+/// host IP and host port given twice, and our `unsupported proto: "sctp..."` where
+/// RootlessKit accepts what it then cannot forward.
 pub fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Error> {
     let mut specs: Vec<PortSpec> = Vec::new();
     let mut seen = std::collections::HashMap::new();
-    for m in mappings {
-        let count = m.count();
-        for proto in m.protocols() {
-            let (transport, family) = match proto {
-                "tcp" => (Transport::Tcp, Family::Any),
-                "tcp4" => (Transport::Tcp, Family::V4),
-                "tcp6" => (Transport::Tcp, Family::V6),
-                "udp" => (Transport::Udp, Family::Any),
-                "udp4" => (Transport::Udp, Family::V4),
-                "udp6" => (Transport::Udp, Family::V6),
-                "sctp" | "sctp4" | "sctp6" => {
-                    return Err(Error::UnsupportedProto(proto.to_owned()))
-                }
-                _ => return Err(Error::UnknownProto(proto.to_owned())),
-            };
-            let parent_ip = if m.host_ip.is_empty() {
-                "0.0.0.0".to_owned()
-            } else {
-                m.host_ip.clone()
-            };
-            let parent_addr =
-                parse_ip(&parent_ip).ok_or_else(|| Error::InvalidParentIp(parent_ip.clone()))?;
-            if m.host_port == 0 {
-                return Err(Error::InvalidParentPort(0));
-            }
-            if m.container_port == 0 {
-                return Err(Error::InvalidChildPort(0));
-            }
-            for (which, first) in [("host", m.host_port), ("container", m.container_port)] {
-                if u32::from(first) + u32::from(count) - 1 > 65535 {
-                    return Err(Error::RangePastEnd {
-                        which,
-                        port: first,
-                        range: count,
-                    });
-                }
-            }
-            for i in 0..count {
-                let parent_port = m.host_port + i;
-                let key = (proto.to_owned(), parent_ip.clone(), parent_port);
-                if let Some(id) = seen.get(&key) {
-                    return Err(Error::Conflict(*id));
-                }
-                let id = specs.len() as u32 + 1;
-                seen.insert(key, id);
-                specs.push(PortSpec {
-                    id,
-                    proto: proto.to_owned(),
-                    transport,
-                    family,
-                    parent_ip: parent_ip.clone(),
-                    parent_addr,
-                    parent_port,
-                    child_port: m.container_port + i,
-                });
-            }
+    for f in slirp_config::forwards(mappings) {
+        let f = f.map_err(rootlesskit_error)?;
+        let proto = f.proto.to_string();
+        let transport = match f.proto.protocol {
+            Protocol::Tcp => Transport::Tcp,
+            Protocol::Udp => Transport::Udp,
+            Protocol::Sctp => return Err(Error::UnsupportedProto(proto)),
+        };
+        // RootlessKit compares host IPs as text, "" made 0.0.0.0.
+        let parent_ip = match f.mapping.host_ip.as_str() {
+            "" => "0.0.0.0".to_owned(),
+            ip => ip.to_owned(),
+        };
+        let parent_addr = f
+            .host_ip
+            .map_or(Ipv4Addr::UNSPECIFIED.into(), |a| a.to_canonical());
+        let key = (proto.clone(), parent_ip.clone(), f.host_port);
+        if let Some(id) = seen.get(&key) {
+            return Err(Error::Conflict(*id));
         }
+        let id = specs.len() as u32 + 1;
+        seen.insert(key, id);
+        specs.push(PortSpec {
+            id,
+            proto,
+            transport,
+            family: f.proto.family,
+            parent_ip,
+            parent_addr,
+            parent_port: f.host_port,
+            child_port: f.container_port,
+        });
     }
     Ok(specs)
+}
+
+/// A shared check's failure in RootlessKit's words.
+fn rootlesskit_error(e: PortError) -> Error {
+    match e {
+        PortError::UnknownProtocol(p) => Error::UnknownProto(p),
+        PortError::InvalidHostIp(ip) => Error::InvalidParentIp(ip),
+        PortError::PortZero(PortSide::Host) => Error::InvalidParentPort(0),
+        PortError::PortZero(PortSide::Container) => Error::InvalidChildPort(0),
+        PortError::RangePastEnd { side, first, count } => Error::RangePastEnd {
+            which: side.as_str(),
+            port: first,
+            range: count,
+        },
+    }
 }
 
 /// Quote for error texts (Go's `%q`).
