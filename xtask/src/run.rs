@@ -2,7 +2,9 @@
 
 use std::ffi::OsString;
 
-use crate::session::{exit_code, parse_publish, Session, SessionSpec};
+use slirp_config::PortMapping;
+
+use crate::session::{exit_code, Session, SessionSpec};
 
 const USAGE: &str = "usage: cargo xtask run [-p [IP:]HOST:CONTAINER[/PROTO]]... [--network slirp4netns:OPTS] -- CMD [ARGS...]";
 
@@ -55,6 +57,12 @@ pub fn parse(args: &[String]) -> Result<SessionSpec, String> {
         options,
         command,
     })
+}
+
+/// One `-p` value, in slirp-config's words (`invalid -p "SPEC": ...`).
+fn parse_publish(spec: &str) -> Result<PortMapping, String> {
+    spec.parse()
+        .map_err(|e: slirp_config::ParsePublishError| e.to_string())
 }
 
 pub fn run(args: &[String]) -> Result<i32, String> {

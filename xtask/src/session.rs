@@ -3,7 +3,6 @@
 //! then the command, then teardown. Used by `cargo xtask run` and `cargo xtask demo`.
 
 use std::ffi::OsString;
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -16,67 +15,6 @@ use slirp_config::{PortMapping, SlirpOptions};
 use slirp_spawn::{Netns, Slirp4netns, SlirpSpec};
 
 use crate::sys;
-
-/// Parse `-p [IP:]HOST:CONTAINER[/PROTO]` (ports may be ranges `A-B`, an IPv6 address
-/// goes in brackets, PROTO is `tcp`, `udp` or `tcp,udp`).
-///
-/// ```text
-/// 8080:80  127.0.0.1:8080:80/udp  [::1]:8080:80  8000-8002:80-82/tcp,udp
-/// ```
-pub fn parse_publish(spec: &str) -> Result<PortMapping, String> {
-    let bad = |why: &str| format!("invalid -p {spec:?}: {why}");
-    let (addr_ports, proto) = match spec.rsplit_once('/') {
-        Some((a, p)) => (a, p),
-        None => (spec, "tcp"),
-    };
-    for p in proto.split(',') {
-        if p != "tcp" && p != "udp" {
-            return Err(bad(&format!("protocol {p:?} is not tcp or udp")));
-        }
-    }
-    let (host_ip, rest) = if let Some(v6) = addr_ports.strip_prefix('[') {
-        let (ip, rest) = v6
-            .split_once("]:")
-            .ok_or_else(|| bad("missing \"]:\" after the IPv6 address"))?;
-        (ip.to_string(), rest)
-    } else {
-        let parts: Vec<&str> = addr_ports.split(':').collect();
-        match parts.len() {
-            2 => (String::new(), addr_ports),
-            3 => (parts[0].to_string(), &addr_ports[parts[0].len() + 1..]),
-            _ => return Err(bad("expected [IP:]HOST:CONTAINER[/PROTO]")),
-        }
-    };
-    if !host_ip.is_empty() && host_ip.parse::<IpAddr>().is_err() {
-        return Err(bad(&format!("{host_ip:?} is not an IP address")));
-    }
-    let (host, container) = rest
-        .split_once(':')
-        .ok_or_else(|| bad("expected HOST:CONTAINER"))?;
-    let (h0, h1) = port_range(host).map_err(|e| bad(&e))?;
-    let (c0, c1) = port_range(container).map_err(|e| bad(&e))?;
-    if h1 - h0 != c1 - c0 {
-        return Err(bad("host and container ranges differ in length"));
-    }
-    Ok(PortMapping::new(&host_ip, h0, c0, h1 - h0 + 1, proto))
-}
-
-fn port_range(s: &str) -> Result<(u16, u16), String> {
-    let port = |p: &str| match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("{p:?} is not a port (1-65535)")),
-        Ok(n) => Ok(n),
-    };
-    match s.split_once('-') {
-        Some((a, b)) => {
-            let (a, b) = (port(a)?, port(b)?);
-            if b < a {
-                return Err(format!("range {s:?} runs backwards"));
-            }
-            Ok((a, b))
-        }
-        None => port(s).map(|p| (p, p)),
-    }
-}
 
 /// What to run and how.
 pub struct SessionSpec {
@@ -392,30 +330,17 @@ use std::os::unix::fs::DirBuilderExt;
 
 /// `tcp 127.0.0.1:8080 -> 80`, `tcp,udp *:8000-8002 -> 80-82`.
 pub fn describe(m: &PortMapping) -> String {
-    let host = if m.host_ip.is_empty() {
-        "*".to_string()
-    } else if m.host_ip.contains(':') {
-        format!("[{}]", m.host_ip)
-    } else {
-        m.host_ip.clone()
+    let host = match m.host_ip.as_str() {
+        "" => "*".to_owned(),
+        ip if ip.contains(':') => format!("[{ip}]"),
+        ip => ip.to_owned(),
     };
-    let proto = if m.protocol.is_empty() {
-        "tcp"
-    } else {
-        &m.protocol
-    };
-    let n = m.count();
-    if n == 1 {
-        format!("{proto} {host}:{} -> {}", m.host_port, m.container_port)
-    } else {
-        format!(
-            "{proto} {host}:{}-{} -> {}-{}",
-            m.host_port,
-            m.host_port + (n - 1),
-            m.container_port,
-            m.container_port + (n - 1)
-        )
-    }
+    format!(
+        "{} {host}:{} -> {}",
+        m.protocol_list(),
+        m.host_ports(),
+        m.container_ports()
+    )
 }
 
 /// Exit code for a finished command: its code, or 128 + the signal that ended it.
@@ -453,89 +378,18 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    // The `-p` parsing tests are slirp-config's (publish.rs) now.
     #[test]
-    fn publish_specs() {
-        let m = parse_publish("8080:80").unwrap();
-        assert_eq!(
-            (
-                m.host_ip.as_str(),
-                m.host_port,
-                m.container_port,
-                m.range,
-                m.protocol.as_str()
-            ),
-            ("", 8080, 80, 1, "tcp")
-        );
-        let m = parse_publish("127.0.0.1:5353:53/udp").unwrap();
-        assert_eq!(
-            (
-                m.host_ip.as_str(),
-                m.host_port,
-                m.container_port,
-                m.protocol.as_str()
-            ),
-            ("127.0.0.1", 5353, 53, "udp")
-        );
-        let m = parse_publish("[::1]:8443:443/tcp,udp").unwrap();
-        assert_eq!(
-            (m.host_ip.as_str(), m.protocol.as_str()),
-            ("::1", "tcp,udp")
-        );
-        let m = parse_publish("8000-8002:80-82").unwrap();
-        assert_eq!((m.host_port, m.container_port, m.range), (8000, 80, 3));
+    fn describe_lines() {
+        let m: PortMapping = "8000-8002:80-82".parse().unwrap();
         assert_eq!(describe(&m), "tcp *:8000-8002 -> 80-82");
         assert_eq!(
-            describe(&parse_publish("[::1]:1:2/udp").unwrap()),
+            describe(&"[::1]:1:2/udp".parse().unwrap()),
             "udp [::1]:1 -> 2"
         );
-    }
-
-    #[test]
-    fn bad_publish_specs() {
-        let e = |s: &str| parse_publish(s).unwrap_err();
         assert_eq!(
-            e("80"),
-            r#"invalid -p "80": expected [IP:]HOST:CONTAINER[/PROTO]"#
-        );
-        assert_eq!(
-            e("1.2.3.4:80"),
-            r#"invalid -p "1.2.3.4:80": "1.2.3.4" is not a port (1-65535)"#
-        );
-        assert_eq!(
-            e("a:80"),
-            r#"invalid -p "a:80": "a" is not a port (1-65535)"#
-        );
-        assert_eq!(
-            e("0:80"),
-            r#"invalid -p "0:80": "0" is not a port (1-65535)"#
-        );
-        assert_eq!(
-            e("8080:80/sctp"),
-            r#"invalid -p "8080:80/sctp": protocol "sctp" is not tcp or udp"#
-        );
-        assert_eq!(
-            e("x.y:8080:80"),
-            r#"invalid -p "x.y:8080:80": "x.y" is not an IP address"#
-        );
-        assert_eq!(
-            e("1:2:3:4"),
-            r#"invalid -p "1:2:3:4": expected [IP:]HOST:CONTAINER[/PROTO]"#
-        );
-        assert_eq!(
-            e("8000-8002:80"),
-            r#"invalid -p "8000-8002:80": host and container ranges differ in length"#
-        );
-        assert_eq!(
-            e("8002-8000:80-82"),
-            r#"invalid -p "8002-8000:80-82": range "8002-8000" runs backwards"#
-        );
-        assert_eq!(
-            e("[::1:80:80"),
-            r#"invalid -p "[::1:80:80": missing "]:" after the IPv6 address"#
-        );
-        assert_eq!(
-            e("70000:80"),
-            r#"invalid -p "70000:80": "70000" is not a port (1-65535)"#
+            describe(&PortMapping::new("127.0.0.1", 8080, 80, 0, "")),
+            "tcp 127.0.0.1:8080 -> 80"
         );
     }
 }
