@@ -18,7 +18,7 @@ use crate::quote::go_quote;
 /// This is the wire type and stays as loose as the wire: any field may hold what the
 /// forwarders refuse. [`PortMapping::forwards`] (and [`forwards`] for a list) reads it
 /// into checked single forwards; `FromStr` and `Display` speak the `podman run -p`
-/// syntax (see [`ParsePublishError`]).
+/// syntax (see [`ParsePublishError`](crate::ParsePublishError)).
 ///
 /// Missing fields take their zero value, as Go's decoder does.
 ///
