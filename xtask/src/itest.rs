@@ -120,7 +120,8 @@ fn run_counted_plain(label: &str, cmd: &mut Command, tally: &mut Tally) -> Resul
         .map_err(|e| format!("waiting for {label}: {e}"))?;
     tally.passed += plain.passed;
     tally.failed += plain.failed;
-    if !status.success() {
+    // A run that counted nothing has tested nothing: that is a failure too.
+    if !status.success() || plain.passed + plain.failed == 0 {
         if plain.failed == 0 {
             tally.failed += 1;
         }
