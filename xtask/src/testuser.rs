@@ -82,15 +82,26 @@ pub fn ensure_test_user() -> Result<TestUser, String> {
             Uid::effective()
         ));
     }
+    // Test runs may set the user up at the same time (itest and podman-e2e-rootless,
+    // two worktrees): one at a time, so that no range is added twice.
+    let _lock = setup_lock()?;
     let user = match lookup(TEST_USER)? {
         Some(u) => u,
         None => {
-            run_checked(
+            let made = run_checked(
                 Command::new(tool("useradd")?).args(["-m", "-s", "/bin/sh", TEST_USER]),
                 "useradd",
-            )?;
-            lookup(TEST_USER)?
-                .ok_or_else(|| format!("useradd succeeded but user {TEST_USER} is not found"))?
+            );
+            // Someone without our lock (a person, another tool) may have made it.
+            match (lookup(TEST_USER)?, made) {
+                (Some(u), _) => u,
+                (None, Err(e)) => return Err(e),
+                (None, Ok(())) => {
+                    return Err(format!(
+                        "useradd succeeded but user {TEST_USER} is not found"
+                    ))
+                }
+            }
         }
     };
     let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
@@ -168,6 +179,29 @@ pub fn current_user_can_go_rootless() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// An exclusive `flock` on `/run/rootless-net-test.lock`, waited for up to a minute.
+fn setup_lock() -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = Path::new("/run/rootless-net-test.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("opening {}: {e}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err((_, e)) => return Err(format!("locking {}: {e}", path.display())),
+        }
+    }
 }
 
 fn lookup(name: &str) -> Result<Option<User>, String> {
@@ -319,6 +353,17 @@ mod tests {
         assert_eq!(subid_ranges(text, "alice", 1000), vec![(100000, 65536)]);
         assert_eq!(subid_ranges(text, "carol", 1001), vec![(300000, 10)]);
         assert!(subid_ranges(text, "bob", 7).is_empty());
+    }
+
+    #[test]
+    fn range_added_once_after_the_others() {
+        let file = std::env::temp_dir().join(format!("subuid-test-{}", std::process::id()));
+        std::fs::write(&file, "alice:200000:65536").expect("writing the test file");
+        ensure_subid_range(&file, "bob", 1002).expect("first call");
+        ensure_subid_range(&file, "bob", 1002).expect("second call");
+        let text = std::fs::read_to_string(&file).expect("reading the test file");
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(text, "alice:200000:65536\nbob:265536:65536\n");
     }
 
     #[test]
