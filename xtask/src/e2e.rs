@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::itest::workspace_root;
 use crate::sys::{self, Need};
+use crate::workspace::workspace_root;
 
 const NEEDS: &[Need] = &[
     Need {

@@ -5,9 +5,9 @@
 //! hang (5 s per input) or more than 512 MB of memory fails the run.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use crate::itest::workspace_root;
+use crate::workspace::{cargo, workspace_root};
 
 pub const TARGETS: &[&str] = &[
     "config_json",
@@ -15,10 +15,6 @@ pub const TARGETS: &[&str] = &[
     "api_reply",
     "reload_request",
 ];
-
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
 
 fn ensure_cargo_fuzz() -> Result<(), String> {
     let ok = cargo()

@@ -27,6 +27,7 @@ mod session;
 mod soak;
 mod sys;
 mod testuser;
+mod workspace;
 
 const USAGE: &str = "usage: cargo xtask <command>
 
