@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::measure::{
-    iperf, iperf_at, kv, latencies, percentile, ports_figures, rss_mb, rss_with_conns, short_conns,
-    short_conns_at, udp_flows_at,
+    iperf, iperf_at, latencies, num, percentile, ports_figures, rss_mb, rss_with_conns,
+    short_conns, short_conns_at, udp_flows_at,
 };
 use super::rig::{addr, client, forwarder_pid, veth_where, Col, Rig, COLS, VETH_KEPT, VETH_PLAIN};
 use super::Settings;
@@ -183,12 +183,8 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
                     &s.udp_secs.to_string(),
                 ],
             )?;
-            let sent: f64 = kv(&line, "sent")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0);
-            let got: f64 = kv(&line, "received")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0);
+            let sent: f64 = num(&line, "sent").unwrap_or(0.0);
+            let got: f64 = num(&line, "received").unwrap_or(0.0);
             put("udp_pps", c, got / s.udp_secs as f64);
             put(
                 "udp_loss",

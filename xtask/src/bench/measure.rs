@@ -14,9 +14,15 @@ use super::rig::{
 };
 use crate::sys;
 
-pub(super) fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+/// The value of `key=value` in a bench client's result line.
+fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|f| f.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// The value of `key=value` in a bench client's result line, parsed.
+pub(super) fn num<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+    kv(line, key)?.parse().ok()
 }
 
 pub(super) fn iperf(rig: &Rig, c: Col, reverse: bool, secs: u64) -> Result<f64, String> {
@@ -102,12 +108,8 @@ pub(super) fn short_conns_at(w: &Where, count: u64) -> Result<(f64, f64, f64), S
     for k in kids {
         let out = k.wait_with_output().map_err(|e| e.to_string())?;
         let line = String::from_utf8_lossy(&out.stdout).to_string();
-        done += kv(&line, "done").and_then(|d| d.parse().ok()).unwrap_or(0);
-        secs = secs.max(
-            kv(&line, "secs")
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0.0),
-        );
+        done += num(&line, "done").unwrap_or(0);
+        secs = secs.max(num(&line, "secs").unwrap_or(0.0));
         lat.extend(latencies(&line));
     }
     lat.sort_unstable();
@@ -124,15 +126,9 @@ pub(super) fn udp_flows_at(w: &Where, count: u64) -> Result<f64, String> {
         .output()
         .map_err(|e| e.to_string())?;
     let line = String::from_utf8_lossy(&out.stdout).to_string();
-    let done: f64 = kv(&line, "done")
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(0.0);
-    let failed: u64 = kv(&line, "failed")
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(1);
-    let secs: f64 = kv(&line, "secs")
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(0.0);
+    let done: f64 = num(&line, "done").unwrap_or(0.0);
+    let failed: u64 = num(&line, "failed").unwrap_or(1);
+    let secs: f64 = num(&line, "secs").unwrap_or(0.0);
     if failed > 0 || secs <= 0.0 {
         return Err(format!("UDP flows through {}: {}", w.echo, line.trim()));
     }
