@@ -13,6 +13,7 @@ mod measure;
 mod report;
 mod rig;
 
+use crate::args::{self, Long};
 use crate::sys::{self, Need};
 use crate::workspace::workspace_root;
 
@@ -52,9 +53,41 @@ const BENCH_NEEDS: &[Need] = &[
     },
 ];
 
+/// What the command line asked for.
+#[derive(Default)]
+struct Args {
+    quick: bool,
+    rounds: Option<usize>,
+    save_docs: bool,
+    /// Set on the run inside the private namespaces.
+    inner: bool,
+}
+
+fn parse(args: &[String]) -> Result<Args, String> {
+    let mut a = Args::default();
+    let mut p = args::parser(args);
+    while let Some(arg) = args::next(&mut p, "bench")? {
+        match arg {
+            Long("quick") => a.quick = true,
+            Long("rounds") => {
+                a.rounds = Some(args::number(&mut p).ok_or("bench: --rounds needs a number")?)
+            }
+            Long("save-docs") => a.save_docs = true,
+            Long("inner") => a.inner = true,
+            other => {
+                return Err(format!(
+                    "bench: unknown argument {:?} (--quick, --rounds N, --save-docs)",
+                    args::shown(&other)
+                ))
+            }
+        }
+    }
+    Ok(a)
+}
+
 pub fn run(args: &[String]) -> Result<(), String> {
-    let inner = args.iter().any(|a| a == "--inner");
-    if !inner {
+    let a = parse(args)?;
+    if !a.inner {
         sys::ensure(BENCH_NEEDS)?;
         if rig::podman_helper().is_none()
             && sys::is_root()
@@ -76,13 +109,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Err("bench failed".into())
         };
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let rounds = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(if quick { 1 } else { 3 });
+    let quick = a.quick;
+    let rounds = a.rounds.unwrap_or(if quick { 1 } else { 3 });
     let settings = if quick {
         Settings {
             quick,
@@ -108,8 +136,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             port_counts: vec![1, 1000, 10000],
         }
     };
-    let save_docs = args.iter().any(|a| a == "--save-docs");
-    inner_run(&settings, save_docs)
+    inner_run(&settings, a.save_docs)
 }
 
 /// Inside the private namespaces: set up, measure, report.
