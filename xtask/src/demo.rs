@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use slirp_config::{PortMapping, SlirpOptions};
 
+use crate::args::{self, Long};
 use crate::session::{Session, SessionSpec};
 
 /// Bytes downloaded for the throughput figure.
@@ -17,11 +18,11 @@ const DOWNLOAD: u64 = 512 * 1024 * 1024;
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut download = DOWNLOAD;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--download-mib" => {
-                let v = it.next().ok_or("--download-mib needs a number")?;
+    let mut p = args::parser(args);
+    while let Some(arg) = args::next(&mut p, "demo")? {
+        match arg {
+            Long("download-mib") => {
+                let v = args::string(&mut p).ok_or("--download-mib needs a number")?;
                 download = v
                     .parse::<u64>()
                     .map_err(|_| format!("bad --download-mib {v:?}"))?
@@ -30,7 +31,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
             other => {
                 return Err(format!(
-                    "demo: unknown argument {other:?} (try --download-mib N)"
+                    "demo: unknown argument {:?} (try --download-mib N)",
+                    args::shown(&other)
                 ))
             }
         }

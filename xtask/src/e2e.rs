@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::itest::workspace_root;
+use crate::args::{self, Long};
 use crate::sys::{self, Need};
+use crate::workspace::workspace_root;
 
 const NEEDS: &[Need] = &[
     Need {
@@ -50,7 +51,20 @@ fn dir() -> PathBuf {
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    if args.first().map(String::as_str) == Some("--inner") {
+    let mut inner_run = false;
+    let mut p = args::parser(args);
+    while let Some(arg) = args::next(&mut p, "podman-e2e")? {
+        match arg {
+            Long("inner") => inner_run = true,
+            other => {
+                return Err(format!(
+                    "podman-e2e: unknown argument {:?}",
+                    args::shown(&other)
+                ))
+            }
+        }
+    }
+    if inner_run {
         return inner();
     }
     if !sys::is_root() {

@@ -103,9 +103,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::itest::workspace_root;
 use crate::sys::{self, Need};
 use crate::testuser;
+use crate::workspace::workspace_root;
 
 const NEEDS: &[Need] = &[
     Need {

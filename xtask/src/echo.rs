@@ -7,30 +7,34 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 
+use crate::args::{self, Long};
+
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
     let mut exit_after: Option<usize> = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let list = match a.as_str() {
-            "--tcp" => &mut tcp,
-            "--udp" => &mut udp,
-            "--plain" => {
+    let mut p = args::parser(args);
+    while let Some(arg) = args::next(&mut p, "echo-server")? {
+        let list = match arg {
+            Long("tcp") => &mut tcp,
+            Long("udp") => &mut udp,
+            Long("plain") => {
                 PLAIN.store(true, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
-            "--exit-after" => {
-                let n = it
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or("echo-server: --exit-after N")?;
+            Long("exit-after") => {
+                let n = args::number(&mut p).ok_or("echo-server: --exit-after N")?;
                 exit_after = Some(n);
                 continue;
             }
-            other => return Err(format!("echo-server: unknown argument {other:?}")),
+            other => {
+                return Err(format!(
+                    "echo-server: unknown argument {:?}",
+                    args::shown(&other)
+                ))
+            }
         };
-        let ports = it.next().ok_or("echo-server: a port list must follow")?;
+        let ports = args::string(&mut p).ok_or("echo-server: a port list must follow")?;
         for p in ports.split(',') {
             list.push(
                 p.parse::<u16>()

@@ -5,9 +5,10 @@
 //! hang (5 s per input) or more than 512 MB of memory fails the run.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use crate::itest::workspace_root;
+use crate::args::{self, Long, Value};
+use crate::workspace::{cargo, workspace_root};
 
 pub const TARGETS: &[&str] = &[
     "config_json",
@@ -15,10 +16,6 @@ pub const TARGETS: &[&str] = &[
     "api_reply",
     "reload_request",
 ];
-
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
 
 fn ensure_cargo_fuzz() -> Result<(), String> {
     let ok = cargo()
@@ -46,19 +43,17 @@ fn ensure_cargo_fuzz() -> Result<(), String> {
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut seconds: u64 = 60;
     let mut targets: Vec<String> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--seconds" => {
-                seconds = it
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("fuzz: --seconds needs a number")?
+    let mut p = args::parser(args);
+    while let Some(arg) = args::next(&mut p, "fuzz")? {
+        match arg {
+            Long("seconds") => {
+                seconds = args::number(&mut p).ok_or("fuzz: --seconds needs a number")?
             }
-            t if TARGETS.contains(&t) => targets.push(t.to_string()),
+            Value(t) if TARGETS.iter().any(|k| t == *k) => targets.push(args::utf8(t)?),
             other => {
                 return Err(format!(
-                    "fuzz: unknown argument {other:?}; targets: {}",
+                    "fuzz: unknown argument {:?}; targets: {}",
+                    args::shown(&other),
                     TARGETS.join(", ")
                 ))
             }

@@ -5,13 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::itest::workspace_root;
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(workspace_root());
-    c
-}
+use crate::workspace::{cargo, workspace_root};
 
 fn host_triple() -> Option<String> {
     let out = Command::new("rustc").arg("-vV").output().ok()?;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::sys;
+use crate::workspace::cargo;
 
 /// Set for tests running inside the namespaces this harness made.
 pub const HARNESS_ENV: &str = "ROOTLESS_NET_ITEST";
@@ -35,20 +36,6 @@ impl Tally {
             }
         }
     }
-}
-
-pub fn workspace_root() -> PathBuf {
-    // xtask lives one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root());
-    cmd
 }
 
 /// Run `cmd`, echoing its stdout while counting libtest results. A run that fails

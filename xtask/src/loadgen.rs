@@ -14,9 +14,25 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use crate::args::{self, Value};
+
 pub fn run(args: &[String]) -> Result<(), String> {
+    let mut words = Vec::new();
+    let mut p = args::parser(args);
+    while let Some(arg) = args::next(&mut p, "bench-client")? {
+        match arg {
+            Value(w) => words.push(args::utf8(w)?),
+            flag => {
+                return Err(format!(
+                    "bench-client: unknown argument {:?}",
+                    args::shown(&flag)
+                ))
+            }
+        }
+    }
     let arg = |i: usize, what: &str| -> Result<&String, String> {
-        args.get(i)
+        words
+            .get(i)
             .ok_or_else(|| format!("bench-client: missing {what}"))
     };
     let addr: SocketAddr = arg(1, "ADDR")?

@@ -7,11 +7,17 @@
 //!   inside fresh network and mount namespaces.
 //! - `podman-e2e`: a real podman runs containers with our `rootlessport`.
 //! - `podman-e2e-rootless`: the same, rootless, as an unprivileged user.
+//! - `bench`, `fuzz`, `soak`: the benchmark, libFuzzer, and churn with leak checks.
 //! - `ns-exec -- PROGRAM ARGS...` (internal): run PROGRAM in the namespace set up by
 //!   `unshare`, with loopback up and a private `/run/netns`.
+//!
+//! The command's arguments are read with `lexopt` (see [`args`]); `help` lists them all.
 
 use std::process::ExitCode;
 
+use args::{Long, Short, Value};
+
+mod args;
 mod bench;
 mod demo;
 mod e2e;
@@ -27,6 +33,7 @@ mod session;
 mod soak;
 mod sys;
 mod testuser;
+mod workspace;
 
 const USAGE: &str = "usage: cargo xtask <command>
 
@@ -52,51 +59,176 @@ commands:
   podman-e2e-rootless rootless podman 4.x (as an unprivileged user; as root, the user
                       rootless-net-test, created on demand) with our release rootlessport:
                       slirp4netns and bridge networks, restarts, kills, network connect
-  ns-exec -- CMD...   (internal) run CMD inside a namespace prepared for tests
-  echo-server --tcp P,P --udp P,P
-                      (internal) the TCP/UDP echo server used inside containers";
+  help                this list
+
+internal, run by the commands above:
+  ns-exec -- CMD...   run CMD inside a namespace prepared for tests
+  ns-child -- CMD...  become CMD inside the namespaces of `run` and `demo`, once set up
+  echo-server [--plain] [--exit-after N] --tcp P,P --udp P,P
+                      the TCP/UDP echo server used inside containers
+  http-server PORT    the demo's HTTP server
+  bench-client MODE ADDR N [N]
+                      one load generator of the bench (conn, pingpong, udp, hold, udpflows)
+  reload-send TMPDIR CONTAINER_ID CHILD_IP
+                      one reload request to a running rootlessport";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("itest") => itest::run(&args[1..]),
-        Some("ns-exec") => nsexec::run(&args[1..]),
-        Some("podman-e2e") => e2e::run(&args[1..]),
-        Some("podman-e2e-rootless") => e2e_rootless::run(&args[1..]),
-        Some("echo-server") => echo::run(&args[1..]),
-        Some("demo") => demo::run(&args[1..]),
-        Some("bench") => bench::run(&args[1..]),
-        Some("bench-client") => loadgen::run(&args[1..]),
-        Some("soak") => soak::run(&args[1..]),
-        Some("fuzz") => fuzz::run(&args[1..]),
-        // (internal) one reload request, for tests that send it as another user.
-        Some("reload-send") => match args.get(1..4) {
+    let mut p = lexopt::Parser::from_env();
+    let command = match p.next() {
+        Ok(Some(Value(command))) => command.to_string_lossy().into_owned(),
+        Ok(Some(Short('h') | Long("help"))) => "help".to_owned(),
+        Ok(Some(flag)) => {
+            let flag = args::shown(&flag);
+            return fail(format!(
+                "unknown argument {flag:?} (cargo xtask help lists the commands)"
+            ));
+        }
+        Ok(None) => return fail(USAGE.to_owned()),
+        Err(e) => return fail(e.to_string()),
+    };
+    let args = match args::rest(&mut p) {
+        Ok(args) => args,
+        Err(e) => return fail(e),
+    };
+    let result = match command.as_str() {
+        "itest" => itest::run(&args),
+        "ns-exec" => nsexec::run(&args),
+        "podman-e2e" => e2e::run(&args),
+        "podman-e2e-rootless" => e2e_rootless::run(&args),
+        "echo-server" => echo::run(&args),
+        "demo" => demo::run(&args),
+        "bench" => bench::run(&args),
+        "bench-client" => loadgen::run(&args),
+        "soak" => soak::run(&args),
+        "fuzz" => fuzz::run(&args),
+        // One reload request, for tests that send it as another user.
+        "reload-send" => match args.get(..3) {
             Some([dir, id, ip]) => rootlessport::reload::reload(dir.as_ref(), id, ip)
                 .map(|()| println!("OK"))
                 .map_err(|e| e.to_string()),
             _ => Err("usage: xtask reload-send TMPDIR CONTAINER_ID CHILD_IP".into()),
         },
-        Some("http-server") => demo::http_server(&args[1..]),
-        Some("ns-child") => session::ns_child(&args[1..]),
-        Some("run") => match run::run(&args[1..]) {
+        "http-server" => demo::http_server(&args),
+        "ns-child" => session::ns_child(&args),
+        "run" => match run::run(&args) {
             Ok(code) => return ExitCode::from(code.clamp(0, 255) as u8),
             Err(e) => {
                 eprintln!("xtask run: {e}");
                 return ExitCode::from(125);
             }
         },
-        Some("-h" | "--help" | "help") => {
+        "help" => {
             println!("{USAGE}");
             Ok(())
         }
-        Some(other) => Err(format!("unknown command {other:?}\n{USAGE}")),
-        None => Err(USAGE.to_owned()),
+        other => Err(format!("unknown command {other:?}\n{USAGE}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            ExitCode::FAILURE
+        Err(e) => fail(e),
+    }
+}
+
+fn fail(e: String) -> ExitCode {
+    eprintln!("xtask: {e}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    type Run = fn(&[String]) -> Result<(), String>;
+
+    /// Each command refuses an unknown flag or a bad value before it does anything, in
+    /// one line; the texts that were there before lexopt are unchanged.
+    #[test]
+    fn bad_arguments_fail_first_in_one_line() {
+        use crate::{bench, demo, e2e, echo, fuzz, loadgen, soak};
+        let cases: &[(Run, &[&str], &str)] = &[
+            (
+                demo::run,
+                &["--frob"],
+                r#"demo: unknown argument "--frob" (try --download-mib N)"#,
+            ),
+            (
+                demo::run,
+                &["--download-mib"],
+                "--download-mib needs a number",
+            ),
+            (
+                demo::run,
+                &["--download-mib", "x"],
+                r#"bad --download-mib "x""#,
+            ),
+            (
+                bench::run,
+                &["--frob"],
+                r#"bench: unknown argument "--frob" (--quick, --rounds N, --save-docs)"#,
+            ),
+            (bench::run, &["--rounds"], "bench: --rounds needs a number"),
+            (
+                bench::run,
+                &["--quick=1"],
+                r#"bench: unexpected argument for option '--quick': "1""#,
+            ),
+            (
+                soak::run,
+                &["--frob"],
+                r#"soak: unknown argument "--frob" (--minutes N or --seconds S)"#,
+            ),
+            (soak::run, &["--seconds"], "soak: a number must follow"),
+            (soak::run, &["--minutes", "x"], "soak: a number must follow"),
+            (soak::run, &["--seconds", "9"], "soak: at least 10 seconds"),
+            (
+                fuzz::run,
+                &["--frob"],
+                r#"fuzz: unknown argument "--frob"; targets: config_json, slirp_options, api_reply, reload_request"#,
+            ),
+            (
+                fuzz::run,
+                &["--seconds", "x"],
+                "fuzz: --seconds needs a number",
+            ),
+            (
+                echo::run,
+                &["--frob"],
+                r#"echo-server: unknown argument "--frob""#,
+            ),
+            (
+                echo::run,
+                &["--tcp"],
+                "echo-server: a port list must follow",
+            ),
+            (echo::run, &["--tcp", "7,x"], r#"echo-server: bad port "x""#),
+            (
+                echo::run,
+                &["--exit-after", "x"],
+                "echo-server: --exit-after N",
+            ),
+            (
+                loadgen::run,
+                &["--frob"],
+                r#"bench-client: unknown argument "--frob""#,
+            ),
+            (loadgen::run, &["conn"], "bench-client: missing ADDR"),
+            (
+                loadgen::run,
+                &["conn", "127.0.0.1:7", "x"],
+                "bench-client: bad COUNT",
+            ),
+            (
+                loadgen::run,
+                &["frob", "127.0.0.1:7"],
+                r#"bench-client: unknown mode "frob""#,
+            ),
+            (
+                e2e::run,
+                &["--frob"],
+                r#"podman-e2e: unknown argument "--frob""#,
+            ),
+        ];
+        for (run, args, want) in cases {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            assert_eq!(run(&args).err().as_deref(), Some(*want), "{args:?}");
         }
     }
 }

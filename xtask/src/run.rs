@@ -4,6 +4,7 @@ use std::ffi::OsString;
 
 use slirp_config::PortMapping;
 
+use crate::args::{self, Long, Short, Value};
 use crate::session::{exit_code, Session, SessionSpec};
 
 const USAGE: &str = "usage: cargo xtask run [-p [IP:]HOST:CONTAINER[/PROTO]]... [--network slirp4netns:OPTS] -- CMD [ARGS...]";
@@ -12,30 +13,32 @@ const USAGE: &str = "usage: cargo xtask run [-p [IP:]HOST:CONTAINER[/PROTO]]... 
 pub fn parse(args: &[String]) -> Result<SessionSpec, String> {
     let mut ports = Vec::new();
     let mut network: Option<String> = None;
-    let mut it = args.iter();
     let mut command: Vec<OsString> = Vec::new();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-p" | "--publish" => {
-                let spec = it
-                    .next()
-                    .ok_or_else(|| format!("-p needs a value\n{USAGE}"))?;
-                ports.push(parse_publish(spec)?);
+    let mut p = args::parser(args);
+    loop {
+        // CMD starts after `--`; lexopt would read it as more of our arguments.
+        if args::at_double_dash(&mut p) {
+            command.extend(args::rest(&mut p)?.into_iter().map(OsString::from));
+            break;
+        }
+        let Some(arg) = p.next().map_err(|e| e.to_string())? else {
+            break;
+        };
+        match arg {
+            Short('p') | Long("publish") => {
+                let spec =
+                    args::string(&mut p).ok_or_else(|| format!("-p needs a value\n{USAGE}"))?;
+                ports.push(parse_publish(&spec)?);
             }
-            "--network" => {
+            Long("network") => {
                 network = Some(
-                    it.next()
-                        .ok_or_else(|| format!("--network needs a value\n{USAGE}"))?
-                        .clone(),
+                    args::string(&mut p)
+                        .ok_or_else(|| format!("--network needs a value\n{USAGE}"))?,
                 );
             }
-            "--" => {
-                command.extend(it.by_ref().map(OsString::from));
-                break;
-            }
-            s if s.starts_with("-p") && s.len() > 2 => ports.push(parse_publish(&s[2..])?),
-            s if s.starts_with("--network=") => network = Some(s["--network=".len()..].to_string()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            // A word before `--`: the command lacks its `--`, so the usage helps.
+            Value(_) => return Err(format!("unknown argument {:?}\n{USAGE}", args::shown(&arg))),
+            _ => return Err(format!("unknown argument {:?}", args::shown(&arg))),
         }
     }
     if command.is_empty() {
@@ -83,4 +86,92 @@ pub fn run(args: &[String]) -> Result<i32, String> {
     progress(format!("command exited with status {code}; tearing down"));
     session.teardown().map_err(|e| format!("teardown: {e}"))?;
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse, USAGE};
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn err(a: &[&str]) -> String {
+        match parse(&args(a)) {
+            Ok(_) => panic!("{a:?} parsed"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn ports_network_and_command() {
+        for head in [
+            &["-p", "8080:80", "--network", "slirp4netns:mtu=1500"][..],
+            &["-p8080:80", "--network=slirp4netns:mtu=1500"],
+            &["--publish", "8080:80", "--network", "slirp4netns:mtu=1500"],
+        ] {
+            let line = [head, &["--", "sh", "-c", "x"]].concat();
+            let spec = parse(&args(&line)).unwrap();
+            assert_eq!(spec.ports.len(), 1, "{line:?}");
+            assert_eq!(spec.ports[0].host_port, 8080);
+            assert_eq!(spec.ports[0].container_port, 80);
+            assert_eq!(spec.options.mtu, 1500);
+            assert_eq!(spec.command, ["sh", "-c", "x"], "{line:?}");
+        }
+        // Everything after `--` is the command's, flags and `--` included.
+        let spec = parse(&args(&["--", "-p", "--", "--network"])).unwrap();
+        assert_eq!(spec.command, ["-p", "--", "--network"]);
+        assert!(spec.ports.is_empty());
+    }
+
+    #[test]
+    fn errors_as_before() {
+        // The texts tests/tests/main_job.rs expects after `xtask run: `.
+        for (line, want) in [
+            (
+                &["-p", "80", "--", "true"][..],
+                r#"invalid -p "80": expected [IP:]HOST:CONTAINER[/PROTO]"#,
+            ),
+            (
+                &["-p", "8080:80/sctp", "--", "true"],
+                r#"invalid -p "8080:80/sctp": protocol "sctp" is not tcp or udp"#,
+            ),
+            (
+                &["--network", "bridge", "--", "true"],
+                r#"network mode "bridge" is not slirp4netns (expected "slirp4netns" or "slirp4netns:OPTIONS")"#,
+            ),
+            (
+                &["-p", "8080:80", "-p", "8080:81", "--", "true"],
+                "conflict with ID 1",
+            ),
+        ] {
+            assert_eq!(err(line), want, "{line:?}");
+        }
+        assert_eq!(
+            err(&["-p", "8080:80"]),
+            format!("no command given\n{USAGE}")
+        );
+        assert_eq!(err(&["-p"]), format!("-p needs a value\n{USAGE}"));
+        assert_eq!(
+            err(&["--network"]),
+            format!("--network needs a value\n{USAGE}")
+        );
+        assert_eq!(
+            err(&["true"]),
+            format!("unknown argument \"true\"\n{USAGE}")
+        );
+    }
+
+    #[test]
+    fn an_unknown_flag_is_one_line_naming_it() {
+        assert_eq!(
+            err(&["--frob", "--", "true"]),
+            r#"unknown argument "--frob""#
+        );
+        assert_eq!(err(&["-x", "--", "true"]), r#"unknown argument "-x""#);
+        assert_eq!(
+            err(&["--frob=1", "--", "true"]),
+            r#"unknown argument "--frob""#
+        );
+    }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rootlessport::launcher::{Launcher, RootlessPort};
 use slirp_config::PortMapping;
 
+use crate::args::{self, Long};
 use crate::sys;
 
 /// Largest slopes still called flat, per minute. The load is about 24,000 operations a
@@ -28,16 +29,17 @@ const UDP_IDLE_SECS: &str = "3";
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut secs: u64 = 600;
-    let mut it = args.iter();
     let mut inner = false;
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--minutes" => secs = 60 * num(it.next())?,
-            "--seconds" => secs = num(it.next())?,
-            "--inner" => inner = true,
+    let mut p = args::parser(args);
+    while let Some(arg) = args::next(&mut p, "soak")? {
+        match arg {
+            Long("minutes") => secs = 60 * num(&mut p)?,
+            Long("seconds") => secs = num(&mut p)?,
+            Long("inner") => inner = true,
             other => {
                 return Err(format!(
-                    "soak: unknown argument {other:?} (--minutes N or --seconds S)"
+                    "soak: unknown argument {:?} (--minutes N or --seconds S)",
+                    args::shown(&other)
                 ))
             }
         }
@@ -75,9 +77,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     inner_run(secs)
 }
 
-fn num(v: Option<&String>) -> Result<u64, String> {
-    v.and_then(|v| v.parse().ok())
-        .ok_or_else(|| "soak: a number must follow".to_string())
+fn num(p: &mut args::Parser) -> Result<u64, String> {
+    args::number(p).ok_or_else(|| "soak: a number must follow".to_string())
 }
 
 struct Rig {
