@@ -16,6 +16,11 @@
 //! # Ok::<(), slirp_portfwd::Error>(())
 //! ```
 
+/// The README's example, compiled (and run unless `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;
+
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::os::fd::{AsFd, BorrowedFd};
