@@ -14,6 +14,11 @@
 //! assert_eq!(netaddr::slirp4netns_gateway(None).unwrap().to_string(), "10.0.2.2");
 //! ```
 
+/// The README's example, compiled (and run unless `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub use ipnet::{Ipv4Net, Ipv6Net};

@@ -30,6 +30,11 @@
 //! # }
 //! ```
 
+/// The README's example, compiled (and run unless `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;
+
 mod args;
 mod error;
 mod features;

@@ -16,6 +16,11 @@
 //! # Ok::<(), slirp_portfwd::Error>(())
 //! ```
 
+/// The README's example, compiled (and run unless `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;
+
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -25,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use slirp_config::{go_quote, Family, PortError, PortMapping, PortRange, Proto, Protocol};
 
 /// How long one request may take, sending and answering.
@@ -75,7 +80,7 @@ pub enum Error {
     HelperDied { socket: PathBuf },
 }
 
-/// One forward as slirp4netns lists it.
+/// One forward as slirp4netns lists it: an entry of the `list_hostfwd` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFwd {
     pub id: u64,
@@ -84,6 +89,93 @@ pub struct HostFwd {
     pub host_port: u16,
     pub guest_addr: String,
     pub guest_port: u16,
+}
+
+/// A request to the API socket. Serialized as podman writes it (its Go struct's field
+/// order): `{"execute":"add_hostfwd","arguments":{"proto":...}}`, and a request without
+/// arguments as `{"execute":"list_hostfwd"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "execute", content = "arguments")]
+enum Request<'a> {
+    #[serde(rename = "add_hostfwd")]
+    Add(AddHostfwd<'a>),
+    #[serde(rename = "list_hostfwd")]
+    List,
+    #[serde(rename = "remove_hostfwd")]
+    Remove { id: u64 },
+}
+
+/// The arguments of `add_hostfwd`. slirp4netns reads an empty `host_addr` as 0.0.0.0
+/// and an empty `guest_addr` as the guest it configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct AddHostfwd<'a> {
+    proto: &'a str,
+    host_addr: &'a str,
+    host_port: u16,
+    guest_addr: &'a str,
+    guest_port: u16,
+}
+
+impl Request<'_> {
+    /// The request's `execute` name, which errors give it by.
+    fn op(&self) -> &'static str {
+        match self {
+            Request::Add(_) => "add_hostfwd",
+            Request::List => "list_hostfwd",
+            Request::Remove { .. } => "remove_hostfwd",
+        }
+    }
+}
+
+/// A reply: slirp4netns's refusal, or the answer `A`. Any reply holding `"error"` is a
+/// refusal, whatever else it holds.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Reply<A> {
+    Error { error: ApiError },
+    Answer(A),
+}
+
+/// The `"error"` of a reply.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ApiError {
+    /// What slirp4netns sends: `{"desc":"bad request: ..."}`.
+    Desc { desc: String },
+    /// Any other shape: the refusal quotes the whole reply.
+    Other(IgnoredAny),
+}
+
+/// The answer to `add_hostfwd`: `{"return":{"id":N}}`.
+#[derive(Debug, Deserialize)]
+struct Added {
+    r#return: AddedId,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddedId {
+    id: u64,
+}
+
+/// The answer to `list_hostfwd`: `{"entries":[...]}` as slirp4netns 1.2.0 sends it, or
+/// wrapped in `"return"` as its manual shows.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Listed {
+    Bare(Entries),
+    Wrapped { r#return: Entries },
+}
+
+#[derive(Debug, Deserialize)]
+struct Entries {
+    entries: Vec<HostFwd>,
+}
+
+/// The answer to `remove_hostfwd`: `{"return":{}}` (any `"return"` will do).
+#[derive(Debug, Deserialize)]
+struct Removed {
+    #[serde(rename = "return")]
+    _return: IgnoredAny,
 }
 
 /// Ask slirp4netns to forward `host_addr:host_port` (`""` = 0.0.0.0) to the guest's
@@ -95,47 +187,33 @@ pub fn add_hostfwd(
     host_port: u16,
     guest_port: u16,
 ) -> Result<u64, Error> {
-    let req = json!({
-        "execute": "add_hostfwd",
-        "arguments": {
-            "proto": proto,
-            "host_addr": if host_addr.is_empty() { "0.0.0.0" } else { host_addr },
-            "host_port": host_port,
-            "guest_addr": "",
-            "guest_port": guest_port,
-        }
+    let req = Request::Add(AddHostfwd {
+        proto,
+        host_addr: if host_addr.is_empty() {
+            "0.0.0.0"
+        } else {
+            host_addr
+        },
+        host_port,
+        guest_addr: "",
+        guest_port,
     });
-    decode_add(&request(socket, "add_hostfwd", &req)?)
+    decode_add(&request(socket, &req)?)
 }
 
 /// The forwards slirp4netns has.
 pub fn list_hostfwd(socket: &Path) -> Result<Vec<HostFwd>, Error> {
-    decode_list(&request(
-        socket,
-        "list_hostfwd",
-        &json!({"execute": "list_hostfwd"}),
-    )?)
+    decode_list(&request(socket, &Request::List)?)
 }
 
 /// Remove the forward `id`.
 pub fn remove_hostfwd(socket: &Path, id: u64) -> Result<(), Error> {
-    let req = json!({"execute": "remove_hostfwd", "arguments": {"id": id}});
-    decode_remove(&request(socket, "remove_hostfwd", &req)?)
-}
-
-fn bad_reply(op: &'static str, reply: &Value) -> Error {
-    Error::BadReply {
-        op,
-        reply: reply.to_string(),
-    }
+    decode_remove(&request(socket, &Request::Remove { id })?)
 }
 
 /// Send one request and read the reply to EOF, bounded by [`REQUEST_TIMEOUT`].
-fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Vec<u8>, Error> {
-    let body = req.to_string();
-    if body.len() > MAX_REQUEST {
-        return Err(Error::RequestTooLarge { len: body.len() });
-    }
+fn request(socket: &Path, req: &Request<'_>) -> Result<Vec<u8>, Error> {
+    let op = req.op();
     let io_err = |source: io::Error| {
         if matches!(
             source.kind(),
@@ -151,6 +229,10 @@ fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Vec<u8>, Erro
             }
         }
     };
+    let body = serde_json::to_vec(req).map_err(|e| io_err(e.into()))?;
+    if body.len() > MAX_REQUEST {
+        return Err(Error::RequestTooLarge { len: body.len() });
+    }
     let mut stream = UnixStream::connect(socket).map_err(|source| Error::Connect {
         socket: socket.to_owned(),
         source,
@@ -159,7 +241,7 @@ fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Vec<u8>, Erro
     stream
         .set_write_timeout(Some(REQUEST_TIMEOUT))
         .map_err(io_err)?;
-    stream.write_all(body.as_bytes()).map_err(io_err)?;
+    stream.write_all(&body).map_err(io_err)?;
     stream.shutdown(Shutdown::Write).map_err(io_err)?;
     let mut reply = Vec::new();
     let mut buf = [0u8; 4096];
@@ -187,55 +269,47 @@ fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Vec<u8>, Erro
     Ok(reply)
 }
 
-/// Decode slirp4netns's reply to `op`: its JSON, or its error in our words.
-pub fn decode_reply(op: &'static str, reply: &[u8]) -> Result<Value, Error> {
-    let value: Value = serde_json::from_slice(reply).map_err(|_| Error::BadReply {
-        op,
-        reply: String::from_utf8_lossy(reply).into_owned(),
-    })?;
-    if let Some(err) = value.get("error") {
-        let desc = err
-            .get("desc")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| err.to_string());
-        return Err(if op == "add_hostfwd" {
-            Error::Refused { desc }
-        } else {
-            Error::RefusedOther { op, desc }
-        });
-    }
-    Ok(value)
+/// Decode slirp4netns's reply to `op` as the answer `A`, or its refusal in our words.
+/// A reply that is neither is [`Error::BadReply`], quoting it as received.
+fn decode<A: DeserializeOwned>(op: &'static str, reply: &[u8]) -> Result<A, Error> {
+    let quoted = || String::from_utf8_lossy(reply).into_owned();
+    let desc = match serde_json::from_slice(reply) {
+        Ok(Reply::Answer(a)) => return Ok(a),
+        Ok(Reply::Error {
+            error: ApiError::Desc { desc },
+        }) => desc,
+        Ok(Reply::Error {
+            error: ApiError::Other(_),
+        }) => quoted(),
+        Err(_) => {
+            return Err(Error::BadReply {
+                op,
+                reply: quoted(),
+            })
+        }
+    };
+    Err(if op == "add_hostfwd" {
+        Error::Refused { desc }
+    } else {
+        Error::RefusedOther { op, desc }
+    })
 }
 
 /// The id in a reply to `add_hostfwd`.
 pub fn decode_add(reply: &[u8]) -> Result<u64, Error> {
-    let v = decode_reply("add_hostfwd", reply)?;
-    v.get("return")
-        .and_then(|r| r.get("id"))
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad_reply("add_hostfwd", &v))
+    decode::<Added>("add_hostfwd", reply).map(|a| a.r#return.id)
 }
 
 /// The forwards in a reply to `list_hostfwd`, bare or wrapped in `"return"`.
 pub fn decode_list(reply: &[u8]) -> Result<Vec<HostFwd>, Error> {
-    let v = decode_reply("list_hostfwd", reply)?;
-    // 1.2.0 answers {"entries": [...]}; its manual shows {"return": {"entries": [...]}}.
-    let entries = v
-        .get("entries")
-        .or_else(|| v.get("return").and_then(|r| r.get("entries")))
-        .ok_or_else(|| bad_reply("list_hostfwd", &v))?;
-    serde_json::from_value(entries.clone()).map_err(|_| bad_reply("list_hostfwd", &v))
+    Ok(match decode::<Listed>("list_hostfwd", reply)? {
+        Listed::Bare(e) | Listed::Wrapped { r#return: e } => e.entries,
+    })
 }
 
 /// A reply to `remove_hostfwd`.
 pub fn decode_remove(reply: &[u8]) -> Result<(), Error> {
-    let v = decode_reply("remove_hostfwd", reply)?;
-    if v.get("return").is_some() {
-        Ok(())
-    } else {
-        Err(bad_reply("remove_hostfwd", &v))
-    }
+    decode::<Removed>("remove_hostfwd", reply).map(drop)
 }
 
 /// One `add_hostfwd` request of a publication plan.
@@ -514,6 +588,103 @@ mod tests {
                 .unwrap()
                 .len(),
             2
+        );
+    }
+
+    /// The requests, byte for byte as podman writes them (REFERENCE section 4).
+    #[test]
+    fn requests_are_podmans_bytes() {
+        let bytes = |r: &Request<'_>| String::from_utf8(serde_json::to_vec(r).unwrap()).unwrap();
+        let add = Request::Add(AddHostfwd {
+            proto: "tcp",
+            host_addr: "0.0.0.0",
+            host_port: 8080,
+            guest_addr: "",
+            guest_port: 80,
+        });
+        assert_eq!(
+            bytes(&add),
+            r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"0.0.0.0","host_port":8080,"guest_addr":"","guest_port":80}}"#
+        );
+        assert_eq!(bytes(&Request::List), r#"{"execute":"list_hostfwd"}"#);
+        assert_eq!(
+            bytes(&Request::Remove { id: 1 }),
+            r#"{"execute":"remove_hostfwd","arguments":{"id":1}}"#
+        );
+        assert_eq!(
+            (add.op(), Request::List.op(), Request::Remove { id: 1 }.op()),
+            ("add_hostfwd", "list_hostfwd", "remove_hostfwd")
+        );
+    }
+
+    #[test]
+    fn replies_decode() {
+        assert_eq!(decode_add(br#"{"return":{"id":7}}"#).unwrap(), 7);
+        let entry = HostFwd {
+            id: 1,
+            proto: "tcp".into(),
+            host_addr: "127.0.0.1".into(),
+            host_port: 18080,
+            guest_addr: "10.0.2.100".into(),
+            guest_port: 80,
+        };
+        // slirp4netns 1.2.0's shape, then its manual's.
+        let bare = br#"{"entries":[{"id":1,"proto":"tcp","host_addr":"127.0.0.1","host_port":18080,"guest_addr":"10.0.2.100","guest_port":80}]}"#;
+        assert_eq!(decode_list(bare).unwrap(), std::slice::from_ref(&entry));
+        let wrapped = format!(r#"{{"return":{}}}"#, String::from_utf8_lossy(bare));
+        assert_eq!(decode_list(wrapped.as_bytes()).unwrap(), [entry]);
+        assert!(decode_list(br#"{"return":{"entries":[]}}"#)
+            .unwrap()
+            .is_empty());
+        decode_remove(br#"{"return":{}}"#).unwrap();
+    }
+
+    #[test]
+    fn refusals_and_bad_replies_in_our_words() {
+        let refusal = br#"{"error":{"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed"}}"#;
+        assert_eq!(
+            decode_add(refusal).unwrap_err().to_string(),
+            "from slirp4netns while setting up port redirection: bad request: add_hostfwd: slirp_add_hostfwd failed"
+        );
+        assert_eq!(
+            decode_remove(br#"{"error":{"desc":"bad request: remove_hostfwd: bad id"}}"#)
+                .unwrap_err()
+                .to_string(),
+            "slirp4netns refused remove_hostfwd: bad request: remove_hostfwd: bad id"
+        );
+        // An error wins over an answer beside it; one without a desc is quoted whole.
+        assert_eq!(
+            decode_list(br#"{"entries":[],"error":{"desc":"no"}}"#)
+                .unwrap_err()
+                .to_string(),
+            "slirp4netns refused list_hostfwd: no"
+        );
+        assert_eq!(
+            decode_add(br#"{"error":"x","return":{"id":1}}"#)
+                .unwrap_err()
+                .to_string(),
+            r#"from slirp4netns while setting up port redirection: {"error":"x","return":{"id":1}}"#
+        );
+        let bad = |r: Result<(), Error>| r.unwrap_err().to_string();
+        assert_eq!(
+            bad(decode_add(b"not json").map(drop)),
+            r#"unexpected reply from slirp4netns to add_hostfwd: "not json""#
+        );
+        assert_eq!(
+            bad(decode_add(br#"{"return":{"id":-1}}"#).map(drop)),
+            r#"unexpected reply from slirp4netns to add_hostfwd: "{\"return\":{\"id\":-1}}""#
+        );
+        assert_eq!(
+            bad(decode_list(br#"{"return":{}}"#).map(drop)),
+            r#"unexpected reply from slirp4netns to list_hostfwd: "{\"return\":{}}""#
+        );
+        assert_eq!(
+            bad(decode_list(br#"{"entries":[{"id":1}]}"#).map(drop)),
+            r#"unexpected reply from slirp4netns to list_hostfwd: "{\"entries\":[{\"id\":1}]}""#
+        );
+        assert_eq!(
+            bad(decode_remove(b"{}")),
+            r#"unexpected reply from slirp4netns to remove_hostfwd: "{}""#
         );
     }
 
