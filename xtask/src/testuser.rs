@@ -131,13 +131,8 @@ pub fn ensure_test_user() -> Result<TestUser, String> {
 /// range, `newuidmap`/`newgidmap`, working user namespaces (`unshare -Ur true`) and a
 /// `/dev/net/tun` it may open read-write. The error is one line saying why not.
 pub fn current_user_can_go_rootless() -> Result<(), String> {
+    let name = current_user_name()?;
     let uid = Uid::current();
-    let name = User::from_uid(uid)
-        .map_err(|e| format!("cannot look up uid {uid}: {e}"))?
-        .map(|u| u.name)
-        .ok_or_else(|| {
-            format!("uid {uid} has no passwd entry (rootless podman needs a user name)")
-        })?;
     for (file, kind) in [("/etc/subuid", "uid"), ("/etc/subgid", "gid")] {
         let text = std::fs::read_to_string(file).unwrap_or_default();
         if subid_ranges(&text, &name, uid.as_raw()).is_empty() {
@@ -151,6 +146,14 @@ pub fn current_user_can_go_rootless() -> Result<(), String> {
             return Err(format!("{prog} not found (install the package uidmap)"));
         }
     }
+    current_user_can_make_namespaces()
+}
+
+/// What our own rootless stack needs of the user we run as (less than podman): working
+/// user namespaces (`unshare -Ur true`) and a `/dev/net/tun` it may open read-write.
+/// The error is one line saying why not.
+pub fn current_user_can_make_namespaces() -> Result<(), String> {
+    let name = current_user_name()?;
     let unshare = tool("unshare")?;
     let out = Command::new("timeout")
         .args(["10"])
@@ -162,7 +165,7 @@ pub fn current_user_can_go_rootless() -> Result<(), String> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(format!(
-            "user namespaces do not work for user {name}: unshare -Ur true: {}",
+            "user namespaces do not work for user {name}: unshare -Ur true: {} (user.max_user_namespaces, kernel.unprivileged_userns_clone)",
             err.lines().last().unwrap_or("failed").trim()
         ));
     }
@@ -179,6 +182,14 @@ pub fn current_user_can_go_rootless() -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn current_user_name() -> Result<String, String> {
+    let uid = Uid::current();
+    User::from_uid(uid)
+        .map_err(|e| format!("cannot look up uid {uid}: {e}"))?
+        .map(|u| u.name)
+        .ok_or_else(|| format!("uid {uid} has no passwd entry (rootless podman needs a user name)"))
 }
 
 /// An exclusive `flock` on `/run/rootless-net-test.lock`, waited for up to a minute.
