@@ -59,16 +59,15 @@ fn launch(
     keep: bool,
     ports: Vec<PortMapping>,
 ) -> (RootlessPort, OwnedFd) {
-    let cfg = Config {
-        mappings: ports,
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: dir.path().display().to_string(),
-        child_ip: child_ip.into(),
-        container_id: format!("src-{child_ip}"),
-        preserve_source_ip: keep,
-        rootless_cni: true, // a reload socket, for the reload check
-        ..Config::default()
-    };
+    let cfg = Config::new(
+        format!("src-{child_ip}"),
+        ns.path().display().to_string(),
+        child_ip,
+        dir.path().display().to_string(),
+    )
+    .with_mappings(ports)
+    .with_preserve_source_ip(keep)
+    .with_rootless_cni(true); // a reload socket, for the reload check
     let (r, w) = tests::cloexec_pipe();
     (Launcher::new(rootlessport_bin()).start(&cfg, r).unwrap(), w)
 }
@@ -265,15 +264,14 @@ fn falls_back_with_one_warning_when_it_cannot_be_set_up() {
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
     reporters(&ns, 70, 71);
-    let cfg = Config {
-        mappings: vec![pm(28920, 70, "tcp"), pm(28921, 71, "udp")],
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: dir.path().display().to_string(),
-        container_id: "fallback".into(),
-        exit_fd: 3,
-        ready_fd: 4,
-        ..Config::default()
-    };
+    let mut cfg = Config::new(
+        "fallback",
+        ns.path().display().to_string(),
+        "",
+        dir.path().display().to_string(),
+    )
+    .with_mappings(vec![pm(28920, 70, "tcp"), pm(28921, 71, "udp")]);
+    (cfg.exit_fd, cfg.ready_fd) = (3, 4);
     let log = slirp_spawn::process::LogFile::anonymous("log").unwrap();
     let (exit_r, exit_w) = tests::cloexec_pipe();
     let (ready_r, ready_w) = tests::cloexec_pipe();

@@ -233,14 +233,8 @@ fn helper_config(
     id: &str,
     mappings: Vec<PortMapping>,
 ) -> rootlessport::Config {
-    rootlessport::Config {
-        mappings,
-        netns_path: netns.into(),
-        tmp_dir: tmp.display().to_string(),
-        child_ip: "127.0.0.1".into(),
-        container_id: id.into(),
-        ..Default::default()
-    }
+    rootlessport::Config::new(id, netns, "127.0.0.1", tmp.display().to_string())
+        .with_mappings(mappings)
 }
 
 fn launch(
@@ -638,7 +632,7 @@ fn ports_figures(rig: &Rig, bin: &Path, n: u32) -> Result<(f64, f64, f64), Strin
 type Results = BTreeMap<(String, Col), Vec<f64>>;
 
 fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
-    rootlessport::forward::raise_nofile_limit();
+    crate::sys::raise_nofile_limit();
     let rig = setup()?;
     let mut figures: Vec<Figure> = Vec::new();
     let mut fig =
