@@ -1,6 +1,6 @@
 use std::io;
 
-use crate::config::q;
+use slirp_config::go_quote as q;
 
 /// Everything that can stop the helper before it is ready. The Display text is the one
 /// line the helper prints on stdout (podman shows it as `rootlessport <line>`, see
