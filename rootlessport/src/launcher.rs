@@ -80,6 +80,12 @@ impl Launcher {
     /// Start the helper for `config` (its `ExitFD`/`ReadyFD` are set to 3 and 4 here)
     /// with `exit_fd`, the read end of the pipe whose write end the container's monitor
     /// holds: the helper exits when that closes. Returns once every port is served.
+    ///
+    /// # Errors
+    ///
+    /// [`LaunchError::Reported`] with the helper's own line (`rootlessport listen tcp
+    /// 0.0.0.0:8080: bind: address already in use`), else why it never got ready; the
+    /// helper is killed and reaped first.
     pub fn start(&self, config: &Config, exit_fd: OwnedFd) -> Result<RootlessPort, LaunchError> {
         let started = Instant::now();
         let mut config = config.clone();
