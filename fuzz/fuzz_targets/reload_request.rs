@@ -3,5 +3,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = rootlessport::reload::parse_request(data);
+    // The helper's decoder, reachable in `cargo fuzz` builds (`--cfg fuzzing`) only.
+    let _ = rootlessport::fuzzing::parse_request(data);
 });

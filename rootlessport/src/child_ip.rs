@@ -7,8 +7,11 @@ use netaddr::Ipv4Net;
 /// What the engine knows about the container's network.
 #[derive(Debug, Clone, Copy)]
 pub enum ChildNetwork<'a> {
-    /// slirp4netns networking: the guest address of its subnet (default 10.0.2.0/24).
-    Slirp4netns { subnet: Option<&'a Ipv4Net> },
+    /// slirp4netns networking: the guest address of its subnet.
+    Slirp4netns {
+        /// The `cidr` option; `None`: slirp4netns's default, 10.0.2.0/24.
+        subnet: Option<&'a Ipv4Net>,
+    },
     /// Any other network: the container's interface addresses, in order.
     Interfaces(&'a [IpAddr]),
 }

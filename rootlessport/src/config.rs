@@ -8,31 +8,67 @@ use slirp_config::{go_quote, PortError, PortMapping, PortSide, Protocol};
 
 use crate::Error;
 
-/// The config podman writes on the helper's stdin (its field names and order).
+/// The config podman writes on the helper's stdin: podman's `rootlessport.Config`
+/// (`pkg/rootlessport/rootlessport_linux.go` in podman 4.x), JSON with its field names
+/// and in its order, so that [`serde_json`] writes what podman writes, byte for byte.
 ///
-/// Fields may be missing or `null`: they take their zero value, as with Go's decoder.
+/// Fields may be missing or `null`: they take their zero value, as with Go's decoder
+/// (and [`Config::default`]). New fields may come, so outside this crate a config is
+/// made with [`Config::new`] (or [`Config::default`]) and then changed field by field
+/// or with the `with_*` methods:
+///
+/// ```
+/// use rootlessport::Config;
+/// use slirp_config::PortMapping;
+///
+/// let config = Config::new("ctr1", "/run/netns/ctr1", "10.0.2.100", "/run/myengine")
+///     .with_mappings(vec![PortMapping::new("", 8080, 80, 1, "tcp")]);
+/// assert_eq!(config.check_ports()?, 1);
+/// # Ok::<(), rootlessport::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct Config {
+    /// The published ports (podman's wire form, `slirp_config`'s model): each host IP
+    /// (`""` for every address), host port, container port, range (0 means 1) and
+    /// protocol list (`tcp,udp`; empty means `tcp`). JSON `Mappings`. Default none.
     #[serde(rename = "Mappings", deserialize_with = "nullable")]
     pub mappings: Vec<PortMapping>,
+    /// The container's network namespace, a path such as `/run/netns/NAME` or
+    /// `/proc/PID/ns/net`; required. JSON `NetNSPath`.
     #[serde(rename = "NetNSPath", deserialize_with = "nullable")]
     pub netns_path: String,
+    /// The helper's fd number of the exit pipe's read end (the helper exits when it
+    /// reads EOF); must be above 0. [`Launcher::start`](crate::launcher::Launcher::start)
+    /// sets 3, as podman does. JSON `ExitFD`.
     #[serde(rename = "ExitFD", deserialize_with = "nullable")]
     pub exit_fd: i32,
+    /// The helper's fd number of the ready pipe's write end (it writes `1` there once
+    /// every port is served); must be above 0. The launcher sets 4. JSON `ReadyFD`.
     #[serde(rename = "ReadyFD", deserialize_with = "nullable")]
     pub ready_fd: i32,
+    /// The engine's runtime directory: the reload socket is `TmpDir/rp/<ContainerID>`,
+    /// and the launcher keeps the helper's start-up log there. JSON `TmpDir`.
     #[serde(rename = "TmpDir", deserialize_with = "nullable")]
     pub tmp_dir: String,
+    /// The container's address that connections go to, IPv4 or IPv6 text (see
+    /// [`child_ip`](crate::child_ip::child_ip)); empty: the netns's loopback. JSON
+    /// `ChildIP`.
     #[serde(rename = "ChildIP", deserialize_with = "nullable")]
     pub child_ip: String,
+    /// podman's container ID: names the reload socket (no `/`, not `.` or `..`) and the
+    /// routing state this helper owns in the netns. JSON `ContainerID`.
     #[serde(rename = "ContainerID", deserialize_with = "nullable")]
     pub container_id: String,
+    /// `true`: the helper listens for reloads (podman sets it for rootless bridge
+    /// networks, whose child IP can change). Default `false`. JSON `RootlessCNI`.
     #[serde(rename = "RootlessCNI", deserialize_with = "nullable")]
     pub rootless_cni: bool,
     /// Ours, not podman's (its helper ignores it): `false` turns off keeping the
     /// client's source address, so the container sees the helper's address as
-    /// podman's helper makes it. Absent or `true`: kept where possible.
+    /// podman's helper makes it. Absent, `null` or `true` (the default): kept where
+    /// possible. JSON `PreserveSourceIP`, written only when `false`.
     #[serde(
         rename = "PreserveSourceIP",
         deserialize_with = "nullable_true",
@@ -74,23 +110,92 @@ where
 }
 
 impl Config {
-    /// Parse the stdin bytes. Empty input gets Go's words for it.
-    pub fn from_json(bytes: &[u8]) -> Result<Config, Error> {
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(Error::Json("unexpected end of JSON input".into()));
+    /// A config for the container `container_id` whose netns is at `netns_path`,
+    /// forwarding to `child_ip` (empty: the netns's loopback), with `tmp_dir` for the
+    /// reload socket and logs; no ports yet, everything else as [`Config::default`].
+    pub fn new(
+        container_id: impl Into<String>,
+        netns_path: impl Into<String>,
+        child_ip: impl Into<String>,
+        tmp_dir: impl Into<String>,
+    ) -> Config {
+        Config {
+            container_id: container_id.into(),
+            netns_path: netns_path.into(),
+            child_ip: child_ip.into(),
+            tmp_dir: tmp_dir.into(),
+            ..Config::default()
         }
-        let bad = |e: serde_json::Error| Error::Json(format!("invalid config JSON: {e}"));
-        // Only an object is a config (serde would also take a bare array as a struct).
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(bad)?;
-        if !value.is_object() {
-            return Err(Error::Json(
-                "invalid config JSON: expected an object".to_owned(),
-            ));
-        }
-        serde_json::from_value(value).map_err(bad)
     }
 
-    /// The checks podman's helper makes on the config itself, in its order.
+    /// The same config publishing `mappings` (see [`Config::mappings`]).
+    #[must_use]
+    pub fn with_mappings(mut self, mappings: Vec<PortMapping>) -> Config {
+        self.mappings = mappings;
+        self
+    }
+
+    /// The same config with `RootlessCNI` set to `on` (see [`Config::rootless_cni`]).
+    #[must_use]
+    pub fn with_rootless_cni(mut self, on: bool) -> Config {
+        self.rootless_cni = on;
+        self
+    }
+
+    /// The same config keeping client addresses or not (see
+    /// [`Config::preserve_source_ip`]).
+    #[must_use]
+    pub fn with_preserve_source_ip(mut self, on: bool) -> Config {
+        self.preserve_source_ip = on;
+        self
+    }
+
+    /// Parse the helper's stdin bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::EmptyConfig`] for empty or blank input (Go's words, `unexpected end of
+    /// JSON input`), [`Error::NotAnObject`] for JSON that is not an object,
+    /// [`Error::Json`] for anything serde refuses (`invalid config JSON: ...`).
+    pub fn from_json(bytes: &[u8]) -> Result<Config, Error> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(Error::EmptyConfig);
+        }
+        // Only an object is a config (serde would also take a bare array as a struct).
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(Error::Json)?;
+        if !value.is_object() {
+            return Err(Error::NotAnObject);
+        }
+        serde_json::from_value(value).map_err(Error::Json)
+    }
+
+    /// The helper's checks of its ports and child IP, made before anything listens and
+    /// in the helper's order: every mapping expanded and checked with RootlessKit's
+    /// rules (see [`Error`]), each listener's address against its protocol's family,
+    /// then `ChildIP`. An engine can call it before starting anything. Returns the
+    /// number of ports (listeners) the helper will make: each protocol of each mapping,
+    /// times its range.
+    ///
+    /// # Errors
+    ///
+    /// The first failure, with the helper's text: `unknown proto: "X"`,
+    /// `invalid ParentIP: "X"`, `conflict with ID N`, `invalid ChildIP: "X"`, ...
+    pub fn check_ports(&self) -> Result<usize, Error> {
+        let specs = plan_ports(&self.mappings)?;
+        for spec in &specs {
+            spec.listen_plan()?;
+        }
+        parse_child_ip(&self.child_ip)?;
+        Ok(specs.len())
+    }
+
+    /// The checks podman's helper makes on the config itself, in its order:
+    /// `NetNSPath` given, `ExitFD` and `ReadyFD` above 0.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MissingNetNsPath`], [`Error::MissingExitFd`] or
+    /// [`Error::MissingReadyFd`] (`missing NetNSPath`, ...), the first that applies.
     pub fn check_required(&self) -> Result<(), Error> {
         if self.netns_path.is_empty() {
             return Err(Error::MissingNetNsPath);
@@ -107,58 +212,50 @@ impl Config {
 
 /// Transport of a forwarded port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
+pub(crate) enum Transport {
     Tcp,
     Udp,
 }
 
-impl Transport {
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        }
-    }
-}
-
 /// Which address families a listener serves, from the proto suffix (`tcp`: a wildcard
 /// listens on IPv4 and IPv6 at once; `tcp4`, `udp6`: that family only).
-pub use slirp_config::Family;
+pub(crate) use slirp_config::Family;
 
 /// One validated port to forward (RootlessKit's `port.Spec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortSpec {
+pub(crate) struct PortSpec {
     /// 1-based, in the order podman adds them; named in conflict errors.
-    pub id: u32,
+    pub(crate) id: u32,
     /// The proto as given (`tcp`, `udp6`, ...).
-    pub proto: String,
-    pub transport: Transport,
-    pub family: Family,
+    pub(crate) proto: String,
+    pub(crate) transport: Transport,
+    pub(crate) family: Family,
     /// The host IP as given, `""` made `0.0.0.0`.
-    pub parent_ip: String,
-    pub parent_addr: IpAddr,
-    pub parent_port: u16,
-    pub child_port: u16,
+    pub(crate) parent_ip: String,
+    pub(crate) parent_addr: IpAddr,
+    pub(crate) parent_port: u16,
+    pub(crate) child_port: u16,
 }
 
 /// How a listener is made for a spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenPlan {
-    pub addr: SocketAddr,
+pub(crate) struct ListenPlan {
+    pub(crate) addr: SocketAddr,
     /// `Some(false)`: an IPv6 socket that also takes IPv4 (dual-stack).
-    pub only_v6: Option<bool>,
+    pub(crate) only_v6: Option<bool>,
 }
 
 impl PortSpec {
     /// Where and how to listen: wildcards of plain `tcp`/`udp` are dual-stack, like
     /// podman's helper; `*4`/`*6` stay in their family; specific addresses bind only
     /// that address.
-    pub fn listen_plan(&self) -> Result<ListenPlan, Error> {
+    pub(crate) fn listen_plan(&self) -> Result<ListenPlan, Error> {
         let port = self.parent_port;
-        let wrong = |why: &str| Error::Listen {
+        let wrong = |why: &'static str| Error::Listen {
             proto: self.proto.clone(),
             addr: display_addr(&self.parent_ip, port),
-            reason: why.to_owned(),
+            reason: why,
+            source: None,
         };
         let plan = match (self.family, self.parent_addr) {
             (Family::Any, a) if a.is_unspecified() => ListenPlan {
@@ -189,7 +286,7 @@ impl PortSpec {
 }
 
 /// `host:port` the way Go prints it (`[::1]:80` for IPv6).
-pub fn display_addr(ip: &str, port: u16) -> String {
+pub(crate) fn display_addr(ip: &str, port: u16) -> String {
     if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
@@ -198,7 +295,7 @@ pub fn display_addr(ip: &str, port: u16) -> String {
 }
 
 /// Parse an IP the way Go's `net.ParseIP` does; IPv4-mapped IPv6 counts as IPv4.
-pub fn parse_ip(s: &str) -> Option<IpAddr> {
+pub(crate) fn parse_ip(s: &str) -> Option<IpAddr> {
     match s.parse::<IpAddr>().ok()? {
         IpAddr::V6(a) => Some(a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)),
         v4 => Some(v4),
@@ -206,7 +303,7 @@ pub fn parse_ip(s: &str) -> Option<IpAddr> {
 }
 
 /// Parse a reloaded or configured child IP: empty means "the loopback of the netns".
-pub fn parse_child_ip(s: &str) -> Result<Option<IpAddr>, Error> {
+pub(crate) fn parse_child_ip(s: &str) -> Result<Option<IpAddr>, Error> {
     if s.is_empty() {
         return Ok(None);
     }
@@ -227,7 +324,7 @@ pub fn parse_child_ip(s: &str) -> Result<Option<IpAddr>, Error> {
 /// range past 65535 (podman's helper wraps around), `conflict with ID N` for a proto,
 /// host IP and host port given twice, and our `unsupported proto: "sctp..."` where
 /// RootlessKit accepts what it then cannot forward.
-pub fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Error> {
+pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Error> {
     let mut specs: Vec<PortSpec> = Vec::new();
     let mut seen = std::collections::HashMap::new();
     for f in slirp_config::forwards(mappings) {
@@ -394,6 +491,61 @@ mod tests {
             assert!(e.starts_with("invalid config JSON: "), "{e}");
             assert!(!e.contains('\n'), "{e}");
         }
+        // serde's error is kept as the cause, and is what the line ends with.
+        let e = Config::from_json(b"{").unwrap_err();
+        let cause = std::error::Error::source(&e).expect("a source");
+        assert!(cause.is::<serde_json::Error>());
+        assert_eq!(e.to_string(), format!("invalid config JSON: {cause}"));
+        assert!(matches!(Config::from_json(b"[]"), Err(Error::NotAnObject)));
+        assert!(matches!(Config::from_json(b""), Err(Error::EmptyConfig)));
+    }
+
+    #[test]
+    fn constructor_and_setters() {
+        let cfg = Config::new("ctr1", "/run/netns/ctr1", "10.0.2.100", "/run/engine")
+            .with_mappings(vec![PortMapping::new("", 8080, 80, 2, "tcp,udp")])
+            .with_rootless_cni(true)
+            .with_preserve_source_ip(false);
+        assert_eq!(
+            serde_json::to_string(&cfg).unwrap(),
+            r#"{"Mappings":[{"host_ip":"","container_port":80,"host_port":8080,"range":2,"protocol":"tcp,udp"}],"NetNSPath":"/run/netns/ctr1","ExitFD":0,"ReadyFD":0,"TmpDir":"/run/engine","ChildIP":"10.0.2.100","ContainerID":"ctr1","RootlessCNI":true,"PreserveSourceIP":false}"#
+        );
+        let plain = Config::new("c", "/n", "", "/t");
+        assert_eq!(
+            plain,
+            Config {
+                container_id: "c".into(),
+                netns_path: "/n".into(),
+                tmp_dir: "/t".into(),
+                ..Config::default()
+            }
+        );
+        assert!(plain.preserve_source_ip && !plain.rootless_cni);
+    }
+
+    #[test]
+    fn check_ports_counts_and_refuses_as_the_helper() {
+        let cfg = Config::new("c", "/n", "10.0.2.100", "/t")
+            .with_mappings(vec![PortMapping::new("", 8080, 80, 2, "tcp,udp")]);
+        assert_eq!(cfg.check_ports().unwrap(), 4);
+        assert_eq!(Config::default().check_ports().unwrap(), 0);
+        let bad_ip = Config::new("c", "/n", "10.0.2.x", "/t");
+        assert_eq!(
+            bad_ip.check_ports().unwrap_err().to_string(),
+            r#"invalid ChildIP: "10.0.2.x""#
+        );
+        // The ports are checked before the child IP, as the helper does.
+        let both = bad_ip.with_mappings(vec![PortMapping::new("", 0, 80, 1, "tcp")]);
+        assert_eq!(
+            both.check_ports().unwrap_err().to_string(),
+            "invalid ParentPort: 0"
+        );
+        let family =
+            Config::default().with_mappings(vec![PortMapping::new("::1", 80, 80, 1, "tcp4")]);
+        assert_eq!(
+            family.check_ports().unwrap_err().to_string(),
+            "listen tcp4 [::1]:80: not an IPv4 address"
+        );
     }
 
     #[test]

@@ -5,97 +5,19 @@
 //! passing, no thread per port.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex, RwLock};
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-
 use crate::config::{display_addr, ListenPlan, PortSpec, Transport};
-use crate::error::errno_text;
-use crate::netlink::IpFamily;
-use crate::reload::ReloadSocket;
+use crate::reload::server::ReloadSocket;
 use crate::source_ip::SourceIp;
+use crate::state::{register, Shared};
 use crate::Error;
 
 /// podman's idle timeout for UDP flows.
-pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
-
-/// State every task reads: where new connections go, and from which address.
-pub(crate) struct Shared {
-    child_ip: RwLock<Option<IpAddr>>,
-    pub(crate) udp_idle: Duration,
-    /// Families whose TCP client addresses are kept (empty: none).
-    pub(crate) source_families: Vec<IpFamily>,
-    /// Families whose UDP client addresses are kept (empty: none).
-    pub(crate) udp_families: Vec<IpFamily>,
-    /// The mark of our TCP sockets when client addresses are kept.
-    pub(crate) mark: Option<u32>,
-    source_ip: Mutex<Option<SourceIp>>,
-    /// The helper-wide bound on UDP flows (see [`crate::udp`]), from the open-file limit.
-    pub(crate) udp_budget: crate::udp::FlowBudget,
-}
-
-impl Shared {
-    pub(crate) fn child_ip(&self) -> Option<IpAddr> {
-        *self.child_ip.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn source_ip(&self) -> std::sync::MutexGuard<'_, Option<SourceIp>> {
-        self.source_ip.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A reload: new connections and flows go to `ip`; our routes follow.
-    pub(crate) fn set_child_ip(&self, ip: Option<IpAddr>) {
-        *self.child_ip.write().unwrap_or_else(|p| p.into_inner()) = ip;
-        if let Some(s) = self.source_ip().as_mut() {
-            s.reload(ip);
-        }
-    }
-
-    /// Route the container's replies on the UDP flow `client` <-> `target` to our
-    /// socket bound to `client`; `false` when that flow cannot keep the address.
-    pub(crate) fn keep_udp_flow(&self, client: SocketAddr, target: SocketAddr) -> bool {
-        self.source_ip()
-            .as_mut()
-            .is_some_and(|s| s.add_udp_flow(client, target.port()))
-    }
-
-    /// The flow kept by [`Shared::keep_udp_flow`] ended.
-    pub(crate) fn release_udp_flow(&self, client: SocketAddr, target: SocketAddr) {
-        if let Some(s) = self.source_ip().as_mut() {
-            s.remove_udp_flow(client, target.port());
-        }
-    }
-
-    /// The state of a forwarder to `child_ip` keeping client addresses as `source`
-    /// allows (none without it), with a UDP budget of `udp_bound` live flows. The
-    /// families and the mark are copied out of `source` once, so that the data path
-    /// reads them without its lock.
-    pub(crate) fn new(
-        child_ip: Option<IpAddr>,
-        udp_idle: Duration,
-        source: Option<SourceIp>,
-        udp_bound: usize,
-    ) -> Shared {
-        let families = |kept: fn(&SourceIp, IpFamily) -> bool| -> Vec<IpFamily> {
-            [IpFamily::V4, IpFamily::V6]
-                .into_iter()
-                .filter(|f| source.as_ref().is_some_and(|s| kept(s, *f)))
-                .collect()
-        };
-        Shared {
-            child_ip: RwLock::new(child_ip),
-            udp_idle,
-            source_families: families(SourceIp::supports),
-            udp_families: families(SourceIp::supports_udp),
-            mark: source.as_ref().map(SourceIp::mark),
-            source_ip: Mutex::new(source),
-            udp_budget: crate::udp::FlowBudget::new(udp_bound),
-        }
-    }
-}
+pub(crate) const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
 
 /// The container port ranges published for UDP, merged.
 fn udp_ranges(bound: &[Bound]) -> Vec<(u16, u16)> {
@@ -118,14 +40,14 @@ fn udp_ranges(bound: &[Bound]) -> Vec<(u16, u16)> {
 
 /// A listening socket for one port spec, made in the engine's netns.
 #[derive(Debug)]
-pub struct Bound {
-    pub spec: PortSpec,
+pub(crate) struct Bound {
+    pub(crate) spec: PortSpec,
     sock: socket2::Socket,
 }
 
 /// Make every listener, in order; the first failure is the error (and the ones made so
 /// far are closed with it).
-pub fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
+pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
     specs
         .iter()
         .map(|spec| {
@@ -141,10 +63,11 @@ pub fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
 
 fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let err = |op: &str, e: io::Error| Error::Listen {
+    let err = |op: &'static str, e: io::Error| Error::Listen {
         proto: spec.proto.clone(),
         addr: display_addr(&spec.parent_ip, spec.parent_port),
-        reason: format!("{op}: {}", errno_text(&e)),
+        reason: op,
+        source: Some(e),
     };
     let (ty, proto) = match spec.transport {
         Transport::Tcp => (Type::STREAM, Protocol::TCP),
@@ -180,27 +103,30 @@ fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error>
 }
 
 /// Everything the event loop needs.
-pub struct Forwarder {
-    pub bound: Vec<Bound>,
+pub(crate) struct Forwarder {
+    pub(crate) bound: Vec<Bound>,
     /// The container's network namespace, opened before we go anywhere.
-    pub netns: OwnedFd,
-    pub netns_path: String,
-    pub child_ip: Option<IpAddr>,
-    pub exit_fd: OwnedFd,
-    pub reload: Option<ReloadSocket>,
-    pub udp_idle: Duration,
+    pub(crate) netns: OwnedFd,
+    pub(crate) netns_path: String,
+    pub(crate) child_ip: Option<IpAddr>,
+    pub(crate) exit_fd: OwnedFd,
+    pub(crate) reload: Option<ReloadSocket>,
+    pub(crate) udp_idle: Duration,
+    /// Bytes moved per splice call at most (and the pipe size asked for).
+    pub(crate) pipe_size: usize,
     /// Event-loop threads; 1 (the default) runs everything on the calling thread.
-    pub threads: usize,
+    pub(crate) threads: usize,
     /// Keep client source addresses (see [`crate::source_ip`]).
-    pub preserve_source: bool,
+    pub(crate) preserve_source: bool,
     /// The caller exits right after [`Forwarder::run`]: skip closing sockets one by one.
-    pub exit_after: bool,
+    pub(crate) exit_after: bool,
     /// podman's container ID: names the routing state this helper owns in the netns.
-    pub container_id: String,
+    pub(crate) container_id: String,
 }
 
-/// Why the forwarder stopped.
+/// Why the helper stopped serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Stopped {
     /// ExitFD reached EOF: the container is gone.
     ExitFd,
@@ -212,11 +138,11 @@ impl Forwarder {
     /// Enter the container netns on this thread, serve every port, call `ready` once all
     /// are being served, and return when ExitFD reads EOF (or on SIGTERM/SIGINT). The
     /// listeners are closed on return.
-    pub fn run(self, ready: impl FnOnce() -> Result<(), Error>) -> Result<Stopped, Error> {
+    pub(crate) fn run(self, ready: impl FnOnce() -> Result<(), Error>) -> Result<Stopped, Error> {
         nix::sched::setns(self.netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
             |e| Error::Netns {
                 path: self.netns_path.clone(),
-                reason: errno_text(&e.into()),
+                source: e.into(),
             },
         )?;
         let rt = if self.threads <= 1 {
@@ -248,7 +174,10 @@ impl Forwarder {
             source,
         })?;
         let source = if self.preserve_source {
-            match SourceIp::setup(&self.container_id, self.child_ip, udp_ranges(&self.bound)) {
+            let kept = may_keep_addresses().and_then(|()| {
+                SourceIp::setup(&self.container_id, self.child_ip, udp_ranges(&self.bound))
+            });
+            match kept {
                 Ok(s) => Some(s),
                 Err(why) => {
                     tracing::warn!(
@@ -261,9 +190,10 @@ impl Forwarder {
             None
         };
         let nofile = nofile_limit();
-        let udp_bound = crate::udp::flow_bound(nofile);
+        let udp_bound = crate::flow_budget::flow_bound(nofile);
         tracing::debug!("open-file limit {nofile}: at most {udp_bound} UDP flows helper-wide");
-        let shared = Arc::new(Shared::new(self.child_ip, self.udp_idle, source, udp_bound));
+        let shared = Shared::new(self.child_ip, self.udp_idle, source, udp_bound);
+        let shared = Arc::new(shared.with_pipe_size(self.pipe_size));
         let keep = shared.clone();
         let self_exit = self.exit_after;
         let Forwarder {
@@ -302,7 +232,7 @@ impl Forwarder {
             let reload_guard = match reload {
                 Some(r) => {
                     let r = Arc::new(r);
-                    tokio::spawn(crate::reload::serve(r.clone(), shared.clone()));
+                    tokio::spawn(crate::reload::server::serve(r.clone(), shared.clone()));
                     Some(r)
                 }
                 None => None,
@@ -324,8 +254,7 @@ impl Forwarder {
         });
         // The reply routing goes first (from this thread, inside the container netns):
         // nothing may be left in the netns, whatever happens next.
-        let routing = keep.source_ip().take();
-        drop(routing);
+        drop(keep.take_source_ip());
         if self_exit {
             // The process ends now: the kernel closes every socket at once, which is
             // much faster than deregistering and closing thousands one by one.
@@ -366,12 +295,7 @@ async fn wait_eof(fd: OwnedFd) {
             return;
         }
     };
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let fd = afd.get_ref().as_raw_fd();
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-    }
+    set_nonblocking(afd.get_ref());
     let mut buf = [0u8; 512];
     loop {
         let Ok(mut guard) = afd.readable().await else {
@@ -386,57 +310,31 @@ async fn wait_eof(fd: OwnedFd) {
     }
 }
 
-/// Check ExitFD and ReadyFD as podman's helper does (missing when <= 0), and further:
-/// each must be an open pipe or socket, and not the same fd. Both become close-on-exec
-/// and owned by the returned values.
-pub fn take_fds(cfg: &crate::Config) -> Result<(OwnedFd, OwnedFd), Error> {
-    if cfg.netns_path.is_empty() {
-        return Err(Error::MissingNetNsPath);
+/// Make `fd` non-blocking, if it lets us (a pipe does).
+fn set_nonblocking(fd: &OwnedFd) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK),
+        );
     }
-    if cfg.exit_fd <= 0 {
-        return Err(Error::MissingExitFd);
-    }
-    if !is_pipe_or_socket(cfg.exit_fd) {
-        return Err(Error::InvalidExitFd);
-    }
-    if cfg.ready_fd <= 0 {
-        return Err(Error::MissingReadyFd);
-    }
-    if !is_pipe_or_socket(cfg.ready_fd) || cfg.ready_fd == cfg.exit_fd {
-        return Err(Error::InvalidReadyFd);
-    }
-    // SAFETY: both fds were checked open above and are handed to us by our parent for
-    // our sole use; nothing else in this process owns them.
-    let (exit, ready) = unsafe {
-        use std::os::fd::FromRawFd;
-        (
-            OwnedFd::from_raw_fd(cfg.exit_fd),
-            OwnedFd::from_raw_fd(cfg.ready_fd),
-        )
-    };
-    for fd in [&exit, &ready] {
-        // SAFETY: fcntl on an fd we now own.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    Ok((exit, ready))
 }
 
-fn is_pipe_or_socket(fd: i32) -> bool {
-    // SAFETY: fstat into a zeroed stat buffer; a closed fd just fails.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
-        return false;
-    }
-    matches!(st.st_mode & libc::S_IFMT, libc::S_IFIFO | libc::S_IFSOCK)
-}
-
-/// Raise the soft limit on open files to the hard one: each connection costs two
-/// sockets, and a pipe pair while data moves.
-pub fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+/// Whether this helper may set up keeping client addresses: that takes `CAP_NET_ADMIN`
+/// in the user namespace owning the container's netns, which an engine's helper has
+/// (in its own user namespace) and a helper run by an unprivileged user by hand has
+/// not. Asked up front so that such a helper says so in one line instead of learning
+/// it from a failed netlink request; when the answer is not known (no `/proc`), it is
+/// tried, and a failure falls back all the same.
+fn may_keep_addresses() -> Result<(), String> {
+    use caps::{CapSet, Capability};
+    match caps::has_cap(None, CapSet::Effective, Capability::CAP_NET_ADMIN) {
+        Ok(false) => Err("no CAP_NET_ADMIN (needed for its routing rules)".to_owned()),
+        Ok(true) => Ok(()),
+        Err(e) => {
+            tracing::debug!(error = %e, "capabilities unknown: trying to keep client addresses");
+            Ok(())
         }
     }
 }
@@ -445,13 +343,4 @@ pub fn raise_nofile_limit() {
 fn nofile_limit() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(u64::MAX, |(soft, _)| soft)
-}
-
-/// Register an owned fd with the event loop.
-pub(crate) fn register(
-    fd: OwnedFd,
-) -> Result<AsyncFd<OwnedFd>, tokio::io::unix::AsyncFdRegisterError<OwnedFd>> {
-    // SAFETY: an OwnedFd owns its fd, keeps it open until dropped and always returns the
-    // same raw fd, which is what registration requires.
-    unsafe { AsyncFd::register(fd) }
 }

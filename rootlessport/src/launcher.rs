@@ -16,33 +16,51 @@ use crate::config::{q, Config};
 /// How long [`Launcher::start`] waits for readiness unless told otherwise.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Errors of starting the helper.
+/// Errors of starting the helper, in podman's words.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    /// The helper said what was wrong (its stdout line).
+    /// The helper said what was wrong (its stdout line, an [`crate::Error`]'s text).
     #[error("rootlessport {0}")]
     Reported(String),
+    /// The helper could not be started (no such binary, no permission, ...).
     #[error("failed to start rootlessport process: {0}")]
     Spawn(io::Error),
+    /// The helper exited before ready without a word on stdout: its log (stderr).
     #[error("rootlessport failed: {}", q(.0))]
     Failed(String),
+    /// The helper was killed by a signal before ready.
     #[error("rootlessport killed by signal")]
     KilledBySignal,
+    /// The helper closed its ready fd without writing to it: its log.
     #[error("rootlessport closed its ready fd without signalling readiness: {}", q(.0))]
     ClosedWithoutReady(String),
+    /// The helper was not ready within [`Launcher::ready_timeout`] (it is killed).
     #[error("rootlessport did not become ready within {}s: {}", .timeout.as_secs_f64(), q(.log))]
-    Timeout { timeout: Duration, log: String },
+    Timeout {
+        /// The deadline it missed.
+        timeout: Duration,
+        /// Its log so far.
+        log: String,
+    },
+    /// Setting up the launch failed (pipes, log files, the user namespace).
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: &'static str,
+        /// The OS error.
         source: io::Error,
     },
 }
 
-/// Where the helper binary is and how long it may take to get ready.
+/// Where the helper binary is and how long it may take to get ready. Made with
+/// [`Launcher::new`]; set the other fields as needed (more may come).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Launcher {
+    /// The `rootlessport` executable.
     pub binary: PathBuf,
+    /// How long [`Launcher::start`] waits for readiness; default
+    /// [`DEFAULT_READY_TIMEOUT`] (10 s).
     pub ready_timeout: Duration,
     /// Run the helper inside this user namespace (a rootless engine's own), so that it
     /// may enter the container netns that namespace owns.
@@ -50,6 +68,7 @@ pub struct Launcher {
 }
 
 impl Launcher {
+    /// A launcher of `binary`, with the default timeout and no user namespace.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
         Launcher {
             binary: binary.into(),
@@ -61,6 +80,12 @@ impl Launcher {
     /// Start the helper for `config` (its `ExitFD`/`ReadyFD` are set to 3 and 4 here)
     /// with `exit_fd`, the read end of the pipe whose write end the container's monitor
     /// holds: the helper exits when that closes. Returns once every port is served.
+    ///
+    /// # Errors
+    ///
+    /// [`LaunchError::Reported`] with the helper's own line (`rootlessport listen tcp
+    /// 0.0.0.0:8080: bind: address already in use`), else why it never got ready; the
+    /// helper is killed and reaped first.
     pub fn start(&self, config: &Config, exit_fd: OwnedFd) -> Result<RootlessPort, LaunchError> {
         let started = Instant::now();
         let mut config = config.clone();

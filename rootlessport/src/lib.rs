@@ -5,23 +5,25 @@
 //!   podman's), and forwards into the container's network namespace. One thread enters
 //!   that namespace after the listeners are made, so every connection to the container
 //!   is opened directly inside it; TCP bytes move with `splice(2)`.
-//! - [`launcher`] starts the helper as podman does and waits for it (readiness and
-//!   death together, with a deadline); [`reload`] has the reload client and the
-//!   request format; [`child_ip`] picks the address to forward to.
+//!
+//! What an engine uses:
+//!
+//! - [`Config`]: the helper's input, podman's JSON (its ports are
+//!   [`slirp_config::PortMapping`]s), and [`Error`], the helper's one-line errors;
+//! - [`launcher`]: starts the helper as podman does and waits for it (readiness and
+//!   death together, with a deadline);
+//! - [`reload`]: tells a running helper the container's new address;
+//! - [`child_ip`]: picks the address to forward to, as podman does.
+//!
+//! [`helper`] is the binary's own entry point (the forwarder in this process).
 //!
 //! ```no_run
 //! use rootlessport::{child_ip::{child_ip, ChildNetwork}, launcher::Launcher, Config};
 //! use slirp_config::PortMapping;
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = Config {
-//!     mappings: vec![PortMapping { host_ip: "".into(), host_port: 8080, container_port: 80,
-//!                                  range: 1, protocol: "tcp".into() }],
-//!     netns_path: "/run/netns/ctr1".into(),
-//!     tmp_dir: "/run/myengine".into(),
-//!     child_ip: child_ip(ChildNetwork::Slirp4netns { subnet: None }),
-//!     container_id: "ctr1".into(),
-//!     ..Config::default()
-//! };
+//! let ip = child_ip(ChildNetwork::Slirp4netns { subnet: None });   // 10.0.2.100
+//! let config = Config::new("ctr1", "/run/netns/ctr1", ip, "/run/myengine")
+//!     .with_mappings(vec![PortMapping::new("", 8080, 80, 1, "tcp")]);
 //! // Close-on-exec, so that no other child of the engine holds the helper's exit pipe open.
 //! let (exit_r, exit_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?; // exit_w: the container's monitor
 //! let helper = Launcher::new("/usr/libexec/rootless-net/rootlessport").start(&config, exit_r)?;
@@ -29,17 +31,29 @@
 //! # drop(exit_w); Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod child_ip;
-pub mod config;
+mod config;
 mod error;
-pub mod forward;
+mod flow_budget;
+mod forward;
+pub mod helper;
 pub mod launcher;
 mod netlink;
 pub mod reload;
 mod routing;
 mod source_ip;
+mod state;
 mod tcp;
 mod udp;
 
 pub use config::Config;
-pub use error::{errno_text, Error};
+pub use error::Error;
+
+/// What the fuzz targets (`fuzz/`, built by `cargo fuzz` with `--cfg fuzzing`) reach
+/// beyond the public API; absent from every other build.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    pub use crate::reload::server::parse_request;
+}

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,22 +13,9 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::Family;
-use crate::forward::Shared;
 use crate::source_ip::{source_for, transparent_socket};
+use crate::state::Shared;
 
-/// Bytes moved per splice call at most (and the pipe size we ask for).
-const CHUNK: usize = 256 * 1024;
-
-fn chunk() -> usize {
-    static C: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *C.get_or_init(|| {
-        std::env::var("ROOTLESSPORT_PIPE_KB")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map(|k| k * 1024)
-            .unwrap_or(CHUNK)
-    })
-}
 /// Pipes kept for reuse per thread; a connection only holds one while data is in it.
 const POOL_MAX: usize = 32;
 
@@ -86,7 +73,7 @@ async fn forward(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    relay(&client, &upstream).await;
+    relay(&client, &upstream, shared.pipe_size).await;
 }
 
 /// Connect to `to` for the client `peer`. This runs on a thread that entered the
@@ -141,9 +128,10 @@ enum PumpEnd {
 }
 
 /// Relay both directions until both have ended; a reset on one side resets the other.
-async fn relay(a: &TcpStream, b: &TcpStream) {
-    let up = pump(a, b);
-    let down = pump(b, a);
+/// `chunk`: bytes moved per splice call at most.
+async fn relay(a: &TcpStream, b: &TcpStream, chunk: usize) {
+    let up = pump(a, b, chunk);
+    let down = pump(b, a, chunk);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
@@ -163,8 +151,7 @@ async fn relay(a: &TcpStream, b: &TcpStream) {
 }
 
 fn shutdown_write(s: &TcpStream) {
-    // SAFETY: shutdown(2) on a socket fd the stream owns.
-    unsafe { libc::shutdown(s.as_raw_fd(), libc::SHUT_WR) };
+    let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
 }
 
 /// Work one pump does before it lets the other tasks run. `readable()` and `writable()`
@@ -200,14 +187,14 @@ impl Turn {
     }
 }
 
-/// Move bytes from `src` to `dst` until EOF or an error.
-async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
+/// Move bytes from `src` to `dst` until EOF or an error, up to `chunk` per splice.
+async fn pump(src: &TcpStream, dst: &TcpStream, chunk: usize) -> PumpEnd {
     let mut turn = Turn::default();
     loop {
         if src.readable().await.is_err() {
             return PumpEnd::ReadFailed;
         }
-        let Some(pipe) = Pipe::take() else {
+        let Some(pipe) = Pipe::take(chunk) else {
             // Boxed: its buffer must not sit in every connection's future.
             match Box::pin(copy_once(src, dst, &mut turn)).await {
                 Ok(0) => return PumpEnd::Eof,
@@ -218,9 +205,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
                 Err(end) => return end,
             }
         };
-        let filled = src.try_io(Interest::READABLE, || {
-            splice(src.as_raw_fd(), pipe.w.as_raw_fd(), chunk())
-        });
+        let filled = src.try_io(Interest::READABLE, || splice(src, &pipe.w, chunk));
         let n = match filled {
             Ok(0) => {
                 pipe.give_back();
@@ -239,9 +224,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> PumpEnd {
         };
         let mut left = n;
         while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), left)
-            }) {
+            match dst.try_io(Interest::WRITABLE, || splice(&pipe.r, dst, left)) {
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     turn.parked();
@@ -286,23 +269,11 @@ async fn copy_once(src: &TcpStream, dst: &TcpStream, turn: &mut Turn) -> Result<
     Ok(n)
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: splice(2) between two fds we own, with null offsets (sockets and pipes).
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+/// splice(2) without offsets (sockets and pipes), never blocking.
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    use nix::fcntl::SpliceFFlags;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    Ok(nix::fcntl::splice(from, None, to, None, len, flags)?)
 }
 
 /// An empty pipe borrowed from the per-thread pool.
@@ -316,7 +287,8 @@ thread_local! {
 }
 
 impl Pipe {
-    fn take() -> Option<Pipe> {
+    /// A pipe from the pool, or a new one of about `size` bytes.
+    fn take(size: usize) -> Option<Pipe> {
         if let Some(p) = POOL.with(|p| p.borrow_mut().pop()) {
             return Some(p);
         }
@@ -324,8 +296,8 @@ impl Pipe {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                 .ok()?;
         // A bigger pipe means fewer splice calls per byte; the kernel may refuse.
-        // SAFETY: fcntl(F_SETPIPE_SZ) on a pipe fd we own.
-        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, chunk() as libc::c_int) };
+        let size = i32::try_from(size).unwrap_or(i32::MAX);
+        let _ = nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(size));
         Some(Pipe { r, w })
     }
 

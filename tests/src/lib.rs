@@ -446,16 +446,15 @@ impl BridgeTopology {
         let n = self
             .launched
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        rootlessport::Config {
-            mappings,
-            netns_path: self.container.path().display().to_string(),
-            tmp_dir: self.dir.path().display().to_string(),
-            child_ip: Self::CONTAINER_IP.to_string(),
-            container_id: format!("bridge{}-{n}", self.slot),
-            preserve_source_ip: true,
-            rootless_cni: true,
-            ..rootlessport::Config::default()
-        }
+        rootlessport::Config::new(
+            format!("bridge{}-{n}", self.slot),
+            self.container.path().display().to_string(),
+            Self::CONTAINER_IP.to_string(),
+            self.dir.path().display().to_string(),
+        )
+        .with_mappings(mappings)
+        .with_preserve_source_ip(true)
+        .with_rootless_cni(true)
     }
 
     /// Start the helper ([`rootlessport_bin`]) with `cfg`; panics unless it gets ready.

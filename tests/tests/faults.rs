@@ -30,15 +30,14 @@ fn launch(
     mappings: Vec<PortMapping>,
     cni: bool,
 ) -> (RootlessPort, OwnedFd) {
-    let cfg = Config {
-        mappings,
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: tmp.display().to_string(),
-        child_ip: "127.0.0.1".into(),
-        container_id: "faults".into(),
-        rootless_cni: cni,
-        ..Config::default()
-    };
+    let cfg = Config::new(
+        "faults",
+        ns.path().display().to_string(),
+        "127.0.0.1",
+        tmp.display().to_string(),
+    )
+    .with_mappings(mappings)
+    .with_rootless_cni(cni);
     let (r, w) = cloexec_pipe();
     (Launcher::new(rootlessport_bin()).start(&cfg, r).unwrap(), w)
 }
@@ -191,14 +190,14 @@ fn exit_pipe_closed_during_startup() {
     require_harness();
     let ns = TestNetns::new();
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = Config {
-        mappings: (0..500).map(|i| pm(30000 + i, 80)).collect(),
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: tmp.path().display().to_string(),
-        container_id: "early".into(),
-        rootless_cni: true,
-        ..Config::default()
-    };
+    let cfg = Config::new(
+        "early",
+        ns.path().display().to_string(),
+        "",
+        tmp.path().display().to_string(),
+    )
+    .with_mappings((0..500).map(|i| pm(30000 + i, 80)).collect())
+    .with_rootless_cni(true);
     let (r, w) = cloexec_pipe();
     drop(w); // the container is already gone
     let mut h = Launcher::new(rootlessport_bin()).start(&cfg, r).unwrap();
@@ -245,15 +244,14 @@ fn signals_at_any_time() {
     // SIGTERM during startup (10,000 ports to bind): whatever the moment, the process
     // ends, is reaped, and holds no port.
     for delay_ms in [0u64, 5, 20] {
-        let cfg = Config {
-            mappings: (0..10000).map(|i| pm(40000 + i as u16, 80)).collect(),
-            netns_path: ns.path().display().to_string(),
-            tmp_dir: tmp.path().display().to_string(),
-            container_id: "sig".into(),
-            exit_fd: 3,
-            ready_fd: 4,
-            ..Config::default()
-        };
+        let mut cfg = Config::new(
+            "sig",
+            ns.path().display().to_string(),
+            "",
+            tmp.path().display().to_string(),
+        )
+        .with_mappings((0..10000).map(|i| pm(40000 + i as u16, 80)).collect());
+        (cfg.exit_fd, cfg.ready_fd) = (3, 4);
         let (er, _ew) = cloexec_pipe();
         let (_rr, rw) = cloexec_pipe();
         let mut helper = slirp_spawn::process::HelperCommand::new(rootlessport_bin())

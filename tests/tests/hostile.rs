@@ -383,20 +383,20 @@ fn reload_socket_is_for_its_own_user_only() {
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = rootlessport::Config {
-        mappings: vec![slirp_config::PortMapping::new(
-            "127.0.0.1",
-            29120,
-            80,
-            1,
-            "tcp",
-        )],
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: tmp.path().display().to_string(),
-        container_id: "guarded".into(),
-        rootless_cni: true,
-        ..Default::default()
-    };
+    let cfg = rootlessport::Config::new(
+        "guarded",
+        ns.path().display().to_string(),
+        "",
+        tmp.path().display().to_string(),
+    )
+    .with_mappings(vec![slirp_config::PortMapping::new(
+        "127.0.0.1",
+        29120,
+        80,
+        1,
+        "tcp",
+    )])
+    .with_rootless_cni(true);
     let (r, w) = cloexec_pipe();
     let mut h = rootlessport::launcher::Launcher::new(rootlessport_bin())
         .start(&cfg, r)

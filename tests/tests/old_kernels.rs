@@ -172,20 +172,19 @@ fn whole_stack(old_kernel: bool, rootlessport_port: u16, slirp_port: u16) {
         .unwrap();
         assert_eq!(ids.len(), 1);
 
-        let config = Config {
-            mappings: vec![PortMapping::new(
-                "127.0.0.1",
-                rootlessport_port,
-                80,
-                1,
-                "tcp",
-            )],
+        let config = Config::new(
+            "oldk",
             netns_path,
-            tmp_dir: tmp_dir.display().to_string(),
-            child_ip: slirp.guest_ip().to_string(),
-            container_id: "oldk".into(),
-            ..Config::default()
-        };
+            slirp.guest_ip().to_string(),
+            tmp_dir.display().to_string(),
+        )
+        .with_mappings(vec![PortMapping::new(
+            "127.0.0.1",
+            rootlessport_port,
+            80,
+            1,
+            "tcp",
+        )]);
         let (exit_r, exit_w) = tests::cloexec_pipe();
         let mut helper = Launcher::new(rootlessport_bin())
             .start(&config, exit_r)

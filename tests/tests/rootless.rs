@@ -178,14 +178,13 @@ fn rootless_library_launch_publishes_and_leaves_nothing() {
         "accept_dad restored after the launch"
     );
 
-    let config = rootlessport::Config {
-        mappings: vec![mapping(28910, 80, "tcp"), mapping(28911, 53, "udp")],
-        netns_path: engine.ns("net"),
-        tmp_dir: tmp.path().display().to_string(),
-        child_ip: slirp.guest_ip().to_string(),
-        container_id: "rootless-lib".into(),
-        ..Default::default()
-    };
+    let config = rootlessport::Config::new(
+        "rootless-lib",
+        engine.ns("net"),
+        slirp.guest_ip().to_string(),
+        tmp.path().display().to_string(),
+    )
+    .with_mappings(vec![mapping(28910, 80, "tcp"), mapping(28911, 53, "udp")]);
     let (exit_r, exit_w) = cloexec_pipe();
     let mut launcher = rootlessport::launcher::Launcher::new(rootlessport_bin());
     launcher.userns = Some(engine.ns("user").into());

@@ -24,14 +24,13 @@ fn container() -> TestNetns {
 }
 
 fn config(ns: &TestNetns, tmp: &Path, mappings: Vec<PortMapping>) -> Config {
-    Config {
-        mappings,
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: tmp.display().to_string(),
-        child_ip: String::new(),
-        container_id: "c0ffee".into(),
-        ..Config::default()
-    }
+    Config::new(
+        "c0ffee",
+        ns.path().display().to_string(),
+        "",
+        tmp.display().to_string(),
+    )
+    .with_mappings(mappings)
 }
 
 /// Start the helper as podman does; returns it and the exit pipe's write end.
@@ -710,13 +709,13 @@ fn rootless_in_a_user_namespace() {
     });
 
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = Config {
-        mappings: vec![PortMapping::new("", 28500, 80, 1, "tcp,udp")],
-        netns_path: netns.clone(),
-        tmp_dir: tmp.path().display().to_string(),
-        container_id: "rootless".into(),
-        ..Config::default()
-    };
+    let cfg = Config::new(
+        "rootless",
+        netns.clone(),
+        "",
+        tmp.path().display().to_string(),
+    )
+    .with_mappings(vec![PortMapping::new("", 28500, 80, 1, "tcp,udp")]);
     let mut cfg34 = cfg.clone();
     cfg34.exit_fd = 3;
     cfg34.ready_fd = 4;

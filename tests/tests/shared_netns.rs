@@ -89,19 +89,20 @@ impl Fixture {
     /// Start a helper keeping client addresses, publishing host port -> container
     /// port for TCP and UDP.
     fn start(&self, id: &str, child_ip: &str, ports: &[(u16, u16)]) -> Helper {
-        let cfg = Config {
-            mappings: ports
+        let cfg = Config::new(
+            id,
+            self.ns.path().display().to_string(),
+            child_ip,
+            self.dir.path().display().to_string(),
+        )
+        .with_mappings(
+            ports
                 .iter()
                 .map(|&(h, c)| PortMapping::new("", h, c, 1, "tcp,udp"))
                 .collect(),
-            netns_path: self.ns.path().display().to_string(),
-            tmp_dir: self.dir.path().display().to_string(),
-            child_ip: child_ip.into(),
-            container_id: id.into(),
-            preserve_source_ip: true,
-            rootless_cni: true, // as for podman's bridge networks
-            ..Config::default()
-        };
+        )
+        .with_preserve_source_ip(true)
+        .with_rootless_cni(true); // as for podman's bridge networks
         let (r, w) = tests::cloexec_pipe();
         let handle = Launcher::new(rootlessport_bin())
             .start(&cfg, r)

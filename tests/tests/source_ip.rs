@@ -59,16 +59,15 @@ fn launch(
     keep: bool,
     ports: Vec<PortMapping>,
 ) -> (RootlessPort, OwnedFd) {
-    let cfg = Config {
-        mappings: ports,
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: dir.path().display().to_string(),
-        child_ip: child_ip.into(),
-        container_id: format!("src-{child_ip}"),
-        preserve_source_ip: keep,
-        rootless_cni: true, // a reload socket, for the reload check
-        ..Config::default()
-    };
+    let cfg = Config::new(
+        format!("src-{child_ip}"),
+        ns.path().display().to_string(),
+        child_ip,
+        dir.path().display().to_string(),
+    )
+    .with_mappings(ports)
+    .with_preserve_source_ip(keep)
+    .with_rootless_cni(true); // a reload socket, for the reload check
     let (r, w) = tests::cloexec_pipe();
     (Launcher::new(rootlessport_bin()).start(&cfg, r).unwrap(), w)
 }
@@ -255,29 +254,24 @@ fn opt_out_gives_podmans_behaviour() {
     slirp.stop().unwrap();
 }
 
-#[test]
-#[ignore = "itest: needs the cargo xtask itest namespaces"]
-fn falls_back_with_one_warning_when_it_cannot_be_set_up() {
-    require_harness();
-    // No child IP: connections go to the container's loopback, where no client address
-    // can be used. The ports work as podman's do, and the log says why, once.
-    let dir = tempfile::tempdir().unwrap();
-    let ns = TestNetns::new();
-    ns.sh("ip link set lo up");
-    reporters(&ns, 70, 71);
-    let cfg = Config {
-        mappings: vec![pm(28920, 70, "tcp"), pm(28921, 71, "udp")],
-        netns_path: ns.path().display().to_string(),
-        tmp_dir: dir.path().display().to_string(),
-        container_id: "fallback".into(),
-        exit_fd: 3,
-        ready_fd: 4,
-        ..Config::default()
-    };
+/// A started helper, the log of its stderr, and its exit pipe's write end.
+type Started = (
+    slirp_spawn::process::Helper,
+    slirp_spawn::process::LogFile,
+    OwnedFd,
+);
+
+/// Start the helper of `cfg` as podman does (fds 3 and 4) through `program args`
+/// (the helper itself, or a wrapper that runs it), its stderr kept in a log, and wait
+/// until it is ready. Returns it, the log and the exit pipe's write end.
+fn start_logged(cfg: &Config, program: std::path::PathBuf, args: &[&str]) -> Started {
+    let mut cfg = cfg.clone();
+    (cfg.exit_fd, cfg.ready_fd) = (3, 4);
     let log = slirp_spawn::process::LogFile::anonymous("log").unwrap();
     let (exit_r, exit_w) = tests::cloexec_pipe();
     let (ready_r, ready_w) = tests::cloexec_pipe();
-    let mut h = slirp_spawn::process::HelperCommand::new(rootlessport_bin())
+    let mut h = slirp_spawn::process::HelperCommand::new(program)
+        .args(args)
         .stdin_bytes(serde_json::to_vec(&cfg).unwrap())
         .leak_fd(exit_r, 3)
         .leak_fd(ready_w, 4)
@@ -293,23 +287,91 @@ fn falls_back_with_one_warning_when_it_cannot_be_set_up() {
         .unwrap();
     assert!(
         matches!(sync, slirp_spawn::process::Sync::Ready(_)),
-        "{sync:?}"
+        "{sync:?}: {}",
+        log.contents()
     );
+    (h, log, exit_w)
+}
+
+/// The helper fell back as podman's forwards, for `why`: one warning line saying so,
+/// nothing of ours in the netns, and `port` (TCP, served by [`reporters`]) works, the
+/// container seeing the helper's side, `seen`.
+fn assert_fell_back(ns: &TestNetns, started: Started, why: &str, (port, seen): (u16, &str)) {
+    let (mut h, log, exit_w) = started;
     let text = log.contents();
     let warnings: Vec<&str> = text.lines().filter(|l| l.contains("warning")).collect();
-    assert_eq!(
-        warnings,
-        ["rootlessport: warning: client addresses are not kept (the container sees the helper's): no child IP (connections go to the container's loopback)"]
+    let expected = format!(
+        "rootlessport: warning: client addresses are not kept (the container sees the helper's): {why}"
     );
-    assert!(!rules(&ns).contains(TABLE));
-    let mut c = TcpStream::connect("127.0.0.1:28920").unwrap();
+    assert_eq!(warnings, [expected.as_str()]);
+    assert!(!rules(ns).contains(TABLE));
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut s = String::new();
     c.read_to_string(&mut s).unwrap();
-    assert!(s.starts_with("tcp peer 127.0.0.1:"), "{s}");
+    assert!(s.starts_with(&format!("tcp peer {seen}:")), "{s}");
     drop(exit_w);
     assert!(h
         .wait_timeout(Duration::from_secs(10))
         .unwrap()
         .unwrap()
         .success());
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn falls_back_with_one_warning_when_it_cannot_be_set_up() {
+    require_harness();
+    // No child IP: connections go to the container's loopback, where no client address
+    // can be used. The ports work as podman's do, and the log says why, once.
+    let dir = tempfile::tempdir().unwrap();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    reporters(&ns, 70, 71);
+    let cfg = Config::new(
+        "fallback",
+        ns.path().display().to_string(),
+        "",
+        dir.path().display().to_string(),
+    )
+    .with_mappings(vec![pm(28920, 70, "tcp"), pm(28921, 71, "udp")]);
+    let started = start_logged(&cfg, rootlessport_bin(), &[]);
+    assert_fell_back(
+        &ns,
+        started,
+        "no child IP (connections go to the container's loopback)",
+        (28920, "127.0.0.1"),
+    );
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn without_cap_net_admin_it_says_so_up_front() {
+    require_harness();
+    // A helper without CAP_NET_ADMIN (dropped from its bounding set by setpriv, which
+    // then runs it) knows before any netlink request that it cannot keep addresses.
+    let dir = tempfile::tempdir().unwrap();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up && ip addr add 10.0.2.101/32 dev lo");
+    reporters(&ns, 72, 73);
+    let cfg = Config::new(
+        "nocap",
+        ns.path().display().to_string(),
+        "10.0.2.101",
+        dir.path().display().to_string(),
+    )
+    .with_mappings(vec![pm(28922, 72, "tcp"), pm(28923, 73, "udp")]);
+    let bin = rootlessport_bin();
+    let args = [
+        "--bounding-set=-net_admin",
+        "--inh-caps=-net_admin",
+        "--",
+        bin.to_str().unwrap(),
+    ];
+    let started = start_logged(&cfg, "setpriv".into(), &args);
+    assert_fell_back(
+        &ns,
+        started,
+        "no CAP_NET_ADMIN (needed for its routing rules)",
+        (28922, "10.0.2.101"),
+    );
 }

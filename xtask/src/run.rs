@@ -53,7 +53,8 @@ pub fn parse(args: &[String]) -> Result<SessionSpec, String> {
     if options.is_slirp_host_forward {
         slirp_portfwd::plan(&ports).map_err(|e| e.to_string())?;
     } else {
-        rootlessport::config::plan_ports(&ports).map_err(|e| e.to_string())?;
+        let helper_config = rootlessport::Config::default().with_mappings(ports.clone());
+        helper_config.check_ports().map_err(|e| e.to_string())?;
     }
     Ok(SessionSpec {
         ports,

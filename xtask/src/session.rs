@@ -181,14 +181,13 @@ impl Session {
 
         let t = Instant::now();
         if let Some(bin) = rootlessport {
-            let config = rootlessport::Config {
-                mappings: spec.ports.clone(),
-                netns_path: format!("/proc/{pid}/ns/net"),
-                tmp_dir: session.tmp.display().to_string(),
-                child_ip: session.guest.to_string(),
-                container_id: format!("run-{pid}"),
-                ..Default::default()
-            };
+            let config = rootlessport::Config::new(
+                format!("run-{pid}"),
+                format!("/proc/{pid}/ns/net"),
+                session.guest.to_string(),
+                session.tmp.display().to_string(),
+            )
+            .with_mappings(spec.ports.clone());
             let (exit_r, exit_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| format!("pipe: {e}"))?;
             let mut launcher = Launcher::new(bin);

@@ -122,14 +122,13 @@ fn inner_run(secs: u64) -> Result<(), String> {
     let bin = std::env::var_os("SOAK_HELPER")
         .map(PathBuf::from)
         .ok_or("SOAK_HELPER not set")?;
-    let cfg = rootlessport::Config {
-        mappings: vec![PortMapping::new("127.0.0.1", 27007, 7, 1, "tcp,udp")],
-        netns_path: netns,
-        tmp_dir: std::env::temp_dir().display().to_string(),
-        child_ip: "127.0.0.1".into(),
-        container_id: format!("soak-{}", std::process::id()),
-        ..Default::default()
-    };
+    let cfg = rootlessport::Config::new(
+        format!("soak-{}", std::process::id()),
+        netns,
+        "127.0.0.1",
+        std::env::temp_dir().display().to_string(),
+    )
+    .with_mappings(vec![PortMapping::new("127.0.0.1", 27007, 7, 1, "tcp,udp")]);
     std::env::set_var("ROOTLESSPORT_UDP_IDLE_SECS", UDP_IDLE_SECS);
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
     let helper = Launcher::new(&bin)

@@ -141,7 +141,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
 /// Inside the private namespaces: set up, measure, report.
 fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
-    rootlessport::forward::raise_nofile_limit();
+    crate::sys::raise_nofile_limit();
     let rig = rig::setup()?;
     let figures = figures::list(s);
     let res = figures::measure(&rig, s)?;

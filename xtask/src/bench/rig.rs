@@ -123,14 +123,8 @@ pub(super) fn helper_config(
     id: &str,
     mappings: Vec<PortMapping>,
 ) -> rootlessport::Config {
-    rootlessport::Config {
-        mappings,
-        netns_path: netns.into(),
-        tmp_dir: tmp.display().to_string(),
-        child_ip: "127.0.0.1".into(),
-        container_id: id.into(),
-        ..Default::default()
-    }
+    rootlessport::Config::new(id, netns, "127.0.0.1", tmp.display().to_string())
+        .with_mappings(mappings)
 }
 
 pub(super) fn launch(

@@ -1,0 +1,64 @@
+//! What the helper does to its own process before it forwards: taking the fds podman
+//! handed it, and raising its open-file limit.
+
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::stat::{fstat, SFlag};
+use rootlessport::{Config, Error};
+
+/// Check ExitFD and ReadyFD as podman's helper does (missing when <= 0), and further:
+/// each must be an open pipe or socket, and not the same fd. Both become close-on-exec
+/// and owned by the returned values (exit, ready).
+pub(crate) fn take_fds(cfg: &Config) -> Result<(OwnedFd, OwnedFd), Error> {
+    if cfg.netns_path.is_empty() {
+        return Err(Error::MissingNetNsPath);
+    }
+    if cfg.exit_fd <= 0 {
+        return Err(Error::MissingExitFd);
+    }
+    if !is_pipe_or_socket(cfg.exit_fd) {
+        return Err(Error::InvalidExitFd);
+    }
+    if cfg.ready_fd <= 0 {
+        return Err(Error::MissingReadyFd);
+    }
+    if !is_pipe_or_socket(cfg.ready_fd) || cfg.ready_fd == cfg.exit_fd {
+        return Err(Error::InvalidReadyFd);
+    }
+    // SAFETY: both fds were checked open above and are handed to us by our parent for
+    // our sole use; nothing else in this process owns them.
+    let (exit, ready) = unsafe {
+        (
+            OwnedFd::from_raw_fd(cfg.exit_fd),
+            OwnedFd::from_raw_fd(cfg.ready_fd),
+        )
+    };
+    for fd in [&exit, &ready] {
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+    Ok((exit, ready))
+}
+
+/// Whether `fd` is open and a pipe or a socket.
+fn is_pipe_or_socket(fd: RawFd) -> bool {
+    // SAFETY: borrowed only for this fstat, during which nothing in this process closes
+    // fds (it is single-threaded still); a number that is not open makes fstat fail
+    // with EBADF, which is the answer.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    fstat(borrowed).is_ok_and(|st| {
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        kind == SFlag::S_IFIFO || kind == SFlag::S_IFSOCK
+    })
+}
+
+/// Raise the soft limit on open files to the hard one: each connection costs two
+/// sockets, and a pipe pair while data moves.
+pub(crate) fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The helper itself, for the `rootlessport` binary: what it runs once it has read its
+//! config and taken its fds. An engine starts the binary with
+//! [`Launcher`](crate::launcher::Launcher) instead.
+//!
+//! Two steps, so that the caller can act between them while the engine still reads
+//! the helper's stderr: [`Helper::bind`] checks the config's ports and child IP
+//! (before anything listens), opens the container's netns, makes every listener on the
+//! host side and the reload socket; [`Helper::run`] enters the netns, serves every
+//! port, calls `ready` once all are served, and returns when the exit pipe reads EOF or
+//! on SIGTERM/SIGINT.
+//!
+//! ```no_run
+//! use std::os::fd::OwnedFd;
+//! use rootlessport::helper::{Helper, Options};
+//! # fn main() -> Result<(), rootlessport::Error> {
+//! # let config = rootlessport::Config::default();
+//! # let exit_fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+//! let helper = Helper::bind(&config, exit_fd, &Options::default())?;
+//! let stopped = helper.run(|| {
+//!     // Every port is served: tell the engine (write `1` to ReadyFD).
+//!     Ok(())
+//! })?;
+//! # let _ = stopped; Ok(()) }
+//! ```
+
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::{parse_child_ip, plan_ports};
+use crate::forward::{bind_all, Forwarder, DEFAULT_UDP_IDLE};
+use crate::reload::server::ReloadSocket;
+use crate::state::DEFAULT_PIPE_SIZE;
+use crate::{Config, Error};
+
+pub use crate::error::errno_text;
+pub use crate::forward::Stopped;
+
+/// How the helper forwards, beyond what podman's config says (the binary reads them
+/// from its environment, `ROOTLESSPORT_*`). New options may come: start from
+/// [`Options::default`] and set fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Options {
+    /// How long a UDP flow may be idle before it is closed. Default 90 s, podman's.
+    pub udp_idle: Duration,
+    /// Event-loop threads, each inside the container's netns; 1 (the default, which
+    /// measured best on 2 cores) serves everything on the thread calling
+    /// [`Helper::run`]. Taken as 1 to 64.
+    pub threads: usize,
+    /// Bytes moved per `splice(2)` call at most, and the pipe size asked of the kernel
+    /// (which may give less). Default 256 KiB; at least 4 KiB is used.
+    pub pipe_size: usize,
+    /// Keep the client's address and port for the container to see, where the netns
+    /// and the kernel allow (see the crate's README). Default `true`; a config with
+    /// `PreserveSourceIP: false` turns it off too.
+    pub preserve_source_ip: bool,
+    /// The process exits as soon as [`Helper::run`] returns: the sockets are left to
+    /// the kernel to close at exit rather than closed one by one (much faster with
+    /// thousands). Default `false`: everything is closed before `run` returns.
+    pub exit_after_run: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            udp_idle: DEFAULT_UDP_IDLE,
+            threads: 1,
+            pipe_size: DEFAULT_PIPE_SIZE,
+            preserve_source_ip: true,
+            exit_after_run: false,
+        }
+    }
+}
+
+/// A helper whose ports all listen, ready to [`run`](Helper::run).
+pub struct Helper {
+    forwarder: Forwarder,
+    ports: usize,
+}
+
+impl Helper {
+    /// Everything before serving, in podman's helper's order: the config's ports
+    /// checked and expanded (see [`Config::check_ports`]), its child IP parsed, the
+    /// container's netns opened, a listener made for each port (in the caller's
+    /// netns), and, with `RootlessCNI`, the reload socket at `TmpDir/rp/<ContainerID>`.
+    /// `exit_fd` is the exit pipe's read end (`ExitFD`). The config's `ExitFD` and
+    /// `ReadyFD` are not looked at: the caller took them.
+    ///
+    /// # Errors
+    ///
+    /// The first failure, with the helper's one-line text: a port or child IP error,
+    /// [`Error::Netns`], [`Error::Listen`] (a port in use: `listen tcp 0.0.0.0:8080:
+    /// bind: address already in use`), [`Error::ReloadSocket`]. Whatever was made is
+    /// closed again.
+    pub fn bind(config: &Config, exit_fd: OwnedFd, options: &Options) -> Result<Helper, Error> {
+        let specs = plan_ports(&config.mappings)?;
+        let child_ip = parse_child_ip(&config.child_ip)?;
+        let netns = slirp_spawn::Netns::Path(config.netns_path.clone().into())
+            .open()
+            .map_err(|e| Error::Netns {
+                path: config.netns_path.clone(),
+                source: match e {
+                    slirp_spawn::Error::OpenNetns { source, .. } => source,
+                    other => std::io::Error::other(other),
+                },
+            })?;
+        let bound = bind_all(&specs)?;
+        let reload = if config.rootless_cni {
+            let tmp_dir = Path::new(&config.tmp_dir);
+            Some(ReloadSocket::bind(tmp_dir, &config.container_id)?)
+        } else {
+            None
+        };
+        let forwarder = Forwarder {
+            bound,
+            netns,
+            netns_path: config.netns_path.clone(),
+            child_ip,
+            exit_fd,
+            reload,
+            udp_idle: options.udp_idle,
+            pipe_size: options.pipe_size,
+            threads: options.threads.clamp(1, 64),
+            preserve_source: config.preserve_source_ip && options.preserve_source_ip,
+            exit_after: options.exit_after_run,
+            container_id: config.container_id.clone(),
+        };
+        Ok(Helper {
+            forwarder,
+            ports: specs.len(),
+        })
+    }
+
+    /// The number of ports listening (each protocol of each mapping, times its range).
+    pub fn ports(&self) -> usize {
+        self.ports
+    }
+
+    /// Where connections go: the config's child IP, `None` for the netns's loopback.
+    pub fn child_ip(&self) -> Option<IpAddr> {
+        self.forwarder.child_ip
+    }
+
+    /// Enter the container's netns on this thread, serve every port, call `ready` once
+    /// all are served, and return when the exit pipe reads EOF (the container is gone)
+    /// or on SIGTERM or SIGINT. Client addresses are kept where possible (one warning
+    /// line when they cannot be); the state put into the netns for that is removed
+    /// before this returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Netns`] when the netns cannot be entered, [`Error::Io`] when the event
+    /// loop cannot start, and whatever `ready` returns.
+    pub fn run(self, ready: impl FnOnce() -> Result<(), Error>) -> Result<Stopped, Error> {
+        self.forwarder.run(ready)
+    }
+}
