@@ -189,3 +189,54 @@ fn bad_arguments_fail_before_anything_starts() {
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("xtask run: no command given"));
 }
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn run_leaves_nothing_of_the_command_behind() {
+    require_harness();
+    // Something the command leaves running in the background ends with it.
+    let out = xtask()
+        .args(["run", "--", "sh", "-c", "sleep 31.4159 & sleep 0.2; exit 4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        eventually(5, || processes_mentioning("sleep 31.4159").is_empty()),
+        "the command's background child outlived the run"
+    );
+
+    // xtask killed with SIGKILL: the command goes with it; the tmp dir it could not
+    // remove is swept by the next run.
+    let mut run = xtask()
+        .args(["run", "--", "sleep", "31.2718"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = run.stderr.take().unwrap();
+    let mut log = String::new();
+    let mut buf = [0u8; 512];
+    while !log.contains("[run] running sleep") {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "run ended early: {log}");
+        log.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let pid: u32 = log
+        .split("namespace: pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert!(!processes_mentioning("sleep 31.2718").is_empty());
+    run.kill().unwrap();
+    run.wait().unwrap();
+    assert!(
+        eventually(5, || processes_mentioning("sleep 31.2718").is_empty()),
+        "the command outlived a killed xtask"
+    );
+    assert!(eventually(5, || !process_exists(pid)), "unshare left");
+    let stale = std::env::temp_dir().join(format!("rootless-net-run-{pid}"));
+    assert!(stale.exists(), "a killed run cannot have removed its tmp dir");
+    let out = xtask().args(["run", "--", "true"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!stale.exists(), "the next run sweeps a dead run's tmp dir");
+}

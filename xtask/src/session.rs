@@ -36,6 +36,8 @@ pub struct Session {
     pub features: slirp_config::SlirpFeatures,
     /// Every process started for the session, to check that teardown left none.
     pub pids: Vec<u32>,
+    /// The PID namespace's init (`ns-child`), which passes signals on to the command.
+    init: Option<u32>,
 }
 
 /// The rootlessport binary: `ROOTLESSPORT_BIN`, else the release build (built now).
@@ -84,9 +86,12 @@ impl Session {
         };
         let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;
         let unshare = sys::find_in_path("unshare").ok_or("unshare not found")?;
+        sweep_stale_tmp_dirs();
         let (go_r, go_w) = pipe_high()?;
         let (in_r, in_w) = pipe_high()?;
         let mut cmd = Command::new(unshare);
+        // A PID namespace too, with `ns-child` as its init: whatever the command leaves
+        // running dies with it, and `--kill-child` takes the namespace down with unshare.
         cmd.args([
             "--user",
             "--map-root-user",
@@ -94,17 +99,28 @@ impl Session {
             "--mount",
             "--propagation",
             "private",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
             "--",
         ])
         .arg(&me)
         .args(["ns-child", "--"])
         .args(&spec.command);
         let (a, b) = (go_r.as_raw_fd(), in_w.as_raw_fd());
-        // SAFETY: dup2 between fork and exec, async-signal-safe, on fds we own.
+        let parent = nix::unistd::getpid();
+        // SAFETY: dup2, prctl and getppid between fork and exec: async-signal-safe, on
+        // fds we own and plain integers.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // If we die (even by SIGKILL), unshare dies, and with it the namespace.
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::other("xtask exited during the start"));
                 }
                 Ok(())
             });
@@ -125,6 +141,7 @@ impl Session {
             ports_ready: Duration::ZERO,
             features: Default::default(),
             pids: Vec::new(),
+            init: None,
         };
         // The child says when it is inside its namespaces.
         let mut byte = [0u8; 1];
@@ -139,6 +156,7 @@ impl Session {
             }
         }
         let pid = session.child.id();
+        session.init = init_of(pid);
         session.pids.push(pid);
         progress(format!(
             "namespace: pid {pid} in a new user, network and mount namespace"
@@ -255,9 +273,17 @@ impl Session {
             let sig = GOT.swap(0, Ordering::SeqCst);
             if sig != 0 {
                 forwarded += 1;
-                let to = if forwarded > 1 { libc::SIGKILL } else { sig };
-                // SAFETY: signalling our own unreaped child.
-                unsafe { libc::kill(pid, to) };
+                if forwarded > 1 {
+                    // SAFETY: signalling our own unreaped child (unshare); the namespace
+                    // dies with it.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                } else if let Some(init) = self.init {
+                    // unshare blocks SIGINT and SIGTERM: the namespace's init (ns-child)
+                    // passes them on to the command. Its pid stays ours while unshare,
+                    // its parent, is unreaped.
+                    // SAFETY: kill(2) with a pid and a signal number.
+                    unsafe { libc::kill(init as libc::pid_t, sig) };
+                }
             } else if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 return ExitStatus::from_raw(1 << 8);
             }
@@ -347,10 +373,21 @@ pub fn exit_code(s: ExitStatus) -> i32 {
     s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
 }
 
-/// `xtask ns-child -- CMD...`: runs inside the new namespaces. Says so on fd 4, brings
-/// loopback up, waits for the go byte on fd 3 (EOF: setup failed, exit quietly), then
-/// becomes CMD.
+/// `xtask ns-child -- CMD...`: runs inside the new namespaces as the init of the PID
+/// namespace. Says so on fd 4, brings loopback up, waits for the go byte on fd 3 (EOF:
+/// setup failed, exit quietly), then runs CMD as its child: it passes SIGINT, SIGTERM,
+/// SIGHUP and SIGQUIT on to it, reaps whatever else ends up under it, and exits with
+/// CMD's status (128 + the signal if a signal ended it). Its exit ends everything CMD
+/// left running: the kernel kills a PID namespace with its init.
 pub fn ns_child(args: &[String]) -> Result<(), String> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    use nix::sys::wait::{waitpid, WaitStatus};
+
+    static GOT: AtomicI32 = AtomicI32::new(0);
+    extern "C" fn on_signal(sig: libc::c_int) {
+        GOT.store(sig, Ordering::SeqCst);
+    }
+
     let args = match args.first().map(String::as_str) {
         Some("--") => &args[1..],
         _ => args,
@@ -369,8 +406,73 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
         _ => std::process::exit(125),
     }
     drop(go);
-    let err = Command::new(program).args(rest).exec();
-    Err(format!("cannot run {program}: {err}"))
+    // An init gets only the signals it has a handler for. No SA_RESTART: waitpid
+    // returns EINTR and the signal is passed on.
+    let pass_on = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(sig, &pass_on) }.map_err(|e| format!("ns-child: sigaction: {e}"))?;
+    }
+    let child = Command::new(program)
+        .args(rest)
+        .spawn()
+        .map_err(|err| format!("cannot run {program}: {err}"))?;
+    let cmd = nix::unistd::Pid::from_raw(child.id() as libc::pid_t);
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == cmd => std::process::exit(code),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == cmd => {
+                std::process::exit(128 + sig as i32)
+            }
+            Ok(_) => {} // an orphan of CMD's, reaped
+            Err(nix::errno::Errno::EINTR) => {
+                let sig = GOT.swap(0, Ordering::SeqCst);
+                if let Ok(sig) = Signal::try_from(sig) {
+                    let _ = nix::sys::signal::kill(cmd, sig);
+                }
+            }
+            Err(e) => return Err(format!("ns-child: waiting for {program}: {e}")),
+        }
+    }
+}
+
+/// Remove the tmp dirs of earlier sessions that were killed before their teardown
+/// (`kill -9` of xtask): ours by owner, named after a pid that no longer runs.
+fn sweep_stale_tmp_dirs() {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("rootless-net-run-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours = std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// The pid of `parent`'s child (unshare's forked init), from `/proc/*/stat`.
+fn init_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Field 4, after the parenthesised command name.
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent).then_some(pid)
+    })
 }
 
 #[cfg(test)]
