@@ -26,6 +26,13 @@ pub enum Error {
     Io { what: String, source: io::Error },
     #[error("cannot start {}: {source}", .binary.display())]
     Spawn { binary: PathBuf, source: io::Error },
+    /// A step was refused (`EPERM`) to a caller that gave no user namespace: an
+    /// unprivileged engine must name the one that owns the network namespace.
+    #[error("{inner} (an unprivileged caller must name the user namespace that owns the network namespace: SlirpSpec::userns)")]
+    NeedsUserns {
+        #[source]
+        inner: Box<Error>,
+    },
     /// The helper exited before it was ready; its log says why.
     #[error("slirp4netns failed: {}", go_quote(.log))]
     Failed { log: String },

@@ -82,6 +82,22 @@ impl SlirpSpec {
         self.tmp_dir.join(format!("{}.net", self.container_id))
     }
 
+    /// `e`, with a hint to set [`SlirpSpec::userns`] when it is a refusal (`EPERM`)
+    /// and none was given.
+    fn hint_userns(&self, e: Error) -> Error {
+        let refused = match &e {
+            Error::Sysctl { source, .. } | Error::Spawn { source, .. } => {
+                source.raw_os_error() == Some(libc::EPERM)
+            }
+            _ => false,
+        };
+        if refused && self.userns.is_none() {
+            Error::NeedsUserns { inner: Box::new(e) }
+        } else {
+            e
+        }
+    }
+
     fn api_socket_path(&self) -> Option<PathBuf> {
         match &self.api_socket {
             Some(p) => Some(p.clone()),
@@ -170,7 +186,8 @@ impl Slirp4netns {
             dad: None,
         };
         if opts.enable_ipv6 {
-            launch.dad = Some(DadGuard::disable_in(&ns, userns.as_ref())?);
+            launch.dad =
+                Some(DadGuard::disable_in(&ns, userns.as_ref()).map_err(|e| spec.hint_userns(e))?);
         }
 
         let (exit_r, exit_w) = pipe().map_err(Error::io("creating the exit pipe"))?;
@@ -203,9 +220,11 @@ impl Slirp4netns {
             .map_err(Error::io("sharing the log file"))?
             .new_mount_namespace(uses_sandbox(opts, &features))
             .spawn()
-            .map_err(|source| Error::Spawn {
-                binary: binary.clone(),
-                source,
+            .map_err(|source| {
+                spec.hint_userns(Error::Spawn {
+                    binary: binary.clone(),
+                    source,
+                })
             })?;
         tracing::debug!(pid = helper.pid(), ?args, "slirp4netns started");
 

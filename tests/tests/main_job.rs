@@ -235,7 +235,10 @@ fn run_leaves_nothing_of_the_command_behind() {
     );
     assert!(eventually(5, || !process_exists(pid)), "unshare left");
     let stale = std::env::temp_dir().join(format!("rootless-net-run-{pid}"));
-    assert!(stale.exists(), "a killed run cannot have removed its tmp dir");
+    assert!(
+        stale.exists(),
+        "a killed run cannot have removed its tmp dir"
+    );
     let out = xtask().args(["run", "--", "true"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(!stale.exists(), "the next run sweeps a dead run's tmp dir");

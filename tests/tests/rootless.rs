@@ -173,6 +173,11 @@ fn rootless_library_launch_publishes_and_leaves_nothing() {
         "slirp4netns's sandbox has a mount namespace of its own"
     );
     assert_eq!(
+        engine.sysctl("/proc/sys/net/ipv6/conf/tap0/accept_dad"),
+        "0",
+        "tap0 was made while DAD was off"
+    );
+    assert_eq!(
         engine.sysctl("/proc/sys/net/ipv6/conf/default/accept_dad"),
         dad_before,
         "accept_dad restored after the launch"
@@ -249,7 +254,16 @@ fn rootless_without_the_user_namespace_fails_with_a_clear_error() {
     let err = Slirp4netns::start(&spec).unwrap_err().to_string();
     assert_eq!(
         err,
-        "cannot set /proc/sys/net/ipv6/conf/default/accept_dad in the container network namespace: Operation not permitted (os error 1)"
+        "cannot set /proc/sys/net/ipv6/conf/default/accept_dad in the container network namespace: Operation not permitted (os error 1) (an unprivileged caller must name the user namespace that owns the network namespace: SlirpSpec::userns)"
+    );
+    // Without IPv6 the first refused step is starting slirp4netns in its sandbox.
+    let mut spec = spec;
+    spec.options.enable_ipv6 = false;
+    let err = Slirp4netns::start(&spec).unwrap_err().to_string();
+    assert!(
+        err.starts_with("cannot start ")
+            && err.ends_with(": Operation not permitted (os error 1) (an unprivileged caller must name the user namespace that owns the network namespace: SlirpSpec::userns)"),
+        "{err}"
     );
     assert_eq!(entries(tmp.path()), [] as [String; 0]);
 }
