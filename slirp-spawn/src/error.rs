@@ -26,11 +26,12 @@ pub enum Error {
     Io { what: String, source: io::Error },
     #[error("cannot start {}: {source}", .binary.display())]
     Spawn { binary: PathBuf, source: io::Error },
-    /// The helper exited before it was ready; its log says why.
+    /// The helper exited with `code` before it was ready; its log says why.
     #[error("slirp4netns failed: {}", go_quote(.log))]
-    Failed { log: String },
+    Failed { code: i32, log: String },
+    /// A signal (`signal`, its number) ended the helper before it was ready.
     #[error("slirp4netns killed by signal")]
-    KilledBySignal,
+    KilledBySignal { signal: i32 },
     #[error("slirp4netns closed its ready fd without signalling readiness: {}", go_quote(.log))]
     ClosedWithoutReady { log: String },
     #[error("slirp4netns did not become ready within {}: {}", fmt_duration(.timeout), go_quote(.log))]

@@ -33,4 +33,5 @@ mod slirp;
 
 pub use error::Error;
 pub use netns::{in_netns, DadGuard, Netns};
-pub use slirp::{Slirp4netns, SlirpSpec, DEFAULT_READY_TIMEOUT, STOP_GRACE};
+pub use process::DEFAULT_READY_TIMEOUT;
+pub use slirp::{Slirp4netns, SlirpSpec, STOP_GRACE};

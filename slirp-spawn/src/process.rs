@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, Seek, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -336,17 +336,57 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// How waiting for a helper's readiness ended.
-#[derive(Debug)]
-pub enum Sync {
-    /// The helper wrote these bytes on its ready fd.
-    Ready(Vec<u8>),
-    /// The helper exited (and is reaped) before it said it was ready.
-    Exited(ExitStatus),
-    /// The helper closed its ready fd without writing, and did not exit within the
-    /// grace period that followed.
+/// How long a started helper gets to say it is ready, unless its caller says otherwise:
+/// the one default of [`Slirp4netns::start`](crate::Slirp4netns::start)
+/// ([`SlirpSpec::ready_timeout`](crate::SlirpSpec::ready_timeout)) and of rootlessport's
+/// launcher. 10 s.
+///
+/// podman has no overall deadline for slirp4netns (it polls the ready pipe in 1 s slices
+/// until the helper writes or dies, `setupSlirp4netns` in libpod's `networking_slirp4netns.go`)
+/// and gives rootlessport 3 s; 10 s leaves room for a sandboxed slirp4netns on a loaded
+/// machine while still ending a hung helper.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a helper did not become ready ([`Helper::await_ready`]). Whichever it is, the
+/// helper is gone by then: killed (its process group too, when it has its own) and
+/// reaped.
+///
+/// The Display texts are generic; callers with their own words (podman's
+/// `slirp4netns failed: "LOG"`, say) map the variants to them.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// It exited with this code before it was ready.
+    #[error("the helper exited with code {0} before it was ready")]
+    Exited(i32),
+    /// This signal ended it before it was ready.
+    #[error("the helper was killed by signal {0} before it was ready")]
+    Signalled(i32),
+    /// It closed its ready fd without writing to it, and did not exit within the grace
+    /// that followed (up to 1 s, within the deadline).
+    #[error("the helper closed its ready fd without signalling readiness")]
     ClosedWithoutReady,
-    /// The deadline passed first; the helper is still running.
+    /// The deadline passed first.
+    #[error("the helper did not become ready in time")]
+    TimedOut,
+    /// Waiting itself failed (`poll`, `read` or `waitpid`).
+    #[error("waiting for the helper: {0}")]
+    Wait(#[source] io::Error),
+}
+
+impl NotReady {
+    fn from_status(status: ExitStatus) -> NotReady {
+        match status.code() {
+            Some(code) => NotReady::Exited(code),
+            None => NotReady::Signalled(status.signal().unwrap_or(0)),
+        }
+    }
+}
+
+/// How [`Helper::watch_ready`] ended, before [`Helper::await_ready`] cleans up.
+enum Watch {
+    Ready(Vec<u8>),
+    Exited(ExitStatus),
+    Closed,
     TimedOut,
 }
 
@@ -385,19 +425,40 @@ impl Helper {
     }
 
     /// Wait for the helper to write on `ready` (the read end of its ready pipe) or to
-    /// die, whichever comes first, until `deadline`.
+    /// die, whichever comes first, until `deadline`; the bytes it wrote (at most 64).
     ///
     /// Death is seen on the pidfd at once; without a pidfd the helper is checked every
-    /// 20 ms between waits on `ready`.
+    /// 20 ms between waits on `ready`. The one readiness wait of this workspace:
+    /// [`Slirp4netns::start`](crate::Slirp4netns::start) and rootlessport's launcher
+    /// both map its [`NotReady`] to their own error texts.
     ///
     /// # Errors
     ///
-    /// `poll`, `read` or `waitpid` failing.
-    pub fn wait_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> io::Result<Sync> {
+    /// [`NotReady`]: the helper exited or was killed by a signal first, closed `ready`
+    /// without writing, or the deadline passed; or waiting failed. On every one of
+    /// these the helper has been killed (when still running) and reaped, so no process
+    /// or zombie is left.
+    pub fn await_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> Result<Vec<u8>, NotReady> {
+        let why = match self.watch_ready(ready, deadline) {
+            Ok(Watch::Ready(bytes)) => return Ok(bytes),
+            Ok(Watch::Exited(status)) => return Err(NotReady::from_status(status)),
+            Ok(Watch::Closed) => NotReady::ClosedWithoutReady,
+            Ok(Watch::TimedOut) => NotReady::TimedOut,
+            Err(e) => NotReady::Wait(e),
+        };
+        if let Err(error) = self.kill() {
+            // Its drop tries again.
+            tracing::warn!(pid = self.pid, %error, "killing a helper that did not get ready");
+        }
+        Err(why)
+    }
+
+    /// The wait of [`Helper::await_ready`], which leaves the helper as it is.
+    fn watch_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> io::Result<Watch> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(Sync::TimedOut);
+                return Ok(Watch::TimedOut);
             }
             let (ready_ev, dead) = {
                 let mut fds = vec![PollFd::new(ready.as_fd(), PollFlags::POLLIN)];
@@ -429,20 +490,20 @@ impl Helper {
                     }
                 };
                 if n > 0 {
-                    return Ok(Sync::Ready(buf[..n].to_vec()));
+                    return Ok(Watch::Ready(buf[..n].to_vec()));
                 }
                 // EOF: it closed the fd; it is most likely on its way out.
                 let grace = deadline
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_secs(1));
                 return Ok(match self.wait_timeout(grace)? {
-                    Some(status) => Sync::Exited(status),
-                    None => Sync::ClosedWithoutReady,
+                    Some(status) => Watch::Exited(status),
+                    None => Watch::Closed,
                 });
             }
             if dead {
                 if let Some(status) = self.try_wait()? {
-                    return Ok(Sync::Exited(status));
+                    return Ok(Watch::Exited(status));
                 }
             }
         }

@@ -15,11 +15,8 @@ use slirp_config::{
 };
 
 use crate::netns::{DadGuard, Netns};
-use crate::process::{Helper, HelperCommand, LogFile, Sync};
+use crate::process::{Helper, HelperCommand, LogFile, NotReady, DEFAULT_READY_TIMEOUT};
 use crate::Error;
-
-/// How long [`Slirp4netns::start`] waits for readiness unless told otherwise.
-pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Slirp4netns::stop`] waits for the helper after closing its exit pipe,
 /// before SIGTERM, and again before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -47,7 +44,8 @@ pub struct SlirpSpec {
     /// Where slirp4netns listens for API requests. `None` means none, unless the
     /// options ask for slirp4netns port forwarding, which gets `TMPDIR/<ID>.net`.
     pub api_socket: Option<PathBuf>,
-    /// The overall deadline for readiness.
+    /// The overall deadline for readiness, counted from the start call; default
+    /// [`DEFAULT_READY_TIMEOUT`] (10 s).
     pub ready_timeout: Duration,
     /// The user namespace owning `netns`, for a caller without privilege over it
     /// (rootless; e.g. `/proc/PID/ns/user` of the engine's namespace holder). The DAD
@@ -210,25 +208,26 @@ impl Slirp4netns {
         tracing::debug!(pid = helper.pid(), ?args, "slirp4netns started");
 
         let deadline = started + spec.ready_timeout;
-        let sync = helper
-            .wait_ready(&ready_r, deadline)
-            .map_err(Error::io("waiting for slirp4netns"))?;
-        match sync {
-            Sync::Ready(_) => {}
-            Sync::Exited(status) => return Err(exit_error(status, &log)),
-            Sync::ClosedWithoutReady => {
-                let _ = helper.kill();
-                return Err(Error::ClosedWithoutReady {
+        if let Err(why) = helper.await_ready(&ready_r, deadline) {
+            // The helper is killed and reaped by now, so its log is complete.
+            return Err(match why {
+                NotReady::Exited(code) => Error::Failed {
+                    code,
                     log: log.contents(),
-                });
-            }
-            Sync::TimedOut => {
-                let _ = helper.kill();
-                return Err(Error::Timeout {
+                },
+                NotReady::Signalled(signal) => Error::KilledBySignal { signal },
+                NotReady::ClosedWithoutReady => Error::ClosedWithoutReady {
+                    log: log.contents(),
+                },
+                NotReady::TimedOut => Error::Timeout {
                     timeout: spec.ready_timeout,
                     log: log.contents(),
-                });
-            }
+                },
+                NotReady::Wait(source) => Error::Io {
+                    what: "waiting for slirp4netns".into(),
+                    source,
+                },
+            });
         }
         let ready_after = started.elapsed();
         launch.finish()?;
@@ -379,17 +378,6 @@ impl Drop for Launch {
         // The DadGuard restores on its own drop.
         if let Some(sock) = self.api_socket.take() {
             let _ = std::fs::remove_file(sock);
-        }
-    }
-}
-
-fn exit_error(status: std::process::ExitStatus, log: &LogFile) -> Error {
-    use std::os::unix::process::ExitStatusExt;
-    if status.signal().is_some() {
-        Error::KilledBySignal
-    } else {
-        Error::Failed {
-            log: log.contents(),
         }
     }
 }
