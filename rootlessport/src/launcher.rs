@@ -125,7 +125,7 @@ impl Launcher {
 }
 
 fn stderr_log(config: &Config) -> io::Result<LogFile> {
-    let id_ok = !config.container_id.is_empty() && !config.container_id.contains('/');
+    let id_ok = slirp_config::check_container_id(&config.container_id).is_ok();
     if config.tmp_dir.is_empty() || !id_ok {
         return LogFile::anonymous("rootlessport-log");
     }

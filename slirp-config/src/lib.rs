@@ -31,6 +31,7 @@
 //! ```
 
 mod args;
+mod container_id;
 mod error;
 mod features;
 mod network;
@@ -42,6 +43,7 @@ mod quote;
 pub use args::{
     build_args, build_command_args, uses_sandbox, NetnsTarget, EXIT_FD, READY_FD, TAP_NAME,
 };
+pub use container_id::{check_container_id, BadContainerId, MAX_CONTAINER_ID_LEN};
 pub use error::Error;
 pub use features::{
     check_slirp_flags, find_binary, slirp_version, SlirpFeatures, SlirpVersion, PROBE_TIMEOUT,

@@ -12,8 +12,12 @@ pub enum Error {
     Config(#[from] slirp_config::Error),
     #[error(transparent)]
     Address(#[from] netaddr::Error),
+    /// The container ID cannot name the helper's files.
     #[error("invalid container id {}: {why}", go_quote(.id))]
-    InvalidContainerId { id: String, why: &'static str },
+    InvalidContainerId {
+        id: String,
+        why: slirp_config::BadContainerId,
+    },
     #[error("slirp4netns binary not found in PATH (install the slirp4netns package)")]
     BinaryNotFound,
     #[error("cannot open network namespace {}: {source}", .path.display())]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use netaddr::Ipv4Net;
 use slirp_config::{
-    build_command_args, check_slirp_flags, find_binary, uses_sandbox, NetnsTarget, SlirpFeatures,
-    SlirpOptions, EXIT_FD, READY_FD,
+    build_command_args, check_container_id, check_slirp_flags, find_binary, uses_sandbox,
+    NetnsTarget, SlirpFeatures, SlirpOptions, EXIT_FD, READY_FD,
 };
 
 use crate::netns::{DadGuard, Netns};
@@ -114,7 +114,10 @@ impl Slirp4netns {
     /// Start slirp4netns for `spec.netns` and wait until it has configured `tap0`.
     pub fn start(spec: &SlirpSpec) -> Result<Slirp4netns, Error> {
         let started = Instant::now();
-        check_container_id(&spec.container_id)?;
+        check_container_id(&spec.container_id).map_err(|why| Error::InvalidContainerId {
+            id: spec.container_id.clone(),
+            why,
+        })?;
         let binary = match &spec.binary {
             Some(b) => b.clone(),
             None => find_binary("slirp4netns").ok_or(Error::BinaryNotFound)?,
@@ -380,26 +383,6 @@ impl Drop for Launch {
             let _ = std::fs::remove_file(sock);
         }
     }
-}
-
-fn check_container_id(id: &str) -> Result<(), Error> {
-    let why = if id.is_empty() {
-        "it is empty"
-    } else if id.contains('/') {
-        "it contains '/'"
-    } else if id.contains('\0') {
-        "it contains a NUL byte"
-    } else if id == "." || id == ".." {
-        "it is a relative directory name"
-    } else if id.len() > 200 {
-        "it is longer than 200 bytes"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidContainerId {
-        id: id.to_owned(),
-        why,
-    })
 }
 
 /// A socket file left by a crashed slirp4netns would make the new one fail to bind.
