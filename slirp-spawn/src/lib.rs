@@ -32,6 +32,6 @@ pub mod reaper;
 mod slirp;
 
 pub use error::Error;
-pub use netns::{in_netns, DadGuard, Netns};
+pub use netns::{in_netns, DadGuard, Netns, NetnsHolder};
 pub use process::DEFAULT_READY_TIMEOUT;
 pub use slirp::{Slirp4netns, SlirpSpec, STOP_GRACE};

@@ -90,6 +90,7 @@ pub struct HelperCommand {
     stdout: Option<File>,
     stderr: Option<File>,
     new_mount_ns: bool,
+    new_net_ns: bool,
     netns: Option<OwnedFd>,
     userns: Option<OwnedFd>,
     own_process_group: bool,
@@ -105,6 +106,7 @@ impl HelperCommand {
             stdout: None,
             stderr: None,
             new_mount_ns: false,
+            new_net_ns: false,
             netns: None,
             userns: None,
             own_process_group: true,
@@ -157,7 +159,16 @@ impl HelperCommand {
         self
     }
 
-    /// Start the helper inside the network namespace `ns` (an open namespace fd).
+    /// Start the helper in a new, empty network namespace of its own (only `lo`, down),
+    /// made after any user namespace it joins. See [`NetnsHolder`](crate::NetnsHolder)
+    /// for a process that only holds one.
+    pub fn new_network_namespace(mut self, yes: bool) -> Self {
+        self.new_net_ns = yes;
+        self
+    }
+
+    /// Start the helper inside the network namespace `ns` (an open namespace fd). This
+    /// wins over [`HelperCommand::new_network_namespace`].
     pub fn join_netns(mut self, ns: OwnedFd) -> Self {
         self.netns = Some(ns);
         self
@@ -231,7 +242,13 @@ impl HelperCommand {
             .unwrap_or(1024)
             .max(min + self.fds.len() as RawFd);
         let sweep_to = highest.saturating_add(CLOEXEC_MARGIN);
-        let new_mount_ns = self.new_mount_ns;
+        let mut unshare_flags = 0;
+        if self.new_mount_ns {
+            unshare_flags |= libc::CLONE_NEWNS;
+        }
+        if self.new_net_ns {
+            unshare_flags |= libc::CLONE_NEWNET;
+        }
         let netns = self.netns.as_ref().map(|fd| fd.as_raw_fd());
         let userns = self.userns.as_ref().map(|fd| fd.as_raw_fd());
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
@@ -272,7 +289,7 @@ impl HelperCommand {
                         return Err(io::Error::last_os_error());
                     }
                 }
-                if new_mount_ns && libc::unshare(libc::CLONE_NEWNS) < 0 {
+                if unshare_flags != 0 && libc::unshare(unshare_flags) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 if let Some(ns) = netns {
@@ -627,6 +644,12 @@ impl Helper {
             return Ok(s);
         }
         self.kill()
+    }
+
+    /// The helper as a plain [`Child`], for a caller that kills and reaps it itself:
+    /// this handle no longer does. `None` once handed to the reaper.
+    pub(crate) fn into_child(mut self) -> Option<Child> {
+        self.child.take()
     }
 
     /// Let the helper run on without this handle: the shared reaper reaps it when it

@@ -14,7 +14,7 @@ use slirp_config::{
     NetnsTarget, SlirpFeatures, SlirpOptions, EXIT_FD, READY_FD,
 };
 
-use crate::netns::{DadGuard, Netns};
+use crate::netns::{DadGuard, Netns, NetnsHolder};
 use crate::process::{Helper, HelperCommand, LogFile, NotReady, DEFAULT_READY_TIMEOUT};
 use crate::Error;
 /// How long [`Slirp4netns::stop`] waits for the helper after closing its exit pipe,
@@ -151,7 +151,11 @@ impl Slirp4netns {
         let target = match &spec.netns {
             Netns::Path(p) if features.has_netns_type => NetnsTarget::Path(p.clone()),
             Netns::Path(_) => {
-                let holder = netns_holder(&ns, userns.as_ref())?;
+                let holder =
+                    NetnsHolder::join(&ns, userns.as_ref()).map_err(|source| Error::Spawn {
+                        binary: "sleep (netns placeholder for PID mode)".into(),
+                        source,
+                    })?;
                 let pid = holder.pid();
                 _holder = Some(holder);
                 NetnsTarget::Pid(pid)
@@ -394,29 +398,6 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
         )),
         _ => Ok(()),
     }
-}
-
-/// A placeholder process inside `ns`, for slirp4netns versions without
-/// `--netns-type=path`: they are given its PID. Killed and reaped when dropped.
-fn netns_holder(ns: &OwnedFd, userns: Option<&OwnedFd>) -> Result<Helper, Error> {
-    let ns = ns
-        .try_clone()
-        .map_err(Error::io("duplicating the netns fd"))?;
-    let mut command = HelperCommand::new("sleep").args(["infinity"]);
-    if let Some(userns) = userns {
-        command = command.join_userns(
-            userns
-                .try_clone()
-                .map_err(Error::io("duplicating the user namespace fd"))?,
-        );
-    }
-    command
-        .join_netns(ns)
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            binary: "sleep (netns placeholder for PID mode)".into(),
-            source,
-        })
 }
 
 fn open_userns(path: &Path) -> Result<OwnedFd, Error> {
