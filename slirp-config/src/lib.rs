@@ -44,7 +44,7 @@ pub use args::{
     build_args, build_command_args, uses_sandbox, NetnsTarget, EXIT_FD, READY_FD, TAP_NAME,
 };
 pub use container_id::{check_container_id, BadContainerId, MAX_CONTAINER_ID_LEN};
-pub use error::Error;
+pub use error::{Error, ProbeFailure};
 pub use features::{
     check_slirp_flags, find_binary, slirp_version, SlirpFeatures, SlirpVersion, PROBE_TIMEOUT,
 };

@@ -47,8 +47,14 @@ pub enum Error {
     Io { socket: PathBuf, source: io::Error },
     #[error("slirp4netns at {} did not answer within {}s", .socket.display(), REQUEST_TIMEOUT.as_secs())]
     Timeout { socket: PathBuf },
+    /// A reply that is not the JSON expected; `source` is the JSON error, when the reply
+    /// did not parse or did not have the expected shape.
     #[error("unexpected reply from slirp4netns to {op}: {}", go_quote(.reply))]
-    BadReply { op: &'static str, reply: String },
+    BadReply {
+        op: &'static str,
+        reply: String,
+        source: Option<serde_json::Error>,
+    },
     /// slirp4netns refused to add a forward.
     #[error("from slirp4netns while setting up port redirection: {desc}")]
     Refused { desc: String },
@@ -71,8 +77,13 @@ pub enum Error {
     UnsupportedHostIp(String),
     #[error("slirp4netns API socket {} did not appear within {}s", .socket.display(), .timeout.as_secs())]
     SocketWait { socket: PathBuf, timeout: Duration },
+    /// slirp4netns died: while we waited for its API socket, or during a request, which
+    /// then failed with `source`.
     #[error("slirp4netns exited before its API socket {} was ready", .socket.display())]
-    HelperDied { socket: PathBuf },
+    HelperDied {
+        socket: PathBuf,
+        source: Option<Box<Error>>,
+    },
 }
 
 /// One forward as slirp4netns lists it.
@@ -124,9 +135,14 @@ pub fn remove_hostfwd(socket: &Path, id: u64) -> Result<(), Error> {
 }
 
 fn bad_reply(op: &'static str, reply: &Value) -> Error {
+    bad_reply_because(op, reply, None)
+}
+
+fn bad_reply_because(op: &'static str, reply: &Value, source: Option<serde_json::Error>) -> Error {
     Error::BadReply {
         op,
         reply: reply.to_string(),
+        source,
     }
 }
 
@@ -177,6 +193,7 @@ fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Vec<u8>, Erro
                     return Err(Error::BadReply {
                         op,
                         reply: format!("(more than {MAX_REPLY} bytes)"),
+                        source: None,
                     });
                 }
             }
@@ -189,9 +206,10 @@ fn request(socket: &Path, op: &'static str, req: &Value) -> Result<Vec<u8>, Erro
 
 /// Decode slirp4netns's reply to `op`: its JSON, or its error in our words.
 pub fn decode_reply(op: &'static str, reply: &[u8]) -> Result<Value, Error> {
-    let value: Value = serde_json::from_slice(reply).map_err(|_| Error::BadReply {
+    let value: Value = serde_json::from_slice(reply).map_err(|e| Error::BadReply {
         op,
         reply: String::from_utf8_lossy(reply).into_owned(),
+        source: Some(e),
     })?;
     if let Some(err) = value.get("error") {
         let desc = err
@@ -225,7 +243,8 @@ pub fn decode_list(reply: &[u8]) -> Result<Vec<HostFwd>, Error> {
         .get("entries")
         .or_else(|| v.get("return").and_then(|r| r.get("entries")))
         .ok_or_else(|| bad_reply("list_hostfwd", &v))?;
-    serde_json::from_value(entries.clone()).map_err(|_| bad_reply("list_hostfwd", &v))
+    serde_json::from_value(entries.clone())
+        .map_err(|e| bad_reply_because("list_hostfwd", &v, Some(e)))
 }
 
 /// A reply to `remove_hostfwd`.
@@ -373,6 +392,7 @@ pub fn wait_for_socket(
         {
             return Err(Error::HelperDied {
                 socket: socket.to_owned(),
+                source: None,
             });
         }
         let _ = inotify.read_events();
@@ -423,6 +443,7 @@ pub fn publish_ports(
                 let e = match helper {
                     Some(h) if is_dead(h) => Error::HelperDied {
                         socket: socket.to_owned(),
+                        source: Some(Box::new(e)),
                     },
                     _ => e,
                 };
@@ -515,6 +536,25 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn bad_replies_keep_the_json_error() {
+        use std::error::Error as _;
+        let e = decode_add(b"{not json").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"unexpected reply from slirp4netns to add_hostfwd: "{not json""#
+        );
+        assert!(e
+            .source()
+            .is_some_and(|s| s.downcast_ref::<serde_json::Error>().is_some()));
+        let e = decode_list(br#"{"entries":[{"id":"x"}]}"#).unwrap_err();
+        assert!(e.source().is_some(), "{e:?}");
+        assert!(decode_add(br#"{"return":{}}"#)
+            .unwrap_err()
+            .source()
+            .is_none());
     }
 
     proptest::proptest! {
