@@ -4,7 +4,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
@@ -40,11 +40,12 @@ fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
         source,
     };
     let fd = OwnedFd::from(File::open(path).map_err(err)?);
-    // NS_GET_NSTYPE tells a namespace file from anything else.
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    // SAFETY: an ioctl with no argument on an fd we own.
-    let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), NS_GET_NSTYPE as _) };
-    if kind < 0 || kind != libc::CLONE_NEWNET {
+    // What the fd is, as /proc/self/fd names it: `net:[INODE]` for a network namespace.
+    let target = procfs::process::Process::myself()
+        .and_then(|me| me.fd_from_fd(fd.as_raw_fd()))
+        .map_err(|e| err(crate::process::proc_error(e)))?
+        .target;
+    if !matches!(target, procfs::process::FDTarget::Net(_)) {
         return Err(err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a network namespace",

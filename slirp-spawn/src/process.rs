@@ -7,7 +7,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Seek, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -200,39 +201,51 @@ impl HelperCommand {
     /// leaked fds, or to fork and exec (including any step of the child's setup: dup2,
     /// `setns`, `unshare`). No child is left behind on any of these errors.
     pub fn spawn(self) -> io::Result<Helper> {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args);
-        match &self.stdin {
+        let HelperCommand {
+            program,
+            args,
+            stdin,
+            fds,
+            stdout,
+            stderr,
+            new_mount_ns,
+            new_net_ns,
+            netns,
+            userns,
+            own_process_group,
+        } = self;
+        let mut cmd = Command::new(&program);
+        cmd.args(&args);
+        match &stdin {
             Some(payload) => cmd.stdin(payload_file(payload)?),
             None => cmd.stdin(Stdio::null()),
         };
-        match &self.stdout {
-            Some(log) => cmd.stdout(log.try_clone()?),
+        match stdout {
+            Some(log) => cmd.stdout(log),
             None => cmd.stdout(Stdio::null()),
         };
-        match &self.stderr {
-            Some(log) => cmd.stderr(log.try_clone()?),
+        match stderr {
+            Some(log) => cmd.stderr(log),
             None => cmd.stderr(Stdio::null()),
         };
-        if self.own_process_group {
+        if own_process_group {
             cmd.process_group(0);
         }
 
-        // Move every source fd above the targets so no dup2 can clobber another source.
-        let min = self.fds.iter().map(|(_, t)| *t).max().unwrap_or(2).max(9) + 1;
-        let mut moved = Vec::with_capacity(self.fds.len());
-        for (fd, target) in &self.fds {
+        // Move every source fd above the targets, so that no dup2 in the child can
+        // clobber another source (and no source is its own target).
+        let min = fds.iter().map(|(_, t)| *t).max().unwrap_or(2).max(9) + 1;
+        let mut moved = Vec::with_capacity(fds.len());
+        for (fd, target) in &fds {
             if *target < 3 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("cannot leak an fd as {target}: 0-2 are stdio"),
                 ));
             }
-            let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
-            // SAFETY: fcntl just returned this new fd and nothing else owns it.
-            moved.push((unsafe { OwnedFd::from_raw_fd(raw) }, *target));
+            moved.push((rustix::io::fcntl_dupfd_cloexec(fd, min)?, *target));
         }
-        let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+        drop(fds);
         // For kernels without close_range(CLOSE_RANGE_CLOEXEC) (before 5.11: RHEL 8,
         // Debian 11, Ubuntu 20.04): the highest fd open now, read before the fork (the
         // child may not allocate), plus a margin for fds other threads open meanwhile.
@@ -240,19 +253,20 @@ impl HelperCommand {
             .ok()
             .and_then(|fds| fds.last().copied())
             .unwrap_or(1024)
-            .max(min + self.fds.len() as RawFd);
+            .max(min + moved.len() as RawFd);
         let sweep_to = highest.saturating_add(CLOEXEC_MARGIN);
-        let mut unshare_flags = 0;
-        if self.new_mount_ns {
-            unshare_flags |= libc::CLONE_NEWNS;
+        let mut unshare_flags = CloneFlags::empty();
+        if new_mount_ns {
+            unshare_flags |= CloneFlags::CLONE_NEWNS;
         }
-        if self.new_net_ns {
-            unshare_flags |= libc::CLONE_NEWNET;
+        if new_net_ns {
+            unshare_flags |= CloneFlags::CLONE_NEWNET;
         }
-        let netns = self.netns.as_ref().map(|fd| fd.as_raw_fd());
-        let userns = self.userns.as_ref().map(|fd| fd.as_raw_fd());
-        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // syscalls (close_range, dup2, fcntl, unshare) on plain integers; it allocates nothing.
+        // SAFETY: the closure runs between fork and exec; it calls only async-signal-safe
+        // syscalls (close_range, fcntl, dup2, setns, unshare) through thin wrappers and
+        // allocates nothing (an error is an errno). The sweep passes raw numbers to
+        // fcntl(2), most of them not open, which no fd type may stand for. dup2 over a
+        // target is what the child is for: nothing in it owns those numbers.
         unsafe {
             cmd.pre_exec(move || {
                 // Everything inherited from fd 3 up closes at exec, whoever opened it
@@ -274,43 +288,37 @@ impl HelperCommand {
                         }
                     }
                 }
-                for &(src, dst) in &plan {
-                    if src == dst {
-                        if libc::fcntl(dst, libc::F_SETFD, 0) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(src, dst) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                for (src, target) in &moved {
+                    // The copy is not close-on-exec; it is the helper's from now on.
+                    let _ = nix::unistd::dup2_raw(src, *target)?.into_raw_fd();
                 }
                 // The forked child is single-threaded, as joining a user namespace needs.
-                if let Some(ns) = userns {
-                    if libc::setns(ns, libc::CLONE_NEWUSER) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                if let Some(ns) = &userns {
+                    nix::sched::setns(ns, CloneFlags::CLONE_NEWUSER)?;
                 }
-                if unshare_flags != 0 && libc::unshare(unshare_flags) < 0 {
-                    return Err(io::Error::last_os_error());
+                if !unshare_flags.is_empty() {
+                    nix::sched::unshare(unshare_flags)?;
                 }
-                if let Some(ns) = netns {
-                    if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                if let Some(ns) = &netns {
+                    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)?;
                 }
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
+        let child = cmd.spawn();
+        // Our copies of the leaked fds close with the command (the helper's ready pipe
+        // must read EOF once the helper closes its end).
+        drop(cmd);
         // From here on the handle owns the child: whatever fails, its drop kills and
         // reaps it.
+        let child = child?;
         let mut helper = Helper {
             pid: child.id(),
             child: Some(child),
             pidfd: None,
-            own_group: self.own_process_group,
+            own_group: own_process_group,
             status: None,
         };
-        drop(moved);
         match pidfd_open(helper.pid) {
             Ok(fd) => helper.pidfd = Some(fd),
             Err(error) => {
@@ -344,13 +352,12 @@ fn payload_file(payload: &[u8]) -> io::Result<File> {
 const DEATH_POLL_SLICE: Duration = Duration::from_millis(20);
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this fd (close-on-exec by default).
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let pid = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
 /// How long a started helper gets to say it is ready, unless its caller says otherwise:
@@ -684,11 +691,29 @@ fn poll_timeout(d: Duration) -> PollTimeout {
     PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }
 
-/// The fds a process has open, by number (from `/proc/PID/fd`).
+/// The fds a process has open, by number, lowest first (from `/proc/PID/fd`).
+///
+/// # Errors
+///
+/// No such process (`NotFound`), or its fds are not ours to list (`PermissionDenied`).
 pub fn open_fds(pid: u32) -> io::Result<Vec<RawFd>> {
-    let mut fds: Vec<RawFd> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+    let process = procfs::process::Process::new(pid as i32).map_err(proc_error)?;
+    let mut fds: Vec<RawFd> = process
+        .fd()
+        .map_err(proc_error)?
+        // An fd closed while the list is read is not open.
+        .filter_map(|fd| Some(fd.ok()?.fd))
         .collect();
     fds.sort_unstable();
     Ok(fds)
+}
+
+/// A `/proc` read's error as the OS error it is, where it is one.
+pub(crate) fn proc_error(e: procfs::ProcError) -> io::Error {
+    match e {
+        procfs::ProcError::Io(e, _) => e,
+        procfs::ProcError::NotFound(_) => io::ErrorKind::NotFound.into(),
+        procfs::ProcError::PermissionDenied(_) => io::ErrorKind::PermissionDenied.into(),
+        other => io::Error::other(other),
+    }
 }
