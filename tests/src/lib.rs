@@ -87,24 +87,14 @@ impl Default for TestNetns {
 
 /// Live processes (zombies included) whose process group is `pgid`.
 pub fn processes_in_group(pgid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
     };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // Fields after the ")" that closes comm: state ppid pgrp ...
-            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    all.flatten()
+        .filter_map(|p| p.stat().ok())
+        .filter(|stat| u32::try_from(stat.pgrp) == Ok(pgid))
+        .filter_map(|stat| u32::try_from(stat.pid).ok())
+        .collect()
 }
 
 /// Whether `/proc/PID` exists (a zombie still has one).
