@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use slirp_spawn::process::{Helper, HelperCommand, LogFile, Sync};
+use slirp_spawn::process::{Helper, HelperCommand, LogFile, NotReady};
 
 use crate::config::{q, Config};
 
-/// How long [`Launcher::start`] waits for readiness unless told otherwise.
-pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Launcher::start`] waits for readiness unless told otherwise (10 s): the
+/// one default of every helper, slirp-spawn's.
+pub use slirp_spawn::process::DEFAULT_READY_TIMEOUT;
 
 /// Errors of starting the helper, in podman's words.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +25,7 @@ pub enum LaunchError {
     Reported(String),
     /// The helper could not be started (no such binary, no permission, ...).
     #[error("failed to start rootlessport process: {0}")]
-    Spawn(io::Error),
+    Spawn(#[source] io::Error),
     /// The helper exited before ready without a word on stdout: its log (stderr).
     #[error("rootlessport failed: {}", q(.0))]
     Failed(String),
@@ -117,47 +118,39 @@ impl Launcher {
             .map_err(io("sharing its log"))?
             .spawn()
             .map_err(LaunchError::Spawn)?;
-        let sync = helper
-            .wait_ready(&ready_r, started + self.ready_timeout)
-            .map_err(io("waiting for rootlessport"))?;
-        let fail = |helper: &mut Helper, err: LaunchError| {
-            let _ = helper.kill();
-            let said = stdout.contents();
-            let said = said.trim_end_matches('\n');
-            if said.is_empty() {
-                err
-            } else {
-                LaunchError::Reported(said.to_owned())
-            }
+        let why = match helper.await_ready(&ready_r, started + self.ready_timeout) {
+            Ok(_) => return Ok(RootlessPort { helper }),
+            Err(why) => why,
         };
-        match sync {
-            Sync::Ready(_) => Ok(RootlessPort { helper }),
-            Sync::Exited(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                let err = if status.signal().is_some() {
-                    LaunchError::KilledBySignal
-                } else {
-                    LaunchError::Failed(stderr.contents())
-                };
-                Err(fail(&mut helper, err))
+        // The helper is killed and reaped by now, so its output is complete.
+        let err = match why {
+            NotReady::Wait(source) => {
+                return Err(LaunchError::Io {
+                    what: "waiting for rootlessport",
+                    source,
+                })
             }
-            Sync::ClosedWithoutReady => {
-                let err = LaunchError::ClosedWithoutReady(stderr.contents());
-                Err(fail(&mut helper, err))
-            }
-            Sync::TimedOut => {
-                let err = LaunchError::Timeout {
-                    timeout: self.ready_timeout,
-                    log: stderr.contents(),
-                };
-                Err(fail(&mut helper, err))
-            }
-        }
+            NotReady::Exited(_) => LaunchError::Failed(stderr.contents()),
+            NotReady::Signalled(_) => LaunchError::KilledBySignal,
+            NotReady::ClosedWithoutReady => LaunchError::ClosedWithoutReady(stderr.contents()),
+            NotReady::TimedOut => LaunchError::Timeout {
+                timeout: self.ready_timeout,
+                log: stderr.contents(),
+            },
+        };
+        // Its stdout line, when it wrote one, says what was wrong in its own words.
+        let said = stdout.contents();
+        let said = said.trim_end_matches('\n');
+        Err(if said.is_empty() {
+            err
+        } else {
+            LaunchError::Reported(said.to_owned())
+        })
     }
 }
 
 fn stderr_log(config: &Config) -> io::Result<LogFile> {
-    let id_ok = !config.container_id.is_empty() && !config.container_id.contains('/');
+    let id_ok = slirp_config::check_container_id(&config.container_id).is_ok();
     if config.tmp_dir.is_empty() || !id_ok {
         return LogFile::anonymous("rootlessport-log");
     }

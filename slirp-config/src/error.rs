@@ -1,4 +1,6 @@
 use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
 
 use crate::quote::go_quote;
 
@@ -54,9 +56,24 @@ pub enum Error {
         binary: PathBuf,
         arg: &'static str,
         output: String,
-        reason: String,
+        #[source]
+        reason: ProbeFailure,
     },
     /// The `--version` text did not have the shape slirp4netns prints.
     #[error("cannot parse version output of {}: {}", .binary.display(), go_quote(.output))]
     BadVersion { binary: PathBuf, output: String },
+}
+
+/// How running a binary to probe it ([`Error::Probe`]) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeFailure {
+    /// Starting it, or reading or waiting for it, failed (`ENOENT`, `EACCES`, ...).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// It did not finish within this time (it was killed).
+    #[error("no answer within {} s", .0.as_secs())]
+    NoAnswer(Duration),
+    /// It ended with this status, not 0.
+    #[error("{0}")]
+    Status(ExitStatus),
 }

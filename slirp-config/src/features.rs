@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::error::ProbeFailure;
 use crate::Error;
 
 /// How long a `--help` or `--version` probe may take before we give up on the binary.
@@ -210,23 +211,22 @@ fn probe_cached(binary: &Path, arg: &'static str) -> Result<String, Error> {
 /// Run `binary arg` with stdout and stderr in one pipe (like Go's CombinedOutput),
 /// bounded in time and in output size.
 fn run_probe(binary: &Path, arg: &'static str) -> Result<String, Error> {
-    let fail = |output: String, reason: String| Error::Probe {
+    let fail = |output: String, reason: ProbeFailure| Error::Probe {
         binary: binary.to_owned(),
         arg,
         output,
         reason,
     };
-    let (mut reader, writer) = std::io::pipe().map_err(|e| fail(String::new(), e.to_string()))?;
+    let (mut reader, writer) = std::io::pipe().map_err(|e| fail(String::new(), e.into()))?;
     let writer2 = writer
         .try_clone()
-        .map_err(|e| fail(String::new(), e.to_string()))?;
+        .map_err(|e| fail(String::new(), e.into()))?;
     let mut cmd = Command::new(binary);
     cmd.arg(arg)
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer2);
-    let mut child =
-        spawn_retrying_busy(&mut cmd).map_err(|e| fail(String::new(), e.to_string()))?;
+    let mut child = spawn_retrying_busy(&mut cmd).map_err(|e| fail(String::new(), e.into()))?;
     // Our copies of the write end went with `cmd`; drop it so EOF can come.
     drop(cmd);
 
@@ -241,24 +241,19 @@ fn run_probe(binary: &Path, arg: &'static str) -> Result<String, Error> {
         Ok(Err(e)) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(fail(String::new(), e.to_string()));
+            return Err(fail(String::new(), e.into()));
         }
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(fail(
-                String::new(),
-                format!("no answer within {} s", PROBE_TIMEOUT.as_secs()),
-            ));
+            return Err(fail(String::new(), ProbeFailure::NoAnswer(PROBE_TIMEOUT)));
         }
     };
-    let status = child
-        .wait()
-        .map_err(|e| fail(output.clone(), e.to_string()))?;
+    let status = child.wait().map_err(|e| fail(output.clone(), e.into()))?;
     if status.success() {
         Ok(output)
     } else {
-        Err(fail(output, status.to_string()))
+        Err(fail(output, ProbeFailure::Status(status)))
     }
 }
 

@@ -36,6 +36,7 @@
 struct ReadmeDoctest;
 
 mod args;
+mod container_id;
 mod error;
 mod features;
 mod network;
@@ -47,7 +48,8 @@ mod quote;
 pub use args::{
     build_args, build_command_args, uses_sandbox, NetnsTarget, EXIT_FD, READY_FD, TAP_NAME,
 };
-pub use error::Error;
+pub use container_id::{check_container_id, BadContainerId, MAX_CONTAINER_ID_LEN};
+pub use error::{Error, ProbeFailure};
 pub use features::{
     check_slirp_flags, find_binary, slirp_version, SlirpFeatures, SlirpVersion, PROBE_TIMEOUT,
 };

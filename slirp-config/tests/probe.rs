@@ -119,6 +119,17 @@ fn missing_and_unrunnable_binaries() {
     let e = check_slirp_flags(&noexec).unwrap_err().to_string();
     assert!(e.contains("Permission denied"), "{e}");
     assert!(e.contains(&noexec.display().to_string()), "{e}");
+
+    // The OS error is kept, to match on without reading the text.
+    let errno = |bin: &Path| match check_slirp_flags(bin).unwrap_err() {
+        slirp_config::Error::Probe {
+            reason: slirp_config::ProbeFailure::Io(e),
+            ..
+        } => e.raw_os_error(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(errno(&missing), Some(nix::libc::ENOENT));
+    assert_eq!(errno(&noexec), Some(nix::libc::EACCES));
 }
 
 #[test]

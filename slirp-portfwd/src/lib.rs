@@ -52,8 +52,14 @@ pub enum Error {
     Io { socket: PathBuf, source: io::Error },
     #[error("slirp4netns at {} did not answer within {}s", .socket.display(), REQUEST_TIMEOUT.as_secs())]
     Timeout { socket: PathBuf },
+    /// A reply that is not the JSON expected; `source` is the JSON error, when the reply
+    /// did not parse or did not have the expected shape.
     #[error("unexpected reply from slirp4netns to {op}: {}", go_quote(.reply))]
-    BadReply { op: &'static str, reply: String },
+    BadReply {
+        op: &'static str,
+        reply: String,
+        source: Option<serde_json::Error>,
+    },
     /// slirp4netns refused to add a forward.
     #[error("from slirp4netns while setting up port redirection: {desc}")]
     Refused { desc: String },
@@ -76,8 +82,13 @@ pub enum Error {
     UnsupportedHostIp(String),
     #[error("slirp4netns API socket {} did not appear within {}s", .socket.display(), .timeout.as_secs())]
     SocketWait { socket: PathBuf, timeout: Duration },
+    /// slirp4netns died: while we waited for its API socket, or during a request, which
+    /// then failed with `source`.
     #[error("slirp4netns exited before its API socket {} was ready", .socket.display())]
-    HelperDied { socket: PathBuf },
+    HelperDied {
+        socket: PathBuf,
+        source: Option<Box<Error>>,
+    },
 }
 
 /// One forward as slirp4netns lists it: an entry of the `list_hostfwd` reply.
@@ -259,6 +270,7 @@ fn request(socket: &Path, req: &Request<'_>) -> Result<Vec<u8>, Error> {
                     return Err(Error::BadReply {
                         op,
                         reply: format!("(more than {MAX_REPLY} bytes)"),
+                        source: None,
                     });
                 }
             }
@@ -281,10 +293,11 @@ fn decode<A: DeserializeOwned>(op: &'static str, reply: &[u8]) -> Result<A, Erro
         Ok(Reply::Error {
             error: ApiError::Other(_),
         }) => quoted(),
-        Err(_) => {
+        Err(e) => {
             return Err(Error::BadReply {
                 op,
                 reply: quoted(),
+                source: Some(e),
             })
         }
     };
@@ -447,6 +460,7 @@ pub fn wait_for_socket(
         {
             return Err(Error::HelperDied {
                 socket: socket.to_owned(),
+                source: None,
             });
         }
         let _ = inotify.read_events();
@@ -497,6 +511,7 @@ pub fn publish_ports(
                 let e = match helper {
                     Some(h) if is_dead(h) => Error::HelperDied {
                         socket: socket.to_owned(),
+                        source: Some(Box::new(e)),
                     },
                     _ => e,
                 };

@@ -12,8 +12,12 @@ pub enum Error {
     Config(#[from] slirp_config::Error),
     #[error(transparent)]
     Address(#[from] netaddr::Error),
+    /// The container ID cannot name the helper's files.
     #[error("invalid container id {}: {why}", go_quote(.id))]
-    InvalidContainerId { id: String, why: &'static str },
+    InvalidContainerId {
+        id: String,
+        why: slirp_config::BadContainerId,
+    },
     #[error("slirp4netns binary not found in PATH (install the slirp4netns package)")]
     BinaryNotFound,
     #[error("cannot open network namespace {}: {source}", .path.display())]
@@ -33,11 +37,12 @@ pub enum Error {
         #[source]
         inner: Box<Error>,
     },
-    /// The helper exited before it was ready; its log says why.
+    /// The helper exited with `code` before it was ready; its log says why.
     #[error("slirp4netns failed: {}", go_quote(.log))]
-    Failed { log: String },
+    Failed { code: i32, log: String },
+    /// A signal (`signal`, its number) ended the helper before it was ready.
     #[error("slirp4netns killed by signal")]
-    KilledBySignal,
+    KilledBySignal { signal: i32 },
     #[error("slirp4netns closed its ready fd without signalling readiness: {}", go_quote(.log))]
     ClosedWithoutReady { log: String },
     #[error("slirp4netns did not become ready within {}: {}", fmt_duration(.timeout), go_quote(.log))]

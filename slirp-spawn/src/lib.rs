@@ -12,7 +12,10 @@
 //!   (from a forked child that joined it, after the user namespace when one is given)
 //!   and restored, even on failure.
 //! - [`process`] is the reusable part: any helper (rootlessport too) is started with a
-//!   stdin payload, chosen leaked fds and a log, and awaited the same way.
+//!   stdin payload, chosen leaked fds and a log, and awaited the same way
+//!   ([`process::Helper::await_ready`], [`DEFAULT_READY_TIMEOUT`]).
+//! - [`NetnsHolder`] is a process holding a network namespace (a fresh one, or one
+//!   given by fd) and naming it by PID.
 //! - [`reaper`] reaps helpers the engine lets run on.
 //!
 //! ```no_run
@@ -32,5 +35,6 @@ pub mod reaper;
 mod slirp;
 
 pub use error::Error;
-pub use netns::{in_netns, DadGuard, Netns};
-pub use slirp::{Slirp4netns, SlirpSpec, DEFAULT_READY_TIMEOUT, STOP_GRACE};
+pub use netns::{in_netns, DadGuard, Netns, NetnsHolder};
+pub use process::DEFAULT_READY_TIMEOUT;
+pub use slirp::{Slirp4netns, SlirpSpec, STOP_GRACE};

@@ -1,10 +1,12 @@
-//! Network namespaces: naming one, and running code inside it on a throwaway thread.
+//! Network namespaces: naming one, holding one with a process, and running code inside
+//! it on a throwaway thread.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::process::Child;
 
 use nix::sched::CloneFlags;
 
@@ -38,10 +40,11 @@ fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
         source,
     };
     let fd = OwnedFd::from(File::open(path).map_err(err)?);
-    // NS_GET_NSTYPE tells a namespace file from anything else.
+    // NS_GET_NSTYPE tells a namespace file from anything else. (Not /proc/self/fd's
+    // `net:[INODE]`: a netns bind-mounted at /run/netns/X, podman's, reads as that path.)
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
     // SAFETY: an ioctl with no argument on an fd we own.
-    let kind = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), NS_GET_NSTYPE as _) };
+    let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
     if kind < 0 || kind != libc::CLONE_NEWNET {
         return Err(err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -49,6 +52,89 @@ fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
         )));
     }
     Ok(fd)
+}
+
+/// A process that holds a network namespace and names it by its PID: a fresh namespace
+/// ([`NetnsHolder::new`]: a test's or a tool's container), or an existing one given by fd
+/// ([`NetnsHolder::join`]: for slirp4netns before 1.0, which takes only a PID).
+///
+/// The process is `sleep infinity` (from `PATH`) in a process group of its own, with
+/// nothing but stdio on `/dev/null`; it is in its namespace before
+/// [`NetnsHolder::new`] or [`NetnsHolder::join`] returns. Dropping the holder kills and
+/// reaps it, and a fresh namespace goes with it unless something else still holds it
+/// (a process, a bind mount, an open fd).
+///
+/// ```no_run
+/// use slirp_spawn::{in_netns, NetnsHolder};
+/// let ns = NetnsHolder::new()?;                 // needs CAP_SYS_ADMIN (root, or a user namespace)
+/// println!("{}", ns.path().display());          // /proc/PID/ns/net
+/// let fd = ns.netns().open()?;
+/// let listener = in_netns(&fd, || std::net::TcpListener::bind("127.0.0.1:0"))??;
+/// # let _ = listener;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct NetnsHolder {
+    helper: crate::process::Helper,
+}
+
+impl NetnsHolder {
+    /// A fresh network namespace, held by a new process (`unshare(CLONE_NEWNET)` in the
+    /// child, as `unshare --net` does): only `lo`, down.
+    ///
+    /// # Errors
+    ///
+    /// Starting the process failed: `EPERM` from `unshare` without `CAP_SYS_ADMIN` in
+    /// the caller's user namespace, or `sleep` not found.
+    pub fn new() -> io::Result<NetnsHolder> {
+        Self::spawn(crate::process::HelperCommand::new("sleep").new_network_namespace(true))
+    }
+
+    /// A process inside the network namespace `ns`, joining the user namespace
+    /// `userns` first when given (a rootless engine's, which owns `ns`; the caller's uid
+    /// must be mapped in it).
+    ///
+    /// # Errors
+    ///
+    /// Duplicating the fds or starting the process failed (`EPERM` from `setns` without
+    /// privilege over a namespace, or `sleep` not found).
+    pub fn join(ns: &OwnedFd, userns: Option<&OwnedFd>) -> io::Result<NetnsHolder> {
+        let mut command = crate::process::HelperCommand::new("sleep").join_netns(ns.try_clone()?);
+        if let Some(userns) = userns {
+            command = command.join_userns(userns.try_clone()?);
+        }
+        Self::spawn(command)
+    }
+
+    fn spawn(command: crate::process::HelperCommand) -> io::Result<NetnsHolder> {
+        let helper = command.args(["infinity"]).spawn()?;
+        Ok(NetnsHolder { helper })
+    }
+
+    /// The holding process's PID, which names the namespace (slirp4netns's PID mode:
+    /// `Netns::Pid(holder.pid())`).
+    pub fn pid(&self) -> u32 {
+        self.helper.pid()
+    }
+
+    /// `/proc/PID/ns/net` of the holder.
+    pub fn path(&self) -> PathBuf {
+        Netns::Pid(self.pid()).path()
+    }
+
+    /// The namespace by that path ([`NetnsHolder::path`]), as every slirp4netns from 1.0
+    /// and rootlessport take it.
+    pub fn netns(&self) -> Netns {
+        Netns::Path(self.path())
+    }
+
+    /// The holding process as a plain [`Child`]: the caller now kills and reaps it
+    /// (for code that keeps `Child` handles; the holder's drop no longer does).
+    pub fn into_child(self) -> Child {
+        self.helper
+            .into_child()
+            .expect("a holder is never handed to the reaper")
+    }
 }
 
 /// Run `f` on a new thread that has entered the namespace `ns`; the thread ends with

@@ -7,14 +7,15 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Seek, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
@@ -90,6 +91,7 @@ pub struct HelperCommand {
     stdout: Option<File>,
     stderr: Option<File>,
     new_mount_ns: bool,
+    new_net_ns: bool,
     netns: Option<OwnedFd>,
     userns: Option<OwnedFd>,
     own_process_group: bool,
@@ -105,6 +107,7 @@ impl HelperCommand {
             stdout: None,
             stderr: None,
             new_mount_ns: false,
+            new_net_ns: false,
             netns: None,
             userns: None,
             own_process_group: true,
@@ -157,7 +160,16 @@ impl HelperCommand {
         self
     }
 
-    /// Start the helper inside the network namespace `ns` (an open namespace fd).
+    /// Start the helper in a new, empty network namespace of its own (only `lo`, down),
+    /// made after any user namespace it joins. See [`NetnsHolder`](crate::NetnsHolder)
+    /// for a process that only holds one.
+    pub fn new_network_namespace(mut self, yes: bool) -> Self {
+        self.new_net_ns = yes;
+        self
+    }
+
+    /// Start the helper inside the network namespace `ns` (an open namespace fd). This
+    /// wins over [`HelperCommand::new_network_namespace`].
     pub fn join_netns(mut self, ns: OwnedFd) -> Self {
         self.netns = Some(ns);
         self
@@ -189,39 +201,51 @@ impl HelperCommand {
     /// leaked fds, or to fork and exec (including any step of the child's setup: dup2,
     /// `setns`, `unshare`). No child is left behind on any of these errors.
     pub fn spawn(self) -> io::Result<Helper> {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args);
-        match &self.stdin {
+        let HelperCommand {
+            program,
+            args,
+            stdin,
+            fds,
+            stdout,
+            stderr,
+            new_mount_ns,
+            new_net_ns,
+            netns,
+            userns,
+            own_process_group,
+        } = self;
+        let mut cmd = Command::new(&program);
+        cmd.args(&args);
+        match &stdin {
             Some(payload) => cmd.stdin(payload_file(payload)?),
             None => cmd.stdin(Stdio::null()),
         };
-        match &self.stdout {
-            Some(log) => cmd.stdout(log.try_clone()?),
+        match stdout {
+            Some(log) => cmd.stdout(log),
             None => cmd.stdout(Stdio::null()),
         };
-        match &self.stderr {
-            Some(log) => cmd.stderr(log.try_clone()?),
+        match stderr {
+            Some(log) => cmd.stderr(log),
             None => cmd.stderr(Stdio::null()),
         };
-        if self.own_process_group {
+        if own_process_group {
             cmd.process_group(0);
         }
 
-        // Move every source fd above the targets so no dup2 can clobber another source.
-        let min = self.fds.iter().map(|(_, t)| *t).max().unwrap_or(2).max(9) + 1;
-        let mut moved = Vec::with_capacity(self.fds.len());
-        for (fd, target) in &self.fds {
+        // Move every source fd above the targets, so that no dup2 in the child can
+        // clobber another source (and no source is its own target).
+        let min = fds.iter().map(|(_, t)| *t).max().unwrap_or(2).max(9) + 1;
+        let mut moved = Vec::with_capacity(fds.len());
+        for (fd, target) in &fds {
             if *target < 3 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("cannot leak an fd as {target}: 0-2 are stdio"),
                 ));
             }
-            let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
-            // SAFETY: fcntl just returned this new fd and nothing else owns it.
-            moved.push((unsafe { OwnedFd::from_raw_fd(raw) }, *target));
+            moved.push((rustix::io::fcntl_dupfd_cloexec(fd, min)?, *target));
         }
-        let plan: Vec<(RawFd, RawFd)> = moved.iter().map(|(fd, t)| (fd.as_raw_fd(), *t)).collect();
+        drop(fds);
         // For kernels without close_range(CLOSE_RANGE_CLOEXEC) (before 5.11: RHEL 8,
         // Debian 11, Ubuntu 20.04): the highest fd open now, read before the fork (the
         // child may not allocate), plus a margin for fds other threads open meanwhile.
@@ -229,13 +253,20 @@ impl HelperCommand {
             .ok()
             .and_then(|fds| fds.last().copied())
             .unwrap_or(1024)
-            .max(min + self.fds.len() as RawFd);
+            .max(min + moved.len() as RawFd);
         let sweep_to = highest.saturating_add(CLOEXEC_MARGIN);
-        let new_mount_ns = self.new_mount_ns;
-        let netns = self.netns.as_ref().map(|fd| fd.as_raw_fd());
-        let userns = self.userns.as_ref().map(|fd| fd.as_raw_fd());
-        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // syscalls (close_range, dup2, fcntl, unshare) on plain integers; it allocates nothing.
+        let mut unshare_flags = CloneFlags::empty();
+        if new_mount_ns {
+            unshare_flags |= CloneFlags::CLONE_NEWNS;
+        }
+        if new_net_ns {
+            unshare_flags |= CloneFlags::CLONE_NEWNET;
+        }
+        // SAFETY: the closure runs between fork and exec; it calls only async-signal-safe
+        // syscalls (close_range, fcntl, dup2, setns, unshare) through thin wrappers and
+        // allocates nothing (an error is an errno). The sweep passes raw numbers to
+        // fcntl(2), most of them not open, which no fd type may stand for. dup2 over a
+        // target is what the child is for: nothing in it owns those numbers.
         unsafe {
             cmd.pre_exec(move || {
                 // Everything inherited from fd 3 up closes at exec, whoever opened it
@@ -257,43 +288,37 @@ impl HelperCommand {
                         }
                     }
                 }
-                for &(src, dst) in &plan {
-                    if src == dst {
-                        if libc::fcntl(dst, libc::F_SETFD, 0) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                    } else if libc::dup2(src, dst) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                for (src, target) in &moved {
+                    // The copy is not close-on-exec; it is the helper's from now on.
+                    let _ = nix::unistd::dup2_raw(src, *target)?.into_raw_fd();
                 }
                 // The forked child is single-threaded, as joining a user namespace needs.
-                if let Some(ns) = userns {
-                    if libc::setns(ns, libc::CLONE_NEWUSER) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                if let Some(ns) = &userns {
+                    nix::sched::setns(ns, CloneFlags::CLONE_NEWUSER)?;
                 }
-                if new_mount_ns && libc::unshare(libc::CLONE_NEWNS) < 0 {
-                    return Err(io::Error::last_os_error());
+                if !unshare_flags.is_empty() {
+                    nix::sched::unshare(unshare_flags)?;
                 }
-                if let Some(ns) = netns {
-                    if libc::setns(ns, libc::CLONE_NEWNET) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                if let Some(ns) = &netns {
+                    nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)?;
                 }
                 Ok(())
             });
         }
-        let child = cmd.spawn()?;
+        let child = cmd.spawn();
+        // Our copies of the leaked fds close with the command (the helper's ready pipe
+        // must read EOF once the helper closes its end).
+        drop(cmd);
         // From here on the handle owns the child: whatever fails, its drop kills and
         // reaps it.
+        let child = child?;
         let mut helper = Helper {
             pid: child.id(),
             child: Some(child),
             pidfd: None,
-            own_group: self.own_process_group,
+            own_group: own_process_group,
             status: None,
         };
-        drop(moved);
         match pidfd_open(helper.pid) {
             Ok(fd) => helper.pidfd = Some(fd),
             Err(error) => {
@@ -327,26 +352,65 @@ fn payload_file(payload: &[u8]) -> io::Result<File> {
 const DEATH_POLL_SLICE: Duration = Duration::from_millis(20);
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this fd (close-on-exec by default).
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let pid = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
-/// How waiting for a helper's readiness ended.
-#[derive(Debug)]
-pub enum Sync {
-    /// The helper wrote these bytes on its ready fd.
-    Ready(Vec<u8>),
-    /// The helper exited (and is reaped) before it said it was ready.
-    Exited(ExitStatus),
-    /// The helper closed its ready fd without writing, and did not exit within the
-    /// grace period that followed.
+/// How long a started helper gets to say it is ready, unless its caller says otherwise:
+/// the one default of [`Slirp4netns::start`](crate::Slirp4netns::start)
+/// ([`SlirpSpec::ready_timeout`](crate::SlirpSpec::ready_timeout)) and of rootlessport's
+/// launcher. 10 s.
+///
+/// podman has no overall deadline for slirp4netns (it polls the ready pipe in 1 s slices
+/// until the helper writes or dies, `setupSlirp4netns` in libpod's `networking_slirp4netns.go`)
+/// and gives rootlessport 3 s; 10 s leaves room for a sandboxed slirp4netns on a loaded
+/// machine while still ending a hung helper.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a helper did not become ready ([`Helper::await_ready`]). Whichever it is, the
+/// helper is gone by then: killed (its process group too, when it has its own) and
+/// reaped.
+///
+/// The Display texts are generic; callers with their own words (podman's
+/// `slirp4netns failed: "LOG"`, say) map the variants to them.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// It exited with this code before it was ready.
+    #[error("the helper exited with code {0} before it was ready")]
+    Exited(i32),
+    /// This signal ended it before it was ready.
+    #[error("the helper was killed by signal {0} before it was ready")]
+    Signalled(i32),
+    /// It closed its ready fd without writing to it, and did not exit within the grace
+    /// that followed (up to 1 s, within the deadline).
+    #[error("the helper closed its ready fd without signalling readiness")]
     ClosedWithoutReady,
-    /// The deadline passed first; the helper is still running.
+    /// The deadline passed first.
+    #[error("the helper did not become ready in time")]
+    TimedOut,
+    /// Waiting itself failed (`poll`, `read` or `waitpid`).
+    #[error("waiting for the helper: {0}")]
+    Wait(#[source] io::Error),
+}
+
+impl NotReady {
+    fn from_status(status: ExitStatus) -> NotReady {
+        match status.code() {
+            Some(code) => NotReady::Exited(code),
+            None => NotReady::Signalled(status.signal().unwrap_or(0)),
+        }
+    }
+}
+
+/// How [`Helper::watch_ready`] ended, before [`Helper::await_ready`] cleans up.
+enum Watch {
+    Ready(Vec<u8>),
+    Exited(ExitStatus),
+    Closed,
     TimedOut,
 }
 
@@ -385,19 +449,40 @@ impl Helper {
     }
 
     /// Wait for the helper to write on `ready` (the read end of its ready pipe) or to
-    /// die, whichever comes first, until `deadline`.
+    /// die, whichever comes first, until `deadline`; the bytes it wrote (at most 64).
     ///
     /// Death is seen on the pidfd at once; without a pidfd the helper is checked every
-    /// 20 ms between waits on `ready`.
+    /// 20 ms between waits on `ready`. The one readiness wait of this workspace:
+    /// [`Slirp4netns::start`](crate::Slirp4netns::start) and rootlessport's launcher
+    /// both map its [`NotReady`] to their own error texts.
     ///
     /// # Errors
     ///
-    /// `poll`, `read` or `waitpid` failing.
-    pub fn wait_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> io::Result<Sync> {
+    /// [`NotReady`]: the helper exited or was killed by a signal first, closed `ready`
+    /// without writing, or the deadline passed; or waiting failed. On every one of
+    /// these the helper has been killed (when still running) and reaped, so no process
+    /// or zombie is left.
+    pub fn await_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> Result<Vec<u8>, NotReady> {
+        let why = match self.watch_ready(ready, deadline) {
+            Ok(Watch::Ready(bytes)) => return Ok(bytes),
+            Ok(Watch::Exited(status)) => return Err(NotReady::from_status(status)),
+            Ok(Watch::Closed) => NotReady::ClosedWithoutReady,
+            Ok(Watch::TimedOut) => NotReady::TimedOut,
+            Err(e) => NotReady::Wait(e),
+        };
+        if let Err(error) = self.kill() {
+            // Its drop tries again.
+            tracing::warn!(pid = self.pid, %error, "killing a helper that did not get ready");
+        }
+        Err(why)
+    }
+
+    /// The wait of [`Helper::await_ready`], which leaves the helper as it is.
+    fn watch_ready(&mut self, ready: &OwnedFd, deadline: Instant) -> io::Result<Watch> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(Sync::TimedOut);
+                return Ok(Watch::TimedOut);
             }
             let (ready_ev, dead) = {
                 let mut fds = vec![PollFd::new(ready.as_fd(), PollFlags::POLLIN)];
@@ -429,20 +514,20 @@ impl Helper {
                     }
                 };
                 if n > 0 {
-                    return Ok(Sync::Ready(buf[..n].to_vec()));
+                    return Ok(Watch::Ready(buf[..n].to_vec()));
                 }
                 // EOF: it closed the fd; it is most likely on its way out.
                 let grace = deadline
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_secs(1));
                 return Ok(match self.wait_timeout(grace)? {
-                    Some(status) => Sync::Exited(status),
-                    None => Sync::ClosedWithoutReady,
+                    Some(status) => Watch::Exited(status),
+                    None => Watch::Closed,
                 });
             }
             if dead {
                 if let Some(status) = self.try_wait()? {
-                    return Ok(Sync::Exited(status));
+                    return Ok(Watch::Exited(status));
                 }
             }
         }
@@ -568,6 +653,12 @@ impl Helper {
         self.kill()
     }
 
+    /// The helper as a plain [`Child`], for a caller that kills and reaps it itself:
+    /// this handle no longer does. `None` once handed to the reaper.
+    pub(crate) fn into_child(mut self) -> Option<Child> {
+        self.child.take()
+    }
+
     /// Let the helper run on without this handle: the shared reaper reaps it when it
     /// exits (a thread blocked in `waitpid` for a helper without a pidfd), so it never
     /// lingers as a zombie. Afterwards this handle only knows the pid: it has no pidfd,
@@ -600,11 +691,29 @@ fn poll_timeout(d: Duration) -> PollTimeout {
     PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }
 
-/// The fds a process has open, by number (from `/proc/PID/fd`).
+/// The fds a process has open, by number, lowest first (from `/proc/PID/fd`).
+///
+/// # Errors
+///
+/// No such process (`NotFound`), or its fds are not ours to list (`PermissionDenied`).
 pub fn open_fds(pid: u32) -> io::Result<Vec<RawFd>> {
-    let mut fds: Vec<RawFd> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+    let process = procfs::process::Process::new(pid as i32).map_err(proc_error)?;
+    let mut fds: Vec<RawFd> = process
+        .fd()
+        .map_err(proc_error)?
+        // An fd closed while the list is read is not open.
+        .filter_map(|fd| Some(fd.ok()?.fd))
         .collect();
     fds.sort_unstable();
     Ok(fds)
+}
+
+/// A `/proc` read's error as the OS error it is, where it is one.
+pub(crate) fn proc_error(e: procfs::ProcError) -> io::Error {
+    match e {
+        procfs::ProcError::Io(e, _) => e,
+        procfs::ProcError::NotFound(_) => io::ErrorKind::NotFound.into(),
+        procfs::ProcError::PermissionDenied(_) => io::ErrorKind::PermissionDenied.into(),
+        other => io::Error::other(other),
+    }
 }

@@ -10,16 +10,13 @@ use std::time::{Duration, Instant};
 
 use netaddr::Ipv4Net;
 use slirp_config::{
-    build_command_args, check_slirp_flags, find_binary, uses_sandbox, NetnsTarget, SlirpFeatures,
-    SlirpOptions, EXIT_FD, READY_FD,
+    build_command_args, check_container_id, check_slirp_flags, find_binary, uses_sandbox,
+    NetnsTarget, SlirpFeatures, SlirpOptions, EXIT_FD, READY_FD,
 };
 
-use crate::netns::{DadGuard, Netns};
-use crate::process::{Helper, HelperCommand, LogFile, Sync};
+use crate::netns::{DadGuard, Netns, NetnsHolder};
+use crate::process::{Helper, HelperCommand, LogFile, NotReady, DEFAULT_READY_TIMEOUT};
 use crate::Error;
-
-/// How long [`Slirp4netns::start`] waits for readiness unless told otherwise.
-pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Slirp4netns::stop`] waits for the helper after closing its exit pipe,
 /// before SIGTERM, and again before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -47,7 +44,8 @@ pub struct SlirpSpec {
     /// Where slirp4netns listens for API requests. `None` means none, unless the
     /// options ask for slirp4netns port forwarding, which gets `TMPDIR/<ID>.net`.
     pub api_socket: Option<PathBuf>,
-    /// The overall deadline for readiness.
+    /// The overall deadline for readiness, counted from the start call; default
+    /// [`DEFAULT_READY_TIMEOUT`] (10 s).
     pub ready_timeout: Duration,
     /// The user namespace owning `netns`, for a caller without privilege over it
     /// (rootless; e.g. `/proc/PID/ns/user` of the engine's namespace holder). The DAD
@@ -132,7 +130,10 @@ impl Slirp4netns {
     /// Start slirp4netns for `spec.netns` and wait until it has configured `tap0`.
     pub fn start(spec: &SlirpSpec) -> Result<Slirp4netns, Error> {
         let started = Instant::now();
-        check_container_id(&spec.container_id)?;
+        check_container_id(&spec.container_id).map_err(|why| Error::InvalidContainerId {
+            id: spec.container_id.clone(),
+            why,
+        })?;
         let binary = match &spec.binary {
             Some(b) => b.clone(),
             None => find_binary("slirp4netns").ok_or(Error::BinaryNotFound)?,
@@ -166,7 +167,11 @@ impl Slirp4netns {
         let target = match &spec.netns {
             Netns::Path(p) if features.has_netns_type => NetnsTarget::Path(p.clone()),
             Netns::Path(_) => {
-                let holder = netns_holder(&ns, userns.as_ref())?;
+                let holder =
+                    NetnsHolder::join(&ns, userns.as_ref()).map_err(|source| Error::Spawn {
+                        binary: "sleep (netns placeholder for PID mode)".into(),
+                        source,
+                    })?;
                 let pid = holder.pid();
                 _holder = Some(holder);
                 NetnsTarget::Pid(pid)
@@ -229,25 +234,26 @@ impl Slirp4netns {
         tracing::debug!(pid = helper.pid(), ?args, "slirp4netns started");
 
         let deadline = started + spec.ready_timeout;
-        let sync = helper
-            .wait_ready(&ready_r, deadline)
-            .map_err(Error::io("waiting for slirp4netns"))?;
-        match sync {
-            Sync::Ready(_) => {}
-            Sync::Exited(status) => return Err(exit_error(status, &log)),
-            Sync::ClosedWithoutReady => {
-                let _ = helper.kill();
-                return Err(Error::ClosedWithoutReady {
+        if let Err(why) = helper.await_ready(&ready_r, deadline) {
+            // The helper is killed and reaped by now, so its log is complete.
+            return Err(match why {
+                NotReady::Exited(code) => Error::Failed {
+                    code,
                     log: log.contents(),
-                });
-            }
-            Sync::TimedOut => {
-                let _ = helper.kill();
-                return Err(Error::Timeout {
+                },
+                NotReady::Signalled(signal) => Error::KilledBySignal { signal },
+                NotReady::ClosedWithoutReady => Error::ClosedWithoutReady {
+                    log: log.contents(),
+                },
+                NotReady::TimedOut => Error::Timeout {
                     timeout: spec.ready_timeout,
                     log: log.contents(),
-                });
-            }
+                },
+                NotReady::Wait(source) => Error::Io {
+                    what: "waiting for slirp4netns".into(),
+                    source,
+                },
+            });
         }
         let ready_after = started.elapsed();
         launch.finish()?;
@@ -402,37 +408,6 @@ impl Drop for Launch {
     }
 }
 
-fn exit_error(status: std::process::ExitStatus, log: &LogFile) -> Error {
-    use std::os::unix::process::ExitStatusExt;
-    if status.signal().is_some() {
-        Error::KilledBySignal
-    } else {
-        Error::Failed {
-            log: log.contents(),
-        }
-    }
-}
-
-fn check_container_id(id: &str) -> Result<(), Error> {
-    let why = if id.is_empty() {
-        "it is empty"
-    } else if id.contains('/') {
-        "it contains '/'"
-    } else if id.contains('\0') {
-        "it contains a NUL byte"
-    } else if id == "." || id == ".." {
-        "it is a relative directory name"
-    } else if id.len() > 200 {
-        "it is longer than 200 bytes"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidContainerId {
-        id: id.to_owned(),
-        why,
-    })
-}
-
 /// A socket file left by a crashed slirp4netns would make the new one fail to bind.
 /// Anything that is not a socket is left alone (and slirp4netns will say so).
 fn remove_stale_socket(path: &Path) -> Result<(), Error> {
@@ -442,29 +417,6 @@ fn remove_stale_socket(path: &Path) -> Result<(), Error> {
         )),
         _ => Ok(()),
     }
-}
-
-/// A placeholder process inside `ns`, for slirp4netns versions without
-/// `--netns-type=path`: they are given its PID. Killed and reaped when dropped.
-fn netns_holder(ns: &OwnedFd, userns: Option<&OwnedFd>) -> Result<Helper, Error> {
-    let ns = ns
-        .try_clone()
-        .map_err(Error::io("duplicating the netns fd"))?;
-    let mut command = HelperCommand::new("sleep").args(["infinity"]);
-    if let Some(userns) = userns {
-        command = command.join_userns(
-            userns
-                .try_clone()
-                .map_err(Error::io("duplicating the user namespace fd"))?,
-        );
-    }
-    command
-        .join_netns(ns)
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            binary: "sleep (netns placeholder for PID mode)".into(),
-            source,
-        })
 }
 
 fn open_userns(path: &Path) -> Result<OwnedFd, Error> {

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use slirp_spawn::process::{open_fds, Helper, HelperCommand, Sync};
+use slirp_spawn::process::{open_fds, Helper, HelperCommand, NotReady};
 
 /// From now on, each of `syscalls` fails with ENOSYS on this thread and in what it
 /// forks.
@@ -153,10 +153,7 @@ fn without_pidfd_open_readiness_exit_and_timeout_are_still_seen() {
         let (mut helper, ready_r, _keep) =
             sh_with_ready(&format!("printf up >&3; exec sleep 30 # {marker}"));
         started.push(helper.pid());
-        match helper.wait_ready(&ready_r, deadline()).unwrap() {
-            Sync::Ready(b) => assert_eq!(b, b"up"),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(helper.await_ready(&ready_r, deadline()).unwrap(), b"up");
         assert!(helper.try_wait().unwrap().is_none(), "still running");
         let status = helper.kill().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
@@ -166,33 +163,36 @@ fn without_pidfd_open_readiness_exit_and_timeout_are_still_seen() {
         let (mut helper, ready_r, _keep) = sh_with_ready(&format!("sleep 0.1; exit 7 # {marker}"));
         started.push(helper.pid());
         let t = Instant::now();
-        match helper.wait_ready(&ready_r, deadline()).unwrap() {
-            Sync::Exited(status) => assert_eq!(status.code(), Some(7)),
+        match helper.await_ready(&ready_r, deadline()) {
+            Err(NotReady::Exited(7)) => {}
             other => panic!("{other:?}"),
         }
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         assert_eq!(helper.try_wait().unwrap().and_then(|s| s.code()), Some(7));
 
-        // A helper that never gets ready: the deadline, and it still runs.
+        // A helper that never gets ready: the deadline, and it is killed and reaped.
         let (mut helper, ready_r, _keep) = sh_with_ready(&format!("exec sleep 30 # {marker}"));
         started.push(helper.pid());
         let t = Instant::now();
-        let sync = helper
-            .wait_ready(&ready_r, Instant::now() + Duration::from_millis(300))
-            .unwrap();
+        let ready = helper.await_ready(&ready_r, Instant::now() + Duration::from_millis(300));
         let took = t.elapsed();
-        assert!(matches!(sync, Sync::TimedOut), "{sync:?}");
+        assert!(matches!(ready, Err(NotReady::TimedOut)), "{ready:?}");
         assert!(
             (Duration::from_millis(300)..Duration::from_secs(2)).contains(&took),
             "{took:?}"
         );
-        assert!(helper.try_wait().unwrap().is_none(), "still running");
-        assert!(helper
-            .wait_timeout(Duration::from_millis(100))
-            .unwrap()
-            .is_none());
-        // Dropping the handle kills and reaps it.
+        let status = helper.try_wait().unwrap().expect("reaped");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
         drop(helper);
+
+        // Killed by a signal before ready.
+        let (mut helper, ready_r, _keep) =
+            sh_with_ready(&format!("kill -TERM $$; sleep 30 # {marker}"));
+        started.push(helper.pid());
+        match helper.await_ready(&ready_r, deadline()) {
+            Err(NotReady::Signalled(libc::SIGTERM)) => {}
+            other => panic!("{other:?}"),
+        }
 
         assert_eq!(children_left(marker, &started), [] as [u32; 0]);
     });
@@ -230,10 +230,9 @@ fn without_pidfd_open_stop_ends_with_sigterm_or_sigkill_in_bounds() {
             "trap '' TERM; printf x >&3; exec sleep 30 # {marker}"
         ));
         started.push(helper.pid());
-        let sync = helper
-            .wait_ready(&ready_r, Instant::now() + Duration::from_secs(10))
+        helper
+            .await_ready(&ready_r, Instant::now() + Duration::from_secs(10))
             .unwrap();
-        assert!(matches!(sync, Sync::Ready(_)), "{sync:?}");
         drop(keep_w);
         let t = Instant::now();
         let status = helper.stop(grace).unwrap();

@@ -31,48 +31,30 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A fresh network namespace held open by a `sleep` process (`unshare --net`), named
-/// by `/proc/PID/ns/net`. Dropping it kills the holder, and the namespace goes with it.
+/// A fresh network namespace held by a [`slirp_spawn::NetnsHolder`], named by
+/// `/proc/PID/ns/net`, with the tests' ways into it. Dropping it kills the holder, and
+/// the namespace goes with it.
 pub struct TestNetns {
-    holder: std::process::Child,
+    holder: slirp_spawn::NetnsHolder,
 }
 
 impl TestNetns {
     pub fn new() -> TestNetns {
-        let holder = std::process::Command::new("unshare")
-            .args(["--net", "--", "sleep", "3600"])
-            .spawn()
-            .expect("unshare --net sleep");
-        let ns = TestNetns { holder };
-        // Until unshare(1) has unshared and exec'd, the holder is still in our netns.
-        let ours = std::fs::read_link("/proc/self/ns/net").expect("own netns");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let theirs = std::fs::read_link(ns.path()).ok();
-            let comm =
-                std::fs::read_to_string(format!("/proc/{}/comm", ns.pid())).unwrap_or_default();
-            if theirs.as_ref().is_some_and(|t| *t != ours) && comm.trim() == "sleep" {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "netns holder never unshared"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(2));
+        TestNetns {
+            holder: slirp_spawn::NetnsHolder::new().expect("a netns holder"),
         }
-        ns
     }
 
     pub fn pid(&self) -> u32 {
-        self.holder.id()
+        self.holder.pid()
     }
 
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/net", self.pid()))
+        self.holder.path()
     }
 
     pub fn netns(&self) -> slirp_spawn::Netns {
-        slirp_spawn::Netns::Path(self.path())
+        self.holder.netns()
     }
 
     /// Run a shell script inside the namespace; panics unless it succeeds.
@@ -92,9 +74,7 @@ impl TestNetns {
 
     /// Run `f` on a thread inside the namespace: sockets it creates stay in it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let fd = slirp_spawn::Netns::Path(self.path())
-            .open()
-            .expect("open netns");
+        let fd = self.netns().open().expect("open netns");
         slirp_spawn::in_netns(&fd, f).expect("enter netns")
     }
 }
@@ -105,33 +85,16 @@ impl Default for TestNetns {
     }
 }
 
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-    }
-}
-
 /// Live processes (zombies included) whose process group is `pgid`.
 pub fn processes_in_group(pgid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
     };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // Fields after the ")" that closes comm: state ppid pgrp ...
-            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            if fields.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid) {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    all.flatten()
+        .filter_map(|p| p.stat().ok())
+        .filter(|stat| u32::try_from(stat.pgrp) == Ok(pgid))
+        .filter_map(|stat| u32::try_from(stat.pid).ok())
+        .collect()
 }
 
 /// Whether `/proc/PID` exists (a zombie still has one).

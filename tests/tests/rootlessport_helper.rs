@@ -740,12 +740,10 @@ fn rootless_in_a_user_namespace() {
         (h, exit_w, ready_r, out)
     };
     let (mut h, exit_w, ready_r, out) = start(&cfg34);
-    let sync = h
-        .wait_ready(&ready_r, Instant::now() + Duration::from_secs(10))
-        .unwrap();
+    let ready = h.await_ready(&ready_r, Instant::now() + Duration::from_secs(10));
     assert!(
-        matches!(sync, slirp_spawn::process::Sync::Ready(ref b) if b == b"1"),
-        "{sync:?}: {}",
+        matches!(ready, Ok(ref b) if b == b"1"),
+        "{ready:?}: {}",
         out.contents()
     );
     // It really runs inside the user namespace.

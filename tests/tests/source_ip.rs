@@ -279,17 +279,12 @@ fn start_logged(cfg: &Config, program: std::path::PathBuf, args: &[&str]) -> Sta
         .unwrap()
         .spawn()
         .unwrap();
-    let sync = h
-        .wait_ready(
-            &ready_r,
-            std::time::Instant::now() + Duration::from_secs(10),
-        )
-        .unwrap();
-    assert!(
-        matches!(sync, slirp_spawn::process::Sync::Ready(_)),
-        "{sync:?}: {}",
-        log.contents()
-    );
+    if let Err(why) = h.await_ready(
+        &ready_r,
+        std::time::Instant::now() + Duration::from_secs(10),
+    ) {
+        panic!("{why:?}: {}", log.contents());
+    }
     (h, log, exit_w)
 }
 

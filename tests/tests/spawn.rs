@@ -482,7 +482,25 @@ fn bad_inputs_give_clear_errors() {
     );
     std::fs::remove_file(&file).unwrap();
 
+    // A namespace bind-mounted on a file, as podman names its netns (/run/netns/X):
+    // opened by that path, it is one.
     let ns = TestNetns::new();
+    let named = dir.path().join("named-netns");
+    std::fs::write(&named, "").unwrap();
+    nix::mount::mount(
+        Some(&ns.path()),
+        &named,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    // The fd is closed before the umount, which it would keep busy.
+    let opened = Netns::Path(named.clone()).open().map(drop);
+    nix::mount::umount(&named).unwrap();
+    std::fs::remove_file(&named).unwrap();
+    assert!(opened.is_ok(), "{opened:?}");
+
     for (id, why) in [
         ("", "it is empty"),
         ("a/b", "it contains '/'"),

@@ -115,31 +115,27 @@ fn run_quiet(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// A fresh network namespace held open by a `sleep` (run through `unshare --net` after
-/// `setup`, a shell snippet run inside it first). Returns the holder and the netns path.
+/// A fresh network namespace held by a [`slirp_spawn::NetnsHolder`], with `setup` (a
+/// shell snippet, may be empty) run inside it first. Returns the holder as a plain
+/// `Child` (the caller kills and reaps it) and the netns path.
 pub fn netns_holder(setup: &str) -> Result<(std::process::Child, String), String> {
-    let script = if setup.is_empty() {
-        "exec sleep 86400".to_string()
-    } else {
-        format!("{setup} && exec sleep 86400")
-    };
-    let holder = Command::new("unshare")
-        .args(["--net", "--", "sh", "-c", &script])
-        .spawn()
-        .map_err(|e| format!("unshare: {e}"))?;
-    let pid = holder.id();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        != "sleep"
-    {
-        if std::time::Instant::now() > deadline {
-            return Err(format!("the namespace holder ({setup:?}) never came up"));
+    let holder =
+        slirp_spawn::NetnsHolder::new().map_err(|e| format!("cannot hold a new netns: {e}"))?;
+    if !setup.is_empty() {
+        let ns = holder.netns().open().map_err(|e| e.to_string())?;
+        let script = setup.to_owned();
+        // A child forked by a thread inside the namespace starts there too.
+        let status = slirp_spawn::in_netns(&ns, move || {
+            Command::new("sh").args(["-c", &script]).status()
+        })
+        .and_then(|r| r)
+        .map_err(|e| format!("cannot run {setup:?} in the netns: {e}"))?;
+        if !status.success() {
+            return Err(format!("{setup:?} failed in the netns ({status})"));
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    Ok((holder, format!("/proc/{pid}/ns/net")))
+    let path = holder.path().display().to_string();
+    Ok((holder.into_child(), path))
 }
 
 /// Run `xtask ARGS` again inside fresh network and mount namespaces (and a user
