@@ -21,7 +21,6 @@ mod args;
 mod bench;
 mod demo;
 mod e2e;
-mod e2e_rootless;
 mod echo;
 mod fuzz;
 mod helper;
@@ -93,8 +92,8 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "itest" => itest::run(&args),
         "ns-exec" => nsexec::run(&args),
-        "podman-e2e" => e2e::run(&args),
-        "podman-e2e-rootless" => e2e_rootless::run(&args),
+        "podman-e2e" => e2e::rootful::run(&args),
+        "podman-e2e-rootless" => e2e::rootless::run(&args),
         "echo-server" => echo::run(&args),
         "demo" => demo::run(&args),
         "bench" => bench::run(&args),
@@ -221,7 +220,7 @@ mod tests {
                 r#"bench-client: unknown mode "frob""#,
             ),
             (
-                e2e::run,
+                e2e::rootful::run,
                 &["--frob"],
                 r#"podman-e2e: unknown argument "--frob""#,
             ),

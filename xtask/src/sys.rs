@@ -5,6 +5,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A program and the Debian package that provides it.
+#[derive(Clone, Copy)]
 pub struct Need {
     pub program: &'static str,
     pub package: &'static str,

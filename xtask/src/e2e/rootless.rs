@@ -96,45 +96,27 @@
 //! `not ok - NAME: WHY` per check, then `podman-e2e-rootless: N passed, N failed`.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::{
+    common_run_args, connect, containers_conf, ensure_image, greeting, install_helper, lo,
+    netns_of, pids, read_line, set_mode, udp_echo, wait_for, wait_greeting, write, FailLine,
+    Podman, Report, NEEDS,
+};
 use crate::sys::{self, Need};
 use crate::testuser;
 use crate::workspace::workspace_root;
 
-const NEEDS: &[Need] = &[
-    Need {
-        program: "podman",
-        package: "podman",
-    },
-    Need {
-        program: "runc",
-        package: "runc",
-    },
-    Need {
-        program: "conmon",
-        package: "conmon",
-    },
-    Need {
-        program: "slirp4netns",
-        package: "slirp4netns",
-    },
+/// What this test needs besides [`NEEDS`].
+const MORE_NEEDS: &[Need] = &[
     Need {
         program: "newuidmap",
         package: "uidmap",
-    },
-    Need {
-        program: "busybox",
-        package: "busybox-static",
-    },
-    Need {
-        program: "tar",
-        package: "tar",
     },
     Need {
         program: "timeout",
@@ -143,13 +125,10 @@ const NEEDS: &[Need] = &[
 ];
 
 const LABEL: &str = "podman-e2e-rootless";
-const IMAGE: &str = "localhost/rootless-net-e2e:latest";
 /// Every podman command is bounded by this (then SIGKILLed 5 s later).
 const PODMAN_TIMEOUT_SECS: u32 = 60;
 /// The whole inner run, as seen from the root side.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20 * 60);
-/// How long a port may take to answer after a container (re)start.
-const SERVE_WAIT: Duration = Duration::from_secs(20);
 /// How long a helper or process may take to go away.
 const GONE_WAIT: Duration = Duration::from_secs(15);
 
@@ -180,7 +159,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         [] => {}
         _ => return Err(format!("usage: xtask {LABEL}")),
     }
-    sys::ensure(NEEDS)?;
+    sys::ensure(&[NEEDS, MORE_NEEDS].concat())?;
     let base = workspace_root().join("target/podman-e2e-rootless");
     if !sys::is_root() {
         testuser::current_user_can_go_rootless()?;
@@ -230,31 +209,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// The release helper, copied (not linked: a rebuild during the run must not change
-/// the binary under podman) to `BASE/helpers`, world-readable.
-fn install_helper(base: &Path) -> Result<(), String> {
-    let built = crate::helper::release_helper()?;
-    let helpers = base.join("helpers");
-    std::fs::create_dir_all(&helpers)
-        .map_err(|e| format!("creating {}: {e}", helpers.display()))?;
-    for d in [base, helpers.as_path()] {
-        set_mode(d, 0o755)?;
-    }
-    let ours = helpers.join("rootlessport");
-    // Unchanged: leave it, so that a run going on (a second run copies before it
-    // waits for the lock) keeps seeing its helpers' `/proc/PID/exe` as ours.
-    if let (Ok(a), Ok(b)) = (std::fs::read(&built), std::fs::read(&ours)) {
-        if a == b {
-            return Ok(());
-        }
-    }
-    let tmp = helpers.join(".rootlessport.new");
-    std::fs::copy(&built, &tmp)
-        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
-        .and_then(|_| std::fs::rename(&tmp, &ours))
-        .map_err(|e| format!("installing {}: {e}", ours.display()))
-}
-
 /// `BASE/state-UID`: 0700, owned by the user the checks run as.
 fn state_dir(base: &Path, uid: u32, gid: u32) -> Result<PathBuf, String> {
     let d = base.join(format!("state-{uid}"));
@@ -268,86 +222,6 @@ fn state_dir(base: &Path, uid: u32, gid: u32) -> Result<PathBuf, String> {
     }
     set_mode(&d, 0o700)?;
     Ok(d)
-}
-
-fn set_mode(p: &Path, mode: u32) -> Result<(), String> {
-    let md = std::fs::metadata(p).map_err(|e| format!("stat {}: {e}", p.display()))?;
-    if md.mode() & 0o7777 == mode {
-        return Ok(());
-    }
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("chmod {mode:o} {}: {e}", p.display()))
-}
-
-/// The podman of this test: private config, store and run root, bounded by `timeout`.
-struct Podman {
-    env: Vec<(String, PathBuf)>,
-    global: Vec<String>,
-}
-
-impl Podman {
-    fn cmd(&self, secs: u32, args: &[&str]) -> Command {
-        let mut c = Command::new("timeout");
-        c.args(["-k", "5", &secs.to_string(), "podman"])
-            .args(&self.global)
-            .args(args)
-            .env_remove("CONTAINER_HOST")
-            .env_remove("CONTAINER_CONNECTION")
-            .stdin(Stdio::null());
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        c
-    }
-
-    /// `podman ARGS` (bounded by `PODMAN_TIMEOUT_SECS`): its stdout, trimmed, or one
-    /// line saying what failed.
-    fn run(&self, args: &[&str]) -> Result<String, String> {
-        let secs = PODMAN_TIMEOUT_SECS;
-        let out = self
-            .cmd(secs, args)
-            .output()
-            .map_err(|e| format!("cannot run timeout podman: {e}"))?;
-        if out.status.success() {
-            return Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned());
-        }
-        let why = if out.status.code() == Some(124) || out.status.code() == Some(137) {
-            format!("timed out after {secs} s")
-        } else {
-            let err = String::from_utf8_lossy(&out.stderr);
-            // The last error line; podman's warnings ("/" is not a shared mount) first.
-            err.lines()
-                .rev()
-                .find(|l| !l.contains("level=warning"))
-                .unwrap_or("")
-                .trim()
-                .to_owned()
-        };
-        Err(format!("podman {}: {why} ({})", args.join(" "), out.status))
-    }
-}
-
-struct Report {
-    passed: u32,
-    failed: u32,
-}
-
-impl Report {
-    fn check<T>(&mut self, name: &str, res: Result<T, String>) -> Option<T> {
-        match res {
-            Ok(v) => {
-                self.passed += 1;
-                println!("ok - {name}");
-                Some(v)
-            }
-            Err(e) => {
-                self.failed += 1;
-                // One line, whatever the error holds.
-                println!("not ok - {name}: {}", e.replace('\n', " "));
-                None
-            }
-        }
-    }
 }
 
 /// What the checks share.
@@ -367,20 +241,12 @@ struct Ctx {
 /// so the summary line is always there.
 fn inner(base: &Path) -> Result<(), String> {
     let t0 = Instant::now();
-    let mut r = Report {
-        passed: 0,
-        failed: 0,
-    };
+    let mut r = Report::new(LABEL, FailLine::NotOk);
     if let Err(e) = run_checks(base, &mut r) {
         r.check("setup", Err::<(), _>(e));
     }
     println!("   {LABEL}: {:.1} s", t0.elapsed().as_secs_f64());
-    println!("{LABEL}: {} passed, {} failed", r.passed, r.failed);
-    if r.failed == 0 {
-        Ok(())
-    } else {
-        Err(format!("{} {LABEL} check(s) failed", r.failed))
-    }
+    r.finish()
 }
 
 fn run_checks(base: &Path, r: &mut Report) -> Result<(), String> {
@@ -396,16 +262,12 @@ fn run_checks(base: &Path, r: &mut Report) -> Result<(), String> {
     let runtime_dir = podman_runtime_dir(uid);
     let conf = state.join("containers.conf");
     let storage_conf = state.join("storage.conf");
+    let comment =
+        format!("Written by cargo xtask {LABEL}; the reasons are in xtask/src/e2e/rootless.rs.");
     write(
         &conf,
-        &format!(
-            "# Written by cargo xtask {LABEL}; the reasons are in xtask/src/e2e_rootless.rs.\n\
-             [containers]\ndefault_ulimits = []\n\n\
-             [engine]\nhelper_binaries_dir = [{:?}, \"/usr/libexec/podman\", \"/usr/lib/podman\"]\n\
-             cgroup_manager = \"cgroupfs\"\nruntime = \"runc\"\nevents_logger = \"file\"\n\n\
-             [network]\nnetwork_backend = \"netavark\"\n",
-            helpers_dir.display().to_string()
-        ),
+        &(containers_conf(&comment, &helpers_dir)
+            + "\n[network]\nnetwork_backend = \"netavark\"\n"),
     )?;
     let store = state.join("storage");
     write(
@@ -434,22 +296,13 @@ fn run_checks(base: &Path, r: &mut Report) -> Result<(), String> {
     let podman = Podman {
         env,
         global: vec!["--runroot".to_owned(), run_root.clone()],
+        timeout: Some(PODMAN_TIMEOUT_SECS),
     };
 
-    let me = std::env::current_exe().map_err(|e| format!("cannot find xtask itself: {e}"))?;
-    let xdir = me.parent().ok_or("xtask has no directory")?;
-    let nofile = limit(nix::sys::resource::Resource::RLIMIT_NOFILE, 20_000);
-    let nproc = limit(nix::sys::resource::Resource::RLIMIT_NPROC, 1_000);
-    let common = vec![
-        "--ulimit".to_owned(),
-        format!("nofile={nofile}:{nofile}"),
-        "--ulimit".to_owned(),
-        format!("nproc={nproc}:{nproc}"),
-        "-v".to_owned(),
-        "/usr:/usr:ro".to_owned(),
-        "-v".to_owned(),
-        format!("{}:/x:ro", xdir.display()),
-    ];
+    let common = common_run_args(
+        limit(nix::sys::resource::Resource::RLIMIT_NOFILE, 20_000),
+        limit(nix::sys::resource::Resource::RLIMIT_NPROC, 1_000),
+    )?;
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
         .flatten()
@@ -661,10 +514,6 @@ fn forget_stale_dns(podman: &Podman, run_root: &str, uid: u32) {
     }
 }
 
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
 /// `want`, or our own hard limit when that is lower (a user cannot raise it).
 fn limit(res: nix::sys::resource::Resource, want: u64) -> u64 {
     match nix::sys::resource::getrlimit(res) {
@@ -680,8 +529,7 @@ fn slirp_checks(cx: &Ctx, r: &mut Report) {
         &format!(
             "slirp4netns: podman run --network slirp4netns -p 127.0.0.1:{SLIRP_TCP}:80 -p {SLIRP_TCP_ANY}:80 -p {SLIRP_UDP}:53/udp"
         ),
-        run_ctr(
-            cx,
+        cx.podman.run_echo(
             SLIRP_CTR,
             "slirp4netns",
             &[
@@ -689,6 +537,7 @@ fn slirp_checks(cx: &Ctx, r: &mut Report) {
                 format!("{SLIRP_TCP_ANY}:80"),
                 format!("{SLIRP_UDP}:53/udp"),
             ],
+            &cx.common,
             &["--tcp", "80", "--udp", "53"],
         ),
     );
@@ -697,7 +546,7 @@ fn slirp_checks(cx: &Ctx, r: &mut Report) {
     }
     r.check(
         &format!("slirp4netns: TCP through 127.0.0.1:{SLIRP_TCP} (greeting and echo)"),
-        wait_greeting(SLIRP_TCP, "tcp 80 from ").and_then(|g| {
+        wait_greeting(lo(SLIRP_TCP), "tcp 80 from ").and_then(|g| {
             println!("   container saw: {g}");
             let mut live = Live::open(SLIRP_TCP)?;
             live.echo("hello through rootlessport")
@@ -705,7 +554,7 @@ fn slirp_checks(cx: &Ctx, r: &mut Report) {
     );
     r.check(
         &format!("slirp4netns: UDP through 127.0.0.1:{SLIRP_UDP}"),
-        udp_echo(SLIRP_UDP, "udp 53 from "),
+        udp_echo(lo(SLIRP_UDP), "udp 53 from "),
     );
     check_client_seen(
         cx,
@@ -796,17 +645,19 @@ fn bridge_checks(cx: &Ctx, r: &mut Report) {
     let mut errors = Vec::new();
     for (i, name) in BRIDGE_CTRS.iter().enumerate() {
         let before = our_helpers(cx);
-        let res = run_ctr(
-            cx,
-            name,
-            NET1,
-            &[
-                format!("{}:8080/tcp", port(i)),
-                format!("{}:9090/udp", port(i)),
-            ],
-            &["--tcp", "8080", "--udp", "9090"],
-        )
-        .and_then(|_| new_helper(cx, &before));
+        let res = cx
+            .podman
+            .run_echo(
+                name,
+                NET1,
+                &[
+                    format!("{}:8080/tcp", port(i)),
+                    format!("{}:9090/udp", port(i)),
+                ],
+                &cx.common,
+                &["--tcp", "8080", "--udp", "9090"],
+            )
+            .and_then(|_| new_helper(cx, &before));
         match res {
             Ok(pid) => helper[i] = Some(pid),
             Err(e) => errors.push(format!("{name}: {e}")),
@@ -953,18 +804,19 @@ fn connect_checks(cx: &Ctx, r: &mut Report) {
     let before = our_helpers(cx);
     let helper = r.check(
         &format!("connect: a container on {NET1} publishes TCP and UDP and serves"),
-        run_ctr(
-            cx,
-            CONN_CTR,
-            NET1,
-            &[
-                format!("{CONN_PORT}:8080/tcp"),
-                format!("{CONN_PORT}:9090/udp"),
-            ],
-            &["--tcp", "8080", "--udp", "9090"],
-        )
-        .and_then(|_| new_helper(cx, &before))
-        .and_then(|pid| serving(CONN_PORT, 0).map(|_| pid)),
+        cx.podman
+            .run_echo(
+                CONN_CTR,
+                NET1,
+                &[
+                    format!("{CONN_PORT}:8080/tcp"),
+                    format!("{CONN_PORT}:9090/udp"),
+                ],
+                &cx.common,
+                &["--tcp", "8080", "--udp", "9090"],
+            )
+            .and_then(|_| new_helper(cx, &before))
+            .and_then(|pid| serving(CONN_PORT, 0).map(|_| pid)),
     );
     let Some(helper) = helper else { return };
     let mut live = Live::open(CONN_PORT);
@@ -1011,9 +863,9 @@ fn connect_checks(cx: &Ctx, r: &mut Report) {
         ),
         moved.and_then(|(ip2, n)| {
             wait_reload(cx, helper, &ip2, n)?;
-            let g = wait_greeting(CONN_PORT, &format!("tcp 8080 from {ip2}:"))?;
+            let g = wait_greeting(lo(CONN_PORT), &format!("tcp 8080 from {ip2}:"))?;
             println!("   container saw: {g}");
-            udp_echo(CONN_PORT, "udp 9090 from ")
+            udp_echo(lo(CONN_PORT), "udp 9090 from ")
         }),
     );
     check_client_seen(
@@ -1052,24 +904,6 @@ fn wait_reload(cx: &Ctx, pid: i32, ip: &str, n: usize) -> Result<(), String> {
     })
 }
 
-/// `podman run -d` of our echo server with `ports` published on `network`.
-fn run_ctr(
-    cx: &Ctx,
-    name: &str,
-    network: &str,
-    ports: &[String],
-    server_args: &[&str],
-) -> Result<(), String> {
-    let mut args: Vec<&str> = vec!["run", "-d", "--name", name, "--network", network];
-    for p in ports {
-        args.extend(["-p", p.as_str()]);
-    }
-    args.extend(cx.common.iter().map(String::as_str));
-    args.extend([IMAGE, "/x/xtask", "echo-server"]);
-    args.extend(server_args);
-    cx.podman.run(&args).map(|_| ())
-}
-
 fn container_pid(cx: &Ctx, name: &str) -> Result<i32, String> {
     let out = cx.podman.run(&["inspect", "-f", "{{.State.Pid}}", name])?;
     out.parse()
@@ -1090,8 +924,8 @@ fn serving(port: u16, which: usize) -> Result<(), String> {
             e
         }
     };
-    wait_greeting(port, "tcp 8080 from ").map_err(ctx)?;
-    udp_echo(port, "udp 9090 from ").map_err(ctx)
+    wait_greeting(lo(port), "tcp 8080 from ").map_err(ctx)?;
+    udp_echo(lo(port), "udp 9090 from ").map_err(ctx)
 }
 
 /// The first global IPv4 address of this host (`ip -4 -o addr show scope global`).
@@ -1151,80 +985,10 @@ fn check_client_seen(cx: &Ctx, r: &mut Report, name: &str, ports: &[(u16, u16, u
 
 /// Nothing greets on `port` any more (refused, reset or closed).
 fn not_serving(port: u16) -> Result<(), String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for(Duration::from_secs(5), || match greeting(addr) {
+    wait_for(Duration::from_secs(5), || match greeting(lo(port)) {
         Ok(g) => Err(format!("127.0.0.1:{port} still answers: {g:?}")),
         Err(_) => Ok(()),
     })
-}
-
-fn wait_greeting(port: u16, want: &str) -> Result<String, String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + SERVE_WAIT;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        match greeting(addr) {
-            Ok(g) if g.starts_with(want) => return Ok(g),
-            Ok(g) => last = format!("unexpected greeting {g:?}"),
-            Err(e) => last = e,
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Err(format!(
-        "no {want:?} from {addr} within {SERVE_WAIT:?}: {last}"
-    ))
-}
-
-fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    c.set_read_timeout(Some(Duration::from_secs(3)))
-        .and_then(|_| c.set_write_timeout(Some(Duration::from_secs(3))))
-        .map_err(|e| e.to_string())?;
-    Ok(c)
-}
-
-fn read_line(c: &mut TcpStream) -> Result<String, String> {
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while byte[0] != b'\n' {
-        match c.read(&mut byte) {
-            Ok(1) => buf.push(byte[0]),
-            Ok(_) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&buf))),
-            Err(e) => return Err(e.to_string()),
-        }
-        if buf.len() > 4096 {
-            return Err("no line end in 4 KiB".into());
-        }
-    }
-    Ok(String::from_utf8_lossy(&buf).trim_end().to_owned())
-}
-
-fn greeting(addr: SocketAddr) -> Result<String, String> {
-    read_line(&mut connect(addr)?)
-}
-
-fn udp_echo(port: u16, want: &str) -> Result<(), String> {
-    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_millis(500)))
-        .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 2048];
-    let deadline = Instant::now() + SERVE_WAIT;
-    while Instant::now() < deadline {
-        s.send_to(b"ping", ("127.0.0.1", port))
-            .map_err(|e| e.to_string())?;
-        if let Ok(n) = s.recv(&mut buf) {
-            let got = String::from_utf8_lossy(&buf[..n]);
-            return if got.starts_with(want) && got.ends_with(": ping") {
-                Ok(())
-            } else {
-                Err(format!("unexpected UDP reply {got:?}"))
-            };
-        }
-    }
-    Err(format!(
-        "no UDP reply from 127.0.0.1:{port} within {SERVE_WAIT:?}"
-    ))
 }
 
 /// A long-lived TCP connection to an echo server.
@@ -1234,7 +998,7 @@ struct Live {
 
 impl Live {
     fn open(port: u16) -> Result<Live, String> {
-        let mut c = connect(SocketAddr::from(([127, 0, 0, 1], port)))?;
+        let mut c = connect(lo(port))?;
         read_line(&mut c).map_err(|e| format!("live connection to {port}: {e}"))?;
         Ok(Live { c })
     }
@@ -1269,10 +1033,7 @@ struct Proc {
 /// Processes (not zombies) whose real uid is `uid`.
 fn user_procs(uid: u32) -> Vec<Proc> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
+    for pid in pids() {
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
@@ -1384,12 +1145,6 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-fn netns_of(pid: i32) -> Result<String, String> {
-    std::fs::read_link(format!("/proc/{pid}/ns/net"))
-        .map(|p| p.display().to_string())
-        .map_err(|e| format!("/proc/{pid}/ns/net: {e}"))
-}
-
 /// Every recorded helper is ours and alive, and (podman 4.x) in its own container's
 /// netns, aimed at the container's address on `NET1`.
 fn own_netns(cx: &Ctx, helper: &[Option<i32>; 3]) -> Result<(), String> {
@@ -1498,61 +1253,4 @@ fn stop_pause(podman: &Podman, pause_file: &Path, was_running: bool) -> Result<(
         )),
         Err(e) => Err(format!("{e}; pause process {pid} killed")),
     }
-}
-
-/// Retry `f` until it succeeds or `limit` passes; the last error otherwise.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> Result<(), String>) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match f() {
-            Ok(()) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
-fn ensure_image(podman: &Podman, state: &Path) -> Result<(), String> {
-    if podman.run(&["image", "exists", IMAGE]).is_ok() {
-        return Ok(());
-    }
-    let rootfs = state.join("rootfs");
-    let _ = std::fs::remove_dir_all(&rootfs);
-    let bin = rootfs.join("bin");
-    for d in [bin.clone(), rootfs.join("usr")] {
-        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-    }
-    let busybox = sys::find_in_path("busybox").ok_or("busybox not found")?;
-    std::fs::copy(&busybox, bin.join("busybox"))
-        .map_err(|e| format!("copying {}: {e}", busybox.display()))?;
-    let list = Command::new(&busybox)
-        .arg("--list")
-        .output()
-        .map_err(|e| format!("busybox --list: {e}"))?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
-        }
-    }
-    // The host's /usr is mounted in at run time, so host binaries (our echo server) run.
-    for (link, to) in [("lib", "usr/lib"), ("lib64", "usr/lib64")] {
-        let _ = std::os::unix::fs::symlink(to, rootfs.join(link));
-    }
-    let tar = state.join("rootfs.tar");
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .output()
-        .map_err(|e| format!("tar: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "tar of the image rootfs failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    podman.run(&["import", &tar.display().to_string(), IMAGE])?;
-    Ok(())
 }
