@@ -3,6 +3,9 @@
 //! started with `SlirpSpec.userns` (DAD sysctl and sandbox inside that user namespace),
 //! and rootlessport through the launcher with `Launcher.userns`. No step may need root.
 //!
+//! The same through `rootlessport/examples/engine.rs` with `--userns`: the example's
+//! whole flow, rootless.
+//!
 //! `cargo xtask itest` runs these as an unprivileged user (a test user it creates when
 //! it runs as root, else the current user); [`require_rootless`] refuses any other run.
 
@@ -266,4 +269,123 @@ fn rootless_without_the_user_namespace_fails_with_a_clear_error() {
         "{err}"
     );
     assert_eq!(entries(tmp.path()), [] as [String; 0]);
+}
+
+/// `rootlessport/examples/engine.rs` (built beside the helper by `cargo xtask itest`).
+fn engine_example_bin() -> std::path::PathBuf {
+    let bin = rootlessport_bin().parent().unwrap().join("examples/engine");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo build -p rootlessport --examples",
+        bin.display()
+    );
+    bin
+}
+
+/// The next stdout line of the example starting with `prefix`, within 20 s.
+fn line_from(lines: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no line {prefix:?} from the example"));
+        println!("engine: {line}");
+        if line.starts_with(prefix) {
+            return line;
+        }
+    }
+}
+
+#[test]
+#[ignore = "itest: runs as an unprivileged user (cargo xtask itest)"]
+fn rootless_engine_example_publishes_reloads_and_leaves_nothing() {
+    require_rootless();
+    let engine = EngineNamespaces::start(80, 53);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut example = Command::new(engine_example_bin())
+        .arg(engine.ns("net"))
+        .arg(tmp.path())
+        .args(["rootless-example", "--userns", &engine.ns("user")])
+        .args(["-p", "127.0.0.1:28912:80", "-p", "127.0.0.1:28913:53/udp"])
+        .args(["--reload-to", "10.0.3.200"])
+        .env("ROOTLESSPORT_BIN", rootlessport_bin())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed if the test fails (its helpers follow their exit pipes).
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = example.stdout.take().unwrap();
+    let mut stdin = example.stdin.take().unwrap();
+    let mut example = Kill(example);
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let pid = |line: String| -> u32 {
+        line.split("pid ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap()
+    };
+    let slirp_pid = pid(line_from(&lines, "slirp4netns: pid "));
+    let helper_pid = pid(line_from(&lines, "rootlessport: pid "));
+    assert!(
+        same_namespace(&format!("/proc/{helper_pid}/ns/user"), &engine.ns("user")),
+        "rootlessport runs in the engine's user namespace"
+    );
+    assert_eq!(line_from(&lines, "guest "), "guest 10.0.2.100");
+    line_from(&lines, "ready: ");
+
+    // From the host's loopback the container sees its own address.
+    let tcp = fetch_tcp(28912);
+    assert!(tcp.starts_with("tcp 80 from 10.0.2.100:"), "{tcp}");
+    let udp = ask_udp(28913);
+    assert!(
+        udp.starts_with("udp 53 from ") && udp.ends_with(": hi"),
+        "{udp}"
+    );
+
+    // The reload: the container gets a new address (a subnet of its own, so that it is
+    // also the source the server sees), new connections go there.
+    let out = Command::new("nsenter")
+        .args(["--target", &engine.pid().to_string()])
+        .args(["--user", "--net", "--preserve-credentials"])
+        .args(["ip", "addr", "add", "10.0.3.200/24", "dev", "tap0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    stdin.write_all(b"\n").unwrap();
+    assert_eq!(line_from(&lines, "reload to "), "reload to 10.0.3.200: OK");
+    line_from(&lines, "ready: ");
+    let tcp = fetch_tcp(28912);
+    assert!(tcp.starts_with("tcp 80 from 10.0.3.200:"), "{tcp}");
+
+    // The end of its input ends it.
+    drop(stdin);
+    assert_eq!(line_from(&lines, "torn down"), "torn down");
+    let status = example.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!process_exists(slirp_pid), "slirp4netns left");
+    assert!(!process_exists(helper_pid), "rootlessport left");
+    assert!(
+        TcpListener::bind("127.0.0.1:28912").is_ok() && UdpSocket::bind("127.0.0.1:28913").is_ok(),
+        "a published port is still held"
+    );
+    // Logs unlinked, the reload socket and the rp/ the helper made removed.
+    assert_eq!(
+        entries(tmp.path()),
+        [] as [String; 0],
+        "left in the tmp dir"
+    );
 }

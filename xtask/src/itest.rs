@@ -230,13 +230,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
         &mut tally,
     )?;
 
-    // The namespaced tests drive the real binaries.
+    // The namespaced tests drive the real binaries, and the examples (`engine`).
     let status = cargo()
-        .args(["build", "--workspace", "--bins", "--exclude", "xtask"])
+        .args([
+            "build",
+            "--workspace",
+            "--bins",
+            "--examples",
+            "--exclude",
+            "xtask",
+        ])
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
-        return Err("building the workspace binaries failed".into());
+        return Err("building the workspace binaries and examples failed".into());
     }
     let bins = namespaced_binaries()?;
     let unshare = sys::find_in_path("unshare").ok_or("unshare not found")?;
