@@ -1,9 +1,9 @@
 //! The slirp4netns command line, in podman's order.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::{Error, SlirpFeatures, SlirpOptions};
+use crate::{Error, Netns, SlirpFeatures, SlirpOptions};
 
 /// The option arguments for `opts` on a binary with `features`, in podman's order, up to
 /// and including `--outbound-addr6` (see [`build_command_args`] for the whole line).
@@ -63,15 +63,6 @@ pub fn uses_sandbox(opts: &SlirpOptions, features: &SlirpFeatures) -> bool {
     !opts.no_pivot_root && features.has_enable_sandbox
 }
 
-/// How slirp4netns is told which network namespace to serve.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetnsTarget {
-    /// `--netns-type=path PATH` (slirp4netns 1.0 and later).
-    Path(PathBuf),
-    /// `PID`: a process whose network namespace is the one to serve.
-    Pid(u32),
-}
-
 /// The fds the child gets, as podman hands them over.
 pub const EXIT_FD: i32 = 3;
 /// See [`EXIT_FD`].
@@ -84,13 +75,13 @@ pub const TAP_NAME: &str = "tap0";
 /// caller without privilege over the netns joins its owning user namespace), then the
 /// namespace and `tap0`.
 ///
-/// A [`NetnsTarget::Path`] needs `--netns-type`; on older binaries the caller must
+/// A [`Netns::Path`] needs `--netns-type`; on older binaries the caller must
 /// name a PID instead.
 pub fn build_command_args(
     opts: &SlirpOptions,
     features: &SlirpFeatures,
     api_socket: Option<&Path>,
-    target: &NetnsTarget,
+    target: &Netns,
     userns: Option<&Path>,
 ) -> Result<Vec<OsString>, Error> {
     let mut args: Vec<OsString> = build_args(opts, features)?
@@ -111,14 +102,14 @@ pub fn build_command_args(
         args.push(arg);
     }
     match target {
-        NetnsTarget::Path(path) => {
+        Netns::Path(path) => {
             if !features.has_netns_type {
                 return Err(Error::NetnsTypeNotSupported);
             }
             args.push("--netns-type=path".into());
             args.push(path.into());
         }
-        NetnsTarget::Pid(pid) => args.push(pid.to_string().into()),
+        Netns::Pid(pid) => args.push(pid.to_string().into()),
     }
     args.push(TAP_NAME.into());
     Ok(args)
@@ -279,7 +270,7 @@ mod tests {
             &o,
             &f,
             Some(Path::new("/run/user/1000/slirp.sock")),
-            &NetnsTarget::Path("/run/netns/x".into()),
+            &Netns::Path("/run/netns/x".into()),
             None,
         )
         .unwrap();
@@ -304,27 +295,26 @@ mod tests {
         assert_eq!(a, want);
 
         let f = SlirpFeatures::from_help(HELP_030);
-        let a = build_command_args(&o, &f, None, &NetnsTarget::Pid(4242), None).unwrap();
+        let a = build_command_args(&o, &f, None, &Netns::Pid(4242), None).unwrap();
         let want: Vec<OsString> = ["--mtu=65520", "-c", "-e", "3", "-r", "4", "4242", "tap0"]
             .iter()
             .map(OsString::from)
             .collect();
         assert_eq!(a, want);
-        let e =
-            build_command_args(&o, &f, None, &NetnsTarget::Path("/x".into()), None).unwrap_err();
+        let e = build_command_args(&o, &f, None, &Netns::Path("/x".into()), None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "netns-type=path not supported: this slirp4netns needs a PID"
         );
-        let e = build_command_args(&o, &f, None, &NetnsTarget::Pid(1), Some(Path::new("/u")))
-            .unwrap_err();
+        let e =
+            build_command_args(&o, &f, None, &Netns::Pid(1), Some(Path::new("/u"))).unwrap_err();
         assert_eq!(e.to_string(), "userns-path not supported");
         let f = SlirpFeatures::from_help(HELP_120);
         let a = build_command_args(
             &o,
             &f,
             None,
-            &NetnsTarget::Path("/proc/7/ns/net".into()),
+            &Netns::Path("/proc/7/ns/net".into()),
             Some(Path::new("/proc/7/ns/user")),
         )
         .unwrap();

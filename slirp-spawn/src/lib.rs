@@ -35,6 +35,6 @@ pub mod reaper;
 mod slirp;
 
 pub use error::Error;
-pub use netns::{in_netns, DadGuard, Netns, NetnsHolder};
+pub use netns::{in_netns, open_netns, DadGuard, Netns, NetnsHolder};
 pub use process::DEFAULT_READY_TIMEOUT;
 pub use slirp::{Slirp4netns, SlirpSpec, STOP_GRACE};

@@ -10,31 +10,26 @@ use std::process::Child;
 
 use nix::sched::CloneFlags;
 
-/// A network namespace, by bind-mount path (`/run/netns/X`, `/proc/PID/ns/net`) or by
-/// the PID of a process inside it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Netns {
-    Path(PathBuf),
-    Pid(u32),
+pub use slirp_config::Netns;
+
+/// Open the network namespace `ns` (its [`Netns::path`]) and check that the file is one.
+///
+/// ```no_run
+/// use slirp_spawn::{open_netns, Netns};
+/// let fd = open_netns(&Netns::Path("/run/netns/ctr1".into()))?;
+/// # let _ = fd;
+/// # Ok::<(), slirp_spawn::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`crate::Error::OpenNetns`] when the file cannot be opened, or is not a network
+/// namespace (`InvalidInput`: "not a network namespace").
+pub fn open_netns(ns: &Netns) -> Result<OwnedFd, crate::Error> {
+    open_netns_path(&ns.path())
 }
 
-impl Netns {
-    /// A path that opens this namespace.
-    pub fn path(&self) -> PathBuf {
-        match self {
-            Netns::Path(p) => p.clone(),
-            Netns::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-        }
-    }
-
-    /// Open the namespace, checking that it is one.
-    pub fn open(&self) -> Result<OwnedFd, crate::Error> {
-        let path = self.path();
-        open_netns(&path)
-    }
-}
-
-fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
+fn open_netns_path(path: &Path) -> Result<OwnedFd, crate::Error> {
     let err = |source: io::Error| crate::Error::OpenNetns {
         path: path.to_owned(),
         source,
@@ -65,10 +60,10 @@ fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
 /// (a process, a bind mount, an open fd).
 ///
 /// ```no_run
-/// use slirp_spawn::{in_netns, NetnsHolder};
+/// use slirp_spawn::{in_netns, open_netns, NetnsHolder};
 /// let ns = NetnsHolder::new()?;                 // needs CAP_SYS_ADMIN (root, or a user namespace)
 /// println!("{}", ns.path().display());          // /proc/PID/ns/net
-/// let fd = ns.netns().open()?;
+/// let fd = open_netns(&ns.netns())?;
 /// let listener = in_netns(&fd, || std::net::TcpListener::bind("127.0.0.1:0"))??;
 /// # let _ = listener;
 /// # Ok::<(), Box<dyn std::error::Error>>(())

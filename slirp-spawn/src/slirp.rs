@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use netaddr::Ipv4Net;
 use slirp_config::{
     build_command_args, check_container_id, check_slirp_flags, find_binary, uses_sandbox,
-    NetnsTarget, SlirpFeatures, SlirpOptions, EXIT_FD, READY_FD,
+    SlirpFeatures, SlirpOptions, EXIT_FD, READY_FD,
 };
 
-use crate::netns::{DadGuard, Netns, NetnsHolder};
+use crate::netns::{open_netns, DadGuard, Netns, NetnsHolder};
 use crate::process::{Helper, HelperCommand, LogFile, NotReady, DEFAULT_READY_TIMEOUT};
 use crate::Error;
 /// How long [`Slirp4netns::stop`] waits for the helper after closing its exit pipe,
@@ -156,7 +156,7 @@ impl Slirp4netns {
             }
             remove_stale_socket(sock)?;
         }
-        let ns = spec.netns.open()?;
+        let ns = open_netns(&spec.netns)?;
         let userns = match &spec.userns {
             Some(path) => Some(open_userns(path)?),
             None => None,
@@ -165,7 +165,7 @@ impl Slirp4netns {
         // takes a PID.
         let mut _holder = None;
         let target = match &spec.netns {
-            Netns::Path(p) if features.has_netns_type => NetnsTarget::Path(p.clone()),
+            Netns::Path(_) if features.has_netns_type => spec.netns.clone(),
             Netns::Path(_) => {
                 let holder =
                     NetnsHolder::join(&ns, userns.as_ref()).map_err(|source| Error::Spawn {
@@ -174,9 +174,9 @@ impl Slirp4netns {
                     })?;
                 let pid = holder.pid();
                 _holder = Some(holder);
-                NetnsTarget::Pid(pid)
+                Netns::Pid(pid)
             }
-            Netns::Pid(pid) => NetnsTarget::Pid(*pid),
+            Netns::Pid(_) => spec.netns.clone(),
         };
         let args = build_command_args(
             opts,
