@@ -14,6 +14,17 @@ use crate::{Error, Netns, SlirpFeatures, SlirpOptions};
 /// let args = build_args(&SlirpOptions::default(), &f).unwrap();
 /// assert_eq!(args, ["--disable-host-loopback", "--mtu=65520", "--enable-ipv6"]);
 /// ```
+///
+/// podman's `createBasicSlirp4netnsCmdArgs` (`libpod/networking_slirp4netns.go`): an
+/// option the binary lacks is left out when it is only an improvement (sandbox,
+/// seccomp, MTU, host loopback) and refused when the user asked for it.
+///
+/// # Errors
+///
+/// [`Error::CidrNotSupported`], [`Error::EnableIpv6NotSupported`],
+/// [`Error::OutboundAddrNotSupported`], [`Error::OutboundAddr6NotSupported`] for a
+/// requested option the binary lacks; [`Error::OutboundAddr6NeedsIpv6`] for
+/// `outbound_addr6` with IPv6 off.
 pub fn build_args(opts: &SlirpOptions, features: &SlirpFeatures) -> Result<Vec<String>, Error> {
     let mut args = Vec::new();
     if opts.disable_host_loopback && features.has_disable_host_loopback {
@@ -58,14 +69,19 @@ pub fn build_args(opts: &SlirpOptions, features: &SlirpFeatures) -> Result<Vec<S
     Ok(args)
 }
 
-/// Whether the binary runs with `--enable-sandbox`, and so needs its own mount namespace.
+/// Whether the binary runs with `--enable-sandbox`, and so needs its own mount namespace
+/// (podman starts it in a new one then, as slirp4netns's sandbox pivots the root of the
+/// mount namespace it is in).
 pub fn uses_sandbox(opts: &SlirpOptions, features: &SlirpFeatures) -> bool {
     !opts.no_pivot_root && features.has_enable_sandbox
 }
 
-/// The fds the child gets, as podman hands them over.
+/// The fd slirp4netns gets the exit pipe's read end on (`-e 3`): it exits when the pipe
+/// reaches end of file, i.e. when every write end (the engine's, the container
+/// monitor's) is closed. podman hands the fds over in this order.
 pub const EXIT_FD: i32 = 3;
-/// See [`EXIT_FD`].
+/// The fd slirp4netns gets the ready pipe's write end on (`-r 4`): it writes to it once
+/// `tap0` is configured, and closes it.
 pub const READY_FD: i32 = 4;
 /// The tap device slirp4netns creates in the namespace.
 pub const TAP_NAME: &str = "tap0";
@@ -76,7 +92,13 @@ pub const TAP_NAME: &str = "tap0";
 /// namespace and `tap0`.
 ///
 /// A [`Netns::Path`] needs `--netns-type`; on older binaries the caller must
-/// name a PID instead.
+/// name a PID instead. The order is podman's `setupSlirp4netns`.
+///
+/// # Errors
+///
+/// As [`build_args`]; [`Error::UsernsPathNotSupported`] for `userns` on a binary
+/// without `--userns-path`, [`Error::NetnsTypeNotSupported`] for a [`Netns::Path`] on
+/// one without `--netns-type`.
 pub fn build_command_args(
     opts: &SlirpOptions,
     features: &SlirpFeatures,

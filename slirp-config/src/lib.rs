@@ -30,6 +30,9 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs, clippy::missing_errors_doc)]
+
 /// The README's example, compiled (and run unless `no_run`) as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 ///
 /// On the slirp4netns command line ([`build_command_args`](crate::build_command_args)),
 /// as podman's `libpod/networking_slirp4netns.go` writes it: [`Netns::Path`] becomes
-/// `--netns-type=path PATH` (slirp4netns 1.0 and later), [`Netns::Pid`] the bare PID.
+/// `--netns-type=path PATH` (slirp4netns 0.4 and later), [`Netns::Pid`] the bare PID.
 ///
 /// ```
 /// use slirp_config::Netns;
@@ -24,7 +24,7 @@ pub enum Netns {
     /// `/proc/PID/ns/net`.
     Path(PathBuf),
     /// The PID of a process whose network namespace is meant (slirp4netns's PID mode,
-    /// the only one before 1.0).
+    /// the only one before 0.4).
     Pid(u32),
 }
 
