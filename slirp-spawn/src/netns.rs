@@ -1,11 +1,11 @@
-//! Network namespaces: naming one, holding one with a process, and running code inside
-//! it on a throwaway thread.
+//! Network namespaces: opening one (named by [`Netns`], slirp-config's type), holding
+//! one with a process, and running code inside it on a throwaway thread.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Child;
 
 use nix::sched::CloneFlags;
@@ -26,15 +26,12 @@ pub use slirp_config::Netns;
 /// [`crate::Error::OpenNetns`] when the file cannot be opened, or is not a network
 /// namespace (`InvalidInput`: "not a network namespace").
 pub fn open_netns(ns: &Netns) -> Result<OwnedFd, crate::Error> {
-    open_netns_path(&ns.path())
-}
-
-fn open_netns_path(path: &Path) -> Result<OwnedFd, crate::Error> {
+    let path = ns.path();
     let err = |source: io::Error| crate::Error::OpenNetns {
-        path: path.to_owned(),
+        path: path.clone(),
         source,
     };
-    let fd = OwnedFd::from(File::open(path).map_err(err)?);
+    let fd = OwnedFd::from(File::open(&path).map_err(err)?);
     // NS_GET_NSTYPE tells a namespace file from anything else. (Not /proc/self/fd's
     // `net:[INODE]`: a netns bind-mounted at /run/netns/X, podman's, reads as that path.)
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
@@ -51,7 +48,7 @@ fn open_netns_path(path: &Path) -> Result<OwnedFd, crate::Error> {
 
 /// A process that holds a network namespace and names it by its PID: a fresh namespace
 /// ([`NetnsHolder::new`]: a test's or a tool's container), or an existing one given by fd
-/// ([`NetnsHolder::join`]: for slirp4netns before 1.0, which takes only a PID).
+/// ([`NetnsHolder::join`]: for slirp4netns before 0.4, which takes only a PID).
 ///
 /// The process is `sleep infinity` (from `PATH`) in a process group of its own, with
 /// nothing but stdio on `/dev/null`; it is in its namespace before
@@ -117,7 +114,7 @@ impl NetnsHolder {
         Netns::Pid(self.pid()).path()
     }
 
-    /// The namespace by that path ([`NetnsHolder::path`]), as every slirp4netns from 1.0
+    /// The namespace by that path ([`NetnsHolder::path`]), as every slirp4netns from 0.4
     /// and rootlessport take it.
     pub fn netns(&self) -> Netns {
         Netns::Path(self.path())
@@ -133,7 +130,14 @@ impl NetnsHolder {
 }
 
 /// Run `f` on a new thread that has entered the namespace `ns`; the thread ends with
-/// `f`, so nothing else ever runs in that namespace by accident.
+/// `f`, so nothing else ever runs in that namespace by accident. Sockets `f` creates
+/// belong to `ns` for good, whichever thread uses them later.
+///
+/// # Errors
+///
+/// Duplicating `ns` or starting the thread failed, `setns` was refused (`EPERM`
+/// without `CAP_SYS_ADMIN` over the namespace's owning user namespace), or `f`
+/// panicked (`Other`).
 pub fn in_netns<T, F>(ns: &OwnedFd, f: F) -> io::Result<T>
 where
     T: Send + 'static,
