@@ -28,10 +28,12 @@ pub enum Error {
     /// `enable_ipv6=` other than `true` or `false`.
     #[error("invalid value of enable_ipv6 for slirp4netns: {}", go_quote(.0))]
     InvalidEnableIpv6(String),
-    /// `outbound_addr=` that is neither an IPv4 address nor an interface of this host.
+    /// `outbound_addr=` that is neither an IPv4 address nor an interface in the
+    /// caller's network namespace.
     #[error("invalid outbound_addr {}", go_quote(.0))]
     InvalidOutboundAddr(String),
-    /// `outbound_addr6=` that is neither an IPv6 address nor an interface of this host.
+    /// `outbound_addr6=` that is neither an IPv6 address nor an interface in the
+    /// caller's network namespace.
     #[error("invalid outbound_addr6: {}", go_quote(.0))]
     InvalidOutboundAddr6(String),
     /// `mtu=` that is not a number from [`MIN_MTU`](crate::MIN_MTU) to
