@@ -7,12 +7,18 @@
 //! at `fd00::3`; the guest picks its own address by SLAAC.
 //!
 //! The error texts are podman's, word for word, because engines show them to users.
+//! The functions mirror `GetSlirp4netnsIP`, `GetSlirp4netnsGateway`,
+//! `GetSlirp4netnsDNS` and `addToIP` of podman 4.x's `libpod/networking_slirp4netns.go`;
+//! the addresses themselves are the ones slirp4netns's manual page lists.
 //!
 //! ```
 //! let subnet: netaddr::Ipv4Net = "10.5.0.0/16".parse().unwrap();
 //! assert_eq!(netaddr::slirp4netns_ip(Some(&subnet)).unwrap().to_string(), "10.5.0.100");
 //! assert_eq!(netaddr::slirp4netns_gateway(None).unwrap().to_string(), "10.0.2.2");
 //! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, clippy::missing_errors_doc)]
 
 /// The README's example, compiled (and run unless `no_run`) as a doctest.
 #[cfg(doctest)]
@@ -35,10 +41,20 @@ pub const GUEST_OFFSET: u32 = 100;
 pub enum Error {
     /// The network address plus the offset does not fit in 32 bits.
     #[error("integer overflow while calculating ip address offset, {network} + {offset}")]
-    Overflow { network: Ipv4Addr, offset: u32 },
+    Overflow {
+        /// The subnet's network address (host bits cleared).
+        network: Ipv4Addr,
+        /// The offset that was added to it.
+        offset: u32,
+    },
     /// The computed address falls outside the subnet (the subnet is too small).
     #[error("calculated ip address {addr} is not within given subnet {subnet}")]
-    NotInSubnet { addr: Ipv4Addr, subnet: Ipv4Net },
+    NotInSubnet {
+        /// The address computed: network address plus offset.
+        addr: Ipv4Addr,
+        /// The subnet, with its host bits cleared.
+        subnet: Ipv4Net,
+    },
 }
 
 /// slirp4netns's default network, `10.0.2.0/24`.
@@ -50,7 +66,18 @@ pub fn default_subnet() -> Ipv4Net {
 ///
 /// Host bits of `subnet` are ignored: `10.0.2.77/24` counts from `10.0.2.0`.
 /// The result must lie inside the subnet (network and broadcast addresses included,
-/// as podman checks with `Contains`).
+/// as podman checks with `Contains`). podman's `addToIP`.
+///
+/// ```
+/// let subnet: netaddr::Ipv4Net = "10.0.2.77/24".parse().unwrap();
+/// assert_eq!(netaddr::add_to_ip(&subnet, 3).unwrap().to_string(), "10.0.2.3");
+/// assert!(netaddr::add_to_ip(&subnet, 256).is_err());
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Overflow`] when the sum passes `255.255.255.255`, [`Error::NotInSubnet`]
+/// when it leaves the subnet.
 pub fn add_to_ip(subnet: &Ipv4Net, offset: u32) -> Result<Ipv4Addr, Error> {
     let subnet = subnet.trunc();
     let network = subnet.network();
@@ -72,17 +99,34 @@ fn offset_in(subnet: Option<&Ipv4Net>, offset: u32) -> Result<Ipv4Addr, Error> {
     }
 }
 
-/// The guest (container) address: network + 100. `None` means [`default_subnet`].
+/// The guest (container) address: network + 100, the address slirp4netns gives `tap0`
+/// (`10.0.2.100` by default). `None` means [`default_subnet`]. podman's
+/// `GetSlirp4netnsIP`.
+///
+/// # Errors
+///
+/// As [`add_to_ip`]: a subnet too small to hold offset 100 (a `/26` or longer).
 pub fn slirp4netns_ip(subnet: Option<&Ipv4Net>) -> Result<Ipv4Addr, Error> {
     offset_in(subnet, GUEST_OFFSET)
 }
 
-/// The gateway address: network + 2. `None` means [`default_subnet`].
+/// The gateway address: network + 2, where the container reaches the host side
+/// (`10.0.2.2` by default). `None` means [`default_subnet`]. podman's
+/// `GetSlirp4netnsGateway`.
+///
+/// # Errors
+///
+/// As [`add_to_ip`]: a subnet too small to hold offset 2 (a `/31` or `/32`).
 pub fn slirp4netns_gateway(subnet: Option<&Ipv4Net>) -> Result<Ipv4Addr, Error> {
     offset_in(subnet, GATEWAY_OFFSET)
 }
 
-/// The DNS forwarder address: network + 3. `None` means [`default_subnet`].
+/// The DNS forwarder address: network + 3 (`10.0.2.3` by default). `None` means
+/// [`default_subnet`]. podman's `GetSlirp4netnsDNS`.
+///
+/// # Errors
+///
+/// As [`add_to_ip`]: a subnet too small to hold offset 3 (a `/31` or `/32`).
 pub fn slirp4netns_dns(subnet: Option<&Ipv4Net>) -> Result<Ipv4Addr, Error> {
     offset_in(subnet, DNS_OFFSET)
 }

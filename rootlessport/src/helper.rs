@@ -97,15 +97,15 @@ impl Helper {
     pub fn bind(config: &Config, exit_fd: OwnedFd, options: &Options) -> Result<Helper, Error> {
         let specs = plan_ports(&config.mappings)?;
         let child_ip = parse_child_ip(&config.child_ip)?;
-        let netns = slirp_spawn::Netns::Path(config.netns_path.clone().into())
-            .open()
-            .map_err(|e| Error::Netns {
-                path: config.netns_path.clone(),
-                source: match e {
-                    slirp_spawn::Error::OpenNetns { source, .. } => source,
-                    other => std::io::Error::other(other),
-                },
-            })?;
+        let netns =
+            slirp_spawn::open_netns(&slirp_spawn::Netns::Path(config.netns_path.clone().into()))
+                .map_err(|e| Error::Netns {
+                    path: config.netns_path.clone(),
+                    source: match e {
+                        slirp_spawn::Error::OpenNetns { source, .. } => source,
+                        other => std::io::Error::other(other),
+                    },
+                })?;
         let bound = bind_all(&specs)?;
         let reload = if config.rootless_cni {
             let tmp_dir = Path::new(&config.tmp_dir);

@@ -17,7 +17,8 @@ use crate::config::{q, Config};
 /// one default of every helper, slirp-spawn's.
 pub use slirp_spawn::process::DEFAULT_READY_TIMEOUT;
 
-/// Errors of starting the helper, in podman's words.
+/// Errors of starting the helper, in podman's words (its
+/// `setupRootlessPortMappingViaRLK` and `waitForSync`).
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     /// The helper said what was wrong (its stdout line, an [`crate::Error`]'s text).
@@ -181,12 +182,23 @@ impl RootlessPort {
         self.helper.pidfd()
     }
 
-    /// Wait up to `timeout` for the helper to exit (after its exit fd closed).
+    /// Wait up to `timeout` for the helper to exit (after its exit fd closed), and reap
+    /// it: its status, or `None` if it still runs.
+    ///
+    /// # Errors
+    ///
+    /// `poll` or `waitpid` failing.
     pub fn wait_timeout(&mut self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
         self.helper.wait_timeout(timeout)
     }
 
-    /// SIGTERM, then SIGKILL after `grace`; always reaps.
+    /// SIGTERM, then SIGKILL after `grace`; always reaps. Its status (that of its own
+    /// exit when it had exited already).
+    ///
+    /// # Errors
+    ///
+    /// Signalling or waiting failing; the helper is still killed and reaped when the
+    /// handle drops.
     pub fn stop(mut self, grace: Duration) -> io::Result<ExitStatus> {
         if let Some(s) = self.helper.try_wait()? {
             return Ok(s);

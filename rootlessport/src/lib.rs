@@ -31,7 +31,7 @@
 //! # drop(exit_w); Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
+#![warn(missing_docs, clippy::missing_errors_doc)]
 
 pub mod child_ip;
 mod config;

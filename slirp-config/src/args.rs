@@ -1,9 +1,9 @@
 //! The slirp4netns command line, in podman's order.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::{Error, SlirpFeatures, SlirpOptions};
+use crate::{Error, Netns, SlirpFeatures, SlirpOptions};
 
 /// The option arguments for `opts` on a binary with `features`, in podman's order, up to
 /// and including `--outbound-addr6` (see [`build_command_args`] for the whole line).
@@ -14,6 +14,17 @@ use crate::{Error, SlirpFeatures, SlirpOptions};
 /// let args = build_args(&SlirpOptions::default(), &f).unwrap();
 /// assert_eq!(args, ["--disable-host-loopback", "--mtu=65520", "--enable-ipv6"]);
 /// ```
+///
+/// podman's `createBasicSlirp4netnsCmdArgs` (`libpod/networking_slirp4netns.go`): an
+/// option the binary lacks is left out when it is only an improvement (sandbox,
+/// seccomp, MTU, host loopback) and refused when the user asked for it.
+///
+/// # Errors
+///
+/// [`Error::CidrNotSupported`], [`Error::EnableIpv6NotSupported`],
+/// [`Error::OutboundAddrNotSupported`], [`Error::OutboundAddr6NotSupported`] for a
+/// requested option the binary lacks; [`Error::OutboundAddr6NeedsIpv6`] for
+/// `outbound_addr6` with IPv6 off.
 pub fn build_args(opts: &SlirpOptions, features: &SlirpFeatures) -> Result<Vec<String>, Error> {
     let mut args = Vec::new();
     if opts.disable_host_loopback && features.has_disable_host_loopback {
@@ -58,23 +69,19 @@ pub fn build_args(opts: &SlirpOptions, features: &SlirpFeatures) -> Result<Vec<S
     Ok(args)
 }
 
-/// Whether the binary runs with `--enable-sandbox`, and so needs its own mount namespace.
+/// Whether the binary runs with `--enable-sandbox`, and so needs its own mount namespace
+/// (podman starts it in a new one then, as slirp4netns's sandbox pivots the root of the
+/// mount namespace it is in).
 pub fn uses_sandbox(opts: &SlirpOptions, features: &SlirpFeatures) -> bool {
     !opts.no_pivot_root && features.has_enable_sandbox
 }
 
-/// How slirp4netns is told which network namespace to serve.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NetnsTarget {
-    /// `--netns-type=path PATH` (slirp4netns 1.0 and later).
-    Path(PathBuf),
-    /// `PID`: a process whose network namespace is the one to serve.
-    Pid(u32),
-}
-
-/// The fds the child gets, as podman hands them over.
+/// The fd slirp4netns gets the exit pipe's read end on (`-e 3`): it exits when the pipe
+/// reaches end of file, i.e. when every write end (the engine's, the container
+/// monitor's) is closed. podman hands the fds over in this order.
 pub const EXIT_FD: i32 = 3;
-/// See [`EXIT_FD`].
+/// The fd slirp4netns gets the ready pipe's write end on (`-r 4`): it writes to it once
+/// `tap0` is configured, and closes it.
 pub const READY_FD: i32 = 4;
 /// The tap device slirp4netns creates in the namespace.
 pub const TAP_NAME: &str = "tap0";
@@ -84,13 +91,19 @@ pub const TAP_NAME: &str = "tap0";
 /// caller without privilege over the netns joins its owning user namespace), then the
 /// namespace and `tap0`.
 ///
-/// A [`NetnsTarget::Path`] needs `--netns-type`; on older binaries the caller must
-/// name a PID instead.
+/// A [`Netns::Path`] needs `--netns-type`; on older binaries the caller must
+/// name a PID instead. The order is podman's `setupSlirp4netns`.
+///
+/// # Errors
+///
+/// As [`build_args`]; [`Error::UsernsPathNotSupported`] for `userns` on a binary
+/// without `--userns-path`, [`Error::NetnsTypeNotSupported`] for a [`Netns::Path`] on
+/// one without `--netns-type`.
 pub fn build_command_args(
     opts: &SlirpOptions,
     features: &SlirpFeatures,
     api_socket: Option<&Path>,
-    target: &NetnsTarget,
+    target: &Netns,
     userns: Option<&Path>,
 ) -> Result<Vec<OsString>, Error> {
     let mut args: Vec<OsString> = build_args(opts, features)?
@@ -111,14 +124,14 @@ pub fn build_command_args(
         args.push(arg);
     }
     match target {
-        NetnsTarget::Path(path) => {
+        Netns::Path(path) => {
             if !features.has_netns_type {
                 return Err(Error::NetnsTypeNotSupported);
             }
             args.push("--netns-type=path".into());
             args.push(path.into());
         }
-        NetnsTarget::Pid(pid) => args.push(pid.to_string().into()),
+        Netns::Pid(pid) => args.push(pid.to_string().into()),
     }
     args.push(TAP_NAME.into());
     Ok(args)
@@ -279,7 +292,7 @@ mod tests {
             &o,
             &f,
             Some(Path::new("/run/user/1000/slirp.sock")),
-            &NetnsTarget::Path("/run/netns/x".into()),
+            &Netns::Path("/run/netns/x".into()),
             None,
         )
         .unwrap();
@@ -304,27 +317,26 @@ mod tests {
         assert_eq!(a, want);
 
         let f = SlirpFeatures::from_help(HELP_030);
-        let a = build_command_args(&o, &f, None, &NetnsTarget::Pid(4242), None).unwrap();
+        let a = build_command_args(&o, &f, None, &Netns::Pid(4242), None).unwrap();
         let want: Vec<OsString> = ["--mtu=65520", "-c", "-e", "3", "-r", "4", "4242", "tap0"]
             .iter()
             .map(OsString::from)
             .collect();
         assert_eq!(a, want);
-        let e =
-            build_command_args(&o, &f, None, &NetnsTarget::Path("/x".into()), None).unwrap_err();
+        let e = build_command_args(&o, &f, None, &Netns::Path("/x".into()), None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "netns-type=path not supported: this slirp4netns needs a PID"
         );
-        let e = build_command_args(&o, &f, None, &NetnsTarget::Pid(1), Some(Path::new("/u")))
-            .unwrap_err();
+        let e =
+            build_command_args(&o, &f, None, &Netns::Pid(1), Some(Path::new("/u"))).unwrap_err();
         assert_eq!(e.to_string(), "userns-path not supported");
         let f = SlirpFeatures::from_help(HELP_120);
         let a = build_command_args(
             &o,
             &f,
             None,
-            &NetnsTarget::Path("/proc/7/ns/net".into()),
+            &Netns::Path("/proc/7/ns/net".into()),
             Some(Path::new("/proc/7/ns/user")),
         )
         .unwrap();

@@ -11,10 +11,13 @@ pub const MAX_CONTAINER_ID_LEN: usize = 200;
 /// id "ID": `.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BadContainerId {
+    /// The empty string.
     #[error("it is empty")]
     Empty,
+    /// A `/` anywhere: it would name a path.
     #[error("it contains '/'")]
     Slash,
+    /// A NUL byte anywhere: no file name can hold one.
     #[error("it contains a NUL byte")]
     Nul,
     /// `.` or `..`.

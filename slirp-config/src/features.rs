@@ -16,19 +16,28 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Probe output beyond this is not kept (a real help text is under 2 KiB).
 const PROBE_OUTPUT_LIMIT: u64 = 64 * 1024;
 
-/// Options a slirp4netns binary advertises in its `--help`.
+/// Options a slirp4netns binary advertises in its `--help`: podman's `slirpFeatures`
+/// (`libpod/networking_slirp4netns.go`), plus the options podman does not probe for.
+/// The [`Default`] has none of them. Versions below are slirp4netns's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SlirpFeatures {
+    /// `--disable-host-loopback`: the guest can be kept off the host's 127.0.0.1.
     pub has_disable_host_loopback: bool,
+    /// `--mtu`.
     pub has_mtu: bool,
+    /// `--enable-sandbox`: slirp4netns pivots into a mount namespace of its own (0.4+).
     pub has_enable_sandbox: bool,
+    /// `--enable-seccomp` (0.4+).
     pub has_enable_seccomp: bool,
+    /// `--cidr`: a network other than `10.0.2.0/24`.
     pub has_cidr: bool,
+    /// `--outbound-addr` (and `--outbound-addr6`, 1.1+).
     pub has_outbound_addr: bool,
+    /// `--enable-ipv6`.
     pub has_ipv6: bool,
-    /// `--netns-type=path`: the netns can be named by path instead of a PID (1.0+).
+    /// `--netns-type=path`: the netns can be named by path instead of a PID (0.4+).
     pub has_netns_type: bool,
-    /// `--userns-path` (1.0+).
+    /// `--userns-path` (0.4+).
     pub has_userns_path: bool,
     /// `--disable-dns` (1.1+).
     pub has_disable_dns: bool,
@@ -66,11 +75,13 @@ impl SlirpFeatures {
 pub struct SlirpVersion {
     /// slirp4netns's own version, e.g. `1.2.0`.
     pub version: String,
+    /// The `commit:` line: the git commit it was built from.
     pub commit: Option<String>,
     /// The libslirp it runs on, e.g. `4.7.0`.
     pub libslirp: Option<String>,
     /// The newest `SlirpConfig` version the libslirp build supports.
     pub slirp_config_version_max: Option<u32>,
+    /// The `libseccomp:` line: the libseccomp it was built with.
     pub libseccomp: Option<String>,
 }
 
@@ -122,7 +133,10 @@ impl SlirpVersion {
     }
 }
 
-/// Find `slirp4netns` (or another program name) in `PATH`.
+/// Find `slirp4netns` (or another program name) in `PATH`: the first regular file of
+/// that name with an execute bit, as Go's `exec.LookPath` (podman's lookup) finds it.
+/// A name holding `/` is returned as it is, unchecked; `None` when nothing is found or
+/// `PATH` is unset.
 pub fn find_binary(name: &str) -> Option<PathBuf> {
     if name.contains('/') {
         return Some(PathBuf::from(name));
@@ -141,11 +155,23 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
 ///
 /// The result is cached by path, device, inode, size and modification time, so an
 /// upgraded or replaced binary is probed again. A bare name is looked up in `PATH`.
+/// podman's `checkSlirpFlags` (`libpod/networking_slirp4netns.go`), which probes on
+/// every container start.
+///
+/// # Errors
+///
+/// [`Error::Probe`] when the binary cannot be run, exits with a status other than 0,
+/// or has not finished within [`PROBE_TIMEOUT`] (it is killed then).
 pub fn check_slirp_flags(binary: &Path) -> Result<SlirpFeatures, Error> {
     probe_cached(binary, "--help").map(|out| SlirpFeatures::from_help(&out))
 }
 
 /// Run `BINARY --version` (cached like [`check_slirp_flags`]) and parse it.
+///
+/// # Errors
+///
+/// [`Error::Probe`] as for [`check_slirp_flags`]; [`Error::BadVersion`] when the text
+/// does not start with `slirp4netns version X`.
 pub fn slirp_version(binary: &Path) -> Result<SlirpVersion, Error> {
     let out = probe_cached(binary, "--version")?;
     SlirpVersion::parse(&out).ok_or_else(|| Error::BadVersion {

@@ -30,6 +30,9 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs, clippy::missing_errors_doc)]
+
 /// The README's example, compiled (and run unless `no_run`) as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
@@ -39,20 +42,20 @@ mod args;
 mod container_id;
 mod error;
 mod features;
+mod netns;
 mod network;
 mod options;
 mod port;
 mod publish;
 mod quote;
 
-pub use args::{
-    build_args, build_command_args, uses_sandbox, NetnsTarget, EXIT_FD, READY_FD, TAP_NAME,
-};
+pub use args::{build_args, build_command_args, uses_sandbox, EXIT_FD, READY_FD, TAP_NAME};
 pub use container_id::{check_container_id, BadContainerId, MAX_CONTAINER_ID_LEN};
 pub use error::{Error, ProbeFailure};
 pub use features::{
     check_slirp_flags, find_binary, slirp_version, SlirpFeatures, SlirpVersion, PROBE_TIMEOUT,
 };
+pub use netns::Netns;
 pub use network::parse_network;
 pub use options::{parse_options, SlirpOptions, DEFAULT_MTU, MAX_MTU, MIN_MTU};
 pub use port::{

@@ -12,6 +12,13 @@ use crate::Error;
 /// assert_eq!(opts, ["mtu=1500", "cidr=10.5.0.0/16"]);
 /// assert!(slirp_config::parse_network("slirp4netns:").unwrap().is_empty());
 /// ```
+///
+/// The options are not checked here; podman splits them off its `--network` value the
+/// same way (`pkg/specgen` `ParseNetworkFlag`) before `parse_options` sees them.
+///
+/// # Errors
+///
+/// [`Error::NotSlirpNetwork`] for any other network mode (`bridge`, `pasta`, ...).
 pub fn parse_network(network: &str) -> Result<Vec<String>, Error> {
     match network.split_once(':') {
         None if network == "slirp4netns" => Ok(Vec::new()),

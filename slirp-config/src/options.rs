@@ -69,6 +69,10 @@ impl SlirpOptions {
     }
 
     /// Apply `opts` (each `key=value`) on top of `self`, later keys winning.
+    ///
+    /// # Errors
+    ///
+    /// As [`parse_options`]. The options before the failing one are applied already.
     pub fn apply<I, S>(&mut self, opts: I) -> Result<(), Error>
     where
         I: IntoIterator<Item = S>,
@@ -121,7 +125,10 @@ impl SlirpOptions {
 }
 
 /// Parse podman-style slirp4netns options (engine options first, then the
-/// container's) on top of the defaults.
+/// container's) on top of the defaults ([`SlirpOptions::default`]), as podman's
+/// `parseSlirp4netnsNetworkOptions` (`libpod/networking_slirp4netns.go`) does: each
+/// one `key=value`, the keys `cidr`, `port_handler`, `allow_host_loopback`,
+/// `enable_ipv6`, `outbound_addr`, `outbound_addr6` and `mtu`.
 ///
 /// ```
 /// let o = slirp_config::parse_options(["mtu=1500", "allow_host_loopback=true"]).unwrap();
@@ -130,6 +137,12 @@ impl SlirpOptions {
 /// let e = slirp_config::parse_options(["mtu=big"]).unwrap_err();
 /// assert_eq!(e.to_string(), r#"invalid mtu "big""#);
 /// ```
+///
+/// # Errors
+///
+/// The first option that fails, with podman's text: [`Error::UnknownOption`] for an
+/// item without `=` or with an unknown key, else the `Invalid...` variant of its key
+/// ([`Error::InvalidMtu`], [`Error::InvalidCidr`], ...).
 pub fn parse_options<I, S>(opts: I) -> Result<SlirpOptions, Error>
 where
     I: IntoIterator<Item = S>,

@@ -110,7 +110,9 @@ impl PortMapping {
 /// (`pkg/specgen/generate/ports.go`) lets into a mapping's protocol list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
+    /// `tcp`: the protocol of a mapping whose list is empty.
     Tcp,
+    /// `udp`: forwarded as flows, one per client address and port.
     Udp,
     /// Passed on by podman; neither slirp4netns nor our `rootlessport` forwards it.
     Sctp,
@@ -180,7 +182,9 @@ pub enum Family {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Proto {
+    /// The protocol the name starts with.
     pub protocol: Protocol,
+    /// The family its suffix limits it to ([`Family::Any`] without one).
     pub family: Family,
 }
 
@@ -241,7 +245,9 @@ impl FromStr for Proto {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortRange {
+    /// The first port of the range.
     pub first: u16,
+    /// How many ports, `first` included; 0 counts as 1.
     pub count: u16,
 }
 
@@ -266,7 +272,9 @@ impl fmt::Display for PortRange {
 /// Which end of a forward a port belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PortSide {
+    /// The port the forwarder listens on, on the host side.
     Host,
+    /// The port inside the container the forwarder connects to.
     Container,
 }
 
@@ -306,8 +314,11 @@ pub enum PortError {
     /// `first` and the `count - 1` ports after it go past 65535.
     #[error("{side} port {first} with range {count} goes past 65535")]
     RangePastEnd {
+        /// The end of the forward whose range overflows.
         side: PortSide,
+        /// Its first port.
         first: u16,
+        /// The mapping's `range`.
         count: u16,
     },
 }
@@ -317,11 +328,14 @@ pub enum PortError {
 pub struct PortForward<'a> {
     /// The mapping it comes from, for its texts (`host_ip` as written) in messages.
     pub mapping: &'a PortMapping,
+    /// The protocol, and the family its name limits the forward to.
     pub proto: Proto,
     /// The host address; `None` when `host_ip` is empty (every address). An
     /// IPv4-mapped IPv6 address stays IPv6 here.
     pub host_ip: Option<IpAddr>,
+    /// The host port to listen on, 1 to 65535.
     pub host_port: u16,
+    /// The container port to forward to, 1 to 65535.
     pub container_port: u16,
 }
 

@@ -5,6 +5,12 @@
 //! slirp4netns answers and closes. Replies are read to EOF; both shapes of the list
 //! reply (bare and wrapped in `"return"`) are accepted.
 //!
+//! [`publish_ports`] is podman's `setupRootlessPortMappingViaSlirp`
+//! (`libpod/networking_slirp4netns.go`): wait for the socket, then one `add_hostfwd` per
+//! port; here the mappings are checked first and a failure takes back what was added.
+//! The request and reply shapes are those of slirp4netns's manual (`slirp4netns.1`,
+//! "API socket").
+//!
 //! ```no_run
 //! use std::path::Path;
 //! let sock = Path::new("/run/user/1000/libpod/tmp/ctr1.net");
@@ -15,6 +21,9 @@
 //! slirp_portfwd::remove_hostfwd(sock, id)?;
 //! # Ok::<(), slirp_portfwd::Error>(())
 //! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, clippy::missing_errors_doc)]
 
 /// The README's example, compiled (and run unless `no_run`) as a doctest.
 #[cfg(doctest)]
@@ -34,7 +43,8 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use slirp_config::{go_quote, Family, PortError, PortMapping, PortRange, Proto, Protocol};
 
-/// How long one request may take, sending and answering.
+/// How long one request may take, sending and answering (5 s); past it,
+/// [`Error::Timeout`].
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`publish_ports`] waits for the API socket to appear (podman's figure).
 pub const SOCKET_WAIT: Duration = Duration::from_secs(60);
@@ -43,50 +53,107 @@ const MAX_REQUEST: usize = 4095;
 /// Replies larger than this are refused (a list of 65535 forwards fits).
 const MAX_REPLY: u64 = 16 * 1024 * 1024;
 
-/// Errors of the API client. The refused-publication text is podman's.
+/// Errors of the API client. The refused-publication text is podman's (its
+/// `setupRootlessPortMappingViaSlirp`); the checks made before anything is sent are
+/// worded by us, as podman makes none.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Connecting to the socket failed (`ENOENT`: no such socket; `ECONNREFUSED`: no
+    /// slirp4netns listens on it).
     #[error("cannot connect to the slirp4netns API socket {}: {source}", .socket.display())]
-    Connect { socket: PathBuf, source: io::Error },
+    Connect {
+        /// The API socket.
+        socket: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Sending the request or reading the reply failed, or setting up the wait for the
+    /// socket did (inotify, poll).
     #[error("talking to slirp4netns at {}: {source}", .socket.display())]
-    Io { socket: PathBuf, source: io::Error },
+    Io {
+        /// The API socket.
+        socket: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// slirp4netns had not answered within [`REQUEST_TIMEOUT`].
     #[error("slirp4netns at {} did not answer within {}s", .socket.display(), REQUEST_TIMEOUT.as_secs())]
-    Timeout { socket: PathBuf },
+    Timeout {
+        /// The API socket.
+        socket: PathBuf,
+    },
     /// A reply that is not the JSON expected; `source` is the JSON error, when the reply
     /// did not parse or did not have the expected shape.
     #[error("unexpected reply from slirp4netns to {op}: {}", go_quote(.reply))]
     BadReply {
+        /// The request's name: `add_hostfwd`, `list_hostfwd` or `remove_hostfwd`.
         op: &'static str,
+        /// The reply as received (lossily decoded), or a note that it was too large.
         reply: String,
+        /// Why it did not parse.
         source: Option<serde_json::Error>,
     },
     /// slirp4netns refused to add a forward.
     #[error("from slirp4netns while setting up port redirection: {desc}")]
-    Refused { desc: String },
+    Refused {
+        /// slirp4netns's `error.desc` (e.g. `bad request: add_hostfwd: slirp_add_hostfwd
+        /// failed`), or the whole reply when the error has another shape.
+        desc: String,
+    },
     /// slirp4netns refused a list or remove request.
     #[error("slirp4netns refused {op}: {desc}")]
-    RefusedOther { op: &'static str, desc: String },
+    RefusedOther {
+        /// The request's name: `list_hostfwd` or `remove_hostfwd`.
+        op: &'static str,
+        /// As for [`Error::Refused`].
+        desc: String,
+    },
+    /// The request would be longer than slirp4netns reads (4095 bytes).
     #[error("request to slirp4netns is {len} bytes; its API takes at most {MAX_REQUEST}")]
-    RequestTooLarge { len: usize },
+    RequestTooLarge {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A mapping's host or container range ends past 65535.
     #[error("port range {first}-{last} ({what}) goes past 65535")]
     RangeOverflow {
+        /// `host` or `container`.
         what: &'static str,
+        /// The range's first port.
         first: u16,
+        /// Where it would end.
         last: u32,
     },
+    /// A mapping's host or container port is 0.
     #[error("{what} port 0 cannot be forwarded")]
-    PortZero { what: &'static str },
+    PortZero {
+        /// `host` or `container`.
+        what: &'static str,
+    },
+    /// A protocol name other than `tcp` and `udp` (`sctp`, `tcp6`, an unknown name),
+    /// as given.
     #[error("protocol {} cannot be forwarded by slirp4netns (tcp and udp only)", go_quote(.0))]
     UnsupportedProtocol(String),
+    /// A host IP that is no IPv4 address (slirp4netns's `host_addr` is IPv4 only), as
+    /// given.
     #[error("host IP {} cannot be used with slirp4netns port forwarding (IPv4 addresses only)", go_quote(.0))]
     UnsupportedHostIp(String),
+    /// The API socket did not accept connections in time (podman's wait is
+    /// [`SOCKET_WAIT`]).
     #[error("slirp4netns API socket {} did not appear within {}s", .socket.display(), .timeout.as_secs())]
-    SocketWait { socket: PathBuf, timeout: Duration },
+    SocketWait {
+        /// The API socket.
+        socket: PathBuf,
+        /// How long was waited.
+        timeout: Duration,
+    },
     /// slirp4netns died: while we waited for its API socket, or during a request, which
     /// then failed with `source`.
     #[error("slirp4netns exited before its API socket {} was ready", .socket.display())]
     HelperDied {
+        /// The API socket.
         socket: PathBuf,
+        /// The request's failure, when it was one.
         source: Option<Box<Error>>,
     },
 }
@@ -94,11 +161,18 @@ pub enum Error {
 /// One forward as slirp4netns lists it: an entry of the `list_hostfwd` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFwd {
+    /// The id slirp4netns gave it, for [`remove_hostfwd`].
     pub id: u64,
+    /// `tcp` or `udp`.
     pub proto: String,
+    /// The host address it listens on (`0.0.0.0` for every address).
     pub host_addr: String,
+    /// The host port.
     pub host_port: u16,
+    /// The guest address it forwards to (the configured guest, `10.0.2.100` by
+    /// default).
     pub guest_addr: String,
+    /// The guest port.
     pub guest_port: u16,
 }
 
@@ -190,7 +264,14 @@ struct Removed {
 }
 
 /// Ask slirp4netns to forward `host_addr:host_port` (`""` = 0.0.0.0) to the guest's
-/// `guest_port`. Returns the forward's id.
+/// `guest_port` over `proto` (`tcp` or `udp`). Returns the forward's id. One request,
+/// as podman sends it: `{"execute":"add_hostfwd","arguments":{...}}`.
+///
+/// # Errors
+///
+/// [`Error::Connect`], [`Error::Io`], [`Error::Timeout`] for the exchange;
+/// [`Error::Refused`] when slirp4netns says no (the port in use, say);
+/// [`Error::BadReply`] for a reply of another shape; [`Error::RequestTooLarge`].
 pub fn add_hostfwd(
     socket: &Path,
     proto: &str,
@@ -213,11 +294,19 @@ pub fn add_hostfwd(
 }
 
 /// The forwards slirp4netns has.
+///
+/// # Errors
+///
+/// As [`add_hostfwd`], with [`Error::RefusedOther`] for a refusal.
 pub fn list_hostfwd(socket: &Path) -> Result<Vec<HostFwd>, Error> {
     decode_list(&request(socket, &Request::List)?)
 }
 
 /// Remove the forward `id`.
+///
+/// # Errors
+///
+/// As [`add_hostfwd`], with [`Error::RefusedOther`] for a refusal (no such id).
 pub fn remove_hostfwd(socket: &Path, id: u64) -> Result<(), Error> {
     decode_remove(&request(socket, &Request::Remove { id })?)
 }
@@ -308,19 +397,33 @@ fn decode<A: DeserializeOwned>(op: &'static str, reply: &[u8]) -> Result<A, Erro
     })
 }
 
-/// The id in a reply to `add_hostfwd`.
+/// The id in a reply to `add_hostfwd` (`{"return":{"id":N}}`).
+///
+/// # Errors
+///
+/// [`Error::Refused`] for a reply holding `"error"`, [`Error::BadReply`] for any
+/// other shape.
 pub fn decode_add(reply: &[u8]) -> Result<u64, Error> {
     decode::<Added>("add_hostfwd", reply).map(|a| a.r#return.id)
 }
 
 /// The forwards in a reply to `list_hostfwd`, bare or wrapped in `"return"`.
+///
+/// # Errors
+///
+/// [`Error::RefusedOther`] for a reply holding `"error"`, [`Error::BadReply`] for any
+/// other shape.
 pub fn decode_list(reply: &[u8]) -> Result<Vec<HostFwd>, Error> {
     Ok(match decode::<Listed>("list_hostfwd", reply)? {
         Listed::Bare(e) | Listed::Wrapped { r#return: e } => e.entries,
     })
 }
 
-/// A reply to `remove_hostfwd`.
+/// A reply to `remove_hostfwd` (`{"return":{}}`).
+///
+/// # Errors
+///
+/// As [`decode_list`].
 pub fn decode_remove(reply: &[u8]) -> Result<(), Error> {
     decode::<Removed>("remove_hostfwd", reply).map(drop)
 }
@@ -328,9 +431,13 @@ pub fn decode_remove(reply: &[u8]) -> Result<(), Error> {
 /// One `add_hostfwd` request of a publication plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
+    /// `tcp` or `udp`.
     pub proto: &'static str,
+    /// The host address (`0.0.0.0` for a mapping's empty `host_ip`).
     pub host_addr: Ipv4Addr,
+    /// The host port, 1 to 65535.
     pub host_port: u16,
+    /// The guest (container) port, 1 to 65535.
     pub guest_port: u16,
 }
 
@@ -396,6 +503,14 @@ fn refusal(e: PortError) -> Error {
 /// Wait until `socket` exists and accepts connections, for at most `timeout`. When
 /// `helper` (a pidfd of slirp4netns) is given, its death ends the wait at once; without
 /// one (no pidfd on kernels before 5.3) a dead helper is noticed only at `timeout`.
+/// podman's `WaitForFile` (`libpod/util.go`) waits for the file alone (inotify, and a
+/// stat every 25 ms); this also waits until it accepts connections.
+///
+/// # Errors
+///
+/// [`Error::SocketWait`] at `timeout`, [`Error::HelperDied`] when the helper dies
+/// first, [`Error::Connect`] when connecting fails other than with `ECONNREFUSED`,
+/// [`Error::Io`] when inotify or poll fails.
 pub fn wait_for_socket(
     socket: &Path,
     helper: Option<BorrowedFd<'_>>,
@@ -478,6 +593,12 @@ fn is_dead(pidfd: BorrowedFd<'_>) -> bool {
 /// all, wait for the API socket while watching `helper`, then add one forward per port
 /// and protocol. On failure the forwards already added are removed again, so nothing
 /// is left half-published. Returns the ids, in [`plan`] order.
+///
+/// # Errors
+///
+/// [`plan`]'s refusals, before anything is sent; [`wait_for_socket`]'s; then the first
+/// failed [`add_hostfwd`], as [`Error::HelperDied`] (with the request's error as
+/// source) when slirp4netns died meanwhile.
 pub fn publish_ports(
     socket: &Path,
     helper: Option<BorrowedFd<'_>>,

@@ -14,6 +14,9 @@
 //! - [`process`] is the reusable part: any helper (rootlessport too) is started with a
 //!   stdin payload, chosen leaked fds and a log, and awaited the same way
 //!   ([`process::Helper::await_ready`], [`DEFAULT_READY_TIMEOUT`]).
+//! - [`Netns`] names a network namespace (by path or PID; it is
+//!   [`slirp_config::Netns`]), [`open_netns`] opens it, checking that it is one, and
+//!   [`in_netns`] runs code inside it on a throwaway thread.
 //! - [`NetnsHolder`] is a process holding a network namespace (a fresh one, or one
 //!   given by fd) and naming it by PID.
 //! - [`reaper`] reaps helpers the engine lets run on.
@@ -28,6 +31,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![warn(missing_docs, clippy::missing_errors_doc)]
+
 mod error;
 pub mod netns;
 pub mod process;
@@ -35,6 +40,6 @@ pub mod reaper;
 mod slirp;
 
 pub use error::Error;
-pub use netns::{in_netns, DadGuard, Netns, NetnsHolder};
+pub use netns::{in_netns, open_netns, DadGuard, Netns, NetnsHolder};
 pub use process::DEFAULT_READY_TIMEOUT;
 pub use slirp::{Slirp4netns, SlirpSpec, STOP_GRACE};

@@ -1,45 +1,37 @@
-//! Network namespaces: naming one, holding one with a process, and running code inside
-//! it on a throwaway thread.
+//! Network namespaces: opening one (named by [`Netns`], slirp-config's type), holding
+//! one with a process, and running code inside it on a throwaway thread.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Child;
 
 use nix::sched::CloneFlags;
 
-/// A network namespace, by bind-mount path (`/run/netns/X`, `/proc/PID/ns/net`) or by
-/// the PID of a process inside it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Netns {
-    Path(PathBuf),
-    Pid(u32),
-}
+pub use slirp_config::Netns;
 
-impl Netns {
-    /// A path that opens this namespace.
-    pub fn path(&self) -> PathBuf {
-        match self {
-            Netns::Path(p) => p.clone(),
-            Netns::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-        }
-    }
-
-    /// Open the namespace, checking that it is one.
-    pub fn open(&self) -> Result<OwnedFd, crate::Error> {
-        let path = self.path();
-        open_netns(&path)
-    }
-}
-
-fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
+/// Open the network namespace `ns` (its [`Netns::path`]) and check that the file is one.
+///
+/// ```no_run
+/// use slirp_spawn::{open_netns, Netns};
+/// let fd = open_netns(&Netns::Path("/run/netns/ctr1".into()))?;
+/// # let _ = fd;
+/// # Ok::<(), slirp_spawn::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`crate::Error::OpenNetns`] when the file cannot be opened, or is not a network
+/// namespace (`InvalidInput`: "not a network namespace").
+pub fn open_netns(ns: &Netns) -> Result<OwnedFd, crate::Error> {
+    let path = ns.path();
     let err = |source: io::Error| crate::Error::OpenNetns {
-        path: path.to_owned(),
+        path: path.clone(),
         source,
     };
-    let fd = OwnedFd::from(File::open(path).map_err(err)?);
+    let fd = OwnedFd::from(File::open(&path).map_err(err)?);
     // NS_GET_NSTYPE tells a namespace file from anything else. (Not /proc/self/fd's
     // `net:[INODE]`: a netns bind-mounted at /run/netns/X, podman's, reads as that path.)
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
@@ -56,7 +48,7 @@ fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
 
 /// A process that holds a network namespace and names it by its PID: a fresh namespace
 /// ([`NetnsHolder::new`]: a test's or a tool's container), or an existing one given by fd
-/// ([`NetnsHolder::join`]: for slirp4netns before 1.0, which takes only a PID).
+/// ([`NetnsHolder::join`]: for slirp4netns before 0.4, which takes only a PID).
 ///
 /// The process is `sleep infinity` (from `PATH`) in a process group of its own, with
 /// nothing but stdio on `/dev/null`; it is in its namespace before
@@ -65,10 +57,10 @@ fn open_netns(path: &Path) -> Result<OwnedFd, crate::Error> {
 /// (a process, a bind mount, an open fd).
 ///
 /// ```no_run
-/// use slirp_spawn::{in_netns, NetnsHolder};
+/// use slirp_spawn::{in_netns, open_netns, NetnsHolder};
 /// let ns = NetnsHolder::new()?;                 // needs CAP_SYS_ADMIN (root, or a user namespace)
 /// println!("{}", ns.path().display());          // /proc/PID/ns/net
-/// let fd = ns.netns().open()?;
+/// let fd = open_netns(&ns.netns())?;
 /// let listener = in_netns(&fd, || std::net::TcpListener::bind("127.0.0.1:0"))??;
 /// # let _ = listener;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -122,7 +114,7 @@ impl NetnsHolder {
         Netns::Pid(self.pid()).path()
     }
 
-    /// The namespace by that path ([`NetnsHolder::path`]), as every slirp4netns from 1.0
+    /// The namespace by that path ([`NetnsHolder::path`]), as every slirp4netns from 0.4
     /// and rootlessport take it.
     pub fn netns(&self) -> Netns {
         Netns::Path(self.path())
@@ -138,7 +130,14 @@ impl NetnsHolder {
 }
 
 /// Run `f` on a new thread that has entered the namespace `ns`; the thread ends with
-/// `f`, so nothing else ever runs in that namespace by accident.
+/// `f`, so nothing else ever runs in that namespace by accident. Sockets `f` creates
+/// belong to `ns` for good, whichever thread uses them later.
+///
+/// # Errors
+///
+/// Duplicating `ns` or starting the thread failed, `setns` was refused (`EPERM`
+/// without `CAP_SYS_ADMIN` over the namespace's owning user namespace), or `f`
+/// panicked (`Other`).
 pub fn in_netns<T, F>(ns: &OwnedFd, f: F) -> io::Result<T>
 where
     T: Send + 'static,

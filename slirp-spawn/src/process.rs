@@ -3,6 +3,12 @@
 //! nothing else, stdout and stderr into an unlinked log file, its own process group,
 //! optionally a new mount namespace; then readiness and death awaited together (on a
 //! pidfd, or, on kernels without `pidfd_open`, by polling in short slices).
+//!
+//! podman does this twice inline, in `setupSlirp4netns` and
+//! `setupRootlessPortMappingViaRLK` (`libpod/networking_slirp4netns.go`): an
+//! `exec.Cmd` with `ExtraFiles` and `Setpgid`, a log file unlinked once open, then
+//! `waitForSync` on the ready pipe. Here it is one builder ([`HelperCommand`]) and one
+//! wait ([`Helper::await_ready`]) for both.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -31,7 +37,13 @@ pub struct LogFile {
 
 impl LogFile {
     /// Create `dir/name` exclusively (a stale file of that name is removed first; a
-    /// symlink is never followed), then unlink it.
+    /// symlink is never followed), mode 0600, then unlink it: podman's handling of
+    /// `slirp4netns-<ID>.log` and `rootlessport-<ID>.log`.
+    ///
+    /// # Errors
+    ///
+    /// Removing a stale file, creating (`EEXIST` when another appeared meanwhile,
+    /// `ELOOP` for a symlink put there meanwhile) or unlinking it failed.
     pub fn create_unlinked(dir: &Path, name: &str) -> io::Result<LogFile> {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
@@ -50,7 +62,12 @@ impl LogFile {
         Ok(LogFile { file })
     }
 
-    /// An unnamed log in memory, for helpers that are not given a directory.
+    /// An unnamed log in memory (`memfd_create`; `name` shows in `/proc/PID/fd`), for
+    /// helpers that are not given a directory.
+    ///
+    /// # Errors
+    ///
+    /// `memfd_create` failed (`EMFILE`, or `ENOSYS` before Linux 3.17).
     pub fn anonymous(name: &str) -> io::Result<LogFile> {
         let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
         Ok(LogFile {
@@ -98,6 +115,9 @@ pub struct HelperCommand {
 }
 
 impl HelperCommand {
+    /// A command for `program` (a path, or a name looked up in `PATH` when spawned),
+    /// with the defaults: no arguments, stdin, stdout and stderr on `/dev/null`, no fd
+    /// leaked, the caller's namespaces, a process group of its own.
     pub fn new(program: impl Into<PathBuf>) -> Self {
         HelperCommand {
             program: program.into(),
@@ -114,6 +134,7 @@ impl HelperCommand {
         }
     }
 
+    /// Append `args` to the arguments (`argv[0]` is the program as given).
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -138,17 +159,29 @@ impl HelperCommand {
     }
 
     /// Send stdout and stderr to `log` (else to `/dev/null`).
+    ///
+    /// # Errors
+    ///
+    /// Duplicating the log's fd failed (`EMFILE`).
     pub fn log(self, log: &LogFile) -> io::Result<Self> {
         self.stdout_log(log)?.stderr_log(log)
     }
 
     /// Send stdout alone to `log`.
+    ///
+    /// # Errors
+    ///
+    /// As [`HelperCommand::log`].
     pub fn stdout_log(mut self, log: &LogFile) -> io::Result<Self> {
         self.stdout = Some(log.try_clone()?);
         Ok(self)
     }
 
     /// Send stderr alone to `log`.
+    ///
+    /// # Errors
+    ///
+    /// As [`HelperCommand::log`].
     pub fn stderr_log(mut self, log: &LogFile) -> io::Result<Self> {
         self.stderr = Some(log.try_clone()?);
         Ok(self)

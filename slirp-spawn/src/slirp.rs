@@ -11,17 +11,19 @@ use std::time::{Duration, Instant};
 use netaddr::Ipv4Net;
 use slirp_config::{
     build_command_args, check_container_id, check_slirp_flags, find_binary, uses_sandbox,
-    NetnsTarget, SlirpFeatures, SlirpOptions, EXIT_FD, READY_FD,
+    SlirpFeatures, SlirpOptions, EXIT_FD, READY_FD,
 };
 
-use crate::netns::{DadGuard, Netns, NetnsHolder};
+use crate::netns::{open_netns, DadGuard, Netns, NetnsHolder};
 use crate::process::{Helper, HelperCommand, LogFile, NotReady, DEFAULT_READY_TIMEOUT};
 use crate::Error;
 /// How long [`Slirp4netns::stop`] waits for the helper after closing its exit pipe,
 /// before SIGTERM, and again before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// What to start slirp4netns for.
+/// What to start slirp4netns for: the arguments of podman's `setupSlirp4netns`
+/// (`libpod/networking_slirp4netns.go`), as a value. [`SlirpSpec::new`] gives
+/// podman's defaults; set the public fields to change them.
 ///
 /// ```no_run
 /// use slirp_spawn::{Netns, SlirpSpec, Slirp4netns};
@@ -35,7 +37,12 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 pub struct SlirpSpec {
     /// The binary; `None` finds `slirp4netns` in `PATH`.
     pub binary: Option<PathBuf>,
+    /// The network namespace to serve. A [`Netns::Path`] is passed as
+    /// `--netns-type=path PATH`; to a binary without that option, a process holding
+    /// the namespace names it by PID until slirp4netns is ready.
     pub netns: Netns,
+    /// The `slirp4netns:` options ([`slirp_config::parse_options`]); default
+    /// [`SlirpOptions::default`], podman's.
     pub options: SlirpOptions,
     /// Where the (immediately unlinked) log file and the default API socket go.
     pub tmp_dir: PathBuf,
@@ -127,7 +134,23 @@ pub struct Slirp4netns {
 }
 
 impl Slirp4netns {
-    /// Start slirp4netns for `spec.netns` and wait until it has configured `tap0`.
+    /// Start slirp4netns for `spec.netns` and wait until it has configured `tap0`:
+    /// podman's `setupSlirp4netns` up to its `waitForSync`, with the command line of
+    /// [`slirp_config::build_command_args`] and fds 3 (exit pipe, read end) and 4
+    /// (ready pipe, write end) as the only ones leaked. The port forwarding podman does
+    /// next is `slirp_portfwd::publish_ports`'s or `rootlessport`'s.
+    ///
+    /// # Errors
+    ///
+    /// Checked before anything starts: [`Error::InvalidContainerId`],
+    /// [`Error::BinaryNotFound`], [`Error::Config`] (probing the binary, options it
+    /// lacks), [`Error::Address`], [`Error::ApiSocketTooLong`], [`Error::OpenNetns`].
+    /// Then [`Error::Sysctl`] and [`Error::Spawn`] (wrapped in
+    /// [`Error::NeedsUserns`] when refused with `EPERM` and no
+    /// [`SlirpSpec::userns`] given), and the helper's own failures with its log:
+    /// [`Error::Failed`], [`Error::KilledBySignal`], [`Error::ClosedWithoutReady`],
+    /// [`Error::Timeout`]. Whatever was started is stopped and reaped, and the DAD
+    /// sysctl restored, before the error is returned.
     pub fn start(spec: &SlirpSpec) -> Result<Slirp4netns, Error> {
         let started = Instant::now();
         check_container_id(&spec.container_id).map_err(|why| Error::InvalidContainerId {
@@ -156,7 +179,7 @@ impl Slirp4netns {
             }
             remove_stale_socket(sock)?;
         }
-        let ns = spec.netns.open()?;
+        let ns = open_netns(&spec.netns)?;
         let userns = match &spec.userns {
             Some(path) => Some(open_userns(path)?),
             None => None,
@@ -165,7 +188,7 @@ impl Slirp4netns {
         // takes a PID.
         let mut _holder = None;
         let target = match &spec.netns {
-            Netns::Path(p) if features.has_netns_type => NetnsTarget::Path(p.clone()),
+            Netns::Path(_) if features.has_netns_type => spec.netns.clone(),
             Netns::Path(_) => {
                 let holder =
                     NetnsHolder::join(&ns, userns.as_ref()).map_err(|source| Error::Spawn {
@@ -174,9 +197,9 @@ impl Slirp4netns {
                     })?;
                 let pid = holder.pid();
                 _holder = Some(holder);
-                NetnsTarget::Pid(pid)
+                Netns::Pid(pid)
             }
-            Netns::Pid(pid) => NetnsTarget::Pid(*pid),
+            Netns::Pid(_) => spec.netns.clone(),
         };
         let args = build_command_args(
             opts,
@@ -273,6 +296,7 @@ impl Slirp4netns {
         })
     }
 
+    /// The helper's process ID (also its process group's).
     pub fn pid(&self) -> u32 {
         self.helper.pid()
     }
@@ -285,10 +309,13 @@ impl Slirp4netns {
         self.helper.pidfd()
     }
 
+    /// Where slirp4netns listens for API requests (`add_hostfwd`, ...), when it was
+    /// given a socket ([`SlirpSpec::api_socket`]).
     pub fn api_socket(&self) -> Option<&Path> {
         self.api_socket.as_deref()
     }
 
+    /// The IPv4 network of the virtual LAN (`10.0.2.0/24` unless `cidr=` was given).
     pub fn subnet(&self) -> Ipv4Net {
         self.subnet
     }
@@ -298,10 +325,13 @@ impl Slirp4netns {
         self.guest
     }
 
+    /// The gateway (subnet + 2): the host side, and the host itself when host
+    /// loopback is allowed.
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
     }
 
+    /// slirp4netns's DNS forwarder (subnet + 3), for the container's `resolv.conf`.
     pub fn dns(&self) -> Ipv4Addr {
         self.dns
     }
@@ -316,6 +346,7 @@ impl Slirp4netns {
         self.ipv6.then(netaddr::slirp4netns_dns6)
     }
 
+    /// What the binary advertised in its `--help`.
     pub fn features(&self) -> &SlirpFeatures {
         &self.features
     }
@@ -343,7 +374,13 @@ impl Slirp4netns {
     }
 
     /// Stop slirp4netns: close the exit pipe, wait (bounded), then SIGTERM and SIGKILL
-    /// if it still runs; reap it and remove its API socket file.
+    /// if it still runs ([`STOP_GRACE`] before each); reap it and remove its API socket
+    /// file.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when signalling or waiting for the helper fails; the socket file
+    /// is removed all the same.
     pub fn stop(mut self) -> Result<(), Error> {
         self.stop_now()
     }

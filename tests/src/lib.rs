@@ -74,7 +74,7 @@ impl TestNetns {
 
     /// Run `f` on a thread inside the namespace: sockets it creates stay in it.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let fd = self.netns().open().expect("open netns");
+        let fd = slirp_spawn::open_netns(&self.netns()).expect("open netns");
         slirp_spawn::in_netns(&fd, f).expect("enter netns")
     }
 }

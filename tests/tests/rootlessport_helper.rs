@@ -698,9 +698,7 @@ fn rootless_in_a_user_namespace() {
     );
 
     // Server inside the container netns (made by a thread that joined it).
-    let fd = slirp_spawn::Netns::Path(netns.clone().into())
-        .open()
-        .unwrap();
+    let fd = slirp_spawn::open_netns(&slirp_spawn::Netns::Path(netns.clone().into())).unwrap();
     let l = slirp_spawn::in_netns(&fd, || TcpListener::bind("127.0.0.1:80").unwrap()).unwrap();
     std::thread::spawn(move || {
         for mut c in l.incoming().flatten() {

@@ -496,7 +496,7 @@ fn bad_inputs_give_clear_errors() {
     )
     .unwrap();
     // The fd is closed before the umount, which it would keep busy.
-    let opened = Netns::Path(named.clone()).open().map(drop);
+    let opened = slirp_spawn::open_netns(&Netns::Path(named.clone())).map(drop);
     nix::mount::umount(&named).unwrap();
     std::fs::remove_file(&named).unwrap();
     assert!(opened.is_ok(), "{opened:?}");

@@ -123,7 +123,7 @@ pub fn netns_holder(setup: &str) -> Result<(std::process::Child, String), String
     let holder =
         slirp_spawn::NetnsHolder::new().map_err(|e| format!("cannot hold a new netns: {e}"))?;
     if !setup.is_empty() {
-        let ns = holder.netns().open().map_err(|e| e.to_string())?;
+        let ns = slirp_spawn::open_netns(&holder.netns()).map_err(|e| e.to_string())?;
         let script = setup.to_owned();
         // A child forked by a thread inside the namespace starts there too.
         let status = slirp_spawn::in_netns(&ns, move || {

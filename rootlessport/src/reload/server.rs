@@ -15,6 +15,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::socket::{self, Backlog, MsgFlags, SockFlag};
 use nix::unistd::UnlinkatFlags;
+use slirp_config::{check_container_id, BadContainerId};
 
 use super::{proc_addr, seqpacket, MAX_REQUEST};
 use crate::config::{parse_child_ip, q};
@@ -63,12 +64,16 @@ impl ReloadSocket {
             reason,
             source,
         };
-        if container_id.is_empty()
-            || container_id.contains('/')
-            || container_id == "."
-            || container_id == ".."
-        {
-            let why = format!("invalid ContainerID {}", q(container_id));
+        // The one container-ID rule (slirp-config's), in this socket's own words.
+        let why = match check_container_id(container_id) {
+            Ok(()) => None,
+            Err(BadContainerId::Nul) => Some("ContainerID holds a NUL byte".to_owned()),
+            Err(e @ BadContainerId::TooLong) => {
+                Some(format!("invalid ContainerID {}: {e}", q(container_id)))
+            }
+            Err(_) => Some(format!("invalid ContainerID {}", q(container_id))),
+        };
+        if let Some(why) = why {
             return Err(fail((why, None)));
         }
         let (dir, created_dir) = open_private_dir(&tmp_dir.join("rp")).map_err(fail)?;
@@ -80,9 +85,6 @@ impl ReloadSocket {
             }
             fail(why)
         };
-        if container_id.contains('\0') {
-            return Err(undo_dir(("ContainerID holds a NUL byte".into(), None)));
-        }
         // A stale socket from a crashed helper would make bind fail.
         let _ = nix::unistd::unlinkat(&dir, container_id, UnlinkatFlags::NoRemoveDir);
         let os = |what: &'static str| move |e: Errno| (what.to_owned(), Some(io::Error::from(e)));
@@ -394,7 +396,8 @@ mod tests {
     #[test]
     fn bind_refuses_bad_ids_and_cleans_up() {
         let tmp = tempfile::tempdir().unwrap();
-        for id in ["", ".", "..", "a/b"] {
+        let long = "a".repeat(slirp_config::MAX_CONTAINER_ID_LEN + 1);
+        for id in ["", ".", "..", "a/b", &long] {
             let e = ReloadSocket::bind(tmp.path(), id).unwrap_err();
             assert!(e.to_string().contains("invalid ContainerID"), "{e}");
         }
