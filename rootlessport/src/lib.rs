@@ -33,6 +33,11 @@
 
 #![warn(missing_docs, clippy::missing_errors_doc)]
 
+/// The README's example, compiled (and run unless `no_run`) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctest;
+
 pub mod child_ip;
 mod config;
 mod error;
