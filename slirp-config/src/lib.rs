@@ -56,6 +56,10 @@ pub use features::{
     check_slirp_flags, find_binary, slirp_version, SlirpFeatures, SlirpVersion, PROBE_TIMEOUT,
 };
 pub use netns::Netns;
+/// The name [`Netns`] had before it became the one netns type of the workspace; kept so
+/// that code written against it still builds.
+#[deprecated(note = "use slirp_config::Netns")]
+pub type NetnsTarget = Netns;
 pub use network::parse_network;
 pub use options::{parse_options, SlirpOptions, DEFAULT_MTU, MAX_MTU, MIN_MTU};
 pub use port::{
