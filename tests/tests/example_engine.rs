@@ -14,7 +14,8 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use tests::{
-    eventually, process_exists, require_harness, rootlessport_bin, xtask_bin, ClientHost, TestNetns,
+    eventually, process_exists, processes_mentioning, require_harness, rootlessport_bin, xtask_bin,
+    ClientHost, TestNetns,
 };
 
 /// The example's binary, beside the helper in `target/<profile>/examples/`.
@@ -195,20 +196,6 @@ fn files_under(dir: &Path) -> Vec<String> {
             out.extend(files_under(&path));
         } else {
             out.push(path.display().to_string());
-        }
-    }
-    out
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                out.push(cmd);
-            }
         }
     }
     out

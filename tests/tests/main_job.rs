@@ -7,7 +7,9 @@ use std::net::{TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tests::{eventually, process_exists, require_harness, rootlessport_bin, xtask_bin};
+use tests::{
+    eventually, process_exists, processes_mentioning, require_harness, rootlessport_bin, xtask_bin,
+};
 
 fn xtask() -> Command {
     let mut c = Command::new(xtask_bin());
@@ -41,20 +43,6 @@ fn demo_runs_and_cleans_up() {
     ] {
         assert!(stdout.contains(want), "demo output lacks {want:?}");
     }
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                out.push(cmd);
-            }
-        }
-    }
-    out
 }
 
 #[test]
