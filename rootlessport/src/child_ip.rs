@@ -6,6 +6,7 @@ use netaddr::Ipv4Net;
 
 /// What the engine knows about the container's network.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum ChildNetwork<'a> {
     /// slirp4netns networking: the guest address of its subnet.
     Slirp4netns {

@@ -20,6 +20,7 @@ pub use slirp_spawn::process::DEFAULT_READY_TIMEOUT;
 /// Errors of starting the helper, in podman's words (its
 /// `setupRootlessPortMappingViaRLK` and `waitForSync`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LaunchError {
     /// The helper said what was wrong (its stdout line, an [`crate::Error`]'s text).
     #[error("rootlessport {0}")]
@@ -69,6 +70,42 @@ pub struct Launcher {
     pub userns: Option<PathBuf>,
 }
 
+impl LaunchError {
+    /// The OS error behind the failure, when there is one an engine may want to tell
+    /// apart (`EADDRINUSE` from `EACCES` for a host port, say): the cause of
+    /// [`LaunchError::Spawn`] and [`LaunchError::Io`], or, for
+    /// [`LaunchError::Reported`], the errno whose text ends the helper's line (the line
+    /// crossed a process boundary as text, in Go's words: `bind: address already in
+    /// use`).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            LaunchError::Spawn(e) | LaunchError::Io { source: e, .. } => e.raw_os_error(),
+            LaunchError::Reported(line) => REPORTED_ERRNOS.iter().copied().find(|&code| {
+                line.ends_with(&crate::helper::errno_text(&io::Error::from_raw_os_error(
+                    code,
+                )))
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The errnos a helper's one-line report can end with (binding, namespaces, files).
+const REPORTED_ERRNOS: &[i32] = &[
+    libc::EADDRINUSE,
+    libc::EADDRNOTAVAIL,
+    libc::EACCES,
+    libc::EPERM,
+    libc::EAFNOSUPPORT,
+    libc::EINVAL,
+    libc::ENOENT,
+    libc::EMFILE,
+    libc::ENFILE,
+    libc::ENOMEM,
+    libc::ENOSPC,
+    libc::ENODEV,
+];
+
 impl Launcher {
     /// A launcher of `binary`, with the default timeout and no user namespace.
     pub fn new(binary: impl Into<PathBuf>) -> Self {
@@ -86,8 +123,12 @@ impl Launcher {
     /// # Errors
     ///
     /// [`LaunchError::Reported`] with the helper's own line (`rootlessport listen tcp
-    /// 0.0.0.0:8080: bind: address already in use`), else why it never got ready; the
-    /// helper is killed and reaped first.
+    /// 0.0.0.0:8080: bind: address already in use`; [`LaunchError::errno`] recovers the
+    /// errno); [`LaunchError::Spawn`] when it cannot be run; [`LaunchError::Failed`],
+    /// [`LaunchError::KilledBySignal`], [`LaunchError::ClosedWithoutReady`] or
+    /// [`LaunchError::Timeout`] when it never got ready; [`LaunchError::Io`] when the
+    /// pipes, log files or user namespace could not be set up. The helper is killed and
+    /// reaped first.
     pub fn start(&self, config: &Config, exit_fd: OwnedFd) -> Result<RootlessPort, LaunchError> {
         let started = Instant::now();
         let mut config = config.clone();
@@ -213,5 +254,24 @@ impl RootlessPort {
     /// Let it run on; the shared reaper reaps it when it exits. Returns its pid.
     pub fn release(mut self) -> u32 {
         self.helper.hand_to_reaper()
+    }
+}
+
+#[cfg(test)]
+mod errno_tests {
+    use super::*;
+
+    #[test]
+    fn a_reported_line_gives_back_its_errno() {
+        let e =
+            LaunchError::Reported("listen tcp 0.0.0.0:8080: bind: address already in use".into());
+        assert_eq!(e.errno(), Some(libc::EADDRINUSE));
+        let e = LaunchError::Reported("listen tcp 0.0.0.0:80: bind: permission denied".into());
+        assert_eq!(e.errno(), Some(libc::EACCES));
+        let e = LaunchError::Reported("invalid ContainerID \"a/b\"".into());
+        assert_eq!(e.errno(), None);
+        let e = LaunchError::Spawn(io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+        assert_eq!(LaunchError::KilledBySignal.errno(), None);
     }
 }

@@ -12,6 +12,7 @@ use crate::quote::go_quote;
 /// `libpod/networking_slirp4netns.go`. Each variant holding a `String` holds the value
 /// as the user wrote it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An option without `=`, or a key podman does not know.
     #[error("unknown option for slirp4netns: {}", go_quote(.0))]
@@ -97,6 +98,7 @@ pub enum Error {
 
 /// How running a binary to probe it ([`Error::Probe`]) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProbeFailure {
     /// Starting it, or reading or waiting for it, failed (`ENOENT`, `EACCES`, ...).
     #[error(transparent)]

@@ -31,6 +31,7 @@ impl ParsePublishError {
 
 /// Why a `-p` value (or one of its port ranges) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PublishSyntaxError {
     /// Not two or three `:`-separated parts (an IPv6 address goes in brackets).
     #[error("expected [IP:]HOST:CONTAINER[/PROTO]")]

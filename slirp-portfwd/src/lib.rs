@@ -57,6 +57,7 @@ const MAX_REPLY: u64 = 16 * 1024 * 1024;
 /// `setupRootlessPortMappingViaSlirp`); the checks made before anything is sent are
 /// worded by us, as podman makes none.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// Connecting to the socket failed (`ENOENT`: no such socket; `ECONNREFUSED`: no
     /// slirp4netns listens on it).

@@ -8,6 +8,7 @@ use slirp_config::go_quote;
 /// helper's own failures carry its log, in the words of podman's `waitForSync`
 /// (`libpod/networking_slirp4netns.go`), the log quoted as Go's `%q` quotes it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The options do not suit the binary (e.g. `cidr not supported`), or probing it
     /// with `--help` failed.

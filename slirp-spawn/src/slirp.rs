@@ -34,6 +34,7 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 /// # Ok::<(), slirp_spawn::Error>(())
 /// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SlirpSpec {
     /// The binary; `None` finds `slirp4netns` in `PATH`.
     pub binary: Option<PathBuf>,
