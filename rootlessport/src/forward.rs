@@ -247,7 +247,7 @@ impl Forwarder {
             let reload_guard = match reload {
                 Some(r) => {
                     let r = Arc::new(r);
-                    tokio::spawn(crate::reload::server::serve(r.clone(), shared.clone()));
+                    tokio::spawn(crate::reload::server::serve(&r, shared.clone()));
                     Some(r)
                 }
                 None => None,

@@ -201,19 +201,27 @@ fn open_private_dir(dir: &Path) -> Result<(OwnedFd, Option<PathBuf>), Failure> {
     Ok((fd, created))
 }
 
-/// Accept reload requests until the runtime stops.
-pub(crate) async fn serve(sock: Arc<ReloadSocket>, shared: Arc<Shared>) {
-    let listener = match sock
+/// Accept reload and control requests until the runtime stops.
+/// Its fd is duplicated and registered now, not when the task first runs, so that
+/// every fd of the helper is made before it reports ready (and closes ReadyFD): none
+/// takes that number afterwards. Call it inside the runtime.
+pub(crate) fn serve(
+    sock: &ReloadSocket,
+    shared: Arc<Shared>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let listener = sock
         .listener
         .try_clone()
-        .and_then(|fd| register(fd).map_err(io::Error::from))
-    {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "reload socket cannot be served");
-            return;
+        .and_then(|fd| register(fd).map_err(io::Error::from));
+    async move {
+        match listener {
+            Ok(l) => accept_loop(l, shared).await,
+            Err(e) => tracing::warn!(error = %e, "reload socket cannot be served"),
         }
-    };
+    }
+}
+
+async fn accept_loop(listener: AsyncFd<OwnedFd>, shared: Arc<Shared>) {
     loop {
         let Ok(mut guard) = listener.readable().await else {
             return;
@@ -434,7 +442,11 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        rt.spawn(serve(socket.clone(), shared.clone()));
+        let serving = {
+            let _in_rt = rt.enter();
+            serve(&socket, shared.clone())
+        };
+        rt.spawn(serving);
         Served {
             tmp,
             shared,
