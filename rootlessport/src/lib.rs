@@ -64,6 +64,9 @@ pub use error::Error;
 /// beyond the public API; absent from every other build.
 #[cfg(fuzzing)]
 pub mod fuzzing {
-    pub use crate::control::parse_request as parse_control_request;
+    /// The helper's decoder of control requests (JSON objects).
+    pub fn parse_control_request(msg: &[u8]) -> Result<crate::control::Request, String> {
+        crate::control::parse_request(msg)
+    }
     pub use crate::reload::server::parse_request;
 }
