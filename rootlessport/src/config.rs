@@ -228,6 +228,8 @@ pub(crate) struct PortSpec {
     pub(crate) id: u32,
     /// The proto as given (`tcp`, `udp6`, ...).
     pub(crate) proto: String,
+    /// The same, typed.
+    pub(crate) protocol: slirp_config::Proto,
     pub(crate) transport: Transport,
     pub(crate) family: Family,
     /// The host IP as given, `""` made `0.0.0.0`.
@@ -352,6 +354,7 @@ pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Erro
         specs.push(PortSpec {
             id,
             proto,
+            protocol: f.proto,
             transport,
             family: f.proto.family,
             parent_ip,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{display_addr, ListenPlan, PortSpec, Transport};
+use crate::counters::{PortCounters, Published};
 use crate::reload::server::ReloadSocket;
 use crate::source_ip::SourceIp;
 use crate::state::{register, Shared};
@@ -43,6 +44,8 @@ fn udp_ranges(bound: &[Bound]) -> Vec<(u16, u16)> {
 pub(crate) struct Bound {
     pub(crate) spec: PortSpec,
     sock: socket2::Socket,
+    /// When it began listening, in unix seconds.
+    published_at: u64,
 }
 
 /// Make every listener, in order; the first failure is the error (and the ones made so
@@ -56,6 +59,7 @@ pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
             Ok(Bound {
                 spec: spec.clone(),
                 sock,
+                published_at: crate::counters::unix_now(),
             })
         })
         .collect()
@@ -204,6 +208,15 @@ impl Forwarder {
         } = self;
         let result = rt.block_on(async move {
             for b in bound {
+                let counters = Arc::new(PortCounters::default());
+                shared.publish(Published {
+                    host_ip: b.spec.parent_addr,
+                    host_port: b.spec.parent_port,
+                    container_port: b.spec.child_port,
+                    protocol: b.spec.protocol,
+                    published_at: b.published_at,
+                    counters: counters.clone(),
+                });
                 let io_err = |source| Error::Io {
                     what: "registering a listener",
                     source,
@@ -216,6 +229,7 @@ impl Forwarder {
                             b.spec.child_port,
                             b.spec.family,
                             shared.clone(),
+                            counters,
                         ));
                     }
                     Transport::Udp => {
@@ -225,6 +239,7 @@ impl Forwarder {
                             b.spec.child_port,
                             b.spec.family,
                             shared.clone(),
+                            counters,
                         ));
                     }
                 }
@@ -232,7 +247,7 @@ impl Forwarder {
             let reload_guard = match reload {
                 Some(r) => {
                     let r = Arc::new(r);
-                    tokio::spawn(crate::reload::server::serve(r.clone(), shared.clone()));
+                    tokio::spawn(crate::reload::server::serve(&r, shared.clone()));
                     Some(r)
                 }
                 None => None,

@@ -84,7 +84,8 @@ impl Helper {
     /// Everything before serving, in podman's helper's order: the config's ports
     /// checked and expanded (see [`Config::check_ports`]), its child IP parsed, the
     /// container's netns opened, a listener made for each port (in the caller's
-    /// netns), and, with `RootlessCNI`, the reload socket at `TmpDir/rp/<ContainerID>`.
+    /// netns), and the reload and control socket at `TmpDir/rp/<ContainerID>` (see
+    /// [`crate::control`]; without `RootlessCNI`, a failure to make it is a warning).
     /// `exit_fd` is the exit pipe's read end (`ExitFD`). The config's `ExitFD` and
     /// `ReadyFD` are not looked at: the caller took them.
     ///
@@ -107,11 +108,23 @@ impl Helper {
                     },
                 })?;
         let bound = bind_all(&specs)?;
+        let tmp_dir = Path::new(&config.tmp_dir);
         let reload = if config.rootless_cni {
-            let tmp_dir = Path::new(&config.tmp_dir);
+            // podman reloads through it: without it the helper fails, as podman's does.
             Some(ReloadSocket::bind(tmp_dir, &config.container_id)?)
-        } else {
+        } else if config.tmp_dir.is_empty() || config.container_id.is_empty() {
+            tracing::debug!("no TmpDir or ContainerID: no control socket");
             None
+        } else {
+            // Only for control (podman does not expect it): the helper runs without it
+            // rather than fail where podman's would not.
+            match ReloadSocket::bind_if_free(tmp_dir, &config.container_id) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("no control socket: {e}");
+                    None
+                }
+            }
         };
         let forwarder = Forwarder {
             bound,

@@ -13,6 +13,8 @@
 //! - [`launcher`]: starts the helper as podman does and waits for it (readiness and
 //!   death together, with a deadline);
 //! - [`reload`]: tells a running helper the container's new address;
+//! - [`control`]: lists a running helper's published ports with their counters (on
+//!   the same socket);
 //! - [`child_ip`]: picks the address to forward to, as podman does.
 //!
 //! [`helper`] is the binary's own entry point (the forwarder in this process).
@@ -40,6 +42,8 @@ struct ReadmeDoctest;
 
 pub mod child_ip;
 mod config;
+pub mod control;
+mod counters;
 mod error;
 mod flow_budget;
 mod forward;
@@ -60,5 +64,9 @@ pub use error::Error;
 /// beyond the public API; absent from every other build.
 #[cfg(fuzzing)]
 pub mod fuzzing {
+    /// The helper's decoder of control requests (JSON objects).
+    pub fn parse_control_request(msg: &[u8]) -> Result<crate::control::Request, String> {
+        crate::control::parse_request(msg)
+    }
     pub use crate::reload::server::parse_request;
 }

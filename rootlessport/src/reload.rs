@@ -7,6 +7,9 @@
 //! One request per connection: a JSON string and a newline (`"10.89.0.5"\n`, as
 //! podman's JSON encoder writes it); the reply is `OK` or an error text, then the
 //! helper closes the connection. This module is the engine's side, [`reload()`].
+//!
+//! The same socket takes our own control requests (JSON objects): see
+//! [`crate::control`].
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -91,7 +94,7 @@ pub fn reload(tmp_dir: &Path, container_id: &str, child_ip: &str) -> Result<(), 
 }
 
 /// A close-on-exec `AF_UNIX` `SOCK_SEQPACKET` socket, with `flags` besides.
-fn seqpacket(flags: SockFlag) -> nix::Result<OwnedFd> {
+pub(crate) fn seqpacket(flags: SockFlag) -> nix::Result<OwnedFd> {
     socket::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -102,6 +105,6 @@ fn seqpacket(flags: SockFlag) -> nix::Result<OwnedFd> {
 
 /// The address of `name` in the directory `dir`, through `/proc/self/fd/<dir>/<name>`
 /// so that a long directory path still fits `sockaddr_un`'s 108 bytes.
-fn proc_addr(dir: impl AsFd, name: &str) -> nix::Result<UnixAddr> {
+pub(crate) fn proc_addr(dir: impl AsFd, name: &str) -> nix::Result<UnixAddr> {
     UnixAddr::new(format!("/proc/self/fd/{}/{name}", dir.as_fd().as_raw_fd()).as_str())
 }

@@ -1,6 +1,7 @@
 //! What every serving task shares: where new connections and flows go, from which
 //! address, and the helper-wide UDP budget. The forwarder makes it once; the TCP, UDP
-//! and reload tasks read it (a reload also changes the child IP).
+//! and reload tasks read it (a reload also changes the child IP), and the control
+//! socket lists the published ports it holds.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
@@ -9,6 +10,8 @@ use std::time::Duration;
 
 use tokio::io::unix::{AsyncFd, AsyncFdRegisterError};
 
+use crate::control::PortStatus;
+use crate::counters::Published;
 use crate::flow_budget::FlowBudget;
 use crate::netlink::IpFamily;
 use crate::source_ip::SourceIp;
@@ -28,6 +31,10 @@ pub(crate) struct Shared {
     source_ip: Mutex<Option<SourceIp>>,
     /// The helper-wide bound on UDP flows (see [`crate::udp`]), from the open-file limit.
     pub(crate) udp_budget: FlowBudget,
+    /// Every published port, for the control socket's `list`. Locked only by the
+    /// control path and when a port is published: the data path holds each port's
+    /// counters itself.
+    published: Mutex<Vec<Published>>,
 }
 
 impl Shared {
@@ -56,6 +63,7 @@ impl Shared {
             mark: source.as_ref().map(SourceIp::mark),
             source_ip: Mutex::new(source),
             udp_budget: FlowBudget::new(udp_bound),
+            published: Mutex::new(Vec::new()),
         }
     }
 
@@ -94,6 +102,20 @@ impl Shared {
         if let Some(s) = self.source_ip().as_mut() {
             s.remove_udp_flow(client, target.port());
         }
+    }
+
+    /// A port is published: listed from now on.
+    pub(crate) fn publish(&self, port: Published) {
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(port);
+    }
+
+    /// Every published port with its counters now, in the order published.
+    pub(crate) fn port_statuses(&self) -> Vec<PortStatus> {
+        let published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        published.iter().map(Published::status).collect()
     }
 
     /// Take the reply routing out, to tear it down now (from a thread inside the

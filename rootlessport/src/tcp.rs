@@ -13,6 +13,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::Family;
+use crate::counters::PortCounters;
 use crate::source_ip::{source_for, transparent_socket};
 use crate::state::Shared;
 
@@ -25,6 +26,7 @@ pub(crate) async fn accept_loop(
     child_port: u16,
     family: Family,
     shared: Arc<Shared>,
+    counters: Arc<PortCounters>,
 ) {
     loop {
         // `accept()` counts against tokio's cooperative budget: a flood of clients
@@ -32,8 +34,10 @@ pub(crate) async fn accept_loop(
         match listener.accept().await {
             Ok((client, peer)) => {
                 let shared = shared.clone();
+                let open = counters.conn_opened();
                 tokio::spawn(async move {
-                    forward(client, peer, child_port, family, &shared).await;
+                    forward(client, peer, child_port, family, &shared, open.counters()).await;
+                    drop(open);
                 });
             }
             Err(e) => {
@@ -60,12 +64,14 @@ async fn forward(
     child_port: u16,
     family: Family,
     shared: &Shared,
+    counters: &PortCounters,
 ) {
     let to = target(shared.child_ip(), family, child_port);
     let upstream = match connect(peer, to, shared).await {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(error = %e, %to, "connect in the container failed");
+            counters.refused();
             // As a direct connection to a closed port would: the client gets a reset.
             reset(&client);
             return;
@@ -73,7 +79,7 @@ async fn forward(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    relay(&client, &upstream, shared.pipe_size).await;
+    relay(&client, &upstream, shared.pipe_size, counters).await;
 }
 
 /// Connect to `to` for the client `peer`. This runs on a thread that entered the
@@ -128,10 +134,11 @@ enum PumpEnd {
 }
 
 /// Relay both directions until both have ended; a reset on one side resets the other.
-/// `chunk`: bytes moved per splice call at most.
-async fn relay(a: &TcpStream, b: &TcpStream, chunk: usize) {
-    let up = pump(a, b, chunk);
-    let down = pump(b, a, chunk);
+/// `chunk`: bytes moved per splice call at most. `a` is the client: bytes from it
+/// count as in, to it as out.
+async fn relay(a: &TcpStream, b: &TcpStream, chunk: usize, counters: &PortCounters) {
+    let up = pump(a, b, chunk, |n| counters.moved_in(0, n as u64));
+    let down = pump(b, a, chunk, |n| counters.moved_out(0, n as u64));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
@@ -187,8 +194,9 @@ impl Turn {
     }
 }
 
-/// Move bytes from `src` to `dst` until EOF or an error, up to `chunk` per splice.
-async fn pump(src: &TcpStream, dst: &TcpStream, chunk: usize) -> PumpEnd {
+/// Move bytes from `src` to `dst` until EOF or an error, up to `chunk` per splice;
+/// `count` is told the bytes each splice (or copy) delivered to `dst`.
+async fn pump(src: &TcpStream, dst: &TcpStream, chunk: usize, count: impl Fn(usize)) -> PumpEnd {
     let mut turn = Turn::default();
     loop {
         if src.readable().await.is_err() {
@@ -199,6 +207,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, chunk: usize) -> PumpEnd {
             match Box::pin(copy_once(src, dst, &mut turn)).await {
                 Ok(0) => return PumpEnd::Eof,
                 Ok(n) => {
+                    count(n);
                     turn.moved(n).await;
                     continue;
                 }
@@ -225,7 +234,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, chunk: usize) -> PumpEnd {
         let mut left = n;
         while left > 0 {
             match dst.try_io(Interest::WRITABLE, || splice(&pipe.r, dst, left)) {
-                Ok(n) => left -= n,
+                Ok(n) => {
+                    left -= n;
+                    count(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     turn.parked();
                     if dst.writable().await.is_err() {

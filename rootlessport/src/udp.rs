@@ -68,6 +68,7 @@ use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 
 use crate::config::Family;
+use crate::counters::PortCounters;
 use crate::flow_budget::{FlowBudget, Room};
 use crate::source_ip::{source_for, transparent_socket};
 use crate::state::Shared;
@@ -90,20 +91,31 @@ struct FlowSlot {
     shared: Arc<Shared>,
     source: IpAddr,
     live: std::sync::atomic::AtomicBool,
+    /// The port's counters: the flow is counted live while the slot is.
+    counters: Arc<PortCounters>,
 }
 
 impl FlowSlot {
-    fn take(shared: &Arc<Shared>, source: IpAddr) -> Option<FlowSlot> {
-        shared.udp_budget.take(source).then(|| FlowSlot {
-            shared: shared.clone(),
-            source,
-            live: true.into(),
+    fn take(
+        shared: &Arc<Shared>,
+        source: IpAddr,
+        counters: &Arc<PortCounters>,
+    ) -> Option<FlowSlot> {
+        shared.udp_budget.take(source).then(|| {
+            counters.flow_opened();
+            FlowSlot {
+                shared: shared.clone(),
+                source,
+                live: true.into(),
+                counters: counters.clone(),
+            }
         })
     }
 
     fn end_live(&self) {
         if self.live.swap(false, Ordering::Relaxed) {
             self.shared.udp_budget.end_live(self.source);
+            self.counters.flow_ended();
         }
     }
 }
@@ -279,6 +291,7 @@ struct Port {
     family: Family,
     shared: Arc<Shared>,
     epoch: Instant,
+    counters: Arc<PortCounters>,
 }
 
 /// Serve one published UDP port until the runtime stops.
@@ -287,6 +300,7 @@ pub(crate) async fn serve(
     child_port: u16,
     family: Family,
     shared: Arc<Shared>,
+    counters: Arc<PortCounters>,
 ) {
     let port = Port {
         published: Arc::new(published),
@@ -295,6 +309,7 @@ pub(crate) async fn serve(
         family,
         shared,
         epoch: Instant::now(),
+        counters,
     };
     loop {
         if port.published.readable().await.is_err() {
@@ -303,41 +318,66 @@ pub(crate) async fn serve(
         }
         // A bounded batch, then the other sockets get their turn.
         let mut drained = false;
+        // Counted once per batch, not per datagram.
+        let (mut datagrams, mut bytes) = (0u64, 0u64);
         for _ in 0..BURST {
-            if !BUF.with(|b| port.forward_one(&mut b.borrow_mut())) {
-                drained = true;
-                break;
+            match BUF.with(|b| port.forward_one(&mut b.borrow_mut())) {
+                Step::Empty => {
+                    drained = true;
+                    break;
+                }
+                Step::Sent(n) => {
+                    datagrams += 1;
+                    bytes += n as u64;
+                }
+                Step::Skipped => {}
             }
         }
+        port.counters.moved_in(datagrams, bytes);
         if !drained {
             tokio::task::yield_now().await;
         }
     }
 }
 
+/// What one try at forwarding a datagram did.
+enum Step {
+    /// None was queued.
+    Empty,
+    /// One of this many bytes went to the container.
+    Sent(usize),
+    /// One was dropped, or an error was read instead.
+    Skipped,
+}
+
 impl Port {
-    /// Forward one queued datagram; `false` when none was queued.
-    fn forward_one(&self, buf: &mut [u8]) -> bool {
+    /// Forward one queued datagram.
+    fn forward_one(&self, buf: &mut [u8]) -> Step {
         let (n, client) = match self.published.try_recv_from(buf) {
             Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true, // e.g. an ICMP error queued on the socket
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Empty,
+            Err(_) => return Step::Skipped, // e.g. an ICMP error queued on the socket
         };
         let Some(flow) = self.flow_for(client) else {
-            return true;
+            return Step::Skipped;
         };
         flow.last.store(self.now_ms(), Ordering::Relaxed);
         // Straight to the kernel: tokio's try_send refuses until the new socket's first
         // readiness event. A full buffer drops the datagram, as the network would.
         let up = socket2::SockRef::from(&flow.upstream);
-        if let Err(e) = up.send(&buf[..n]) {
+        match up.send(&buf[..n]) {
+            Ok(_) => Step::Sent(n),
             // An ICMP error from an earlier datagram (nothing listened then) is reported
             // by this send, which then sent nothing: send again, once.
-            if e.raw_os_error() == Some(libc::ECONNREFUSED) {
-                let _ = up.send(&buf[..n]);
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                self.counters.refused();
+                match up.send(&buf[..n]) {
+                    Ok(_) => Step::Sent(n),
+                    Err(_) => Step::Skipped,
+                }
             }
+            Err(_) => Step::Skipped,
         }
-        true
     }
 
     fn now_ms(&self) -> u64 {
@@ -359,7 +399,8 @@ impl Port {
             return None;
         }
         // Taken before the socket is made, so that the bound holds for sockets too.
-        let Some(slot) = FlowSlot::take(&self.shared, client.ip().to_canonical()) else {
+        let Some(slot) = FlowSlot::take(&self.shared, client.ip().to_canonical(), &self.counters)
+        else {
             // Another thread took the room meanwhile.
             tracing::debug!(%client, "helper-wide UDP flow bound reached: datagram dropped");
             return None;
@@ -373,6 +414,7 @@ impl Port {
             self.flows.clone(),
             self.shared.udp_idle,
             self.epoch,
+            self.counters.clone(),
         ));
         let _ = flow.replies.set(task.abort_handle());
         // Counted only when trace lines are on (the fields are evaluated lazily).
@@ -442,6 +484,7 @@ async fn replies(
     flows: Flows,
     idle: Duration,
     epoch: Instant,
+    counters: Arc<PortCounters>,
 ) {
     loop {
         let last = Duration::from_millis(flow.last.load(Ordering::Relaxed));
@@ -455,31 +498,40 @@ async fn replies(
             Ok(Ok(())) => {}
         }
         let mut drained = false;
+        // Counted once per batch, not per datagram.
+        let (mut datagrams, mut bytes) = (0u64, 0u64);
         for _ in 0..BURST {
             let res = BUF.with(|b| {
                 let mut b = b.borrow_mut();
                 match flow.upstream.try_recv(&mut b) {
                     Ok(n) => {
-                        let _ =
+                        let sent =
                             socket2::SockRef::from(&*published).send_to(&b[..n], &client.into());
-                        Ok(true)
+                        Ok(Some(sent.ok()))
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                     Err(e) => Err(e),
                 }
             });
             match res {
-                Ok(true) => flow
-                    .last
-                    .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed),
-                Ok(false) => {
+                Ok(Some(sent)) => {
+                    if let Some(n) = sent {
+                        datagrams += 1;
+                        bytes += n as u64;
+                    }
+                    flow.last
+                        .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                Ok(None) => {
                     drained = true;
                     break;
                 }
                 // ECONNREFUSED: nothing listens in the container (an ICMP came back).
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => counters.refused(),
                 Err(_) => {}
             }
         }
+        counters.moved_out(datagrams, bytes);
         if !drained {
             tokio::task::yield_now().await;
         }
@@ -511,6 +563,7 @@ mod flow_bounds_tests {
             family: Family::V4,
             shared: shared.clone(),
             epoch: Instant::now(),
+            counters: Arc::default(),
         }
     }
 

@@ -21,6 +21,7 @@ use super::{proc_addr, seqpacket, MAX_REQUEST};
 use crate::config::{parse_child_ip, q};
 use crate::state::{register, Shared};
 use crate::Error;
+use tokio::io::unix::AsyncFd;
 
 /// How long one reload connection may take.
 const CONN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -109,6 +110,21 @@ impl ReloadSocket {
         })
     }
 
+    /// As [`ReloadSocket::bind`], but a socket of that name that a live helper still
+    /// answers on is left alone (an error): only podman's reloads may take the name
+    /// over from a helper it thinks is gone.
+    pub(crate) fn bind_if_free(tmp_dir: &Path, container_id: &str) -> Result<ReloadSocket, Error> {
+        let path = tmp_dir.join("rp").join(container_id);
+        if check_container_id(container_id).is_ok() && answers(&path) {
+            return Err(Error::ReloadSocket {
+                path: path.display().to_string(),
+                reason: "in use by another live helper".to_owned(),
+                source: None,
+            });
+        }
+        ReloadSocket::bind(tmp_dir, container_id)
+    }
+
     /// Remove the socket file now (also done on drop). Idempotent.
     pub(crate) fn remove(&self) {
         let _ = nix::unistd::unlinkat(&self.dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
@@ -117,6 +133,22 @@ impl ReloadSocket {
             let _ = std::fs::remove_dir(d);
         }
     }
+}
+
+/// Whether a socket at `path` accepts connections (a live helper's).
+fn answers(path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return false;
+    };
+    let Ok(dir) = std::fs::File::open(dir) else {
+        return false;
+    };
+    let Ok(sock) = seqpacket(SockFlag::empty()) else {
+        return false;
+    };
+    proc_addr(&dir, name)
+        .and_then(|addr| socket::connect(sock.as_raw_fd(), &addr))
+        .is_ok()
 }
 
 impl Drop for ReloadSocket {
@@ -169,19 +201,27 @@ fn open_private_dir(dir: &Path) -> Result<(OwnedFd, Option<PathBuf>), Failure> {
     Ok((fd, created))
 }
 
-/// Accept reload requests until the runtime stops.
-pub(crate) async fn serve(sock: Arc<ReloadSocket>, shared: Arc<Shared>) {
-    let listener = match sock
+/// Accept reload and control requests until the runtime stops.
+/// Its fd is duplicated and registered now, not when the task first runs, so that
+/// every fd of the helper is made before it reports ready (and closes ReadyFD): none
+/// takes that number afterwards. Call it inside the runtime.
+pub(crate) fn serve(
+    sock: &ReloadSocket,
+    shared: Arc<Shared>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let listener = sock
         .listener
         .try_clone()
-        .and_then(|fd| register(fd).map_err(io::Error::from))
-    {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "reload socket cannot be served");
-            return;
+        .and_then(|fd| register(fd).map_err(io::Error::from));
+    async move {
+        match listener {
+            Ok(l) => accept_loop(l, shared).await,
+            Err(e) => tracing::warn!(error = %e, "reload socket cannot be served"),
         }
-    };
+    }
+}
+
+async fn accept_loop(listener: AsyncFd<OwnedFd>, shared: Arc<Shared>) {
     loop {
         let Ok(mut guard) = listener.readable().await else {
             return;
@@ -206,43 +246,88 @@ pub(crate) async fn serve(sock: Arc<ReloadSocket>, shared: Arc<Shared>) {
 }
 
 async fn handle(conn: OwnedFd, shared: &Shared) {
+    let conn = match register(conn) {
+        Ok(afd) => afd,
+        Err(e) => {
+            let (conn, e) = e.into_parts();
+            let reply = format!("reload failed: {}", e);
+            let _ = socket::send(conn.as_raw_fd(), reply.as_bytes(), MsgFlags::MSG_NOSIGNAL);
+            return;
+        }
+    };
     // The request is read first (bounded), so that a refused peer gets its answer
     // rather than a broken pipe; it is acted on only for our own user.
-    let reply = match recv_request(conn.try_clone()).await {
-        Err(why) => why,
-        Ok(msg) => match peer_allowed(&conn) {
-            Err(why) => why,
-            Ok(()) => match parse_request(&msg) {
-                Ok(ip) => {
-                    shared.set_child_ip(ip);
-                    tracing::debug!(?ip, "reloaded child IP");
-                    "OK".to_owned()
-                }
-                Err(why) => why,
-            },
-        },
+    let reply = match recv_request(&conn).await {
+        Err(why) => why.into_bytes(),
+        Ok(msg) => answer(&msg, peer_allowed(conn.get_ref()), shared),
     };
-    // A short or failed send only loses the reply.
-    let _ = socket::send(conn.as_raw_fd(), reply.as_bytes(), MsgFlags::MSG_NOSIGNAL);
+    send_reply(&conn, &reply).await;
 }
 
-/// Only our own user may reload us.
-fn peer_allowed(conn: &OwnedFd) -> Result<(), String> {
-    let cred = socket::getsockopt(conn, socket::sockopt::PeerCredentials)
-        .map_err(|e| format!("reload refused: cannot read peer credentials: {e}"))?;
-    if cred.uid() == nix::unistd::geteuid().as_raw() {
-        Ok(())
-    } else {
-        Err(format!(
-            "reload refused: uid {} may not reload this helper",
-            cred.uid()
-        ))
+/// The reply to `msg` (the first [`MAX_REQUEST`] + 1 bytes of the message, and its
+/// whole length) from a peer `allowed` or not: podman's reload (a JSON string) gets
+/// `OK` or podman's error text, a control request (a JSON object) a JSON reply.
+fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Shared) -> Vec<u8> {
+    let control = crate::control::is_control(&msg.head);
+    if msg.len > MAX_REQUEST {
+        let why = format!("request of {} bytes is over {MAX_REQUEST}", msg.len);
+        return if control {
+            crate::control::error_reply(&why)
+        } else {
+            format!("reload refused: {why}").into_bytes()
+        };
+    }
+    match (allowed, control) {
+        (Err(Denied::NoCredentials(e)), true) => {
+            crate::control::error_reply(&format!("refused: cannot read peer credentials: {e}"))
+        }
+        (Err(Denied::Uid(uid)), true) => {
+            crate::control::error_reply(&format!("refused: uid {uid} may not control this helper"))
+        }
+        (Err(Denied::NoCredentials(e)), false) => {
+            format!("reload refused: cannot read peer credentials: {e}").into_bytes()
+        }
+        (Err(Denied::Uid(uid)), false) => {
+            format!("reload refused: uid {uid} may not reload this helper").into_bytes()
+        }
+        (Ok(()), true) => crate::control::answer(&msg.head, shared),
+        (Ok(()), false) => match parse_request(&msg.head) {
+            Ok(ip) => {
+                shared.set_child_ip(ip);
+                tracing::debug!(?ip, "reloaded child IP");
+                b"OK".to_vec()
+            }
+            Err(why) => why.into_bytes(),
+        },
     }
 }
 
-async fn recv_request(conn: io::Result<OwnedFd>) -> Result<Vec<u8>, String> {
-    let conn = conn.map_err(|e| format!("reload failed: {e}"))?;
-    let afd = register(conn).map_err(|e| format!("reload failed: {e}"))?;
+/// Why a peer may not use the socket.
+enum Denied {
+    /// Its credentials could not be read.
+    NoCredentials(Errno),
+    /// It runs as another user.
+    Uid(u32),
+}
+
+/// Only our own user may reload or control us.
+fn peer_allowed(conn: &OwnedFd) -> Result<(), Denied> {
+    let cred = socket::getsockopt(conn, socket::sockopt::PeerCredentials)
+        .map_err(Denied::NoCredentials)?;
+    if cred.uid() == nix::unistd::geteuid().as_raw() {
+        Ok(())
+    } else {
+        Err(Denied::Uid(cred.uid()))
+    }
+}
+
+/// A received request: its first [`MAX_REQUEST`] + 1 bytes, and its whole length.
+struct Request {
+    head: Vec<u8>,
+    len: usize,
+}
+
+async fn recv_request(afd: &AsyncFd<OwnedFd>) -> Result<Request, String> {
     let mut buf = vec![0u8; MAX_REQUEST + 1];
     loop {
         let mut guard = afd
@@ -258,13 +343,39 @@ async fn recv_request(conn: io::Result<OwnedFd>) -> Result<Vec<u8>, String> {
             }
             Err(e) => return Err(format!("reload failed: {}", io::Error::from(e))),
         };
-        if n > MAX_REQUEST {
-            return Err(format!(
-                "reload refused: request of {n} bytes is over {MAX_REQUEST}"
-            ));
+        buf.truncate(n.min(MAX_REQUEST + 1));
+        return Ok(Request { head: buf, len: n });
+    }
+}
+
+/// Send `reply` in messages of at most [`REPLY_CHUNK`] bytes (the client reads to
+/// EOF); a failed send only loses the reply.
+async fn send_reply(afd: &AsyncFd<OwnedFd>, reply: &[u8]) {
+    let mut chunks = reply.chunks(REPLY_CHUNK).peekable();
+    if reply.is_empty() {
+        return;
+    }
+    while let Some(chunk) = chunks.peek() {
+        match socket::send(afd.get_ref().as_raw_fd(), chunk, MsgFlags::MSG_NOSIGNAL) {
+            Ok(_) => {
+                chunks.next();
+            }
+            Err(Errno::EAGAIN) => match afd.writable().await {
+                Ok(mut guard) => guard.clear_ready(),
+                Err(_) => return,
+            },
+            Err(Errno::EINTR) => {}
+            Err(_) => return,
         }
-        buf.truncate(n);
-        return Ok(buf);
+    }
+}
+
+/// The largest message of a reply: well under the default socket buffer (208 KiB).
+const REPLY_CHUNK: usize = 32 * 1024;
+
+impl crate::control::Ports for Shared {
+    fn list(&self) -> Vec<crate::control::PortStatus> {
+        self.port_statuses()
     }
 }
 
@@ -331,7 +442,11 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        rt.spawn(serve(socket.clone(), shared.clone()));
+        let serving = {
+            let _in_rt = rt.enter();
+            serve(&socket, shared.clone())
+        };
+        rt.spawn(serving);
         Served {
             tmp,
             shared,
@@ -391,6 +506,118 @@ mod tests {
             )
         );
         assert_eq!(s.shared.child_ip(), "10.0.0.1".parse().ok());
+    }
+
+    /// Send `msg` raw on the socket `id` of `s`; the whole reply, read to EOF.
+    fn raw(s: &Served, id: &str, msg: &[u8]) -> String {
+        let sock = super::super::seqpacket(SockFlag::empty()).unwrap();
+        let dir = std::fs::File::open(s.tmp.path().join("rp")).unwrap();
+        socket::connect(sock.as_raw_fd(), &proc_addr(&dir, id).unwrap()).unwrap();
+        socket::send(sock.as_raw_fd(), msg, MsgFlags::MSG_NOSIGNAL).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn control_list_and_podman_reload_share_the_socket() {
+        let s = served("ctl");
+        let counters = Arc::new(crate::counters::PortCounters::default());
+        s.shared.publish(crate::counters::Published {
+            host_ip: "127.0.0.1".parse().unwrap(),
+            host_port: 8080,
+            container_port: 80,
+            protocol: "tcp".parse().unwrap(),
+            published_at: 1_700_000_000,
+            counters: counters.clone(),
+        });
+        let open = counters.conn_opened();
+        counters.moved_in(0, 5);
+        let path = crate::control::socket_path(s.tmp.path(), "ctl");
+        let ports = crate::control::list(&path).unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!((ports[0].host_port, ports[0].container_port), (8080, 80));
+        assert_eq!(ports[0].protocol.to_string(), "tcp");
+        assert_eq!(ports[0].counters.connections_open, 1);
+        assert_eq!(ports[0].counters.bytes_in, 5);
+        drop(open);
+        // podman's request, on the same socket: `OK`, exactly.
+        assert_eq!(raw(&s, "ctl", b"\"10.89.0.7\"\n"), "OK");
+        assert_eq!(s.shared.child_ip(), "10.89.0.7".parse().ok());
+        let ports = crate::control::list(&path).unwrap();
+        assert_eq!(ports[0].counters.connections_open, 0);
+        // Control errors are JSON replies; podman's stay texts.
+        assert_eq!(
+            raw(&s, "ctl", br#"{"version":9,"request":"list"}"#),
+            r#"{"version":1,"ok":false,"error":"unsupported version 9 (this helper speaks version 1)"}"#
+        );
+        assert_eq!(
+            raw(&s, "ctl", br#"{"version":1,"request":"nope"}"#),
+            r#"{"version":1,"ok":false,"error":"unknown request \"nope\""}"#
+        );
+        let mut big = b"{".to_vec();
+        big.resize(MAX_REQUEST + 1, b' ');
+        assert_eq!(
+            raw(&s, "ctl", &big),
+            format!(
+                r#"{{"version":1,"ok":false,"error":"request of {} bytes is over {MAX_REQUEST}"}}"#,
+                MAX_REQUEST + 1
+            )
+        );
+        assert!(raw(&s, "ctl", b"10.0.0.1").starts_with("rootless port failed to decode ports: "));
+        assert_eq!(s.shared.child_ip(), "10.89.0.7".parse().ok());
+        let e =
+            crate::control::list(&crate::control::socket_path(s.tmp.path(), "gone")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot connect to the control socket "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn control_list_replies_span_messages() {
+        // Thousands of ports: a reply far over one message, read back whole.
+        let s = served("many");
+        for port in 1..=5000u16 {
+            s.shared.publish(crate::counters::Published {
+                host_ip: "::".parse().unwrap(),
+                host_port: port,
+                container_port: port,
+                protocol: "udp6".parse().unwrap(),
+                published_at: 1,
+                counters: Arc::default(),
+            });
+        }
+        let path = crate::control::socket_path(s.tmp.path(), "many");
+        let ports = crate::control::list(&path).unwrap();
+        assert_eq!(ports.len(), 5000);
+        assert_eq!(ports[4999].host_port, 5000);
+    }
+
+    #[test]
+    fn control_bind_if_free_leaves_a_live_socket_alone() {
+        let s = served("live");
+        let e = ReloadSocket::bind_if_free(s.tmp.path(), "live").unwrap_err();
+        assert!(
+            e.to_string().ends_with(": in use by another live helper"),
+            "{e}"
+        );
+        assert!(crate::control::list(&crate::control::socket_path(s.tmp.path(), "live")).is_ok());
+        // A stale file (its helper died) is taken over.
+        let dir = std::fs::File::open(s.tmp.path().join("rp")).unwrap();
+        let dead = super::super::seqpacket(SockFlag::empty()).unwrap();
+        socket::bind(dead.as_raw_fd(), &proc_addr(&dir, "stale").unwrap()).unwrap();
+        drop(dead);
+        assert!(s.tmp.path().join("rp/stale").exists());
+        drop(ReloadSocket::bind_if_free(s.tmp.path(), "stale").unwrap());
     }
 
     #[test]

@@ -1,0 +1,546 @@
+//! Control: ask a running helper about its published ports, on the socket podman uses
+//! for reloads.
+//!
+//! # The control protocol
+//!
+//! **Socket.** A `SOCK_SEQPACKET` unix socket at `TmpDir/rp/<ContainerID>`
+//! ([`socket_path`]), the one podman's reloads use. Our helper makes it whenever it
+//! runs, whether or not its config has `RootlessCNI` (podman's helper makes it only
+//! then), and removes it when it exits. The directory `TmpDir/rp` is mode 0700 and
+//! owned by the helper's user; the helper answers only peers of its own user
+//! (`SO_PEERCRED`). When the config has no `TmpDir` or `ContainerID`, or the socket
+//! cannot be made without `RootlessCNI`, the helper runs without it and logs one
+//! warning (with `RootlessCNI` that is an error before ready, as for podman).
+//!
+//! **Framing.** One request per connection: the client connects, sends the request as
+//! one message of at most [`MAX_REQUEST`] (4096) bytes, UTF-8 JSON with optional
+//! whitespace around it, and reads the reply until end of file; the reply may span
+//! several messages, which are concatenated (a client may bound the total: [`list`]
+//! takes up to [`MAX_REPLY`]). The helper closes the connection after its reply. A
+//! connection has 5 seconds in all.
+//!
+//! **Two kinds of request**, told apart by the first byte that is not JSON whitespace:
+//!
+//! - a JSON *string* is podman's reload (`"10.89.0.5"\n`: the container's new IP,
+//!   empty for its loopback), answered `OK` or with an error text in podman's words,
+//!   exactly as podman's helper does; see [`crate::reload`];
+//! - a JSON *object* (`{`) is a control request, answered with a JSON object.
+//!
+//! **Versioning.** Every control request and reply holds `"version"`, an integer; this
+//! is version [`VERSION`] (1). A helper answers a request of a version it does not
+//! speak with an error reply holding its own version, so a client can tell. New fields
+//! may be added to replies within a version (clients ignore unknown fields); a
+//! request's fields, and the meaning of every field, change only with a new version.
+//!
+//! **Requests** (an object with `version`, `request` and the request's own fields; any
+//! other field is an error):
+//!
+//! - `{"version":1,"request":"list"}`: every published port, with its counters.
+//!
+//! **Replies.** Success: `{"version":1,"ok":true, ...}` with the request's fields;
+//! failure: `{"version":1,"ok":false,"error":"TEXT"}`, TEXT one human line. Errors:
+//!
+//! | cause | `error` |
+//! |---|---|
+//! | request over 4096 bytes | `request of N bytes is over 4096` |
+//! | a peer of another user | `refused: uid N may not control this helper` |
+//! | not a JSON object, or bad JSON | `bad request: ` and the parser's words |
+//! | no `version`, or not an integer | `bad request: missing field "version"` / `bad request: "version" is not an integer` |
+//! | another version | `unsupported version N (this helper speaks version 1)` |
+//! | no `request`, or not a string | `bad request: missing field "request"` / `bad request: "request" is not a string` |
+//! | an unknown request | `unknown request "NAME"` |
+//! | a field the request does not take | `bad request: unknown field "F" in request "NAME"` |
+//!
+//! **`list` reply**: `"ports"`, an array with one object per published port (each
+//! protocol of a mapping, each port of a range, in the order they were published):
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `host_ip` | string | the host address listened on, as in the mapping (`0.0.0.0` for none: a plain `tcp`/`udp` wildcard serves IPv6 too) |
+//! | `host_port` | integer | the host port |
+//! | `container_port` | integer | the port in the container |
+//! | `protocol` | string | `tcp`, `tcp4`, `tcp6`, `udp`, `udp4` or `udp6`, as in the mapping |
+//! | `published_at` | integer | when the helper began listening on it, in unix seconds (UTC) |
+//! | `connections_open` | integer | TCP: connections accepted and not ended yet (0 for UDP) |
+//! | `connections_total` | integer | TCP: connections accepted since published (0 for UDP) |
+//! | `refused` | integer | TCP: connections the container refused (no listener: the client was reset); UDP: "port unreachable" errors the container's side sent back |
+//! | `bytes_in` | integer | bytes from clients to the container (TCP payload, UDP datagram payload) |
+//! | `bytes_out` | integer | bytes from the container back to clients |
+//! | `flows_live` | integer | UDP: flows (client address and port) open now (0 for TCP) |
+//! | `flows_total` | integer | UDP: flows opened since published (0 for TCP) |
+//! | `datagrams_in` | integer | UDP: datagrams forwarded to the container (0 for TCP) |
+//! | `datagrams_out` | integer | UDP: datagrams forwarded back to clients (0 for TCP) |
+//!
+//! Counters start at 0 when the port is published and only grow (`*_open` and
+//! `flows_live` go down too); each is read on its own, so a reply is not one instant's
+//! snapshot of all of them. Bytes are counted when written to the other side.
+//!
+//! ```text
+//! -> {"version":1,"request":"list"}
+//! <- {"version":1,"ok":true,"ports":[{"host_ip":"127.0.0.1","host_port":8080,
+//!     "container_port":80,"protocol":"tcp","published_at":1700000000,
+//!     "connections_open":1,"connections_total":3,"refused":0,"bytes_in":100000,
+//!     "bytes_out":100024,"flows_live":0,"flows_total":0,"datagrams_in":0,
+//!     "datagrams_out":0}]}
+//! ```
+//!
+//! This module is the client's side ([`list`]) and the types both sides share.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::socket::{self, MsgFlags, SockFlag};
+use serde::{Deserialize, Serialize};
+
+pub use crate::reload::MAX_REQUEST;
+use crate::reload::{proc_addr, seqpacket};
+
+/// The protocol version this crate speaks.
+pub const VERSION: u64 = 1;
+
+/// The most reply bytes [`list`] takes (64 MiB: far more than 65,535 ports need).
+pub const MAX_REPLY: usize = 64 * 1024 * 1024;
+
+/// The control socket of the helper of `container_id` whose `TmpDir` is `tmp_dir`:
+/// `tmp_dir/rp/<container_id>` (it may be longer than a unix socket address holds;
+/// the clients here connect through the directory).
+pub fn socket_path(tmp_dir: &Path, container_id: &str) -> PathBuf {
+    tmp_dir.join("rp").join(container_id)
+}
+
+/// A control request (the `request` field and the request's own fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum Request {
+    /// Every published port with its counters.
+    List,
+}
+
+/// One published port and its counters, as `list` replies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PortStatus {
+    /// The host address listened on (`0.0.0.0` for a wildcard; a plain `tcp`/`udp`
+    /// wildcard listens on IPv6 too).
+    pub host_ip: IpAddr,
+    /// The host port.
+    pub host_port: u16,
+    /// The port in the container.
+    pub container_port: u16,
+    /// The protocol and family, as in the mapping (`tcp`, `udp6`, ...).
+    #[serde(with = "proto_text")]
+    pub protocol: slirp_config::Proto,
+    /// When the helper began listening on it, in unix seconds.
+    pub published_at: u64,
+    /// What went through it since.
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// The counters of a published port. TCP ports leave the UDP counters at 0, and the
+/// other way round; see the module docs for each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Counters {
+    /// TCP: connections accepted and not ended yet.
+    pub connections_open: u64,
+    /// TCP: connections accepted.
+    pub connections_total: u64,
+    /// TCP: connections the container refused; UDP: "port unreachable" errors back.
+    pub refused: u64,
+    /// Bytes from clients to the container.
+    pub bytes_in: u64,
+    /// Bytes from the container to clients.
+    pub bytes_out: u64,
+    /// UDP: flows open now.
+    pub flows_live: u64,
+    /// UDP: flows opened.
+    pub flows_total: u64,
+    /// UDP: datagrams forwarded to the container.
+    pub datagrams_in: u64,
+    /// UDP: datagrams forwarded back to clients.
+    pub datagrams_out: u64,
+}
+
+/// A reply on the wire: `version`, `ok`, and `error` or the request's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Reply {
+    version: u64,
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ports: Option<Vec<PortStatus>>,
+}
+
+/// A request on the wire: the version, then the request.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    version: u64,
+    #[serde(flatten)]
+    request: &'a Request,
+}
+
+mod proto_text {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+    use slirp_config::Proto;
+
+    pub(super) fn serialize<S: Serializer>(p: &Proto, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(p)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Proto, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse()
+            .map_err(|_| D::Error::custom(format!("unknown protocol {text:?}")))
+    }
+}
+
+/// Errors of the control client, each with its cause.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// No helper listens at the socket (no such file, no permission): the container
+    /// is not running, or its helper is not ours.
+    #[error("cannot connect to the control socket {}: {source}", .path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Sending the request or reading the reply failed (10 s timeout each way).
+    #[error("control request failed: {0}")]
+    Io(#[source] io::Error),
+    /// The helper said no: its `error` text.
+    #[error("the helper refused the request: {0}")]
+    Refused(String),
+    /// The reply is not this protocol (a helper that does not speak it answers with a
+    /// text, for example podman's, which knows reloads only).
+    #[error("the helper's reply is not understood: {0}")]
+    BadReply(String),
+}
+
+/// Every port the helper listening at `socket` publishes, with its counters.
+///
+/// ```no_run
+/// # fn main() -> Result<(), rootlessport::control::ControlError> {
+/// use rootlessport::control;
+/// let socket = control::socket_path("/run/user/1000/libpod/tmp".as_ref(), "ctr1");
+/// for p in control::list(&socket)? {
+///     println!("{}:{} -> {}/{}: {} bytes in", p.host_ip, p.host_port,
+///         p.container_port, p.protocol, p.counters.bytes_in);
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// [`ControlError::Connect`] when nothing listens there, [`ControlError::Io`] when the
+/// exchange fails or times out, [`ControlError::Refused`] with the helper's error
+/// text, [`ControlError::BadReply`] when the reply is not version 1 of this protocol.
+pub fn list(socket: &Path) -> Result<Vec<PortStatus>, ControlError> {
+    let reply = exchange(socket, &Request::List)?;
+    reply
+        .ports
+        .ok_or_else(|| ControlError::BadReply("no \"ports\" in the reply".to_owned()))
+}
+
+/// Send `request`, read the reply; an `ok: false` reply is [`ControlError::Refused`].
+fn exchange(path: &Path, request: &Request) -> Result<Reply, ControlError> {
+    let connect = |source: io::Error| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    };
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(d), Some(n)) => (
+            if d.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                d
+            },
+            n,
+        ),
+        _ => return Err(connect(io::Error::from(io::ErrorKind::InvalidInput))),
+    };
+    let name = name
+        .to_str()
+        .ok_or_else(|| connect(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let dir = std::fs::File::open(dir).map_err(connect)?;
+    let sock = seqpacket(SockFlag::empty()).map_err(|e| connect(e.into()))?;
+    proc_addr(&dir, name)
+        .and_then(|addr| socket::connect(sock.as_raw_fd(), &addr))
+        .map_err(|e| connect(e.into()))?;
+    drop(dir);
+    let timeout = nix::sys::time::TimeVal::new(10, 0);
+    let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &timeout);
+    let _ = socket::setsockopt(&sock, socket::sockopt::SendTimeout, &timeout);
+    let msg = encode_request(request);
+    socket::send(sock.as_raw_fd(), &msg, MsgFlags::MSG_NOSIGNAL)
+        .map_err(|e| ControlError::Io(e.into()))?;
+    let mut reply = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) => break,
+            Ok(n) if reply.len() + n > MAX_REPLY => {
+                return Err(ControlError::BadReply(format!(
+                    "reply over {MAX_REPLY} bytes"
+                )))
+            }
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(ControlError::Io(e.into())),
+        }
+    }
+    decode_reply(&reply)
+}
+
+/// A request as sent: `{"version":1,"request":"list"}`.
+fn encode_request(request: &Request) -> Vec<u8> {
+    let envelope = Envelope {
+        version: VERSION,
+        request,
+    };
+    serde_json::to_vec(&envelope).unwrap_or_default()
+}
+
+fn decode_reply(bytes: &[u8]) -> Result<Reply, ControlError> {
+    let reply: Reply = serde_json::from_slice(bytes).map_err(|e| {
+        let text = String::from_utf8_lossy(bytes);
+        ControlError::BadReply(format!(
+            "{:?}: {e}",
+            text.chars().take(200).collect::<String>()
+        ))
+    })?;
+    if reply.version != VERSION {
+        return Err(ControlError::BadReply(format!(
+            "version {} (this client speaks version {VERSION}){}",
+            reply.version,
+            reply.error.map(|e| format!(": {e}")).unwrap_or_default()
+        )));
+    }
+    if !reply.ok {
+        return Err(ControlError::Refused(
+            reply.error.unwrap_or_else(|| "(no error text)".to_owned()),
+        ));
+    }
+    Ok(reply)
+}
+
+// ---- The helper's side: pure decoding and answering, served by `reload::server`. ----
+
+/// Whether a message on the socket is a control request (a JSON object) rather than
+/// podman's reload (a JSON string).
+pub(crate) fn is_control(msg: &[u8]) -> bool {
+    msg.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        .is_some_and(|b| *b == b'{')
+}
+
+/// What the helper's state answers requests with.
+pub(crate) trait Ports {
+    /// Every published port, in the order published.
+    fn list(&self) -> Vec<PortStatus>;
+}
+
+/// Decode a control request, or say why not (the reply's `error`).
+pub(crate) fn parse_request(msg: &[u8]) -> Result<Request, String> {
+    let bad = |e: String| format!("bad request: {e}");
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(msg).map_err(|e| bad(e.to_string()))?;
+    let version = match map.remove("version") {
+        None => return Err(bad("missing field \"version\"".to_owned())),
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bad("\"version\" is not an integer".to_owned()))?,
+    };
+    if version != VERSION {
+        return Err(format!(
+            "unsupported version {version} (this helper speaks version {VERSION})"
+        ));
+    }
+    let name = match map.get("request") {
+        None => return Err(bad("missing field \"request\"".to_owned())),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(_) => return Err(bad("\"request\" is not a string".to_owned())),
+    };
+    if !["list"].contains(&name.as_str()) {
+        return Err(format!("unknown request {}", crate::config::q(&name)));
+    }
+    if let Some(field) = map.keys().find(|k| *k != "request") {
+        return Err(bad(format!(
+            "unknown field {} in request {}",
+            crate::config::q(field),
+            crate::config::q(&name)
+        )));
+    }
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| bad(e.to_string()))
+}
+
+/// The reply to the control request `msg`, as sent.
+pub(crate) fn answer(msg: &[u8], ports: &dyn Ports) -> Vec<u8> {
+    match parse_request(msg) {
+        Ok(Request::List) => encode_reply(Reply {
+            version: VERSION,
+            ok: true,
+            error: None,
+            ports: Some(ports.list()),
+        }),
+        Err(why) => error_reply(&why),
+    }
+}
+
+/// An error reply with `why`, as sent.
+pub(crate) fn error_reply(why: &str) -> Vec<u8> {
+    encode_reply(Reply {
+        version: VERSION,
+        ok: false,
+        error: Some(why.to_owned()),
+        ports: None,
+    })
+}
+
+fn encode_reply(reply: Reply) -> Vec<u8> {
+    // Serializing these types cannot fail (string keys, no maps of other keys).
+    serde_json::to_vec(&reply).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake(Vec<PortStatus>);
+    impl Ports for Fake {
+        fn list(&self) -> Vec<PortStatus> {
+            self.0.clone()
+        }
+    }
+
+    fn port() -> PortStatus {
+        PortStatus {
+            host_ip: "127.0.0.1".parse().unwrap(),
+            host_port: 8080,
+            container_port: 80,
+            protocol: "tcp4".parse().unwrap(),
+            published_at: 1_700_000_000,
+            counters: Counters {
+                connections_open: 1,
+                connections_total: 3,
+                bytes_in: 100_000,
+                bytes_out: 100_024,
+                ..Counters::default()
+            },
+        }
+    }
+
+    fn error_of(msg: &[u8]) -> String {
+        let reply: Reply = serde_json::from_slice(&answer(msg, &Fake(vec![]))).unwrap();
+        assert_eq!((reply.version, reply.ok), (1, false));
+        reply.error.unwrap()
+    }
+
+    #[test]
+    fn control_requests_encode_as_documented() {
+        assert_eq!(
+            encode_request(&Request::List),
+            br#"{"version":1,"request":"list"}"#
+        );
+        assert!(is_control(&encode_request(&Request::List)));
+        assert_eq!(
+            parse_request(&encode_request(&Request::List)),
+            Ok(Request::List)
+        );
+        assert_eq!(
+            parse_request(b" \n{ \"request\" : \"list\", \"version\": 1 }\n"),
+            Ok(Request::List)
+        );
+        assert!(!is_control(b"\"10.0.0.1\"\n"));
+        assert!(!is_control(b""));
+        assert!(is_control(b"\r\n\t {"));
+    }
+
+    #[test]
+    fn control_list_reply_round_trips_with_documented_fields() {
+        let reply = answer(br#"{"version":1,"request":"list"}"#, &Fake(vec![port()]));
+        let text = String::from_utf8(reply.clone()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"version":1,"ok":true,"ports":[{"host_ip":"127.0.0.1","host_port":8080,"container_port":80,"protocol":"tcp4","published_at":1700000000,"connections_open":1,"connections_total":3,"refused":0,"bytes_in":100000,"bytes_out":100024,"flows_live":0,"flows_total":0,"datagrams_in":0,"datagrams_out":0}]}"#
+        );
+        let decoded = decode_reply(&reply).unwrap();
+        assert_eq!(decoded.ports, Some(vec![port()]));
+        // An empty helper lists nothing, and says so.
+        let empty = answer(br#"{"version":1,"request":"list"}"#, &Fake(vec![]));
+        assert_eq!(
+            std::str::from_utf8(&empty).unwrap(),
+            r#"{"version":1,"ok":true,"ports":[]}"#
+        );
+    }
+
+    #[test]
+    fn control_bad_requests_get_clear_errors() {
+        assert_eq!(
+            error_of(br#"{"version":2,"request":"list"}"#),
+            "unsupported version 2 (this helper speaks version 1)"
+        );
+        assert_eq!(
+            error_of(br#"{"request":"list"}"#),
+            r#"bad request: missing field "version""#
+        );
+        assert_eq!(
+            error_of(br#"{"version":"1","request":"list"}"#),
+            r#"bad request: "version" is not an integer"#
+        );
+        assert_eq!(
+            error_of(br#"{"version":1}"#),
+            r#"bad request: missing field "request""#
+        );
+        assert_eq!(
+            error_of(br#"{"version":1,"request":7}"#),
+            r#"bad request: "request" is not a string"#
+        );
+        assert_eq!(
+            error_of(br#"{"version":1,"request":"frobnicate"}"#),
+            r#"unknown request "frobnicate""#
+        );
+        assert_eq!(
+            error_of(br#"{"version":1,"request":"list","all":true}"#),
+            r#"bad request: unknown field "all" in request "list""#
+        );
+        let e = error_of(br#"{"version":1,"request":"list""#);
+        assert!(e.starts_with("bad request: EOF while parsing"), "{e}");
+        let e = error_of(b"{\"version\":1,\"request\":\"list\"} trailing");
+        assert!(e.starts_with("bad request: trailing characters"), "{e}");
+        let e = error_of(b"[1]");
+        assert!(e.starts_with("bad request: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn control_client_decodes_errors_and_foreign_replies() {
+        let refused = decode_reply(&error_reply("unknown request \"x\"")).unwrap_err();
+        assert!(matches!(&refused, ControlError::Refused(t) if t == "unknown request \"x\""));
+        // podman's helper (reloads only) answers a text.
+        let e = decode_reply(b"rootless port failed to decode ports: x").unwrap_err();
+        assert!(matches!(e, ControlError::BadReply(_)), "{e}");
+        let e = decode_reply(br#"{"version":2,"ok":false,"error":"new"}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the helper's reply is not understood: version 2 (this client speaks version 1): new"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn control_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = parse_request(&bytes);
+            let _ = answer(&bytes, &Fake(vec![port()]));
+            let _ = decode_reply(&bytes);
+        }
+    }
+}
