@@ -537,3 +537,23 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     }
     out
 }
+
+/// From now on, each of `syscalls` fails with ENOSYS on this thread and in what it
+/// forks: the paths older kernels take (no `close_range` before 5.9, no `pidfd_open`
+/// before 5.3), on this one.
+pub fn deny_syscalls(syscalls: &[i64]) {
+    let rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        syscalls.iter().map(|&s| (s, vec![])).collect();
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .expect("a seccomp target arch");
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .expect("seccomp filter");
+    let program: seccompiler::BpfProgram = filter.try_into().expect("seccomp filter");
+    seccompiler::apply_filter(&program).expect("seccomp filter");
+}

@@ -19,26 +19,9 @@ use slirp_config::PortMapping;
 use slirp_portfwd::publish_ports;
 use slirp_spawn::process::open_fds;
 use slirp_spawn::{Slirp4netns, SlirpSpec};
-use tests::{process_exists, processes_in_group, require_harness, rootlessport_bin, TestNetns};
-
-/// From now on, each of `syscalls` fails with ENOSYS on this thread and in what it
-/// forks.
-fn deny(syscalls: &[i64]) {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        syscalls.iter().map(|&s| (s, vec![])).collect();
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .expect("a seccomp target arch");
-    let filter = seccompiler::SeccompFilter::new(
-        rules,
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .unwrap();
-    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
-    seccompiler::apply_filter(&program).unwrap();
-}
+use tests::{
+    deny_syscalls, process_exists, processes_in_group, require_harness, rootlessport_bin, TestNetns,
+};
 
 /// Whether `syscall` fails with ENOSYS here (called with arguments that name nothing).
 fn is_denied(syscall: i64) -> bool {
@@ -147,7 +130,7 @@ fn whole_stack(old_kernel: bool, rootlessport_port: u16, slirp_port: u16) {
         let (leaky_r, leaky_w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
         let leaky = [own_target(&leaky_r), own_target(&leaky_w)];
         if old_kernel {
-            deny(&[libc::SYS_close_range, libc::SYS_pidfd_open]);
+            deny_syscalls(&[libc::SYS_close_range, libc::SYS_pidfd_open]);
         }
         for syscall in [libc::SYS_close_range, libc::SYS_pidfd_open] {
             assert_eq!(is_denied(syscall), old_kernel, "syscall {syscall}");

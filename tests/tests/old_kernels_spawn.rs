@@ -7,31 +7,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use slirp_spawn::process::{open_fds, Helper, HelperCommand, NotReady};
-
-/// From now on, each of `syscalls` fails with ENOSYS on this thread and in what it
-/// forks.
-fn deny(syscalls: &[i64]) {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        syscalls.iter().map(|&s| (s, vec![])).collect();
-    let arch = std::env::consts::ARCH
-        .try_into()
-        .expect("a seccomp target arch");
-    let filter = seccompiler::SeccompFilter::new(
-        rules,
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
-    )
-    .unwrap();
-    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
-    seccompiler::apply_filter(&program).unwrap();
-}
+use tests::deny_syscalls;
 
 #[test]
 fn without_close_range_the_helper_gets_only_the_fds_it_is_handed() {
@@ -41,7 +22,7 @@ fn without_close_range_the_helper_gets_only_the_fds_it_is_handed() {
         // with close_range unavailable it would leak into the helper.
         let (leaky_r, leaky_w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
         let (handed, _keep) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        deny(&[libc::SYS_close_range]);
+        deny_syscalls(&[libc::SYS_close_range]);
         // SAFETY: close_range with a range that holds no fd of ours; it must fail.
         let r = unsafe { libc::syscall(libc::SYS_close_range, 100_000u32, 100_001u32, 0u32) };
         assert_eq!(r, -1);
@@ -120,7 +101,7 @@ fn children_left(marker: &str, started: &[u32]) -> Vec<u32> {
 /// Run `f` on a thread of its own (the filter stays on it) with `pidfd_open` denied.
 fn without_pidfd_open(f: impl FnOnce() + Send + 'static) {
     std::thread::spawn(move || {
-        deny(&[libc::SYS_pidfd_open]);
+        deny_syscalls(&[libc::SYS_pidfd_open]);
         f()
     })
     .join()
@@ -284,7 +265,7 @@ fn without_close_range_and_pidfd_open_the_helper_gets_only_its_fds() {
     std::thread::spawn(|| {
         let (leaky_r, leaky_w): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
         let (handed, keep) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        deny(&[libc::SYS_close_range, libc::SYS_pidfd_open]);
+        deny_syscalls(&[libc::SYS_close_range, libc::SYS_pidfd_open]);
         let mut helper = HelperCommand::new("sleep")
             .args(["30.34"])
             .leak_fd(handed, 3)
