@@ -557,3 +557,33 @@ pub fn deny_syscalls(syscalls: &[i64]) {
     let program: seccompiler::BpfProgram = filter.try_into().expect("seccomp filter");
     seccompiler::apply_filter(&program).expect("seccomp filter");
 }
+
+/// `launcher` (a command that runs its arguments in some namespaces: `nsenter --net=..
+/// --`, `unshare --user --net --`) running this build's TCP/UDP echo server on the
+/// container ports `tcp` and `udp`; returns once the server says it listens (so the
+/// namespaces exist by then).
+pub fn start_echo_server(
+    mut launcher: std::process::Command,
+    tcp: u16,
+    udp: u16,
+) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = launcher
+        .arg(xtask_bin())
+        .args([
+            "echo-server",
+            "--tcp",
+            &tcp.to_string(),
+            "--udp",
+            &udp.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the echo server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("its stdout"))
+        .read_line(&mut line)
+        .expect("reading its first line");
+    assert_eq!(line.trim(), "echo-server: ready");
+    child
+}

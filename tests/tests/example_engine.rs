@@ -14,8 +14,8 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use tests::{
-    eventually, process_exists, processes_mentioning, require_harness, rootlessport_bin, xtask_bin,
-    ClientHost, TestNetns,
+    eventually, process_exists, processes_mentioning, require_harness, rootlessport_bin,
+    start_echo_server, ClientHost, TestNetns,
 };
 
 /// The example's binary, beside the helper in `target/<profile>/examples/`.
@@ -120,20 +120,11 @@ struct Server(Child);
 
 impl Server {
     fn start(ns: &TestNetns, tcp: u16, udp: u16) -> Server {
-        let mut child = Command::new("nsenter")
+        let mut nsenter = Command::new("nsenter");
+        nsenter
             .arg(format!("--net={}", ns.path().display()))
-            .arg("--")
-            .arg(xtask_bin())
-            .args(["echo-server", "--tcp", &tcp.to_string()])
-            .args(["--udp", &udp.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "echo-server: ready");
+            .arg("--");
+        let child = start_echo_server(nsenter, tcp, udp);
         Server(child)
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use slirp_config::PortMapping;
 use slirp_spawn::{Netns, Slirp4netns, SlirpSpec};
-use tests::{cloexec_pipe, process_exists, rootlessport_bin, xtask_bin, HARNESS_ENV};
+use tests::{cloexec_pipe, process_exists, rootlessport_bin, start_echo_server, HARNESS_ENV};
 
 /// The value `cargo xtask itest` gives [`HARNESS_ENV`] for the unprivileged run.
 const ROOTLESS: &str = "rootless";
@@ -44,25 +44,9 @@ struct EngineNamespaces {
 
 impl EngineNamespaces {
     fn start(tcp: u16, udp: u16) -> EngineNamespaces {
-        let mut child = Command::new("unshare")
-            .args(["--user", "--map-root-user", "--net", "--"])
-            .arg(xtask_bin())
-            .args([
-                "echo-server",
-                "--tcp",
-                &tcp.to_string(),
-                "--udp",
-                &udp.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // The server says it listens, so the namespaces exist by then.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "echo-server: ready");
+        let mut unshare = Command::new("unshare");
+        unshare.args(["--user", "--map-root-user", "--net", "--"]);
+        let child = start_echo_server(unshare, tcp, udp);
         EngineNamespaces { child }
     }
 
