@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Deserializer, Serialize};
-use slirp_config::{go_quote, PortError, PortMapping, PortSide, Protocol};
+use slirp_config::{PortError, PortMapping, PortSide, Protocol};
 
 use crate::Error;
 
@@ -379,11 +379,6 @@ fn rootlesskit_error(e: PortError) -> Error {
             range: count,
         },
     }
-}
-
-/// Quote for error texts (Go's `%q`).
-pub(crate) fn q(s: &str) -> String {
-    go_quote(s)
 }
 
 #[cfg(test)]

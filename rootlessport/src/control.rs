@@ -371,13 +371,13 @@ pub(crate) fn parse_request(msg: &[u8]) -> Result<Request, String> {
         Some(_) => return Err(bad("\"request\" is not a string".to_owned())),
     };
     if !["list"].contains(&name.as_str()) {
-        return Err(format!("unknown request {}", crate::config::q(&name)));
+        return Err(format!("unknown request {}", slirp_config::go_quote(&name)));
     }
     if let Some(field) = map.keys().find(|k| *k != "request") {
         return Err(bad(format!(
             "unknown field {} in request {}",
-            crate::config::q(field),
-            crate::config::q(&name)
+            slirp_config::go_quote(field),
+            slirp_config::go_quote(&name)
         )));
     }
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| bad(e.to_string()))

@@ -117,12 +117,7 @@ impl FlowBudget {
     }
 
     fn now(&self, source: IpAddr) -> Counts {
-        let c = self.counts();
-        Counts {
-            live: c.live,
-            source: c.by_source.get(&source).copied().unwrap_or(0),
-            sockets: c.sockets,
-        }
+        counts_of(&self.counts(), source)
     }
 
     /// What a new flow of `source` needs, on a port where that source holds a flow
@@ -134,12 +129,7 @@ impl FlowBudget {
     /// Count one more flow of `source` if every limit allows it.
     pub(crate) fn take(&self, source: IpAddr) -> bool {
         let mut c = self.counts();
-        let now = Counts {
-            live: c.live,
-            source: c.by_source.get(&source).copied().unwrap_or(0),
-            sockets: c.sockets,
-        };
-        if room(self.limits, now, false, false) != Room::Free {
+        if room(self.limits, counts_of(&c, source), false, false) != Room::Free {
             return false;
         }
         c.live += 1;
@@ -170,6 +160,15 @@ impl FlowBudget {
     pub(crate) fn totals(&self) -> (usize, usize) {
         let c = self.counts();
         (c.live, c.sockets)
+    }
+}
+
+/// The counts a new flow of `source` is judged by.
+fn counts_of(c: &BudgetCounts, source: IpAddr) -> Counts {
+    Counts {
+        live: c.live,
+        source: c.by_source.get(&source).copied().unwrap_or(0),
+        sockets: c.sockets,
     }
 }
 

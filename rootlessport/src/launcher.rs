@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use slirp_spawn::process::{Helper, HelperCommand, LogFile, NotReady};
 
-use crate::config::{q, Config};
+use crate::config::Config;
+use slirp_config::go_quote as q;
 
 /// How long [`Launcher::start`] waits for readiness unless told otherwise (10 s): the
 /// one default of every helper, slirp-spawn's.

@@ -18,9 +18,10 @@ use nix::unistd::UnlinkatFlags;
 use slirp_config::{check_container_id, BadContainerId};
 
 use super::{proc_addr, seqpacket, MAX_REQUEST};
-use crate::config::{parse_child_ip, q};
+use crate::config::parse_child_ip;
 use crate::state::{register, Shared};
 use crate::Error;
+use slirp_config::go_quote as q;
 use tokio::io::unix::AsyncFd;
 
 /// How long one reload connection may take.
@@ -59,7 +60,7 @@ impl ReloadSocket {
     /// of that name, and listen at `tmp_dir/rp/<container_id>`, bound through
     /// `/proc/self/fd/<dir>/<id>` so that long tmp dirs fit the 108-byte limit.
     pub(crate) fn bind(tmp_dir: &Path, container_id: &str) -> Result<ReloadSocket, Error> {
-        let path = tmp_dir.join("rp").join(container_id);
+        let path = crate::control::socket_path(tmp_dir, container_id);
         let fail = |(reason, source): Failure| Error::ReloadSocket {
             path: path.display().to_string(),
             reason,
@@ -114,7 +115,7 @@ impl ReloadSocket {
     /// answers on is left alone (an error): only podman's reloads may take the name
     /// over from a helper it thinks is gone.
     pub(crate) fn bind_if_free(tmp_dir: &Path, container_id: &str) -> Result<ReloadSocket, Error> {
-        let path = tmp_dir.join("rp").join(container_id);
+        let path = crate::control::socket_path(tmp_dir, container_id);
         if check_container_id(container_id).is_ok() && answers(&path) {
             return Err(Error::ReloadSocket {
                 path: path.display().to_string(),
@@ -352,9 +353,6 @@ async fn recv_request(afd: &AsyncFd<OwnedFd>) -> Result<Request, String> {
 /// EOF); a failed send only loses the reply.
 async fn send_reply(afd: &AsyncFd<OwnedFd>, reply: &[u8]) {
     let mut chunks = reply.chunks(REPLY_CHUNK).peekable();
-    if reply.is_empty() {
-        return;
-    }
     while let Some(chunk) = chunks.peek() {
         match socket::send(afd.get_ref().as_raw_fd(), chunk, MsgFlags::MSG_NOSIGNAL) {
             Ok(_) => {
