@@ -33,7 +33,7 @@ pub fn build_args(opts: &SlirpOptions, features: &SlirpFeatures) -> Result<Vec<S
     if features.has_mtu {
         args.push(format!("--mtu={}", opts.mtu));
     }
-    if !opts.no_pivot_root && features.has_enable_sandbox {
+    if uses_sandbox(opts, features) {
         args.push("--enable-sandbox".to_owned());
     }
     if features.has_enable_seccomp {

@@ -282,11 +282,17 @@ impl HelperCommand {
         // For kernels without close_range(CLOSE_RANGE_CLOEXEC) (before 5.11: RHEL 8,
         // Debian 11, Ubuntu 20.04): the highest fd open now, read before the fork (the
         // child may not allocate), plus a margin for fds other threads open meanwhile.
-        let highest = open_fds(std::process::id())
-            .ok()
-            .and_then(|fds| fds.last().copied())
-            .unwrap_or(1024)
-            .max(min + moved.len() as RawFd);
+        // Listed only when this thread (whose seccomp filter the child inherits) lacks
+        // the call; else the child never sweeps by hand.
+        let highest = if close_range_cloexec_works() {
+            1024
+        } else {
+            open_fds(std::process::id())
+                .ok()
+                .and_then(|fds| fds.last().copied())
+                .unwrap_or(1024)
+        }
+        .max(min + moved.len() as RawFd);
         let sweep_to = highest.saturating_add(CLOEXEC_MARGIN);
         let mut unshare_flags = CloneFlags::empty();
         if new_mount_ns {
@@ -365,6 +371,14 @@ impl HelperCommand {
         }
         Ok(helper)
     }
+}
+
+/// Whether `close_range(CLOSE_RANGE_CLOEXEC)` works on this thread (tried on a range
+/// that holds no fd).
+fn close_range_cloexec_works() -> bool {
+    let far = (i32::MAX - 1) as u32;
+    // SAFETY: close_range on a range above any fd number: it changes no fd.
+    unsafe { libc::syscall(libc::SYS_close_range, far, far, libc::CLOSE_RANGE_CLOEXEC) == 0 }
 }
 
 /// fds above the highest one open before the fork that the fallback sweep also marks

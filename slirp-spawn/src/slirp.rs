@@ -230,16 +230,12 @@ impl Slirp4netns {
             spec.tmp_dir.display()
         )))?;
         let mut command = HelperCommand::new(&binary);
-        if let Some(userns) = &userns {
+        if let Some(userns) = userns {
             // As under rootless podman, slirp4netns runs in the engine's user namespace
             // (as root there), joined before the sandbox's mount namespace is made:
             // unprivileged, neither that namespace nor the sandbox's set-uid to 0 could
             // be had. Its own `--userns-path` join is then a no-op it tolerates.
-            command = command.join_userns(
-                userns
-                    .try_clone()
-                    .map_err(Error::io("duplicating the user namespace fd"))?,
-            );
+            command = command.join_userns(userns);
         }
         let mut helper = command
             .args(&args)
