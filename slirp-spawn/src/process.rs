@@ -279,6 +279,14 @@ impl HelperCommand {
             moved.push((rustix::io::fcntl_dupfd_cloexec(fd, min)?, *target));
         }
         drop(fds);
+        // The namespace fds too: the child joins them after the dup2s.
+        let above = |fd: Option<OwnedFd>| -> io::Result<Option<OwnedFd>> {
+            Ok(match fd {
+                Some(fd) => Some(rustix::io::fcntl_dupfd_cloexec(&fd, min)?),
+                None => None,
+            })
+        };
+        let (userns, netns) = (above(userns)?, above(netns)?);
         // For kernels without close_range(CLOSE_RANGE_CLOEXEC) (before 5.11: RHEL 8,
         // Debian 11, Ubuntu 20.04): the highest fd open now, read before the fork (the
         // child may not allocate), plus a margin for fds other threads open meanwhile.
