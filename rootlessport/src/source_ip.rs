@@ -1413,6 +1413,85 @@ mod tests {
     }
 
     #[test]
+    fn control_udp_gates_follow_added_and_removed_ports() {
+        let net = Netns::new(Kernel::MODERN);
+        let before = net.fake.snapshot();
+        // Started with no UDP port: no UDP rule at all, and UDP not kept.
+        let mut s = net
+            .helper("ctr", CHILD, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let band = s.band;
+        let udp_rules = |net: &Netns| -> Vec<Rule> {
+            let mut r: Vec<Rule> = net
+                .fake
+                .rules()
+                .into_iter()
+                .filter(|r| Band::owning(r) == Some(band) && r.priority < band.tcp())
+                .collect();
+            r.sort_by_key(|r| (r.family == IpFamily::V6, r.priority, r.sport));
+            r
+        };
+        assert_eq!(udp_rules(&net), []);
+        assert!(!s.supports_udp(IpFamily::V4));
+        let expect = |ranges: &[(u16, u16)]| -> Vec<Rule> {
+            let mut r = Vec::new();
+            for f in [IpFamily::V4, IpFamily::V6] {
+                r.extend(ranges.iter().map(|p| band.gate(f, *p)));
+                r.push(band.skip_rule(f, band.skip()));
+                r.push(band.skip_rule(f, band.bucket_skip()));
+            }
+            r.sort_by_key(|r| (r.family == IpFamily::V6, r.priority, r.sport));
+            r
+        };
+        // The first UDP port sets UDP keeping up: gates, skips, and flows work.
+        s.set_udp_ranges(merged_ranges([53]));
+        assert!(s.supports_udp(IpFamily::V4) && s.supports_udp(IpFamily::V6));
+        assert_eq!(udp_rules(&net), expect(&[(53, 53)]), "{}", net.fake.log());
+        assert!(s.add_udp_flow(client(40000), 53));
+        // Adjacent and far ports: ranges merge, each gate added before an old one goes.
+        s.set_udp_ranges(merged_ranges([53, 54, 5000, 53]));
+        let flows = |net: &Netns| net.fake.rules().iter().filter(|r| r.dst.is_some()).count();
+        assert_eq!(flows(&net), 1, "the live flow keeps its rule");
+        let gates: Vec<Rule> = udp_rules(&net)
+            .into_iter()
+            .filter(|r| r.priority == band.gates())
+            .collect();
+        assert_eq!(
+            gates,
+            expect(&[(53, 54), (5000, 5000)])
+                .into_iter()
+                .filter(|r| r.priority == band.gates())
+                .collect::<Vec<_>>()
+        );
+        // The merged gate was added before the one it replaces went.
+        let log = net.fake.log();
+        let added_at = log.find(&format!("add {:?}", band.gate(IpFamily::V4, (53, 54))));
+        let removed_at = log.find(&format!("del {:?}", band.gate(IpFamily::V4, (53, 53))));
+        assert!(
+            matches!((added_at, removed_at), (Some(a), Some(r)) if a < r),
+            "{log}"
+        );
+        // Removing every UDP port takes the gates; the fixed rules stay for the next.
+        s.remove_udp_flow(client(40000), 53);
+        s.set_udp_ranges(Vec::new());
+        assert_eq!(udp_rules(&net), expect(&[]), "{}", net.fake.log());
+        s.set_udp_ranges(merged_ranges([65535]));
+        assert_eq!(udp_rules(&net), expect(&[]), "port 65535 cannot be matched");
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn control_merged_ranges() {
+        assert_eq!(merged_ranges([]), []);
+        assert_eq!(
+            merged_ranges([5, 3, 4, 4, 9, 65535, 65534]),
+            [(3, 5), (9, 9), (65534, 65535)]
+        );
+        assert_eq!(merged_ranges([1, 65535]), [(1, 1), (65535, 65535)]);
+    }
+
+    #[test]
     fn one_exact_rule_per_flow() {
         let net = Netns::new(Kernel::MODERN);
         let before = net.fake.snapshot();
