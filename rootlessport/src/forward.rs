@@ -206,7 +206,7 @@ fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus
     let mut served = Vec::with_capacity(registered.len());
     for (spec, published_at, sock) in registered {
         let counters = Arc::new(PortCounters::default());
-        let (close, closing) = tokio::sync::watch::channel(false);
+        let close = Arc::new(crate::tcp::CloseSignal::default());
         let task = match sock {
             Registered::Tcp(l) => tokio::spawn(crate::tcp::accept_loop(
                 l,
@@ -214,7 +214,7 @@ fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus
                 spec.family,
                 shared.clone(),
                 counters.clone(),
-                closing,
+                close.clone(),
             )),
             Registered::Udp(s) => tokio::spawn(crate::udp::serve(
                 s,
@@ -286,7 +286,7 @@ async fn remove_ports(
         if let Some(stop) = stop {
             stop.task.abort();
             if close {
-                stop.close.send_replace(true);
+                stop.close.close();
             }
         }
     }

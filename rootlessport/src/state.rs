@@ -6,11 +6,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::io::unix::{AsyncFd, AsyncFdRegisterError};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{display_addr, PortSpec};
@@ -20,6 +19,7 @@ use crate::flow_budget::FlowBudget;
 use crate::listen::Binder;
 use crate::netlink::IpFamily;
 use crate::source_ip::{merged_ranges, SourceIp};
+use crate::tcp::CloseSignal;
 
 /// State every task reads: where new connections go, and from which address.
 pub(crate) struct Shared {
@@ -59,8 +59,8 @@ struct Entry {
 /// UDP every flow), and the signal that resets its live TCP connections.
 pub(crate) struct PortStop {
     pub(crate) task: JoinHandle<()>,
-    /// Set to `true`: every live connection of the port is reset.
-    pub(crate) close: watch::Sender<bool>,
+    /// Resets every live connection of the port (TCP).
+    pub(crate) close: Arc<CloseSignal>,
 }
 
 /// A set of families as bits: 1 for IPv4, 2 for IPv6.
@@ -182,13 +182,16 @@ impl Shared {
         specs: &[PortSpec],
     ) -> Result<Vec<(Published, Option<PortStop>)>, String> {
         let mut published = self.published();
-        let mut found = Vec::with_capacity(specs.len());
+        let mut found: Vec<usize> = Vec::with_capacity(specs.len());
         for spec in specs {
-            let at = published.iter().position(|e| {
+            // Two specs may name one port (`127.0.0.1` and `::ffff:127.0.0.1`): the
+            // second finds it taken, so it is not published twice over.
+            let at = published.iter().enumerate().position(|(i, e)| {
                 e.port.host_ip == spec.parent_addr
                     && e.port.host_port == spec.parent_port
                     && e.port.container_port == spec.child_port
                     && e.port.protocol == spec.protocol
+                    && !found.contains(&i)
             });
             match at {
                 Some(i) => found.push(i),
@@ -202,19 +205,18 @@ impl Shared {
                 }
             }
         }
-        // plan_ports refuses a spec given twice, so each index is found once.
+        // From the last, so that the places still to take stay where they were.
         found.sort_unstable();
-        Ok(found
+        let mut taken: Vec<_> = found
             .into_iter()
             .rev()
             .map(|i| {
                 let e = published.remove(i);
                 (e.port, e.stop)
             })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect())
+            .collect();
+        taken.reverse();
+        Ok(taken)
     }
 
     /// Make the UDP gates of the client-address keeping match the published UDP

@@ -3,15 +3,18 @@
 //! half-closes and resets across.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::config::Family;
 use crate::counters::PortCounters;
@@ -22,15 +25,15 @@ use crate::state::Shared;
 const POOL_MAX: usize = 32;
 
 /// Accept connections for one published port until the runtime stops or the task is
-/// aborted (the port removed: the listener closes with it). `closing` turns `true`
-/// when the port's live connections are to be reset.
+/// aborted (the port removed: the listener closes with it). `closing` fires when the
+/// port's live connections are to be reset.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     child_port: u16,
     family: Family,
     shared: Arc<Shared>,
     counters: Arc<PortCounters>,
-    closing: watch::Receiver<bool>,
+    closing: Arc<CloseSignal>,
 ) {
     loop {
         // `accept()` counts against tokio's cooperative budget: a flood of clients
@@ -59,6 +62,48 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// The signal that resets the live connections of one published port (a `remove`
+/// with `close`). Each connection registers with it once, when it starts relaying
+/// (and leaves it when it ends): a wake-up of the connection's task reads one atomic,
+/// nothing per byte, no lock on the data path.
+#[derive(Debug, Default)]
+pub(crate) struct CloseSignal {
+    closed: AtomicBool,
+    notify: Notify,
+}
+
+impl CloseSignal {
+    /// Reset every live connection of the port, now and from now on.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Ready once [`CloseSignal::close`] was called. To be polled from one task only
+    /// (the connection's): its waker is taken once, at the first poll, and a tokio
+    /// task's waker stays the same for its life.
+    async fn closed(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        let mut registered = false;
+        std::future::poll_fn(|cx| {
+            if self.closed.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            if !registered {
+                registered = true;
+                // The one registration (under the Notify's lock); a close after it
+                // wakes this task, and one before it is seen by the load below.
+                if notified.as_mut().poll(cx).is_ready() || self.closed.load(Ordering::Acquire) {
+                    return Poll::Ready(());
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
 /// Where a connection goes: the child IP of the moment, or the netns's loopback.
 pub(crate) fn target(child_ip: Option<IpAddr>, family: Family, port: u16) -> SocketAddr {
     let ip = child_ip.unwrap_or(match family {
@@ -80,7 +125,7 @@ async fn forward(
     conn: Conn,
     shared: &Shared,
     counters: &PortCounters,
-    closing: watch::Receiver<bool>,
+    closing: Arc<CloseSignal>,
 ) {
     let Conn {
         peer,
@@ -155,7 +200,7 @@ enum PumpEnd {
 }
 
 /// Relay both directions until both have ended; a reset on one side resets the other,
-/// and `closing` turning `true` (the port removed with `close`) resets both.
+/// and `closing` firing (the port removed with `close`) resets both.
 /// `chunk`: bytes moved per splice call at most. `a` is the client: bytes from it
 /// count as in, to it as out.
 async fn relay(
@@ -163,17 +208,11 @@ async fn relay(
     b: &TcpStream,
     chunk: usize,
     counters: &PortCounters,
-    mut closing: watch::Receiver<bool>,
+    closing: Arc<CloseSignal>,
 ) {
     let up = pump(a, b, chunk, |n| counters.moved_in(0, n as u64));
     let down = pump(b, a, chunk, |n| counters.moved_out(0, n as u64));
-    // Registered once per connection, polled only when the port's signal changes:
-    // nothing per byte. A port removed without `close` drops its sender: never ready.
-    let closed = async move {
-        if closing.wait_for(|close| *close).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+    let closed = closing.closed();
     tokio::pin!(up, down, closed);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
@@ -356,6 +395,40 @@ impl Pipe {
             if p.len() < POOL_MAX {
                 p.push(self);
             }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_close_signal_wakes_registered_and_late_connections() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let signal = Arc::new(CloseSignal::default());
+            // Not closed: never ready, however often it is polled.
+            let quiet = tokio::time::timeout(Duration::from_millis(20), signal.closed()).await;
+            assert!(quiet.is_err());
+            // Registered, then closed from another task: woken.
+            let waiting = tokio::spawn({
+                let signal = signal.clone();
+                async move { signal.closed().await }
+            });
+            tokio::task::yield_now().await;
+            signal.close();
+            tokio::time::timeout(Duration::from_secs(5), waiting)
+                .await
+                .expect("a registered connection was not woken")
+                .unwrap();
+            // A connection that starts relaying after the close sees it at once.
+            tokio::time::timeout(Duration::from_secs(5), signal.closed())
+                .await
+                .expect("a late connection missed the close");
         });
     }
 }
