@@ -2,7 +2,10 @@
 //! enters the container's netns and serves every port from an event loop. Sockets keep
 //! the netns they were made in, so the listeners stay on the host side while every
 //! connection to the container is made directly inside it: no second process, no fd
-//! passing, no thread per port.
+//! passing, no thread per port. Ports added through the control socket are bound by
+//! one more thread left behind in the engine's netns ([`crate::listen::Binder`]) and
+//! then served exactly as the config's ([`serve_ports`]); each port's task can be
+//! stopped on its own (`remove`).
 
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};

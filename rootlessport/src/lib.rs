@@ -13,8 +13,8 @@
 //! - [`launcher`]: starts the helper as podman does and waits for it (readiness and
 //!   death together, with a deadline);
 //! - [`reload`]: tells a running helper the container's new address;
-//! - [`control`]: lists a running helper's published ports with their counters (on
-//!   the same socket);
+//! - [`control`]: lists a running helper's published ports with their counters, and
+//!   adds or removes ports while it runs (on the same socket);
 //! - [`child_ip`]: picks the address to forward to, as podman does.
 //!
 //! [`helper`] is the binary's own entry point (the forwarder in this process).

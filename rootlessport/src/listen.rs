@@ -1,4 +1,4 @@
-//! Listeners: every published port's socket is made in the ENGINE's netns (so it
+//! Listeners: every published port's socket is made in the engine's netns (so it
 //! listens on the host side), before the serving threads enter the container's. Ports
 //! added later through the control socket are bound by [`Binder`], a thread that
 //! never leaves the engine's netns: a rootless helper cannot `setns` back into it.
