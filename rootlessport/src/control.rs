@@ -13,7 +13,7 @@
 //! warning (with `RootlessCNI` that is an error before ready, as for podman).
 //!
 //! **Framing.** One request per connection: the client connects, sends the request as
-//! one message of at most [`MAX_REQUEST`] (4096) bytes, UTF-8 JSON with optional
+//! one message of at most [`MAX_REQUEST`] (65536) bytes, UTF-8 JSON with optional
 //! whitespace around it, and reads the reply until end of file; the reply may span
 //! several messages, which are concatenated (a client may bound the total: [`list`]
 //! takes up to [`MAX_REPLY`]). The helper closes the connection after its reply. A
@@ -36,13 +36,17 @@
 //! other field is an error):
 //!
 //! - `{"version":1,"request":"list"}`: every published port, with its counters.
+//! - `{"version":1,"request":"add","mappings":[...]}`: publish more ports (see
+//!   [`add`]).
+//! - `{"version":1,"request":"remove","mappings":[...],"close":false}`: stop
+//!   publishing ports (see [`remove`]).
 //!
 //! **Replies.** Success: `{"version":1,"ok":true, ...}` with the request's fields;
 //! failure: `{"version":1,"ok":false,"error":"TEXT"}`, TEXT one human line. Errors:
 //!
 //! | cause | `error` |
 //! |---|---|
-//! | request over 4096 bytes | `request of N bytes is over 4096` |
+//! | request over 65536 bytes | `request of N bytes is over 65536` |
 //! | a peer of another user | `refused: uid N may not control this helper` |
 //! | not a JSON object, or bad JSON | `bad request: ` and the parser's words |
 //! | no `version`, or not an integer | `bad request: missing field "version"` / `bad request: "version" is not an integer` |
@@ -94,6 +98,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, SockFlag};
 use serde::{Deserialize, Serialize};
+use slirp_config::PortMapping;
 
 pub use crate::reload::MAX_REQUEST;
 use crate::reload::{proc_addr, seqpacket};
@@ -118,7 +123,30 @@ pub fn socket_path(tmp_dir: &Path, container_id: &str) -> PathBuf {
 pub enum Request {
     /// Every published port with its counters.
     List,
+    /// Publish more ports, all or none: podman's mappings, checked and listened on as
+    /// at start-up.
+    Add {
+        /// The ports to publish (the helper config's `Mappings` objects).
+        mappings: Vec<PortMapping>,
+    },
+    /// Stop publishing ports, all or none: each port the mappings expand to must be
+    /// published now.
+    Remove {
+        /// The ports to stop publishing, as they were added.
+        mappings: Vec<PortMapping>,
+        /// Also reset the live TCP connections of the removed ports (default `false`:
+        /// they run on until either side ends them).
+        #[serde(default)]
+        close: bool,
+    },
 }
+
+/// Every request's name on the wire, with the fields it takes.
+const REQUESTS: [(&str, &[&str]); 3] = [
+    ("list", &[]),
+    ("add", &["mappings"]),
+    ("remove", &["mappings", "close"]),
+];
 
 /// One published port and its counters, as `list` replies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,7 +273,69 @@ pub enum ControlError {
 /// exchange fails or times out, [`ControlError::Refused`] with the helper's error
 /// text, [`ControlError::BadReply`] when the reply is not version 1 of this protocol.
 pub fn list(socket: &Path) -> Result<Vec<PortStatus>, ControlError> {
-    let reply = exchange(socket, &Request::List)?;
+    ports_of(exchange(socket, &Request::List)?)
+}
+
+/// Publish `mappings` on the helper listening at `socket`, all or none, checked and
+/// listened on as at its start-up (podman's [`PortMapping`]s: each protocol of the
+/// comma list, each port of the range). Returns the ports this request published, in
+/// that order, counters at 0. The change lasts for the helper's life: podman does not
+/// know of it (see the module docs).
+///
+/// ```no_run
+/// # fn main() -> Result<(), rootlessport::control::ControlError> {
+/// use rootlessport::control;
+/// use slirp_config::PortMapping;
+/// let socket = control::socket_path("/run/user/1000/libpod/tmp".as_ref(), "ctr1");
+/// // Host port 8081 (TCP and UDP, every address) to the container's port 80.
+/// let added = control::add(&socket, &[PortMapping::new("", 8081, 80, 1, "tcp,udp")])?;
+/// assert_eq!(added.len(), 2);
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// As [`list`]; [`ControlError::Refused`] holds the helper's start-up text for a bad
+/// mapping (`unknown proto: "x"`, `invalid ParentPort: 0`, `conflict with ID 2`) or a
+/// port that cannot be listened on (`listen tcp 0.0.0.0:8080: bind: address already in
+/// use`, also when the helper publishes it already); then nothing was published.
+pub fn add(socket: &Path, mappings: &[PortMapping]) -> Result<Vec<PortStatus>, ControlError> {
+    ports_of(exchange(
+        socket,
+        &Request::Add {
+            mappings: mappings.to_vec(),
+        },
+    )?)
+}
+
+/// Stop publishing `mappings` on the helper listening at `socket`, all or none: each
+/// port they expand to must be published now (same host IP, host port, container port
+/// and protocol as [`list`] shows). The listeners close at once (new connections are
+/// refused); live TCP connections run on, or are reset on both sides when `close`;
+/// the UDP flows of a removed port end with it. Returns the ports removed, with their
+/// final counters.
+///
+/// # Errors
+///
+/// As [`list`]; [`ControlError::Refused`] holds the start-up text for a bad mapping, or
+/// names the first port that is not published (`not published: tcp 0.0.0.0:8080 ->
+/// 80`); then nothing was removed.
+pub fn remove(
+    socket: &Path,
+    mappings: &[PortMapping],
+    close: bool,
+) -> Result<Vec<PortStatus>, ControlError> {
+    ports_of(exchange(
+        socket,
+        &Request::Remove {
+            mappings: mappings.to_vec(),
+            close,
+        },
+    )?)
+}
+
+/// The `ports` of a successful reply.
+fn ports_of(reply: Reply) -> Result<Vec<PortStatus>, ControlError> {
     reply
         .ports
         .ok_or_else(|| ControlError::BadReply("no \"ports\" in the reply".to_owned()))
@@ -347,6 +437,15 @@ pub(crate) fn is_control(msg: &[u8]) -> bool {
 pub(crate) trait Ports {
     /// Every published port, in the order published.
     fn list(&self) -> Vec<PortStatus>;
+    /// Publish `mappings`, all or none; the ports published, or the one-line error.
+    async fn add(&self, mappings: &[PortMapping]) -> Result<Vec<PortStatus>, String>;
+    /// Stop publishing `mappings`, all or none; the ports removed with their final
+    /// counters, or the one-line error.
+    async fn remove(
+        &self,
+        mappings: &[PortMapping],
+        close: bool,
+    ) -> Result<Vec<PortStatus>, String>;
 }
 
 /// Decode a control request, or say why not (the reply's `error`).
@@ -370,27 +469,48 @@ pub(crate) fn parse_request(msg: &[u8]) -> Result<Request, String> {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(_) => return Err(bad("\"request\" is not a string".to_owned())),
     };
-    if !["list"].contains(&name.as_str()) {
-        return Err(format!("unknown request {}", slirp_config::go_quote(&name)));
-    }
-    if let Some(field) = map.keys().find(|k| *k != "request") {
+    let q = slirp_config::go_quote;
+    let Some((_, fields)) = REQUESTS.iter().find(|(n, _)| *n == name) else {
+        return Err(format!("unknown request {}", q(&name)));
+    };
+    if let Some(field) = map
+        .keys()
+        .find(|k| *k != "request" && !fields.contains(&k.as_str()))
+    {
         return Err(bad(format!(
             "unknown field {} in request {}",
-            slirp_config::go_quote(field),
-            slirp_config::go_quote(&name)
+            q(field),
+            q(&name)
+        )));
+    }
+    // Every field but `close` is required (serde's own text quotes differently).
+    if let Some(field) = fields
+        .iter()
+        .find(|f| **f != "close" && !map.contains_key(**f))
+    {
+        return Err(bad(format!(
+            "missing field {} in request {}",
+            q(field),
+            q(&name)
         )));
     }
     serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| bad(e.to_string()))
 }
 
 /// The reply to the control request `msg`, as sent.
-pub(crate) fn answer(msg: &[u8], ports: &dyn Ports) -> Vec<u8> {
-    match parse_request(msg) {
-        Ok(Request::List) => encode_reply(Reply {
+pub(crate) async fn answer<P: Ports>(msg: &[u8], ports: &P) -> Vec<u8> {
+    let done = match parse_request(msg) {
+        Ok(Request::List) => Ok(ports.list()),
+        Ok(Request::Add { mappings }) => ports.add(&mappings).await,
+        Ok(Request::Remove { mappings, close }) => ports.remove(&mappings, close).await,
+        Err(why) => Err(why),
+    };
+    match done {
+        Ok(ports) => encode_reply(Reply {
             version: VERSION,
             ok: true,
             error: None,
-            ports: Some(ports.list()),
+            ports: Some(ports),
         }),
         Err(why) => error_reply(&why),
     }
@@ -415,11 +535,46 @@ fn encode_reply(reply: Reply) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    struct Fake(Vec<PortStatus>);
+    /// Lists its ports; adds and removes answer them too, or the error it holds,
+    /// and remember what they were asked.
+    struct Fake(
+        Vec<PortStatus>,
+        Option<String>,
+        std::sync::Mutex<Vec<Request>>,
+    );
     impl Ports for Fake {
         fn list(&self) -> Vec<PortStatus> {
             self.0.clone()
         }
+        async fn add(&self, mappings: &[PortMapping]) -> Result<Vec<PortStatus>, String> {
+            self.2.lock().unwrap().push(Request::Add {
+                mappings: mappings.to_vec(),
+            });
+            self.1.clone().map_or_else(|| Ok(self.0.clone()), Err)
+        }
+        async fn remove(
+            &self,
+            mappings: &[PortMapping],
+            close: bool,
+        ) -> Result<Vec<PortStatus>, String> {
+            self.2.lock().unwrap().push(Request::Remove {
+                mappings: mappings.to_vec(),
+                close,
+            });
+            self.1.clone().map_or_else(|| Ok(self.0.clone()), Err)
+        }
+    }
+
+    fn fake(ports: Vec<PortStatus>) -> Fake {
+        Fake(ports, None, Default::default())
+    }
+
+    /// `answer`, run to its end.
+    fn answer_now(msg: &[u8], ports: &Fake) -> Vec<u8> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(answer(msg, ports))
     }
 
     fn port() -> PortStatus {
@@ -440,7 +595,7 @@ mod tests {
     }
 
     fn error_of(msg: &[u8]) -> String {
-        let reply: Reply = serde_json::from_slice(&answer(msg, &Fake(vec![]))).unwrap();
+        let reply: Reply = serde_json::from_slice(&answer_now(msg, &fake(vec![]))).unwrap();
         assert_eq!((reply.version, reply.ok), (1, false));
         reply.error.unwrap()
     }
@@ -467,7 +622,7 @@ mod tests {
 
     #[test]
     fn control_list_reply_round_trips_with_documented_fields() {
-        let reply = answer(br#"{"version":1,"request":"list"}"#, &Fake(vec![port()]));
+        let reply = answer_now(br#"{"version":1,"request":"list"}"#, &fake(vec![port()]));
         let text = String::from_utf8(reply.clone()).unwrap();
         assert_eq!(
             text,
@@ -476,7 +631,7 @@ mod tests {
         let decoded = decode_reply(&reply).unwrap();
         assert_eq!(decoded.ports, Some(vec![port()]));
         // An empty helper lists nothing, and says so.
-        let empty = answer(br#"{"version":1,"request":"list"}"#, &Fake(vec![]));
+        let empty = answer_now(br#"{"version":1,"request":"list"}"#, &fake(vec![]));
         assert_eq!(
             std::str::from_utf8(&empty).unwrap(),
             r#"{"version":1,"ok":true,"ports":[]}"#
@@ -535,11 +690,127 @@ mod tests {
         );
     }
 
+    fn mapping(host_port: u16, protocol: &str) -> PortMapping {
+        PortMapping::new("", host_port, 80, 1, protocol)
+    }
+
+    #[test]
+    fn control_add_and_remove_encode_as_documented() {
+        let add = Request::Add {
+            mappings: vec![mapping(8081, "tcp")],
+        };
+        assert_eq!(
+            std::str::from_utf8(&encode_request(&add)).unwrap(),
+            r#"{"version":1,"request":"add","mappings":[{"host_ip":"","container_port":80,"host_port":8081,"range":1,"protocol":"tcp"}]}"#
+        );
+        assert_eq!(parse_request(&encode_request(&add)), Ok(add));
+        let remove = Request::Remove {
+            mappings: vec![mapping(8081, "tcp,udp")],
+            close: true,
+        };
+        assert_eq!(
+            std::str::from_utf8(&encode_request(&remove)).unwrap(),
+            r#"{"version":1,"request":"remove","mappings":[{"host_ip":"","container_port":80,"host_port":8081,"range":1,"protocol":"tcp,udp"}],"close":true}"#
+        );
+        assert_eq!(parse_request(&encode_request(&remove)), Ok(remove));
+        // `close` defaults to false; a mapping's missing fields take zero, as at
+        // start-up (Go's decoder), and are refused later by the port checks.
+        assert_eq!(
+            parse_request(br#"{"version":1,"request":"remove","mappings":[{"host_port":8081,"container_port":80}]}"#),
+            Ok(Request::Remove {
+                mappings: vec![PortMapping::new("", 8081, 80, 0, "")],
+                close: false
+            })
+        );
+        assert_eq!(
+            parse_request(br#"{"version":1,"request":"add","mappings":[]}"#),
+            Ok(Request::Add { mappings: vec![] })
+        );
+    }
+
+    #[test]
+    fn control_add_and_remove_bad_requests_get_clear_errors() {
+        assert_eq!(
+            error_of(br#"{"version":1,"request":"add"}"#),
+            r#"bad request: missing field "mappings" in request "add""#
+        );
+        assert_eq!(
+            error_of(br#"{"version":1,"request":"remove","close":true}"#),
+            r#"bad request: missing field "mappings" in request "remove""#
+        );
+        assert_eq!(
+            error_of(br#"{"version":1,"request":"add","mappings":[],"close":true}"#),
+            r#"bad request: unknown field "close" in request "add""#
+        );
+        assert_eq!(
+            error_of(br#"{"version":1,"request":"remove","mappings":[],"all":1}"#),
+            r#"bad request: unknown field "all" in request "remove""#
+        );
+        let e = error_of(br#"{"version":1,"request":"add","mappings":[{"host_port":70000}]}"#);
+        assert!(
+            e.starts_with("bad request: invalid value: integer `70000`"),
+            "{e}"
+        );
+        let e = error_of(br#"{"version":1,"request":"remove","mappings":[],"close":"yes"}"#);
+        assert!(
+            e.starts_with("bad request: invalid type: string \"yes\""),
+            "{e}"
+        );
+        let e = error_of(br#"{"version":1,"request":"add","mappings":{}}"#);
+        assert!(e.starts_with("bad request: invalid type: map"), "{e}");
+    }
+
+    #[test]
+    fn control_add_and_remove_replies_carry_ports_or_the_error() {
+        let ports = fake(vec![port()]);
+        let reply = answer_now(
+            br#"{"version":1,"request":"add","mappings":[{"host_port":8080,"container_port":80}]}"#,
+            &ports,
+        );
+        assert_eq!(decode_reply(&reply).unwrap().ports, Some(vec![port()]));
+        let reply = answer_now(
+            br#"{"version":1,"request":"remove","mappings":[{"host_port":8080,"container_port":80}],"close":true}"#,
+            &ports,
+        );
+        assert_eq!(
+            ports_of(decode_reply(&reply).unwrap()).unwrap(),
+            vec![port()]
+        );
+        assert_eq!(
+            *ports.2.lock().unwrap(),
+            [
+                Request::Add {
+                    mappings: vec![PortMapping::new("", 8080, 80, 0, "")]
+                },
+                Request::Remove {
+                    mappings: vec![PortMapping::new("", 8080, 80, 0, "")],
+                    close: true
+                }
+            ]
+        );
+        // The state's error is the reply's, as one line; a bad request never reaches it.
+        let failing = Fake(
+            vec![],
+            Some("conflict with ID 2".to_owned()),
+            Default::default(),
+        );
+        let reply = answer_now(br#"{"version":1,"request":"add","mappings":[]}"#, &failing);
+        assert_eq!(
+            std::str::from_utf8(&reply).unwrap(),
+            r#"{"version":1,"ok":false,"error":"conflict with ID 2"}"#
+        );
+        assert!(
+            matches!(decode_reply(&reply), Err(ControlError::Refused(t)) if t == "conflict with ID 2")
+        );
+        answer_now(br#"{"version":1,"request":"add"}"#, &failing);
+        assert_eq!(failing.2.lock().unwrap().len(), 1);
+    }
+
     proptest::proptest! {
         #[test]
         fn control_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             let _ = parse_request(&bytes);
-            let _ = answer(&bytes, &Fake(vec![port()]));
+            let _ = answer_now(&bytes, &fake(vec![port()]));
             let _ = decode_reply(&bytes);
         }
     }

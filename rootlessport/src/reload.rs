@@ -20,8 +20,9 @@ use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, UnixAd
 
 pub(crate) mod server;
 
-/// Requests and replies larger than this many bytes are refused (the helper's limit).
-pub const MAX_REQUEST: usize = 4096;
+/// Requests larger than this many bytes are refused (the helper's limit, 64 KiB: a
+/// control batch of about 700 mappings; podman's reload, an IP address, is far under).
+pub const MAX_REQUEST: usize = 64 * 1024;
 
 /// Errors of the engine-side reload client, in podman's words (its
 /// `reloadRootlessRLKPortMapping`), each with the OS error as its source.
@@ -76,7 +77,7 @@ pub fn reload(tmp_dir: &Path, container_id: &str, child_ip: &str) -> Result<(), 
         Err(e) => return Err(ReloadError::Io(os(e))),
     }
     let mut reply = Vec::new();
-    let mut buf = [0u8; MAX_REQUEST];
+    let mut buf = [0u8; 4096];
     loop {
         match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
             Ok(0) => break,

@@ -260,7 +260,7 @@ async fn handle(conn: OwnedFd, shared: &Shared) {
     // rather than a broken pipe; it is acted on only for our own user.
     let reply = match recv_request(&conn).await {
         Err(why) => why.into_bytes(),
-        Ok(msg) => answer(&msg, peer_allowed(conn.get_ref()), shared),
+        Ok(msg) => answer(&msg, peer_allowed(conn.get_ref()), shared).await,
     };
     send_reply(&conn, &reply).await;
 }
@@ -268,7 +268,7 @@ async fn handle(conn: OwnedFd, shared: &Shared) {
 /// The reply to `msg` (the first [`MAX_REQUEST`] + 1 bytes of the message, and its
 /// whole length) from a peer `allowed` or not: podman's reload (a JSON string) gets
 /// `OK` or podman's error text, a control request (a JSON object) a JSON reply.
-fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Shared) -> Vec<u8> {
+async fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Shared) -> Vec<u8> {
     let control = crate::control::is_control(&msg.head);
     if msg.len > MAX_REQUEST {
         let why = format!("request of {} bytes is over {MAX_REQUEST}", msg.len);
@@ -291,7 +291,7 @@ fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Shared) -> Vec<u8
         (Err(Denied::Uid(uid)), false) => {
             format!("reload refused: uid {uid} may not reload this helper").into_bytes()
         }
-        (Ok(()), true) => crate::control::answer(&msg.head, shared),
+        (Ok(()), true) => crate::control::answer(&msg.head, shared).await,
         (Ok(()), false) => match parse_request(&msg.head) {
             Ok(ip) => {
                 shared.set_child_ip(ip);
@@ -374,6 +374,21 @@ const REPLY_CHUNK: usize = 32 * 1024;
 impl crate::control::Ports for Shared {
     fn list(&self) -> Vec<crate::control::PortStatus> {
         self.port_statuses()
+    }
+
+    async fn add(
+        &self,
+        _mappings: &[slirp_config::PortMapping],
+    ) -> Result<Vec<crate::control::PortStatus>, String> {
+        Err("unknown request \"add\"".to_owned())
+    }
+
+    async fn remove(
+        &self,
+        _mappings: &[slirp_config::PortMapping],
+        _close: bool,
+    ) -> Result<Vec<crate::control::PortStatus>, String> {
+        Err("unknown request \"remove\"".to_owned())
     }
 }
 
