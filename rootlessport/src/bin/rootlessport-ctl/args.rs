@@ -46,9 +46,9 @@ Which helper:
   One of the two is needed. Run it as the user who runs the container (the helper
   answers only its own user).
 
-Changes last as long as the helper: podman's own record of the container (podman
-port, podman inspect) does not show them, and when the container restarts its helper
-publishes podman's set of ports again.
+Changes last as long as the helper does. podman's own record of the container
+(podman port, podman inspect) does not show them, and when the container restarts,
+its new helper publishes podman's set of ports again.
 
 Exit status: 0 success, 1 the request failed (message on stderr), 2 bad usage.
 ";
