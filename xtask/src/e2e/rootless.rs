@@ -235,6 +235,10 @@ struct Ctx {
     common: Vec<String>,
     /// A non-loopback IPv4 address of this host, to connect from and to.
     host_ip: Option<Ipv4Addr>,
+    /// Our `rootlessport-ctl`, beside the helper.
+    ctl: PathBuf,
+    /// This user's state directory.
+    state: PathBuf,
 }
 
 /// The checks, as the user they run as. A setup failure counts as one failed check,
@@ -341,8 +345,25 @@ fn run_checks(base: &Path, r: &mut Report) -> Result<(), String> {
         log,
         common,
         host_ip: host_ipv4(),
+        ctl: helpers_dir.join(super::CTL),
+        state,
     };
     slirp_checks(&cx, r);
+    super::ctl::checks(
+        r,
+        &cx.podman,
+        &cx.ctl,
+        &cx.state,
+        &cx.common,
+        "re2e-ctl",
+        &super::ctl::CtlPorts {
+            a: 28130,
+            b: 28131,
+            u: 28132,
+            busy: 28133,
+            free: 28134,
+        },
+    );
     bridge_checks(&cx, r);
     connect_checks(&cx, r);
 
