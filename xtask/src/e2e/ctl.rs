@@ -113,7 +113,9 @@ fn write_wrapper(podman: &Podman, dir: &Path) -> Result<PathBuf, String> {
         line.push_str(&quote(g));
     }
     let path = dir.join("podman-for-ctl");
-    let text = format!("#!/bin/sh\n# Written by cargo xtask: podman as the test runs it.\n{line} \"$@\"\n");
+    let text = format!(
+        "#!/bin/sh\n# Written by cargo xtask: podman as the test runs it.\n{line} \"$@\"\n"
+    );
     std::fs::write(&path, text)
         .and_then(|_| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -223,7 +225,9 @@ pub(super) fn checks(
             .and_then(Out::ok)
             .and_then(|out| {
                 let want = format!("published tcp 0.0.0.0:{b} -> 80\n");
-                (out == want).then_some(()).ok_or(format!("printed {out:?}, want {want:?}"))
+                (out == want)
+                    .then_some(())
+                    .ok_or(format!("printed {out:?}, want {want:?}"))
             }),
     );
     const PAYLOAD: usize = 100_000;
@@ -237,13 +241,12 @@ pub(super) fn checks(
             .and_then(Out::ok)
             .and_then(|out| {
                 let want = format!("published udp 0.0.0.0:{u} -> 53\n");
-                (out == want).then_some(()).ok_or(format!("printed {out:?}, want {want:?}"))
+                (out == want)
+                    .then_some(())
+                    .ok_or(format!("printed {out:?}, want {want:?}"))
             }),
     );
-    let reply = r.check(
-        &format!("ctl: a UDP echo through {u}"),
-        udp_ping(lo(u)),
-    );
+    let reply = r.check(&format!("ctl: a UDP echo through {u}"), udp_ping(lo(u)));
     r.check(
         "ctl: list shows the three ports, one aligned row each",
         ctl.run(name, &["list"]).and_then(Out::ok).and_then(|t| {
@@ -318,7 +321,9 @@ pub(super) fn checks(
     );
     let (busy, free) = (ports.busy, ports.free);
     r.check(
-        &format!("ctl: add of {free}:80 with {busy}:80 (in use) fails in one line, publishes nothing"),
+        &format!(
+            "ctl: add of {free}:80 with {busy}:80 (in use) fails in one line, publishes nothing"
+        ),
         TcpListener::bind(("0.0.0.0", busy))
             .map_err(|e| format!("holding port {busy}: {e}"))
             .and_then(|_held| {
@@ -344,7 +349,9 @@ pub(super) fn checks(
             .and_then(Out::failed)
             .and_then(|line| {
                 let want = "rootlessport-ctl: container \"nosuchname\": no such container";
-                (line == want).then_some(()).ok_or(format!("said {line:?}, want {want:?}"))
+                (line == want)
+                    .then_some(())
+                    .ok_or(format!("said {line:?}, want {want:?}"))
             }),
     );
     r.check(

@@ -180,7 +180,10 @@ fn inner() -> Result<(), String> {
             free: 18304,
         },
     );
-    r.check("the ctl's container has no helper left", expect_helpers(&ours, 2));
+    r.check(
+        "the ctl's container has no helper left",
+        expect_helpers(&ours, 2),
+    );
 
     r.check(
         "stop the first container",

@@ -169,14 +169,18 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, UsageEr
         (Some(_), Some(_)) => return Err("give --socket or --container, not both".into()),
         (Some(s), None) => Target::Socket(s),
         (None, Some(c)) => Target::Container(c),
-        (None, None) => return Err("which helper? give --socket PATH or --container NAME|ID".into()),
+        (None, None) => {
+            return Err("which helper? give --socket PATH or --container NAME|ID".into())
+        }
     };
     let Some(name) = command else {
         return Err("no command (list, add or remove)".into());
     };
     let mappings = || -> Result<Vec<PortMapping>, UsageError> {
         if specs.is_empty() {
-            return Err(format!("{name}: no port given ([IP:]HOST:CONTAINER[/PROTO])"));
+            return Err(format!(
+                "{name}: no port given ([IP:]HOST:CONTAINER[/PROTO])"
+            ));
         }
         specs
             .iter()
@@ -231,7 +235,13 @@ mod tests {
         assert_eq!(cli.command, Command::List { json: false });
         assert_eq!(cli.podman, None);
 
-        let cli = run(&["--socket=/run/libpod/rp/abc", "--podman", "/opt/podman", "list", "--json"]);
+        let cli = run(&[
+            "--socket=/run/libpod/rp/abc",
+            "--podman",
+            "/opt/podman",
+            "list",
+            "--json",
+        ]);
         assert_eq!(cli.target, Target::Socket("/run/libpod/rp/abc".into()));
         assert_eq!(cli.podman, Some(PathBuf::from("/opt/podman")));
         assert_eq!(cli.command, Command::List { json: true });
@@ -245,7 +255,13 @@ mod tests {
             ])
         );
 
-        let cli = run(&["--container", "web", "remove", "--close", "127.0.0.1:8000-8001:80-81/tcp,udp"]);
+        let cli = run(&[
+            "--container",
+            "web",
+            "remove",
+            "--close",
+            "127.0.0.1:8000-8001:80-81/tcp,udp",
+        ]);
         assert_eq!(
             cli.command,
             Command::Remove {
@@ -262,15 +278,24 @@ mod tests {
     fn ctl_help_and_version_win() {
         assert_eq!(parse_str(&["--help"]), Ok(Parsed::Help));
         assert_eq!(parse_str(&["-h"]), Ok(Parsed::Help));
-        assert_eq!(parse_str(&["--container", "x", "add", "-h"]), Ok(Parsed::Help));
+        assert_eq!(
+            parse_str(&["--container", "x", "add", "-h"]),
+            Ok(Parsed::Help)
+        );
         assert_eq!(parse_str(&["--version"]), Ok(Parsed::Version));
     }
 
     #[test]
     fn ctl_usage_errors_name_the_argument() {
         let err = |args: &[&str]| parse_str(args).unwrap_err();
-        assert_eq!(err(&[]), "which helper? give --socket PATH or --container NAME|ID");
-        assert_eq!(err(&["--container", "web"]), "no command (list, add or remove)");
+        assert_eq!(
+            err(&[]),
+            "which helper? give --socket PATH or --container NAME|ID"
+        );
+        assert_eq!(
+            err(&["--container", "web"]),
+            "no command (list, add or remove)"
+        );
         assert_eq!(
             err(&["--container", "web", "frob"]),
             r#"unknown command "frob" (commands: list, add, remove)"#
@@ -281,7 +306,10 @@ mod tests {
         );
         assert_eq!(err(&["--container"]), "--container needs a value");
         assert_eq!(err(&["--container="]), "--container needs a value");
-        assert_eq!(err(&["--container", "web", "add"]), "add: no port given ([IP:]HOST:CONTAINER[/PROTO])");
+        assert_eq!(
+            err(&["--container", "web", "add"]),
+            "add: no port given ([IP:]HOST:CONTAINER[/PROTO])"
+        );
         assert_eq!(
             err(&["--container", "web", "add", "8081:80", "80800:80"]),
             r#"add: invalid -p "80800:80": "80800" is not a port (1-65535)"#
@@ -290,14 +318,20 @@ mod tests {
             err(&["--container", "web", "remove", "8081:80/sctp"]),
             r#"remove: invalid -p "8081:80/sctp": protocol "sctp" is not tcp or udp"#
         );
-        assert_eq!(err(&["--container", "web", "list", "x"]), r#"list takes no argument, got "x""#);
-        assert_eq!(err(&["--container", "web", "list", "--close"]), "unknown option --close for list");
-        assert_eq!(err(&["--container", "web", "add", "--json", "1:1"]), "unknown option --json for add");
-        assert_eq!(err(&["-x"]), "unknown option -x");
         assert_eq!(
-            err(&["--json=yes", "list"]),
-            "unknown option --json"
+            err(&["--container", "web", "list", "x"]),
+            r#"list takes no argument, got "x""#
         );
+        assert_eq!(
+            err(&["--container", "web", "list", "--close"]),
+            "unknown option --close for list"
+        );
+        assert_eq!(
+            err(&["--container", "web", "add", "--json", "1:1"]),
+            "unknown option --json for add"
+        );
+        assert_eq!(err(&["-x"]), "unknown option -x");
+        assert_eq!(err(&["--json=yes", "list"]), "unknown option --json");
         assert_eq!(
             err(&["--container", "web", "list", "--json=yes"]),
             r#"unexpected argument for option '--json': "yes""#
@@ -331,6 +365,9 @@ mod tests {
         ] {
             assert!(HELP.contains(word), "help lacks {word:?}");
         }
-        assert!(HELP.lines().all(|l| l.chars().count() <= 88), "a help line is too long");
+        assert!(
+            HELP.lines().all(|l| l.chars().count() <= 88),
+            "a help line is too long"
+        );
     }
 }

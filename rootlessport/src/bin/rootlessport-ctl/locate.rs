@@ -30,7 +30,11 @@ pub struct ConfEnv {
 impl ConfEnv {
     /// This process's environment (empty variables count as unset, as for podman).
     pub fn current() -> ConfEnv {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         ConfEnv {
             uid: nix::unistd::geteuid().as_raw(),
             containers_conf: var("CONTAINERS_CONF"),
@@ -71,7 +75,10 @@ pub fn conf_sources(env: &ConfEnv) -> Vec<ConfSource> {
             .or_else(|| env.home.as_ref().map(|h| h.join(".config")));
         if let Some(home) = config_home {
             let user = home.join("containers/containers.conf");
-            v.push(ConfSource::Dir(PathBuf::from(format!("{}.d", user.display()))));
+            v.push(ConfSource::Dir(PathBuf::from(format!(
+                "{}.d",
+                user.display()
+            ))));
             v.insert(v.len() - 1, ConfSource::File(user));
         }
     }
@@ -101,7 +108,11 @@ pub fn tmp_dir_from(files: &[(PathBuf, String)]) -> Result<Option<PathBuf>, Stri
             let why = e.message().to_owned();
             format!("{}: {why}", path.display())
         })?;
-        if let Some(dir) = conf.engine.and_then(|e| e.tmp_dir).filter(|d| !d.is_empty()) {
+        if let Some(dir) = conf
+            .engine
+            .and_then(|e| e.tmp_dir)
+            .filter(|d| !d.is_empty())
+        {
             found = Some(PathBuf::from(dir));
         }
     }
@@ -296,7 +307,9 @@ pub fn socket_from_proc(id: &str) -> Option<PathBuf> {
                 .into_iter()
                 .flatten()
                 .flatten()
-                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str()));
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == want.as_str())
+                });
             if holds {
                 if let Ok(dir) = std::fs::read_link(pid.join("fd").join(dirfd.to_string())) {
                     if dir.ends_with("rp") {
@@ -374,7 +387,10 @@ mod tests {
         assert_eq!(tmp_dir_from(&[]), Ok(None));
         let files = [
             f("/a", "[engine]\ntmp_dir = \"/one\"\n"),
-            f("/b", "[containers]\ndefault_ulimits = []\n[engine]\nruntime = \"runc\"\n"),
+            f(
+                "/b",
+                "[containers]\ndefault_ulimits = []\n[engine]\nruntime = \"runc\"\n",
+            ),
             f("/c", "# nothing\n"),
         ];
         assert_eq!(tmp_dir_from(&files), Ok(Some("/one".into())));
@@ -388,13 +404,22 @@ mod tests {
 
     #[test]
     fn ctl_default_tmp_dir_as_podman() {
-        assert_eq!(default_tmp_dir(&user(0), true), PathBuf::from("/run/libpod"));
+        assert_eq!(
+            default_tmp_dir(&user(0), true),
+            PathBuf::from("/run/libpod")
+        );
         let env = ConfEnv {
             xdg_runtime_dir: Some("/run/user/1001".into()),
             ..user(1001)
         };
-        assert_eq!(default_tmp_dir(&env, false), PathBuf::from("/run/user/1001/libpod/tmp"));
-        assert_eq!(default_tmp_dir(&user(1001), true), PathBuf::from("/run/user/1001/libpod/tmp"));
+        assert_eq!(
+            default_tmp_dir(&env, false),
+            PathBuf::from("/run/user/1001/libpod/tmp")
+        );
+        assert_eq!(
+            default_tmp_dir(&user(1001), true),
+            PathBuf::from("/run/user/1001/libpod/tmp")
+        );
         assert_eq!(
             default_tmp_dir(&user(1001), false),
             PathBuf::from("/tmp/podman-run-1001/libpod/tmp")
@@ -430,7 +455,14 @@ mod tests {
             format!("/run/libpod/rp/{id}"),
             format!("/a dir/rp/{id}"),
         );
-        assert_eq!(got, [(4242, p1.as_str()), (4243, p2.as_str()), (4246, p3.as_str())]);
+        assert_eq!(
+            got,
+            [
+                (4242, p1.as_str()),
+                (4243, p2.as_str()),
+                (4246, p3.as_str())
+            ]
+        );
         assert_eq!(proc_fd_path(&p1), Some((7, id.as_str())));
         assert_eq!(proc_fd_path(&p2), None);
         assert_eq!(proc_fd_path("/proc/self/fd/x/y"), None);

@@ -114,7 +114,11 @@ impl Helper {
         let podman = cli
             .podman
             .clone()
-            .or_else(|| std::env::var_os("PODMAN").filter(|p| !p.is_empty()).map(PathBuf::from))
+            .or_else(|| {
+                std::env::var_os("PODMAN")
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+            })
             .unwrap_or_else(|| PathBuf::from("podman"));
         let id = locate::resolve_container(&podman, name).map_err(|e| {
             Failure::request(match e {
