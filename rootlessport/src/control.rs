@@ -54,6 +54,26 @@
 //! | no `request`, or not a string | `bad request: missing field "request"` / `bad request: "request" is not a string` |
 //! | an unknown request | `unknown request "NAME"` |
 //! | a field the request does not take | `bad request: unknown field "F" in request "NAME"` |
+//! | a field the request needs is missing | `bad request: missing field "mappings" in request "add"` |
+//! | a field of the wrong type or range | `bad request: ` and the parser's words (a port of 70000: `invalid value: integer ...`) |
+//!
+//! `add` and `remove` also fail with the texts of the helper's start-up (its stdout
+//! line when podman's config is wrong), and with their own:
+//!
+//! | cause | `error` |
+//! |---|---|
+//! | a protocol not in `tcp`, `tcp4`, `tcp6`, `udp`, `udp4`, `udp6` | `unknown proto: "x"` (`sctp`: `unsupported proto: "sctp" (rootlessport forwards tcp and udp only)`) |
+//! | a host IP that is not an address | `invalid ParentIP: "X"` |
+//! | host or container port 0 | `invalid ParentPort: 0` / `invalid ChildPort: 0` |
+//! | a range past port 65535 | `invalid port range: ...` |
+//! | one port twice in the batch (protocol, host IP and host port) | `conflict with ID N` (N: the first one's place in the batch, from 1) |
+//! | `add`: a port cannot be listened on (another process has it, or this helper publishes it already) | `listen tcp 0.0.0.0:8080: bind: address already in use` (the OS error as Go words it) |
+//! | `add`: an address of the wrong family for the protocol | `listen tcp4 [::1]:8080: not an IPv4 address` |
+//! | `remove`: a port that is not published now | `not published: tcp 0.0.0.0:8080 -> 80` (protocol, host address and port, container port) |
+//!
+//! A request that fails changes nothing: the first error in the order above (each
+//! mapping, each protocol of its list, each port of its range) is the reply, and no
+//! port of the batch was published or removed.
 //!
 //! **`list` reply**: `"ports"`, an array with one object per published port (each
 //! protocol of a mapping, each port of a range, in the order they were published):
@@ -88,7 +108,55 @@
 //!     "datagrams_out":0}]}
 //! ```
 //!
-//! This module is the client's side ([`list`]) and the types both sides share.
+//! **`add`**: `"mappings"`, an array of podman's mapping objects, exactly as in the
+//! helper's config (`Mappings`: `host_ip`, `container_port`, `host_port`, `range`,
+//! `protocol`; a missing field is 0 or empty, `range` 0 means 1, `protocol` may be a
+//! comma list, empty means `tcp`). The batch is checked as at start-up, then every
+//! listener of it is made in the engine's network namespace (where the config's ports
+//! listen: the helper keeps a thread there for it), all or none: the first that fails
+//! closes every socket made for the batch, and is the error. Then each port is served
+//! as the config's are, client-address keeping included (UDP: its container ports get
+//! their routing gate before the first datagram is forwarded). The reply's `"ports"`
+//! holds the ports published, in that order, counters at 0.
+//!
+//! ```text
+//! -> {"version":1,"request":"add","mappings":[{"host_ip":"","container_port":80,
+//!     "host_port":8081,"range":1,"protocol":"tcp,udp"}]}
+//! <- {"version":1,"ok":true,"ports":[{"host_ip":"0.0.0.0","host_port":8081,
+//!     "container_port":80,"protocol":"tcp",...},{...,"protocol":"udp",...}]}
+//! ```
+//!
+//! **`remove`**: `"mappings"` as for `add`, and `"close"`, a boolean (default
+//! `false`). Every port the mappings expand to must be published now, matched on its
+//! host address, host port, container port and protocol as `list` shows them (a
+//! mapping with host IP `""` matches `0.0.0.0`). Each listener is closed before the
+//! reply (new connections are refused at once, and the address can be published
+//! again); the port leaves `list`, and its UDP gate goes when no other published UDP
+//! port needs it. Its live TCP connections run on until either side ends them, or,
+//! with `"close":true`, are reset on both sides (the client and the container each
+//! see a reset). A UDP port's flows end with it: the container's replies went back
+//! through the published socket, which is closed, so a client's next datagram gets
+//! "port unreachable". The reply's `"ports"` holds the ports removed with their final
+//! counters (connections kept open move bytes on, but are no longer listed).
+//!
+//! ```text
+//! -> {"version":1,"request":"remove","mappings":[{"host_ip":"","container_port":80,
+//!     "host_port":8081,"range":1,"protocol":"tcp"}],"close":true}
+//! <- {"version":1,"ok":true,"ports":[{"host_ip":"0.0.0.0","host_port":8081,
+//!     "container_port":80,"protocol":"tcp",...,"connections_total":4,...}]}
+//! ```
+//!
+//! Requests are handled one at a time per helper (a second `add` or `remove` waits
+//! for the first), within the connection's 5 seconds.
+//!
+//! **Live changes last for the helper's life only.** podman does not know of them:
+//! `podman port` and `podman inspect` show the container's own `-p` ports, a removed
+//! one included and an added one not; when the container restarts (or its helper is
+//! started again), podman's own set is published again and the changes are gone. The
+//! same host port may later be refused to podman itself if an added port holds it.
+//!
+//! This module is the client's side ([`list`], [`add`], [`remove`]) and the types both
+//! sides share.
 
 use std::io;
 use std::net::IpAddr;

@@ -4,107 +4,24 @@
 //! connection to the container is made directly inside it: no second process, no fd
 //! passing, no thread per port.
 
-use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{display_addr, ListenPlan, PortSpec, Transport};
+use slirp_config::PortMapping;
+
+use crate::config::{plan_ports, Transport};
+use crate::control::PortStatus;
 use crate::counters::{PortCounters, Published};
+use crate::listen::{Binder, Bound};
 use crate::reload::server::ReloadSocket;
-use crate::source_ip::SourceIp;
-use crate::state::{register, Shared};
+use crate::source_ip::{merged_ranges, SourceIp};
+use crate::state::{register, PortStop, Shared};
 use crate::Error;
 
 /// podman's idle timeout for UDP flows.
 pub(crate) const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
-
-/// The container port ranges published for UDP, merged.
-fn udp_ranges(bound: &[Bound]) -> Vec<(u16, u16)> {
-    let mut ports: Vec<u16> = bound
-        .iter()
-        .filter(|b| b.spec.transport == Transport::Udp)
-        .map(|b| b.spec.child_port)
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    let mut out: Vec<(u16, u16)> = Vec::new();
-    for p in ports {
-        match out.last_mut() {
-            Some((_, end)) if *end + 1 == p => *end = p,
-            _ => out.push((p, p)),
-        }
-    }
-    out
-}
-
-/// A listening socket for one port spec, made in the engine's netns.
-#[derive(Debug)]
-pub(crate) struct Bound {
-    pub(crate) spec: PortSpec,
-    sock: socket2::Socket,
-    /// When it began listening, in unix seconds.
-    published_at: u64,
-}
-
-/// Make every listener, in order; the first failure is the error (and the ones made so
-/// far are closed with it).
-pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
-    specs
-        .iter()
-        .map(|spec| {
-            let plan = spec.listen_plan()?;
-            let sock = bind_one(spec, plan)?;
-            Ok(Bound {
-                spec: spec.clone(),
-                sock,
-                published_at: crate::counters::unix_now(),
-            })
-        })
-        .collect()
-}
-
-fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let err = |op: &'static str, e: io::Error| Error::Listen {
-        proto: spec.proto.clone(),
-        addr: display_addr(&spec.parent_ip, spec.parent_port),
-        reason: op,
-        source: Some(e),
-    };
-    let (ty, proto) = match spec.transport {
-        Transport::Tcp => (Type::STREAM, Protocol::TCP),
-        Transport::Udp => (Type::DGRAM, Protocol::UDP),
-    };
-    let mut addr = plan.addr;
-    let mut only_v6 = plan.only_v6;
-    let sock = match Socket::new(Domain::for_address(addr), ty, Some(proto)) {
-        Ok(s) => s,
-        // A host without IPv6: a dual-stack wildcard falls back to IPv4 alone.
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) && only_v6 == Some(false) => {
-            addr = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
-            only_v6 = None;
-            Socket::new(Domain::IPV4, ty, Some(proto)).map_err(|e| err("socket", e))?
-        }
-        Err(e) => return Err(err("socket", e)),
-    };
-    if let Some(v6only) = only_v6 {
-        sock.set_only_v6(v6only).map_err(|e| err("setsockopt", e))?;
-    }
-    if spec.transport == Transport::Tcp {
-        // As Go does for listeners: a restart can rebind while old connections linger.
-        sock.set_reuse_address(true)
-            .map_err(|e| err("setsockopt", e))?;
-    }
-    sock.set_nonblocking(true)
-        .map_err(|e| err("setsockopt", e))?;
-    sock.bind(&addr.into()).map_err(|e| err("bind", e))?;
-    if spec.transport == Transport::Tcp {
-        sock.listen(4096).map_err(|e| err("listen", e))?;
-    }
-    Ok(sock)
-}
 
 /// Everything the event loop needs.
 pub(crate) struct Forwarder {
@@ -143,6 +60,8 @@ impl Forwarder {
     /// are being served, and return when ExitFD reads EOF (or on SIGTERM/SIGINT). The
     /// listeners are closed on return.
     pub(crate) fn run(self, ready: impl FnOnce() -> Result<(), Error>) -> Result<Stopped, Error> {
+        // Started here, so that it stays in the engine's netns for good.
+        let binder = Binder::spawn()?;
         nix::sched::setns(self.netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
             |e| Error::Netns {
                 path: self.netns_path.clone(),
@@ -179,7 +98,16 @@ impl Forwarder {
         })?;
         let source = if self.preserve_source {
             let kept = may_keep_addresses().and_then(|()| {
-                SourceIp::setup(&self.container_id, self.child_ip, udp_ranges(&self.bound))
+                SourceIp::setup(
+                    &self.container_id,
+                    self.child_ip,
+                    merged_ranges(
+                        self.bound
+                            .iter()
+                            .filter(|b| b.spec.transport == Transport::Udp)
+                            .map(|b| b.spec.child_port),
+                    ),
+                )
             });
             match kept {
                 Ok(s) => Some(s),
@@ -197,7 +125,7 @@ impl Forwarder {
         let udp_bound = crate::flow_budget::flow_bound(nofile);
         tracing::debug!("open-file limit {nofile}: at most {udp_bound} UDP flows helper-wide");
         let shared = Shared::new(self.child_ip, self.udp_idle, source, udp_bound);
-        let shared = Arc::new(shared.with_pipe_size(self.pipe_size));
+        let shared = Arc::new(shared.with_pipe_size(self.pipe_size).with_binder(binder));
         let keep = shared.clone();
         let self_exit = self.exit_after;
         let Forwarder {
@@ -207,43 +135,7 @@ impl Forwarder {
             ..
         } = self;
         let result = rt.block_on(async move {
-            for b in bound {
-                let counters = Arc::new(PortCounters::default());
-                shared.publish(Published {
-                    host_ip: b.spec.parent_addr,
-                    host_port: b.spec.parent_port,
-                    container_port: b.spec.child_port,
-                    protocol: b.spec.protocol,
-                    published_at: b.published_at,
-                    counters: counters.clone(),
-                });
-                let io_err = |source| Error::Io {
-                    what: "registering a listener",
-                    source,
-                };
-                match b.spec.transport {
-                    Transport::Tcp => {
-                        let l = tokio::net::TcpListener::from_std(b.sock.into()).map_err(io_err)?;
-                        tokio::spawn(crate::tcp::accept_loop(
-                            l,
-                            b.spec.child_port,
-                            b.spec.family,
-                            shared.clone(),
-                            counters,
-                        ));
-                    }
-                    Transport::Udp => {
-                        let s = tokio::net::UdpSocket::from_std(b.sock.into()).map_err(io_err)?;
-                        tokio::spawn(crate::udp::serve(
-                            s,
-                            b.spec.child_port,
-                            b.spec.family,
-                            shared.clone(),
-                            counters,
-                        ));
-                    }
-                }
-            }
+            serve_ports(bound, &shared)?;
             let reload_guard = match reload {
                 Some(r) => {
                     let r = Arc::new(r);
@@ -279,6 +171,155 @@ impl Forwarder {
             drop(rt);
         }
         result
+    }
+}
+
+/// A listener registered with the event loop, not yet served.
+enum Registered {
+    Tcp(tokio::net::TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+/// Serve `bound` (listening sockets made in the engine's netns): each is registered,
+/// listed, and served by a task of its own that a `remove` can stop. All or none: the
+/// sockets are registered before any is served. The same for the ports of the config
+/// and those added later. Call it inside the runtime.
+fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus>, Error> {
+    let io_err = |source| Error::Io {
+        what: "registering a listener",
+        source,
+    };
+    let registered = bound
+        .into_iter()
+        .map(|b| {
+            let sock = match b.spec.transport {
+                Transport::Tcp => Registered::Tcp(
+                    tokio::net::TcpListener::from_std(b.sock.into()).map_err(io_err)?,
+                ),
+                Transport::Udp => {
+                    Registered::Udp(tokio::net::UdpSocket::from_std(b.sock.into()).map_err(io_err)?)
+                }
+            };
+            Ok((b.spec, b.published_at, sock))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let mut served = Vec::with_capacity(registered.len());
+    for (spec, published_at, sock) in registered {
+        let counters = Arc::new(PortCounters::default());
+        let (close, closing) = tokio::sync::watch::channel(false);
+        let task = match sock {
+            Registered::Tcp(l) => tokio::spawn(crate::tcp::accept_loop(
+                l,
+                spec.child_port,
+                spec.family,
+                shared.clone(),
+                counters.clone(),
+                closing,
+            )),
+            Registered::Udp(s) => tokio::spawn(crate::udp::serve(
+                s,
+                spec.child_port,
+                spec.family,
+                shared.clone(),
+                counters.clone(),
+            )),
+        };
+        let port = Published {
+            host_ip: spec.parent_addr,
+            host_port: spec.parent_port,
+            container_port: spec.child_port,
+            protocol: spec.protocol,
+            published_at,
+            counters,
+        };
+        served.push(port.status());
+        shared.publish(port, Some(PortStop { task, close }));
+    }
+    Ok(served)
+}
+
+/// The control socket's `add`: `mappings` checked as at start-up, bound in the
+/// engine's netns (all or none), the UDP gates of client-address keeping extended
+/// before any new port is served, then served as the config's ports are.
+async fn add_ports(
+    shared: &Arc<Shared>,
+    mappings: &[PortMapping],
+) -> Result<Vec<PortStatus>, String> {
+    let specs = plan_ports(mappings).map_err(|e| e.to_string())?;
+    let binder = shared
+        .binder()
+        .ok_or("this helper cannot add ports (it runs without its listener thread)")?;
+    let _one_at_a_time = shared.changes.lock().await;
+    let bound = binder.bind(specs).await.map_err(|e| e.to_string())?;
+    let udp: Vec<u16> = bound
+        .iter()
+        .filter(|b| b.spec.transport == Transport::Udp)
+        .map(|b| b.spec.child_port)
+        .collect();
+    if !udp.is_empty() {
+        shared.update_udp_gates(&udp);
+    }
+    let served = serve_ports(bound, shared);
+    if served.is_err() && !udp.is_empty() {
+        shared.update_udp_gates(&[]);
+    }
+    let served = served.map_err(|e| e.to_string())?;
+    tracing::info!(ports = served.len(), "ports added");
+    Ok(served)
+}
+
+/// The control socket's `remove`: `mappings` checked as at start-up, each port must be
+/// published (all or none); each port's task is stopped and awaited, so that its
+/// listener is closed when this returns (UDP: its flows with it); with `close`, its
+/// live TCP connections are reset. The UDP gates follow.
+async fn remove_ports(
+    shared: &Arc<Shared>,
+    mappings: &[PortMapping],
+    close: bool,
+) -> Result<Vec<PortStatus>, String> {
+    let specs = plan_ports(mappings).map_err(|e| e.to_string())?;
+    let _one_at_a_time = shared.changes.lock().await;
+    let removed = shared.unpublish(&specs)?;
+    let mut udp = false;
+    for (port, stop) in &removed {
+        udp |= port.protocol.protocol == slirp_config::Protocol::Udp;
+        if let Some(stop) = stop {
+            stop.task.abort();
+            if close {
+                stop.close.send_replace(true);
+            }
+        }
+    }
+    let mut statuses = Vec::with_capacity(removed.len());
+    for (port, stop) in removed {
+        if let Some(stop) = stop {
+            // Cancelled: the task's future (its listener, its flows) is dropped by now.
+            let _ = stop.task.await;
+        }
+        statuses.push(port.status());
+    }
+    if udp {
+        shared.update_udp_gates(&[]);
+    }
+    tracing::info!(ports = statuses.len(), close, "ports removed");
+    Ok(statuses)
+}
+
+impl crate::control::Ports for Arc<Shared> {
+    fn list(&self) -> Vec<PortStatus> {
+        self.port_statuses()
+    }
+
+    async fn add(&self, mappings: &[PortMapping]) -> Result<Vec<PortStatus>, String> {
+        add_ports(self, mappings).await
+    }
+
+    async fn remove(
+        &self,
+        mappings: &[PortMapping],
+        close: bool,
+    ) -> Result<Vec<PortStatus>, String> {
+        remove_ports(self, mappings, close).await
     }
 }
 

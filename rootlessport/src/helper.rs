@@ -29,7 +29,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{parse_child_ip, plan_ports};
-use crate::forward::{bind_all, Forwarder, DEFAULT_UDP_IDLE};
+use crate::forward::{Forwarder, DEFAULT_UDP_IDLE};
+use crate::listen::bind_all;
 use crate::reload::server::ReloadSocket;
 use crate::state::DEFAULT_PIPE_SIZE;
 use crate::{Config, Error};

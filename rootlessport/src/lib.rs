@@ -49,6 +49,7 @@ mod flow_budget;
 mod forward;
 pub mod helper;
 pub mod launcher;
+mod listen;
 mod netlink;
 pub mod reload;
 mod routing;

@@ -342,6 +342,9 @@ pub(crate) struct SourceIp {
     /// asked).
     udp: Vec<IpFamily>,
     udp_ranges: Vec<(u16, u16)>,
+    /// Whether UDP keeping was tried for `families` (at start with UDP ports, else
+    /// when the first is added): tried once, so a kernel that failed is not retried.
+    udp_tried: bool,
     child: IpAddr,
     /// Kept UDP flows (client, container port), each with its rule.
     flows: HashSet<(SocketAddr, u16)>,
@@ -416,6 +419,7 @@ impl SourceIp {
             families: Vec::new(),
             udp: Vec::new(),
             udp_ranges,
+            udp_tried: false,
             child,
             flows: HashSet::new(),
             buckets: [[0; BUCKETS]; 2],
@@ -439,21 +443,72 @@ impl SourceIp {
             }
         }
         if !self.udp_ranges.is_empty() {
-            for family in self.families.clone() {
-                match self.add_udp_gates(family) {
-                    Ok(()) => self.udp.push(family),
-                    Err(why) => {
-                        if family == IpFamily::of(self.child) {
-                            tracing::warn!(
-                                "UDP client addresses are not kept (the container sees the child IP's side): {why}"
-                            );
-                        }
-                        self.remove_udp_gates(family);
-                    }
-                }
-            }
+            self.add_udp();
         }
         Ok(())
+    }
+
+    /// Set UDP keeping up for every family kept (its fixed rules and the gates of
+    /// `udp_ranges`), once; a family that fails has none of its UDP rules left.
+    fn add_udp(&mut self) {
+        self.udp_tried = true;
+        for family in self.families.clone() {
+            match self.add_udp_gates(family) {
+                Ok(()) => self.udp.push(family),
+                Err(why) => self.udp_off(family, &why),
+            }
+        }
+    }
+
+    /// UDP keeping goes off for `family`: its UDP rules go (one warning line).
+    fn udp_off(&mut self, family: IpFamily, why: &str) {
+        if family == IpFamily::of(self.child) {
+            tracing::warn!(
+                "UDP client addresses are not kept (the container sees the child IP's side): {why}"
+            );
+        }
+        self.remove_udp_gates(family);
+        self.udp.retain(|f| *f != family);
+    }
+
+    /// The container ports published for UDP are now `ranges` (merged, as
+    /// [`merged_ranges`] makes them): the gates follow, each new one added before an
+    /// old one goes, so that a port published all along never loses its gate. The
+    /// first ranges of a helper that started with none set UDP keeping up. A gate the
+    /// kernel refuses turns UDP keeping off for its family ([`SourceIp::supports_udp`]
+    /// says so): a port without its gate would lose its kept flows' replies.
+    pub fn set_udp_ranges(&mut self, ranges: Vec<(u16, u16)>) {
+        let old = std::mem::replace(&mut self.udp_ranges, ranges);
+        if !self.udp_tried {
+            if !self.udp_ranges.is_empty() {
+                self.add_udp();
+            }
+            return;
+        }
+        let b = self.band;
+        let gates = |ranges: &[(u16, u16)]| -> Vec<(u16, u16)> {
+            ranges
+                .iter()
+                .filter_map(|(f, l)| rule_ports(u32::from(*f), u32::from(*l)))
+                .collect()
+        };
+        let (old, new) = (gates(&old), gates(&self.udp_ranges));
+        for family in self.udp.clone() {
+            let added = new.iter().filter(|r| !old.contains(r)).try_for_each(|r| {
+                let gate = b.gate(family, *r);
+                self.net
+                    .add_rule(&gate)
+                    .map_err(|e| format!("adding the UDP gate for ports {}-{}: {e}", r.0, r.1))?;
+                self.check_stored(&gate)
+            });
+            if let Err(why) = added {
+                self.udp_off(family, &why);
+                continue;
+            }
+            for r in old.iter().filter(|r| !new.contains(r)) {
+                let _ = self.net.del_rule(&b.gate(family, *r));
+            }
+        }
     }
 
     fn add_family(&mut self, family: IpFamily, prefsrc: Option<IpAddr>) -> Result<(), String> {
@@ -842,6 +897,22 @@ fn usable_child(child_ip: Option<IpAddr>) -> Result<IpAddr, String> {
         Some(ip) if ip.is_loopback() => Err(format!("child IP {ip} is a loopback address")),
         Some(ip) => Ok(ip),
     }
+}
+
+/// Container ports as sorted ranges of consecutive ports (duplicates merged): one
+/// UDP gate each.
+pub(crate) fn merged_ranges(ports: impl IntoIterator<Item = u16>) -> Vec<(u16, u16)> {
+    let mut ports: Vec<u16> = ports.into_iter().collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for p in ports {
+        match out.last_mut() {
+            Some((_, end)) if u32::from(*end) + 1 == u32::from(p) => *end = p,
+            _ => out.push((p, p)),
+        }
+    }
+    out
 }
 
 /// The address to connect from for a client, if its address can be kept: same family
@@ -1339,6 +1410,85 @@ mod tests {
         );
         drop(s);
         assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn control_udp_gates_follow_added_and_removed_ports() {
+        let net = Netns::new(Kernel::MODERN);
+        let before = net.fake.snapshot();
+        // Started with no UDP port: no UDP rule at all, and UDP not kept.
+        let mut s = net
+            .helper("ctr", CHILD, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let band = s.band;
+        let udp_rules = |net: &Netns| -> Vec<Rule> {
+            let mut r: Vec<Rule> = net
+                .fake
+                .rules()
+                .into_iter()
+                .filter(|r| Band::owning(r) == Some(band) && r.priority < band.tcp())
+                .collect();
+            r.sort_by_key(|r| (r.family == IpFamily::V6, r.priority, r.sport));
+            r
+        };
+        assert_eq!(udp_rules(&net), []);
+        assert!(!s.supports_udp(IpFamily::V4));
+        let expect = |ranges: &[(u16, u16)]| -> Vec<Rule> {
+            let mut r = Vec::new();
+            for f in [IpFamily::V4, IpFamily::V6] {
+                r.extend(ranges.iter().map(|p| band.gate(f, *p)));
+                r.push(band.skip_rule(f, band.skip()));
+                r.push(band.skip_rule(f, band.bucket_skip()));
+            }
+            r.sort_by_key(|r| (r.family == IpFamily::V6, r.priority, r.sport));
+            r
+        };
+        // The first UDP port sets UDP keeping up: gates, skips, and flows work.
+        s.set_udp_ranges(merged_ranges([53]));
+        assert!(s.supports_udp(IpFamily::V4) && s.supports_udp(IpFamily::V6));
+        assert_eq!(udp_rules(&net), expect(&[(53, 53)]), "{}", net.fake.log());
+        assert!(s.add_udp_flow(client(40000), 53));
+        // Adjacent and far ports: ranges merge, each gate added before an old one goes.
+        s.set_udp_ranges(merged_ranges([53, 54, 5000, 53]));
+        let flows = |net: &Netns| net.fake.rules().iter().filter(|r| r.dst.is_some()).count();
+        assert_eq!(flows(&net), 1, "the live flow keeps its rule");
+        let gates: Vec<Rule> = udp_rules(&net)
+            .into_iter()
+            .filter(|r| r.priority == band.gates())
+            .collect();
+        assert_eq!(
+            gates,
+            expect(&[(53, 54), (5000, 5000)])
+                .into_iter()
+                .filter(|r| r.priority == band.gates())
+                .collect::<Vec<_>>()
+        );
+        // The merged gate was added before the one it replaces went.
+        let log = net.fake.log();
+        let added_at = log.find(&format!("add {:?}", band.gate(IpFamily::V4, (53, 54))));
+        let removed_at = log.find(&format!("del {:?}", band.gate(IpFamily::V4, (53, 53))));
+        assert!(
+            matches!((added_at, removed_at), (Some(a), Some(r)) if a < r),
+            "{log}"
+        );
+        // Removing every UDP port takes the gates; the fixed rules stay for the next.
+        s.remove_udp_flow(client(40000), 53);
+        s.set_udp_ranges(Vec::new());
+        assert_eq!(udp_rules(&net), expect(&[]), "{}", net.fake.log());
+        s.set_udp_ranges(merged_ranges([65535]));
+        assert_eq!(udp_rules(&net), expect(&[]), "port 65535 cannot be matched");
+        drop(s);
+        assert_eq!(net.fake.snapshot(), before, "{}", net.fake.log());
+    }
+
+    #[test]
+    fn control_merged_ranges() {
+        assert_eq!(merged_ranges([]), []);
+        assert_eq!(
+            merged_ranges([5, 3, 4, 4, 9, 65535, 65534]),
+            [(3, 5), (9, 9), (65534, 65535)]
+        );
+        assert_eq!(merged_ranges([1, 65535]), [(1, 1), (65535, 65535)]);
     }
 
     #[test]

@@ -5,16 +5,21 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::io::unix::{AsyncFd, AsyncFdRegisterError};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
+use crate::config::{display_addr, PortSpec};
 use crate::control::PortStatus;
 use crate::counters::Published;
 use crate::flow_budget::FlowBudget;
+use crate::listen::Binder;
 use crate::netlink::IpFamily;
-use crate::source_ip::SourceIp;
+use crate::source_ip::{merged_ranges, SourceIp};
 
 /// State every task reads: where new connections go, and from which address.
 pub(crate) struct Shared {
@@ -24,17 +29,43 @@ pub(crate) struct Shared {
     pub(crate) pipe_size: usize,
     /// Families whose TCP client addresses are kept (empty: none).
     pub(crate) source_families: Vec<IpFamily>,
-    /// Families whose UDP client addresses are kept (empty: none).
-    pub(crate) udp_families: Vec<IpFamily>,
+    /// Families whose UDP client addresses are kept ([`families_bits`]): read by every
+    /// new UDP flow without a lock, changed when ports are added or removed.
+    udp_families: AtomicU8,
     /// The mark of our TCP sockets when client addresses are kept.
     pub(crate) mark: Option<u32>,
     source_ip: Mutex<Option<SourceIp>>,
     /// The helper-wide bound on UDP flows (see [`crate::udp`]), from the open-file limit.
     pub(crate) udp_budget: FlowBudget,
-    /// Every published port, for the control socket's `list`. Locked only by the
-    /// control path and when a port is published: the data path holds each port's
-    /// counters itself.
-    published: Mutex<Vec<Published>>,
+    /// Every published port, for the control socket's `list`, with what stops it.
+    /// Locked only by the control path and when a port is published or removed: the
+    /// data path holds each port's counters itself.
+    published: Mutex<Vec<Entry>>,
+    /// Binds the listeners of added ports in the engine's netns (none: ports cannot be
+    /// added).
+    binder: Option<Binder>,
+    /// Held through each `add` and `remove`, so that their listeners, lists and UDP
+    /// gates change one request at a time.
+    pub(crate) changes: tokio::sync::Mutex<()>,
+}
+
+/// A published port and what stops it.
+struct Entry {
+    port: Published,
+    stop: Option<PortStop>,
+}
+
+/// What stops one published port: its serving task (which owns the listener, and for
+/// UDP every flow), and the signal that resets its live TCP connections.
+pub(crate) struct PortStop {
+    pub(crate) task: JoinHandle<()>,
+    /// Set to `true`: every live connection of the port is reset.
+    pub(crate) close: watch::Sender<bool>,
+}
+
+/// A set of families as bits: 1 for IPv4, 2 for IPv6.
+fn families_bits(kept: impl Fn(IpFamily) -> bool) -> u8 {
+    u8::from(kept(IpFamily::V4)) | (u8::from(kept(IpFamily::V6)) << 1)
 }
 
 impl Shared {
@@ -59,11 +90,36 @@ impl Shared {
             udp_idle,
             pipe_size: DEFAULT_PIPE_SIZE,
             source_families: families(SourceIp::supports),
-            udp_families: families(SourceIp::supports_udp),
+            udp_families: AtomicU8::new(families_bits(|f| {
+                source.as_ref().is_some_and(|s| s.supports_udp(f))
+            })),
             mark: source.as_ref().map(SourceIp::mark),
             source_ip: Mutex::new(source),
             udp_budget: FlowBudget::new(udp_bound),
             published: Mutex::new(Vec::new()),
+            binder: None,
+            changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The same, adding ports' listeners through `binder`.
+    pub(crate) fn with_binder(mut self, binder: Binder) -> Shared {
+        self.binder = Some(binder);
+        self
+    }
+
+    /// What binds added ports' listeners, if they may be added.
+    pub(crate) fn binder(&self) -> Option<&Binder> {
+        self.binder.as_ref()
+    }
+
+    /// Families whose UDP client addresses are kept now (one atomic load).
+    pub(crate) fn udp_families(&self) -> &'static [IpFamily] {
+        match self.udp_families.load(Relaxed) {
+            1 => &[IpFamily::V4],
+            2 => &[IpFamily::V6],
+            3 => &[IpFamily::V4, IpFamily::V6],
+            _ => &[],
         }
     }
 
@@ -104,18 +160,80 @@ impl Shared {
         }
     }
 
-    /// A port is published: listed from now on.
-    pub(crate) fn publish(&self, port: Published) {
-        self.published
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(port);
+    fn published(&self) -> MutexGuard<'_, Vec<Entry>> {
+        self.published.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A port is published: listed from now on (`stop`: what a `remove` stops).
+    pub(crate) fn publish(&self, port: Published, stop: Option<PortStop>) {
+        self.published().push(Entry { port, stop });
     }
 
     /// Every published port with its counters now, in the order published.
     pub(crate) fn port_statuses(&self) -> Vec<PortStatus> {
-        let published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-        published.iter().map(Published::status).collect()
+        self.published().iter().map(|e| e.port.status()).collect()
+    }
+
+    /// Take the published ports of `specs` off the list, all or none: each must be
+    /// published now (same host address, host port, container port and protocol),
+    /// else the error names the first that is not, and nothing changed.
+    pub(crate) fn unpublish(
+        &self,
+        specs: &[PortSpec],
+    ) -> Result<Vec<(Published, Option<PortStop>)>, String> {
+        let mut published = self.published();
+        let mut found = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let at = published.iter().position(|e| {
+                e.port.host_ip == spec.parent_addr
+                    && e.port.host_port == spec.parent_port
+                    && e.port.container_port == spec.child_port
+                    && e.port.protocol == spec.protocol
+            });
+            match at {
+                Some(i) => found.push(i),
+                None => {
+                    return Err(format!(
+                        "not published: {} {} -> {}",
+                        spec.proto,
+                        display_addr(&spec.parent_ip, spec.parent_port),
+                        spec.child_port
+                    ))
+                }
+            }
+        }
+        // plan_ports refuses a spec given twice, so each index is found once.
+        found.sort_unstable();
+        Ok(found
+            .into_iter()
+            .rev()
+            .map(|i| {
+                let e = published.remove(i);
+                (e.port, e.stop)
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect())
+    }
+
+    /// Make the UDP gates of the client-address keeping match the published UDP
+    /// ports and `extra` container ports (about to be published), and the families
+    /// kept follow. Runs on a thread inside the container netns (the runtime's).
+    pub(crate) fn update_udp_gates(&self, extra: &[u16]) {
+        let ports: Vec<u16> = self
+            .published()
+            .iter()
+            .filter(|e| e.port.protocol.protocol == slirp_config::Protocol::Udp)
+            .map(|e| e.port.container_port)
+            .chain(extra.iter().copied())
+            .collect();
+        let mut source = self.source_ip();
+        if let Some(s) = source.as_mut() {
+            s.set_udp_ranges(merged_ranges(ports));
+            self.udp_families
+                .store(families_bits(|f| s.supports_udp(f)), Relaxed);
+        }
     }
 
     /// Take the reply routing out, to tear it down now (from a thread inside the

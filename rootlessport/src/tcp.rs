@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 
 use crate::config::Family;
 use crate::counters::PortCounters;
@@ -20,13 +21,16 @@ use crate::state::Shared;
 /// Pipes kept for reuse per thread; a connection only holds one while data is in it.
 const POOL_MAX: usize = 32;
 
-/// Accept connections for one published port until the runtime stops.
+/// Accept connections for one published port until the runtime stops or the task is
+/// aborted (the port removed: the listener closes with it). `closing` turns `true`
+/// when the port's live connections are to be reset.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     child_port: u16,
     family: Family,
     shared: Arc<Shared>,
     counters: Arc<PortCounters>,
+    closing: watch::Receiver<bool>,
 ) {
     loop {
         // `accept()` counts against tokio's cooperative budget: a flood of clients
@@ -35,8 +39,14 @@ pub(crate) async fn accept_loop(
             Ok((client, peer)) => {
                 let shared = shared.clone();
                 let open = counters.conn_opened();
+                let closing = closing.clone();
                 tokio::spawn(async move {
-                    forward(client, peer, child_port, family, &shared, open.counters()).await;
+                    let conn = Conn {
+                        peer,
+                        child_port,
+                        family,
+                    };
+                    forward(client, conn, &shared, open.counters(), closing).await;
                     drop(open);
                 });
             }
@@ -58,14 +68,25 @@ pub(crate) fn target(child_ip: Option<IpAddr>, family: Family, port: u16) -> Soc
     SocketAddr::new(ip, port)
 }
 
-async fn forward(
-    client: TcpStream,
+/// Where one accepted connection came from and goes.
+struct Conn {
     peer: SocketAddr,
     child_port: u16,
     family: Family,
+}
+
+async fn forward(
+    client: TcpStream,
+    conn: Conn,
     shared: &Shared,
     counters: &PortCounters,
+    closing: watch::Receiver<bool>,
 ) {
+    let Conn {
+        peer,
+        child_port,
+        family,
+    } = conn;
     let to = target(shared.child_ip(), family, child_port);
     let upstream = match connect(peer, to, shared).await {
         Ok(u) => u,
@@ -79,7 +100,7 @@ async fn forward(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    relay(&client, &upstream, shared.pipe_size, counters).await;
+    relay(&client, &upstream, shared.pipe_size, counters, closing).await;
 }
 
 /// Connect to `to` for the client `peer`. This runs on a thread that entered the
@@ -133,16 +154,31 @@ enum PumpEnd {
     WriteFailed,
 }
 
-/// Relay both directions until both have ended; a reset on one side resets the other.
+/// Relay both directions until both have ended; a reset on one side resets the other,
+/// and `closing` turning `true` (the port removed with `close`) resets both.
 /// `chunk`: bytes moved per splice call at most. `a` is the client: bytes from it
 /// count as in, to it as out.
-async fn relay(a: &TcpStream, b: &TcpStream, chunk: usize, counters: &PortCounters) {
+async fn relay(
+    a: &TcpStream,
+    b: &TcpStream,
+    chunk: usize,
+    counters: &PortCounters,
+    mut closing: watch::Receiver<bool>,
+) {
     let up = pump(a, b, chunk, |n| counters.moved_in(0, n as u64));
     let down = pump(b, a, chunk, |n| counters.moved_out(0, n as u64));
-    tokio::pin!(up, down);
+    // Registered once per connection, polled only when the port's signal changes:
+    // nothing per byte. A port removed without `close` drops its sender: never ready.
+    let closed = async move {
+        if closing.wait_for(|close| *close).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(up, down, closed);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
+            () = &mut closed => { reset(a); reset(b); return; }
             end = &mut up, if !up_done => match end {
                 PumpEnd::Eof => { up_done = true; shutdown_write(b); }
                 PumpEnd::ReadFailed => { reset(b); return; }

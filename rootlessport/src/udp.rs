@@ -311,6 +311,9 @@ pub(crate) async fn serve(
         epoch: Instant::now(),
         counters,
     };
+    // Stopped (the port removed, or the runtime dropped): its flows end with it, and
+    // the published socket closes once their reply tasks are dropped.
+    let _flows_end = EndFlows(port.flows.clone());
     loop {
         if port.published.readable().await.is_err() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -336,6 +339,18 @@ pub(crate) async fn serve(
         port.counters.moved_in(datagrams, bytes);
         if !drained {
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Closes every flow of a port when dropped.
+struct EndFlows(Flows);
+
+impl Drop for EndFlows {
+    fn drop(&mut self) {
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(client) = table.oldest() {
+            table.remove(client);
         }
     }
 }
@@ -431,7 +446,7 @@ impl Port {
     /// A socket connected to the container, made on this thread (inside its netns),
     /// from the client's own address when it can be kept.
     fn open_flow(&self, client: SocketAddr, to: SocketAddr, slot: FlowSlot) -> Option<Flow> {
-        let mut kept = source_for(&self.shared.udp_families, client, to)
+        let mut kept = source_for(self.shared.udp_families(), client, to)
             .filter(|src| self.shared.keep_udp_flow(*src, to));
         let sock = match kept.map(|src| transparent_socket(src, socket2::Type::DGRAM, None)) {
             Some(Ok(s)) => Ok(s),

@@ -220,3 +220,573 @@ fn control_list_counts_exactly_what_clients_moved() {
     assert!(!socket.exists(), "control socket left behind");
     assert!(!tmp.path().join("rp").exists());
 }
+
+// ---- add and remove ----
+
+/// A helper in a fresh container netns (loopback echo servers: TCP 80, UDP 53, and
+/// a TCP echo on 90 that reports how each connection ended), publishing `mappings`.
+struct Live {
+    ns: TestNetns,
+    tmp: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    helper: rootlessport::launcher::RootlessPort,
+    exit: Option<std::os::fd::OwnedFd>,
+    /// How the container's side of each connection to port 90 ended.
+    ends: std::sync::mpsc::Receiver<std::io::Result<u64>>,
+}
+
+impl Live {
+    fn start(id: &str, mappings: Vec<PortMapping>) -> Live {
+        let ns = TestNetns::new();
+        ns.sh("ip link set lo up");
+        tcp_echo(&ns, 80);
+        udp_echo(&ns, 53);
+        let (tx, ends) = std::sync::mpsc::channel();
+        let l = ns.run(|| TcpListener::bind(("127.0.0.1", 90)).unwrap());
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let (mut r, mut w) = (c.try_clone().unwrap(), c);
+                    let copied = std::io::copy(&mut r, &mut w);
+                    let _ = w.shutdown(Shutdown::Write);
+                    let _ = tx.send(copied);
+                });
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = Config::new(
+            id,
+            ns.path().display().to_string(),
+            "",
+            tmp.path().display().to_string(),
+        )
+        .with_mappings(mappings);
+        let (exit_r, exit_w) = tests::cloexec_pipe();
+        let helper = Launcher::new(rootlessport_bin())
+            .start(&cfg, exit_r)
+            .unwrap();
+        let socket = control::socket_path(tmp.path(), id);
+        Live {
+            ns,
+            tmp,
+            socket,
+            helper,
+            exit: Some(exit_w),
+            ends,
+        }
+    }
+
+    /// `host_port:container_port/protocol` of every published port.
+    fn shown(&self) -> Vec<String> {
+        control::list(&self.socket)
+            .unwrap()
+            .iter()
+            .map(shown)
+            .collect()
+    }
+
+    /// The helper exits on EOF, leaving no socket behind.
+    fn stop(mut self) {
+        drop(self.exit.take());
+        let status = self
+            .helper
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("helper did not exit on EOF");
+        assert!(status.success(), "{status}");
+        assert!(!self.socket.exists());
+        drop(self.ns);
+        drop(self.tmp);
+    }
+}
+
+fn shown(p: &PortStatus) -> String {
+    format!(
+        "{}:{}:{}/{}",
+        p.host_ip, p.host_port, p.container_port, p.protocol
+    )
+}
+
+fn pm(host_port: u16, container_port: u16, proto: &str) -> PortMapping {
+    PortMapping::new("127.0.0.1", host_port, container_port, 1, proto)
+}
+
+/// The helper's error text for a request it refused.
+fn refused(e: control::ControlError) -> String {
+    match e {
+        control::ControlError::Refused(why) => why,
+        other => panic!("not a refusal: {other}"),
+    }
+}
+
+/// `n` bytes of a pattern, starting at `from`.
+fn pattern(from: usize, n: usize) -> Vec<u8> {
+    (from..from + n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Send `bytes` on `c` and read them back.
+fn echo_round(c: &mut TcpStream, bytes: &[u8]) {
+    c.write_all(bytes).unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, bytes);
+}
+
+fn connect(port: u16) -> TcpStream {
+    let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c
+}
+
+fn refuses(port: u16) -> bool {
+    matches!(
+        TcpStream::connect(("127.0.0.1", port)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// One UDP round trip to `port` from `u`: the echo, if any came within 1 s.
+fn udp_round(u: &UdpSocket, port: u16, bytes: &[u8]) -> Option<Vec<u8>> {
+    u.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    u.send_to(bytes, ("127.0.0.1", port)).ok()?;
+    let mut back = [0u8; 2000];
+    let (n, _) = u.recv_from(&mut back).ok()?;
+    Some(back[..n].to_vec())
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_add_and_remove_under_live_traffic() {
+    require_harness();
+    let live = Live::start(
+        "c0ntrol-live",
+        vec![pm(28410, 80, "tcp"), pm(28411, 80, "tcp")],
+    );
+    // A connection on 28410 moves bytes the whole time, checked byte for byte.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let moved = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let traffic = {
+        let (stop, moved) = (stop.clone(), moved.clone());
+        std::thread::spawn(move || {
+            let mut c = connect(28410);
+            let mut at = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                echo_round(&mut c, &pattern(at, 4096));
+                at += 4096;
+                moved.store(at, std::sync::atomic::Ordering::Relaxed);
+            }
+            at
+        })
+    };
+    let moving = |from: usize| {
+        eventually(5, || {
+            moved.load(std::sync::atomic::Ordering::Relaxed) > from + 64 * 1024
+        })
+    };
+    assert!(moving(0), "no traffic on the live connection");
+
+    let before = now();
+    let added = control::add(&live.socket, &[pm(28412, 80, "tcp"), pm(28413, 53, "udp")]).unwrap();
+    let after = now();
+    assert_eq!(
+        added.iter().map(shown).collect::<Vec<_>>(),
+        ["127.0.0.1:28412:80/tcp", "127.0.0.1:28413:53/udp"]
+    );
+    for p in &added {
+        assert_eq!(p.counters, Default::default(), "{p:?}");
+        assert!((before..=after).contains(&p.published_at), "{p:?}");
+    }
+    assert!(
+        moving(moved.load(std::sync::atomic::Ordering::Relaxed)),
+        "live traffic stalled by add"
+    );
+    let removed = control::remove(&live.socket, &[pm(28411, 80, "tcp")], false).unwrap();
+    assert_eq!(
+        removed.iter().map(shown).collect::<Vec<_>>(),
+        ["127.0.0.1:28411:80/tcp"]
+    );
+    assert!(refuses(28411), "a removed port still accepts");
+    assert!(
+        moving(moved.load(std::sync::atomic::Ordering::Relaxed)),
+        "live traffic stalled by remove"
+    );
+    assert_eq!(
+        live.shown(),
+        [
+            "127.0.0.1:28410:80/tcp",
+            "127.0.0.1:28412:80/tcp",
+            "127.0.0.1:28413:53/udp"
+        ]
+    );
+
+    // The added TCP port: 300,000 bytes each way on one connection, counted exactly.
+    let payload = pattern(7, 300_000);
+    let mut c = connect(28412);
+    let writer = {
+        let (mut w, payload) = (c.try_clone().unwrap(), payload.clone());
+        std::thread::spawn(move || {
+            w.write_all(&payload).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut echoed = Vec::new();
+    c.read_to_end(&mut echoed).unwrap();
+    writer.join().unwrap();
+    assert!(echoed == payload, "the added TCP port garbled the bytes");
+    drop(c);
+    // The added UDP port: 3 datagrams of 1,000 bytes, echoed, counted exactly.
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..3u8 {
+        assert_eq!(udp_round(&u, 28413, &[i; 1000]), Some(vec![i; 1000]));
+    }
+    assert!(
+        eventually(5, || {
+            let t = port(&live.socket, 28412).counters;
+            let u = port(&live.socket, 28413).counters;
+            (
+                t.connections_open,
+                t.connections_total,
+                t.bytes_in,
+                t.bytes_out,
+                t.refused,
+            ) == (0, 1, 300_000, 300_000, 0)
+                && (
+                    u.flows_live,
+                    u.flows_total,
+                    u.datagrams_in,
+                    u.datagrams_out,
+                    u.bytes_in,
+                    u.bytes_out,
+                ) == (1, 1, 3, 3, 3000, 3000)
+        }),
+        "{:?}",
+        control::list(&live.socket).unwrap()
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total = traffic.join().unwrap();
+    assert!(total > 3 * 64 * 1024);
+    live.stop();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_remove_closes_the_listener_and_keeps_or_resets_live_connections() {
+    require_harness();
+    let live = Live::start(
+        "c0ntrol-rm",
+        vec![
+            pm(28420, 90, "tcp"),
+            pm(28421, 90, "tcp"),
+            pm(28422, 53, "udp"),
+        ],
+    );
+    let mut kept = connect(28420);
+    echo_round(&mut kept, b"before");
+    let mut cut = connect(28421);
+    echo_round(&mut cut, b"before!");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(udp_round(&u, 28422, b"ping"), Some(b"ping".to_vec()));
+
+    // close: false: the port refuses at once, the live connection carries on.
+    let removed = control::remove(&live.socket, &[pm(28420, 90, "tcp")], false).unwrap();
+    assert_eq!(removed.len(), 1);
+    let c = removed[0].counters;
+    assert_eq!(
+        (
+            c.connections_open,
+            c.connections_total,
+            c.bytes_in,
+            c.bytes_out
+        ),
+        (1, 1, 6, 6)
+    );
+    assert!(
+        refuses(28420),
+        "the listener of a removed port is still open"
+    );
+    echo_round(&mut kept, b"still here");
+    kept.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    kept.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let end = live.ends.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(end.unwrap(), 16, "the container's side ended cleanly");
+
+    // close: true: the live connection is reset on both sides.
+    let removed = control::remove(&live.socket, &[pm(28421, 90, "tcp")], true).unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(refuses(28421));
+    let mut buf = [0u8; 16];
+    let got = cut.read(&mut buf);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "client side not reset: {got:?}"
+    );
+    let end = live.ends.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "container side not reset: {end:?}"
+    );
+
+    // UDP: the port and its flow end; its final counters come back.
+    let removed = control::remove(&live.socket, &[pm(28422, 53, "udp")], false).unwrap();
+    let c = removed[0].counters;
+    assert_eq!(
+        (
+            c.flows_live,
+            c.flows_total,
+            c.datagrams_in,
+            c.datagrams_out,
+            c.bytes_in
+        ),
+        (0, 1, 1, 1, 4)
+    );
+    assert_eq!(
+        udp_round(&u, 28422, b"ping"),
+        None,
+        "a removed UDP port still echoes"
+    );
+    assert!(live.shown().is_empty(), "{:?}", live.shown());
+    // A removed port's address is free again: it can be added back at once.
+    control::add(&live.socket, &[pm(28420, 80, "tcp"), pm(28422, 53, "udp")]).unwrap();
+    echo_round(&mut connect(28420), b"back again");
+    assert_eq!(udp_round(&u, 28422, b"pong"), Some(b"pong".to_vec()));
+    live.stop();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_a_failing_add_publishes_none_of_its_batch() {
+    require_harness();
+    let live = Live::start("c0ntrol-conflict", vec![pm(28430, 80, "tcp")]);
+    let listed = live.shown();
+    // The second port is taken by another process's listener.
+    let other = TcpListener::bind("127.0.0.1:28432").unwrap();
+    let e = control::add(&live.socket, &[pm(28431, 80, "tcp"), pm(28432, 80, "tcp")]).unwrap_err();
+    assert_eq!(
+        refused(e),
+        "listen tcp 127.0.0.1:28432: bind: address already in use"
+    );
+    assert_eq!(live.shown(), listed);
+    assert!(refuses(28431), "the first port of a failed batch listens");
+    drop(other);
+    // ... or published by this helper already (UDP: the same rule).
+    let e = control::add(&live.socket, &[pm(28433, 80, "tcp"), pm(28430, 80, "tcp")]).unwrap_err();
+    assert_eq!(
+        refused(e),
+        "listen tcp 127.0.0.1:28430: bind: address already in use"
+    );
+    assert!(refuses(28433));
+    let _u = control::add(&live.socket, &[pm(28434, 53, "udp")]).unwrap();
+    let e = control::add(&live.socket, &[pm(28435, 53, "udp"), pm(28434, 53, "udp")]).unwrap_err();
+    assert_eq!(
+        refused(e),
+        "listen udp 127.0.0.1:28434: bind: address already in use"
+    );
+    // A batch naming one port twice: the start-up's conflict.
+    let e = control::add(
+        &live.socket,
+        &[
+            pm(28436, 80, "tcp"),
+            pm(28437, 80, "tcp"),
+            pm(28436, 81, "tcp"),
+        ],
+    )
+    .unwrap_err();
+    assert_eq!(refused(e), "conflict with ID 1");
+    assert!(refuses(28436) && refuses(28437));
+    // Bad mappings: the start-up's texts.
+    let e = control::add(&live.socket, &[pm(28438, 80, "x")]).unwrap_err();
+    assert_eq!(refused(e), r#"unknown proto: "x""#);
+    let e = control::add(&live.socket, &[pm(0, 80, "tcp")]).unwrap_err();
+    assert_eq!(refused(e), "invalid ParentPort: 0");
+    let e = control::add(&live.socket, &[pm(28438, 0, "tcp")]).unwrap_err();
+    assert_eq!(refused(e), "invalid ChildPort: 0");
+    let e = control::add(
+        &live.socket,
+        &[PortMapping::new("nope", 28438, 80, 1, "tcp")],
+    )
+    .unwrap_err();
+    assert_eq!(refused(e), r#"invalid ParentIP: "nope""#);
+    // A field the request does not take, sent raw.
+    assert_eq!(
+        raw(
+            &live.socket,
+            br#"{"version":1,"request":"add","mappings":[],"close":true}"#
+        ),
+        r#"{"version":1,"ok":false,"error":"bad request: unknown field \"close\" in request \"add\""}"#
+    );
+    assert_eq!(
+        live.shown(),
+        ["127.0.0.1:28430:80/tcp", "127.0.0.1:28434:53/udp"]
+    );
+    live.stop();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_removing_what_is_not_published_removes_nothing() {
+    require_harness();
+    let live = Live::start(
+        "c0ntrol-missing",
+        vec![pm(28440, 80, "tcp"), pm(28441, 53, "udp")],
+    );
+    let listed = live.shown();
+    for (batch, missing) in [
+        (
+            vec![pm(28440, 80, "tcp"), pm(28442, 80, "tcp")],
+            "tcp 127.0.0.1:28442 -> 80",
+        ),
+        (vec![pm(28440, 81, "tcp")], "tcp 127.0.0.1:28440 -> 81"),
+        (
+            vec![pm(28441, 53, "udp"), pm(28440, 80, "udp")],
+            "udp 127.0.0.1:28440 -> 80",
+        ),
+        (
+            vec![PortMapping::new("", 28440, 80, 1, "tcp")],
+            "tcp 0.0.0.0:28440 -> 80",
+        ),
+        (vec![pm(28440, 80, "tcp4")], "tcp4 127.0.0.1:28440 -> 80"),
+    ] {
+        for close in [false, true] {
+            let e = control::remove(&live.socket, &batch, close).unwrap_err();
+            assert_eq!(refused(e), format!("not published: {missing}"));
+        }
+    }
+    let e = control::remove(&live.socket, &[pm(28440, 80, "sctp,tcp")], false).unwrap_err();
+    assert_eq!(
+        refused(e),
+        r#"unsupported proto: "sctp" (rootlessport forwards tcp and udp only)"#
+    );
+    assert_eq!(live.shown(), listed);
+    let mut c = connect(28440);
+    echo_round(&mut c, b"still published");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(udp_round(&u, 28441, b"too"), Some(b"too".to_vec()));
+    live.stop();
+}
+
+/// Send `msg` as one message on the control socket; the reply, read to EOF.
+fn raw(socket: &Path, msg: &[u8]) -> String {
+    use nix::sys::socket::{self as s, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let sock = s::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    s::connect(sock.as_raw_fd(), &UnixAddr::new(socket).unwrap()).unwrap();
+    s::send(sock.as_raw_fd(), msg, MsgFlags::MSG_NOSIGNAL).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap() {
+            0 => break,
+            n => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Servers in `ns` answering with the peer they see: TCP on `tcp`, UDP on `udp`.
+fn reporters(ns: &TestNetns, tcp: u16, udp: u16) {
+    let (l, u) = ns.run(move || {
+        (
+            TcpListener::bind(("::", tcp)).unwrap(),
+            UdpSocket::bind(("::", udp)).unwrap(),
+        )
+    });
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let peer = tests::unmap(c.peer_addr().unwrap());
+            let _ = c.write_all(format!("tcp peer {peer}").as_bytes());
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, from)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(format!("udp peer {}", tests::unmap(from)).as_bytes(), from);
+        }
+    });
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_added_ports_keep_the_client_address() {
+    use std::net::SocketAddr;
+    require_harness();
+    let topo = tests::BridgeTopology::new(1);
+    reporters(&topo.container, 8080, 8081);
+    // Started with one TCP port and no UDP port: no UDP gate yet.
+    let helper = topo.launch(vec![PortMapping::new("", 28450, 8080, 1, "tcp")]);
+    let socket = control::socket_path(topo.dir.path(), &helper.container_id);
+    let rules = || topo.container.sh("ip -4 rule; ip -6 rule");
+    assert!(!rules().contains("sport 8081"), "{}", rules());
+    let added = control::add(
+        &socket,
+        &[
+            PortMapping::new("", 28451, 8080, 1, "tcp"),
+            PortMapping::new("", 28452, 8081, 1, "udp"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(added.len(), 2);
+    assert!(rules().contains("sport 8081"), "no UDP gate: {}", rules());
+    // The child IP is IPv4: IPv4 clients are kept (an IPv6 one reaches it from the
+    // helper's side, as at start-up).
+    {
+        let host = std::net::IpAddr::from(topo.client.host_addr);
+        let (tcp, me) = topo.client.ns.run(move || {
+            let to = SocketAddr::new(host, 28451);
+            let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).unwrap();
+            (s, c.local_addr().unwrap())
+        });
+        assert_eq!(tcp, format!("tcp peer {me}"), "TCP to {host}");
+        let (udp, me) = topo.client.ns.run(move || {
+            let u = UdpSocket::bind(SocketAddr::new(
+                if host.is_ipv4() {
+                    [0u8; 4].into()
+                } else {
+                    [0u16; 8].into()
+                },
+                0,
+            ))
+            .unwrap();
+            u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            u.connect(SocketAddr::new(host, 28452)).unwrap();
+            u.send(b"?").unwrap();
+            let mut buf = [0u8; 512];
+            let n = u.recv(&mut buf).unwrap();
+            (
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+                u.local_addr().unwrap(),
+            )
+        });
+        assert_eq!(udp, format!("udp peer {me}"), "UDP to {host}");
+    }
+    // Removed: its gate goes with it (no other UDP port needs it), and its flows'.
+    control::remove(
+        &socket,
+        &[PortMapping::new("", 28452, 8081, 1, "udp")],
+        false,
+    )
+    .unwrap();
+    assert!(
+        eventually(5, || !rules().contains("8081")),
+        "rules of a removed UDP port left: {}",
+        rules()
+    );
+    drop(helper);
+    assert!(
+        !rules().contains("lookup 0x524c") && !rules().contains("goto"),
+        "{}",
+        rules()
+    );
+}

@@ -246,7 +246,7 @@ async fn accept_loop(listener: AsyncFd<OwnedFd>, shared: Arc<Shared>) {
     }
 }
 
-async fn handle(conn: OwnedFd, shared: &Shared) {
+async fn handle(conn: OwnedFd, shared: &Arc<Shared>) {
     let conn = match register(conn) {
         Ok(afd) => afd,
         Err(e) => {
@@ -268,7 +268,7 @@ async fn handle(conn: OwnedFd, shared: &Shared) {
 /// The reply to `msg` (the first [`MAX_REQUEST`] + 1 bytes of the message, and its
 /// whole length) from a peer `allowed` or not: podman's reload (a JSON string) gets
 /// `OK` or podman's error text, a control request (a JSON object) a JSON reply.
-async fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Shared) -> Vec<u8> {
+async fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Arc<Shared>) -> Vec<u8> {
     let control = crate::control::is_control(&msg.head);
     if msg.len > MAX_REQUEST {
         let why = format!("request of {} bytes is over {MAX_REQUEST}", msg.len);
@@ -370,27 +370,6 @@ async fn send_reply(afd: &AsyncFd<OwnedFd>, reply: &[u8]) {
 
 /// The largest message of a reply: well under the default socket buffer (208 KiB).
 const REPLY_CHUNK: usize = 32 * 1024;
-
-impl crate::control::Ports for Shared {
-    fn list(&self) -> Vec<crate::control::PortStatus> {
-        self.port_statuses()
-    }
-
-    async fn add(
-        &self,
-        _mappings: &[slirp_config::PortMapping],
-    ) -> Result<Vec<crate::control::PortStatus>, String> {
-        Err("unknown request \"add\"".to_owned())
-    }
-
-    async fn remove(
-        &self,
-        _mappings: &[slirp_config::PortMapping],
-        _close: bool,
-    ) -> Result<Vec<crate::control::PortStatus>, String> {
-        Err("unknown request \"remove\"".to_owned())
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -543,14 +522,17 @@ mod tests {
     fn control_list_and_podman_reload_share_the_socket() {
         let s = served("ctl");
         let counters = Arc::new(crate::counters::PortCounters::default());
-        s.shared.publish(crate::counters::Published {
-            host_ip: "127.0.0.1".parse().unwrap(),
-            host_port: 8080,
-            container_port: 80,
-            protocol: "tcp".parse().unwrap(),
-            published_at: 1_700_000_000,
-            counters: counters.clone(),
-        });
+        s.shared.publish(
+            crate::counters::Published {
+                host_ip: "127.0.0.1".parse().unwrap(),
+                host_port: 8080,
+                container_port: 80,
+                protocol: "tcp".parse().unwrap(),
+                published_at: 1_700_000_000,
+                counters: counters.clone(),
+            },
+            None,
+        );
         let open = counters.conn_opened();
         counters.moved_in(0, 5);
         let path = crate::control::socket_path(s.tmp.path(), "ctl");
@@ -600,14 +582,17 @@ mod tests {
         // Thousands of ports: a reply far over one message, read back whole.
         let s = served("many");
         for port in 1..=5000u16 {
-            s.shared.publish(crate::counters::Published {
-                host_ip: "::".parse().unwrap(),
-                host_port: port,
-                container_port: port,
-                protocol: "udp6".parse().unwrap(),
-                published_at: 1,
-                counters: Arc::default(),
-            });
+            s.shared.publish(
+                crate::counters::Published {
+                    host_ip: "::".parse().unwrap(),
+                    host_port: port,
+                    container_port: port,
+                    protocol: "udp6".parse().unwrap(),
+                    published_at: 1,
+                    counters: Arc::default(),
+                },
+                None,
+            );
         }
         let path = crate::control::socket_path(s.tmp.path(), "many");
         let ports = crate::control::list(&path).unwrap();

@@ -1,0 +1,127 @@
+//! Listeners: every published port's socket is made in the ENGINE's netns (so it
+//! listens on the host side), before the serving threads enter the container's. Ports
+//! added later through the control socket are bound by [`Binder`], a thread that
+//! never leaves the engine's netns: a rootless helper cannot `setns` back into it.
+
+use std::io;
+use std::sync::mpsc;
+
+use crate::config::{display_addr, ListenPlan, PortSpec, Transport};
+use crate::Error;
+
+/// A listening socket for one port spec, made in the engine's netns.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    pub(crate) spec: PortSpec,
+    pub(crate) sock: socket2::Socket,
+    /// When it began listening, in unix seconds.
+    pub(crate) published_at: u64,
+}
+
+/// Make every listener, in order; the first failure is the error (and the ones made so
+/// far are closed with it).
+pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
+    specs
+        .iter()
+        .map(|spec| {
+            let plan = spec.listen_plan()?;
+            let sock = bind_one(spec, plan)?;
+            Ok(Bound {
+                spec: spec.clone(),
+                sock,
+                published_at: crate::counters::unix_now(),
+            })
+        })
+        .collect()
+}
+
+fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |op: &'static str, e: io::Error| Error::Listen {
+        proto: spec.proto.clone(),
+        addr: display_addr(&spec.parent_ip, spec.parent_port),
+        reason: op,
+        source: Some(e),
+    };
+    let (ty, proto) = match spec.transport {
+        Transport::Tcp => (Type::STREAM, Protocol::TCP),
+        Transport::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    let mut addr = plan.addr;
+    let mut only_v6 = plan.only_v6;
+    let sock = match Socket::new(Domain::for_address(addr), ty, Some(proto)) {
+        Ok(s) => s,
+        // A host without IPv6: a dual-stack wildcard falls back to IPv4 alone.
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) && only_v6 == Some(false) => {
+            addr = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            only_v6 = None;
+            Socket::new(Domain::IPV4, ty, Some(proto)).map_err(|e| err("socket", e))?
+        }
+        Err(e) => return Err(err("socket", e)),
+    };
+    if let Some(v6only) = only_v6 {
+        sock.set_only_v6(v6only).map_err(|e| err("setsockopt", e))?;
+    }
+    if spec.transport == Transport::Tcp {
+        // As Go does for listeners: a restart can rebind while old connections linger.
+        sock.set_reuse_address(true)
+            .map_err(|e| err("setsockopt", e))?;
+    }
+    sock.set_nonblocking(true)
+        .map_err(|e| err("setsockopt", e))?;
+    sock.bind(&addr.into()).map_err(|e| err("bind", e))?;
+    if spec.transport == Transport::Tcp {
+        sock.listen(4096).map_err(|e| err("listen", e))?;
+    }
+    Ok(sock)
+}
+
+/// A thread left in the engine's netns, binding the listeners of ports added while
+/// the helper serves (the serving threads are in the container's netns). It ends when
+/// the `Binder` is dropped.
+#[derive(Debug)]
+pub(crate) struct Binder {
+    jobs: mpsc::Sender<Job>,
+}
+
+/// Specs to bind, and where the outcome goes.
+type Job = (
+    Vec<PortSpec>,
+    tokio::sync::oneshot::Sender<Result<Vec<Bound>, Error>>,
+);
+
+/// The binder thread's stack: it only makes sockets (the default is 2 MiB).
+const BINDER_STACK: usize = 128 * 1024;
+
+impl Binder {
+    /// Start the thread, in the calling thread's netns (call it before `setns`).
+    pub(crate) fn spawn() -> Result<Binder, Error> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("rootlessport-bind".to_owned())
+            .stack_size(BINDER_STACK)
+            .spawn(move || {
+                for (specs, reply) in queue {
+                    // All or none, as at start-up; a gone asker drops the sockets.
+                    let _ = reply.send(bind_all(&specs));
+                }
+            })
+            .map_err(|source| Error::Io {
+                what: "starting the listener thread",
+                source,
+            })?;
+        Ok(Binder { jobs })
+    }
+
+    /// Bind a listener for each of `specs` in the engine's netns, all or none: the
+    /// first failure is the error, and every socket made for the batch is closed.
+    pub(crate) async fn bind(&self, specs: Vec<PortSpec>) -> Result<Vec<Bound>, Error> {
+        let gone = || Error::Io {
+            what: "binding in the engine's netns",
+            source: io::Error::other("the listener thread is gone"),
+        };
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.jobs.send((specs, reply)).map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+}
