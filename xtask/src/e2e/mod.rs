@@ -11,7 +11,8 @@
 //! `/usr` and xtask's directory are mounted read-only, [`common_run_args`]): TCP
 //! greets with `tcp PORT from PEER` and echoes, UDP answers `udp PORT from PEER: DATA`
 //! ([`wait_greeting`], [`udp_echo`]). Each check prints one line, then the summary
-//! `LABEL: N passed, N failed` ([`Report`]).
+//! `LABEL: N passed, N failed` ([`Report`]). Both also drive `rootlessport-ctl`
+//! against a container of theirs ([`ctl`]).
 
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;

@@ -86,7 +86,10 @@
 //!    netns, and the container's remaining interface vanishes with the old one
 //!    (`netavark: failed to delete container veth eth0: ... No such device`). With
 //!    other bridge containers running, nothing is torn down.
-//! 4. Clean-up: containers and networks removed, no helper, slirp4netns, conmon or
+//! 4. `rootlessport-ctl` run as the user against a container of its rootless podman
+//!    (`super::ctl`): the socket found under `XDG_RUNTIME_DIR/libpod/tmp/rp`, ports
+//!    added and removed live, counters exact, errors one line.
+//! 5. Clean-up: containers and networks removed, no helper, slirp4netns, conmon or
 //!    aardvark-dns of the user left, and the user's podman pause process stopped
 //!    (`podman system migrate`, else its pid from `XDG_RUNTIME_DIR/libpod/tmp/pause.pid`).
 //!    Zombies are not counted: this machine's pid 1 reaps orphans late.
