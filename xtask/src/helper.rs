@@ -17,12 +17,13 @@ fn host_triple() -> Option<String> {
 fn build() -> Command {
     let mut c = cargo();
     c.args(["build", "--quiet", "--release", "-p", "rootlessport"])
-        .args(["--bin", "rootlessport"]);
+        .args(["--bin", "rootlessport", "--bin", "rootlessport-ctl"]);
     c
 }
 
-/// Build the release helper and return its path: the static build when the toolchain
-/// can make one, else the ordinary dynamic one.
+/// Build the release helper (and `rootlessport-ctl` beside it, see [`ctl_beside`])
+/// and return its path: the static build when the toolchain can make one, else the
+/// ordinary dynamic one.
 pub fn release_helper() -> Result<PathBuf, String> {
     if let Some(triple) = host_triple() {
         let status = build()
@@ -49,4 +50,9 @@ pub fn release_helper() -> Result<PathBuf, String> {
         return Err("building the release rootlessport failed".into());
     }
     Ok(workspace_root().join("target/release/rootlessport"))
+}
+
+/// The `rootlessport-ctl` that [`release_helper`] built beside `helper`.
+pub fn ctl_beside(helper: &std::path::Path) -> PathBuf {
+    helper.with_file_name("rootlessport-ctl")
 }

@@ -11,7 +11,8 @@
 //! `/usr` and xtask's directory are mounted read-only, [`common_run_args`]): TCP
 //! greets with `tcp PORT from PEER` and echoes, UDP answers `udp PORT from PEER: DATA`
 //! ([`wait_greeting`], [`udp_echo`]). Each check prints one line, then the summary
-//! `LABEL: N passed, N failed` ([`Report`]).
+//! `LABEL: N passed, N failed` ([`Report`]). Both also drive `rootlessport-ctl`
+//! against a container of theirs ([`ctl`]).
 
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::sys::{self, Need};
 
+mod ctl;
 pub mod rootful;
 pub mod rootless;
 
@@ -59,6 +61,8 @@ pub fn available() -> bool {
         || (sys::is_root() && sys::find_in_path("apt-get").is_some())
 }
 
+/// The control tool installed beside our helper.
+const CTL: &str = "rootlessport-ctl";
 /// The image the containers run.
 const IMAGE: &str = "localhost/rootless-net-e2e:latest";
 /// How long a port may take to answer after a container (re)start.
@@ -235,26 +239,33 @@ fn containers_conf(comment: &str, helpers_dir: &Path) -> String {
     )
 }
 
-/// The release helper, copied (not linked: a rebuild during the run must not change
-/// the binary under podman) to `BASE/helpers/rootlessport`, world-readable.
+/// The release helper and `rootlessport-ctl`, copied (not linked: a rebuild during
+/// the run must not change the binary under podman) to `BASE/helpers/`,
+/// world-readable.
 fn install_helper(base: &Path) -> Result<(), String> {
     let built = crate::helper::release_helper()?;
+    install_one(base, &built, "rootlessport")?;
+    install_one(base, &crate::helper::ctl_beside(&built), CTL)
+}
+
+/// `built`, copied to `BASE/helpers/NAME` when it changed.
+fn install_one(base: &Path, built: &Path, name: &str) -> Result<(), String> {
     let helpers = base.join("helpers");
     std::fs::create_dir_all(&helpers)
         .map_err(|e| format!("creating {}: {e}", helpers.display()))?;
     for d in [base, helpers.as_path()] {
         set_mode(d, 0o755)?;
     }
-    let ours = helpers.join("rootlessport");
+    let ours = helpers.join(name);
     // Unchanged: leave it, so that a run going on (a second run copies before it
     // waits for the lock) keeps seeing its helpers' `/proc/PID/exe` as ours.
-    if let (Ok(a), Ok(b)) = (std::fs::read(&built), std::fs::read(&ours)) {
+    if let (Ok(a), Ok(b)) = (std::fs::read(built), std::fs::read(&ours)) {
         if a == b {
             return Ok(());
         }
     }
-    let tmp = helpers.join(".rootlessport.new");
-    std::fs::copy(&built, &tmp)
+    let tmp = helpers.join(format!(".{name}.new"));
+    std::fs::copy(built, &tmp)
         .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)))
         .and_then(|_| std::fs::rename(&tmp, &ours))
         .map_err(|e| format!("installing {}: {e}", ours.display()))

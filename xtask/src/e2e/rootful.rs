@@ -165,6 +165,26 @@ fn inner() -> Result<(), String> {
     );
     r.check("one helper per container", expect_helpers(&ours, 2));
 
+    super::ctl::checks(
+        &mut r,
+        &podman,
+        &d.join("helpers").join(super::CTL),
+        &d,
+        &common,
+        "e2e-ctl",
+        &super::ctl::CtlPorts {
+            a: 18300,
+            b: 18301,
+            u: 18302,
+            busy: 18303,
+            free: 18304,
+        },
+    );
+    r.check(
+        "the ctl's container has no helper left",
+        expect_helpers(&ours, 2),
+    );
+
     r.check(
         "stop the first container",
         podman.run(&["stop", "-t", "2", "e2e-c1"]).map(|_| ()),

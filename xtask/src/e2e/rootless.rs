@@ -86,7 +86,10 @@
 //!    netns, and the container's remaining interface vanishes with the old one
 //!    (`netavark: failed to delete container veth eth0: ... No such device`). With
 //!    other bridge containers running, nothing is torn down.
-//! 4. Clean-up: containers and networks removed, no helper, slirp4netns, conmon or
+//! 4. `rootlessport-ctl` run as the user against a container of its rootless podman
+//!    (`super::ctl`): the socket found under `XDG_RUNTIME_DIR/libpod/tmp/rp`, ports
+//!    added and removed live, counters exact, errors one line.
+//! 5. Clean-up: containers and networks removed, no helper, slirp4netns, conmon or
 //!    aardvark-dns of the user left, and the user's podman pause process stopped
 //!    (`podman system migrate`, else its pid from `XDG_RUNTIME_DIR/libpod/tmp/pause.pid`).
 //!    Zombies are not counted: this machine's pid 1 reaps orphans late.
@@ -235,6 +238,10 @@ struct Ctx {
     common: Vec<String>,
     /// A non-loopback IPv4 address of this host, to connect from and to.
     host_ip: Option<Ipv4Addr>,
+    /// Our `rootlessport-ctl`, beside the helper.
+    ctl: PathBuf,
+    /// This user's state directory.
+    state: PathBuf,
 }
 
 /// The checks, as the user they run as. A setup failure counts as one failed check,
@@ -341,8 +348,25 @@ fn run_checks(base: &Path, r: &mut Report) -> Result<(), String> {
         log,
         common,
         host_ip: host_ipv4(),
+        ctl: helpers_dir.join(super::CTL),
+        state,
     };
     slirp_checks(&cx, r);
+    super::ctl::checks(
+        r,
+        &cx.podman,
+        &cx.ctl,
+        &cx.state,
+        &cx.common,
+        "re2e-ctl",
+        &super::ctl::CtlPorts {
+            a: 28130,
+            b: 28131,
+            u: 28132,
+            busy: 28133,
+            free: 28134,
+        },
+    );
     bridge_checks(&cx, r);
     connect_checks(&cx, r);
 
