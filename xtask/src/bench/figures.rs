@@ -26,8 +26,23 @@ pub(super) struct Figure {
     pub target: Option<f64>,
 }
 
-/// Every measured value of a figure (its key) on a column, one per round.
-pub(super) type Results = BTreeMap<(String, Col), Vec<f64>>;
+/// What the rounds measured.
+#[derive(Default)]
+pub(super) struct Results {
+    /// Every measured value of a figure (its key) on a column, one per round.
+    pub values: BTreeMap<(String, Col), Vec<f64>>,
+    /// Why a column has no value for a figure it should have, shown in its cell.
+    pub notes: BTreeMap<(String, Col), &'static str>,
+}
+
+/// The cell of a forwarder through which not one UDP reply came back.
+pub(super) const NO_REPLIES: &str = "no replies";
+
+impl Results {
+    pub(super) fn put(&mut self, key: &str, c: Col, v: f64) {
+        self.values.entry((key.to_string(), c)).or_default().push(v);
+    }
+}
 
 /// The figures of the main table, in its order.
 pub(super) fn list(s: &Settings) -> Vec<Figure> {
@@ -185,8 +200,7 @@ pub(super) fn applies(key: &str, c: Col) -> bool {
 /// Measure every figure on every column `s.rounds` times, interleaved, and the cost of
 /// keeping client addresses on the veth pair.
 pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
-    let mut res: Results = BTreeMap::new();
-    let mut put = |k: &str, c: Col, v: f64| res.entry((k.to_string(), c)).or_default().push(v);
+    let mut res = Results::default();
     let has = |c: Col| rig.has(c);
     for round in 1..=s.rounds {
         eprintln!("xtask bench: round {round} of {}", s.rounds);
@@ -194,26 +208,26 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
         {
             for c in COLS.iter().copied().filter(|c| has(*c)) {
                 let (t, cpu) = with_cpu(rig, c, || iperf(rig, c, reverse, s.iperf_secs))?;
-                put(key, c, t.gbit_s);
+                res.put(key, c, t.gbit_s);
                 if let Some(cpu) = cpu {
-                    put(cpu_key, c, 1000.0 * cpu / (t.bytes / 1e9));
+                    res.put(cpu_key, c, 1000.0 * cpu / (t.bytes / 1e9));
                 }
             }
         }
         for c in COLS.iter().copied().filter(|c| has(*c)) {
             let (conns, cpu) = with_cpu(rig, c, || short_conns(rig, c, s.conns))?;
-            put("conn_rate", c, conns.rate);
-            put("conn_p50", c, conns.p50);
-            put("conn_p99", c, conns.p99);
+            res.put("conn_rate", c, conns.rate);
+            res.put("conn_p50", c, conns.p50);
+            res.put("conn_p99", c, conns.p99);
             if let Some(cpu) = cpu {
-                put("cpu_conn", c, 1000.0 * cpu / (conns.done as f64 / 1000.0));
+                res.put("cpu_conn", c, 1000.0 * cpu / (conns.done as f64 / 1000.0));
             }
         }
         for c in COLS.iter().copied().filter(|c| has(*c)) {
             let line = client(rig, c, &["pingpong", &addr(c, false), &s.pings.to_string()])?;
             let lat = latencies(&line);
-            put("pp_p50", c, percentile(&lat, 0.5));
-            put("pp_p99", c, percentile(&lat, 0.99));
+            res.put("pp_p50", c, percentile(&lat, 0.5));
+            res.put("pp_p99", c, percentile(&lat, 0.99));
         }
         for c in COLS.iter().copied().filter(|c| has(*c)) {
             let line = client(
@@ -228,8 +242,16 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
             )?;
             let sent: f64 = num(&line, "sent").unwrap_or(0.0);
             let got: f64 = num(&line, "received").unwrap_or(0.0);
-            put("udp_pps", c, got / s.udp_secs as f64);
-            put(
+            if c == Col::Pasta && got == 0.0 && sent > 0.0 {
+                // Not a rate: pasta does not answer at all here (see the report's note);
+                // for any other forwarder that is a figure, and a bad one.
+                for key in ["udp_pps", "udp_loss"] {
+                    res.notes.insert((key.to_string(), c), NO_REPLIES);
+                }
+                continue;
+            }
+            res.put("udp_pps", c, got / s.udp_secs as f64);
+            res.put(
                 "udp_loss",
                 c,
                 if sent > 0.0 {
@@ -244,8 +266,8 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
             .copied()
             .filter(|c| has(*c) && *c != Col::Direct)
         {
-            put("rss_idle", c, rss_mb(forwarder_pid(rig, c).unwrap_or(0)));
-            put("rss_conns", c, rss_with_conns(rig, c, s.hold)?);
+            res.put("rss_idle", c, rss_mb(forwarder_pid(rig, c).unwrap_or(0)));
+            res.put("rss_conns", c, rss_with_conns(rig, c, s.hold)?);
         }
         for &n in &s.port_counts {
             for c in COLS
@@ -257,26 +279,26 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
                     Some(bin) => ports_figures(rig, bin, n)?,
                     None => pasta_ports_figures(&rig.pasta_bin, n)?,
                 };
-                put(&format!("ports{n}_ready"), c, ready);
-                put(&format!("ports{n}_rss"), c, rss);
-                put(&format!("ports{n}_exit"), c, exit);
+                res.put(&format!("ports{n}_ready"), c, ready);
+                res.put(&format!("ports{n}_rss"), c, rss);
+                res.put(&format!("ports{n}_exit"), c, exit);
             }
         }
         // The cost of keeping client addresses: a client on a veth pair, our helper
         // with and without it, interleaved.
         for (tag, ports) in [("kept", VETH_KEPT), ("plain", VETH_PLAIN)] {
             let w = veth_where(rig, ports);
-            put(
+            res.put(
                 &format!("veth_tcp_{tag}"),
                 Col::Ours,
                 iperf_at(&w, false, s.iperf_secs)?.gbit_s,
             );
-            put(
+            res.put(
                 &format!("veth_conn_{tag}"),
                 Col::Ours,
                 short_conns_at(&w, s.conns)?.rate,
             );
-            put(
+            res.put(
                 &format!("veth_udpflow_{tag}"),
                 Col::Ours,
                 udp_flows_at(&w, s.conns)?,

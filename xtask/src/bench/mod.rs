@@ -103,10 +103,12 @@ fn parse(args: &[String]) -> Result<Args, String> {
                 )
             }
             Long("inner") => a.inner = true,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "bench: unknown argument {:?} (--quick, --rounds N, --baseline PATH, --save-docs)",
                 args::shown(&other)
-            )),
+            ))
+            }
         }
     }
     Ok(a)
