@@ -37,11 +37,19 @@ fn fmt(x: Option<f64>) -> String {
     }
 }
 
-/// `a / b` for a figure, when both columns have it (and `b` is not 0).
+/// `a / b`, 1 when both are 0 (the same: no loss through either), none when only
+/// `b` is.
+fn div(a: f64, b: f64) -> Option<f64> {
+    match (a == 0.0, b == 0.0) {
+        (true, true) => Some(1.0),
+        (false, true) => None,
+        _ => Some(a / b),
+    }
+}
+
+/// `a / b` for a figure, when both columns have it.
 fn ratio_of(res: &Results, key: &str, a: Col, b: Col) -> Option<f64> {
-    let a = get(res, key, a)?;
-    let b = get(res, key, b)?;
-    (b != 0.0).then(|| a / b)
+    div(get(res, key, a)?, get(res, key, b)?)
 }
 
 fn ratio(res: &Results, f: &Figure) -> Option<f64> {
@@ -70,8 +78,7 @@ fn best_peer(res: &Results, f: &Figure) -> Option<(Col, f64)> {
 /// Ours against the best peer: (ratio, the peer).
 fn vs_best_peer(res: &Results, f: &Figure) -> Option<(f64, Col)> {
     let (peer, v) = best_peer(res, f)?;
-    let ours = get(res, &f.key, Col::Ours)?;
-    (v != 0.0).then(|| (ours / v, peer))
+    Some((div(get(res, &f.key, Col::Ours)?, v)?, peer))
 }
 
 /// Ours against the limit, the same figure with no forwarder.
@@ -401,6 +408,10 @@ pub(crate) fn check_report(text: &str, baseline: bool) -> Result<(), String> {
         .into_iter()
         .map(|n| col(n).map(|i| (n, i)))
         .collect::<Result<_, _>>()?;
+    let peers: Vec<usize> = ["podman", "pasta", "slirp4netns"]
+        .iter()
+        .filter_map(|n| col(n).ok())
+        .collect();
     let (direct, limit, peer) = (
         col("direct (limit)")?,
         col("ours/limit")?,
@@ -419,12 +430,18 @@ pub(crate) fn check_report(text: &str, baseline: bool) -> Result<(), String> {
                 return Err(format!("report: row {figure:?} has no figure for {name}"));
             }
         }
-        if row.get(peer).is_none_or(|c| !c.ends_with(')')) {
+        // A ratio is missing only where its denominator is 0 and ours is not.
+        let zero = |i: usize| number(i) == Some(0.0);
+        let peer_zero = peers.iter().any(|&i| zero(i));
+        if row.get(peer).is_none_or(|c| !c.ends_with(')')) && !peer_zero {
             return Err(format!(
                 "report: row {figure:?} has no ours/best peer ratio"
             ));
         }
-        if number(direct).is_some() && row.get(limit).is_none_or(|c| !c.ends_with('x')) {
+        if number(direct).is_some()
+            && row.get(limit).is_none_or(|c| !c.ends_with('x'))
+            && !zero(direct)
+        {
             return Err(format!("report: row {figure:?} has no ours/limit ratio"));
         }
         if is_forwarder_figure && number(direct).is_some() {
@@ -506,6 +523,15 @@ mod tests {
         );
         assert!(row.ends_with("| 0.83x |"), "{row}");
         assert!(svg(&figures, &res).contains("1.25x slirp4netns"));
+        // No loss anywhere: ours is the same as the others, not undefined.
+        let mut res = full(&figures);
+        for c in COLS {
+            res.values.insert(("udp_loss".to_string(), c), vec![0.0]);
+        }
+        let text = render(&s, &figures, &res, &COLS);
+        let row = text.lines().find(|l| l.starts_with("| UDP loss")).unwrap();
+        assert!(row.contains("| 1.00x | 1.00x (podman) | 1.00x |"), "{row}");
+        check_report(&text, true).unwrap();
     }
 
     /// pasta's UDP cells may say it gave no replies; ours may not.
