@@ -44,9 +44,10 @@ commands:
                       networking and the given ports published; exits with CMD's status
   itest [FILTER...]   run every test: unit and crate tests, then the namespaced
                       integration tests (installs slirp4netns/iproute2 when root)
-  bench [--quick] [--rounds N] [--save-docs]
-                      our rootlessport side by side with podman's, slirp4netns and
-                      direct loopback; report in target/bench/ (and docs/ with --save-docs)
+  bench [--quick] [--rounds N] [--baseline PATH] [--save-docs]
+                      our rootlessport side by side with podman's, pasta, slirp4netns,
+                      direct loopback and optionally another build of ours; report in
+                      target/bench/ (and docs/ with --save-docs)
   fuzz [--seconds N] [TARGET...]
                       libFuzzer on the config JSON, slirp4netns options, API replies
                       and reload requests (installs cargo-fuzz when missing)
@@ -161,7 +162,7 @@ mod tests {
             (
                 bench::run,
                 &["--frob"],
-                r#"bench: unknown argument "--frob" (--quick, --rounds N, --save-docs)"#,
+                r#"bench: unknown argument "--frob" (--quick, --rounds N, --baseline PATH, --save-docs)"#,
             ),
             (bench::run, &["--rounds"], "bench: --rounds needs a number"),
             (

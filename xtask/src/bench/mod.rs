@@ -1,7 +1,21 @@
-//! `cargo xtask bench [--quick] [--rounds N] [--save-docs]`: our `rootlessport` side by
-//! side with podman's, slirp4netns's own forwarder and no forwarder at all, on the same
-//! servers in the same container netns, interleaved, median of the rounds, every
-//! figure also as a ratio against podman's helper from the same run.
+//! `cargo xtask bench [--quick] [--rounds N] [--baseline PATH] [--save-docs]`: our
+//! `rootlessport` side by side with podman's, pasta (as podman 5 runs it),
+//! slirp4netns's own forwarder and no forwarder at all, on the same servers,
+//! interleaved, median of the rounds, every figure also as a ratio of ours against the
+//! limit (no forwarder), the best peer and podman's helper, from the same run; and the
+//! CPU each forwarder spends per GB moved and per 1,000 connections.
+//!
+//! `--baseline PATH` adds a column for another build of ours, measured exactly like
+//! ours, with a ratio ours/baseline: how a change to ours shows what it costs. Build
+//! the baseline like the bench builds ours (static, non-PIE), from a worktree at the
+//! commit before the change:
+//!
+//! ```sh
+//! git worktree add /tmp/base COMMIT~1 && cd /tmp/base
+//! RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+//!     cargo build --release -p rootlessport --bin rootlessport --target x86_64-unknown-linux-gnu
+//! cd - && cargo xtask bench --baseline /tmp/base/target/x86_64-unknown-linux-gnu/release/rootlessport
+//! ```
 //!
 //! - [`rig`]: the container netns, its servers and every forwarder in front of them;
 //! - [`measure`]: one figure through one column (a client process, iperf3, `/proc`);
@@ -12,6 +26,8 @@ mod figures;
 mod measure;
 mod report;
 mod rig;
+
+use std::path::{Path, PathBuf};
 
 use crate::args::{self, Long};
 use crate::sys::{self, Need};
@@ -40,6 +56,10 @@ const BENCH_NEEDS: &[Need] = &[
         package: "slirp4netns",
     },
     Need {
+        program: "pasta",
+        package: "passt",
+    },
+    Need {
         program: "nsenter",
         package: "util-linux",
     },
@@ -59,6 +79,8 @@ struct Args {
     quick: bool,
     rounds: Option<usize>,
     save_docs: bool,
+    /// Another `rootlessport` to measure beside ours.
+    baseline: Option<PathBuf>,
     /// Set on the run inside the private namespaces.
     inner: bool,
 }
@@ -73,12 +95,19 @@ fn parse(args: &[String]) -> Result<Args, String> {
                 a.rounds = Some(args::number(&mut p).ok_or("bench: --rounds needs a number")?)
             }
             Long("save-docs") => a.save_docs = true,
+            Long("baseline") => {
+                a.baseline = Some(
+                    args::string(&mut p)
+                        .ok_or("bench: --baseline needs the path of a rootlessport binary")?
+                        .into(),
+                )
+            }
             Long("inner") => a.inner = true,
             other => {
                 return Err(format!(
-                    "bench: unknown argument {:?} (--quick, --rounds N, --save-docs)",
-                    args::shown(&other)
-                ))
+                "bench: unknown argument {:?} (--quick, --rounds N, --baseline PATH, --save-docs)",
+                args::shown(&other)
+            ))
             }
         }
     }
@@ -98,11 +127,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 eprintln!("xtask bench: podman not installed ({e}); its column says so");
             }
         }
+        let baseline = a.baseline.as_deref().map(checked_binary).transpose()?;
         let helper = crate::helper::release_helper()?;
         let mut again = vec!["bench".to_string()];
         again.extend(args.iter().cloned());
         again.push("--inner".into());
-        let status = sys::rerun_in_private_netns(&again, &[("BENCH_OURS", helper.as_os_str())])?;
+        let mut env = vec![("BENCH_OURS", helper.as_os_str())];
+        if let Some(b) = &baseline {
+            env.push(("BENCH_BASELINE", b.as_os_str()));
+        }
+        let status = sys::rerun_in_private_netns(&again, &env)?;
         return if status.success() {
             Ok(())
         } else {
@@ -139,13 +173,35 @@ pub fn run(args: &[String]) -> Result<(), String> {
     inner_run(&settings, a.save_docs)
 }
 
+/// The `--baseline` binary as an absolute path, once it is known to be an executable
+/// file.
+fn checked_binary(path: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("bench: --baseline {}: {e}", path.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!(
+            "bench: --baseline {}: not an executable file",
+            path.display()
+        ));
+    }
+    std::fs::canonicalize(path).map_err(|e| format!("bench: --baseline {}: {e}", path.display()))
+}
+
+pub(crate) use report::check_report;
+
 /// Inside the private namespaces: set up, measure, report.
 fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
     crate::sys::raise_nofile_limit();
     let rig = rig::setup()?;
     let figures = figures::list(s);
     let res = figures::measure(&rig, s)?;
-    let mut report = report::render(s, &figures, &res, rig.podman.is_some());
+    let present: Vec<rig::Col> = rig::COLS.into_iter().filter(|c| rig.has(*c)).collect();
+    let missing = report::missing(&figures, &res, &present);
+    if !missing.is_empty() {
+        return Err(format!("bench: no figure for {}", missing.join(", ")));
+    }
+    let mut report = report::render(s, &figures, &res, &present);
     report.push_str(&report::render_source_cost(&res));
     println!("{report}");
     let out = workspace_root().join("target/bench");
