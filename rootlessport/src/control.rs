@@ -17,7 +17,8 @@
 //! whitespace around it, and reads the reply until end of file; the reply may span
 //! several messages, which are concatenated (a client may bound the total: [`list`]
 //! takes up to [`MAX_REPLY`]). The helper closes the connection after its reply. A
-//! connection has 5 seconds in all.
+//! connection has 5 seconds in all; an `add` or `remove` that has begun runs to its end
+//! even when that time runs out first (the client then gets no reply: `list` tells).
 //!
 //! **Two kinds of request**, told apart by the first byte that is not JSON whitespace:
 //!
@@ -147,7 +148,7 @@
 //! ```
 //!
 //! Requests are handled one at a time per helper (a second `add` or `remove` waits
-//! for the first), within the connection's 5 seconds.
+//! for the first).
 //!
 //! **Live changes last for the helper's life only.** podman does not know of them:
 //! `podman port` and `podman inspect` show the container's own `-p` ports, a removed

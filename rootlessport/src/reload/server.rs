@@ -291,7 +291,14 @@ async fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Arc<Shared>
         (Err(Denied::Uid(uid)), false) => {
             format!("reload refused: uid {uid} may not reload this helper").into_bytes()
         }
-        (Ok(()), true) => crate::control::answer(&msg.head, shared).await,
+        (Ok(()), true) => {
+            // A task of its own: an add or remove once begun runs to its end (UDP gates
+            // included) even when the connection's time runs out first.
+            let (head, shared) = (msg.head.clone(), shared.clone());
+            tokio::spawn(async move { crate::control::answer(&head, &shared).await })
+                .await
+                .unwrap_or_else(|e| crate::control::error_reply(&format!("request failed: {e}")))
+        }
         (Ok(()), false) => match parse_request(&msg.head) {
             Ok(ip) => {
                 shared.set_child_ip(ip);
