@@ -48,7 +48,7 @@
 //! | cause | `error` |
 //! |---|---|
 //! | request over 65536 bytes | `request of N bytes is over 65536` |
-//! | a peer of another user | `refused: uid N may not control this helper` |
+//! | a peer of another user | `refused: uid N may not control this helper (only its own user, uid M, may)`; a peer whose user is not mapped in the helper's user namespace (root of the host, for a rootless helper) shows as the overflow uid, 65534 |
 //! | not a JSON object, or bad JSON | `bad request: ` and the parser's words |
 //! | no `version`, or not an integer | `bad request: missing field "version"` / `bad request: "version" is not an integer` |
 //! | another version | `unsupported version N (this helper speaks version 1)` |
@@ -311,9 +311,24 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
-    /// Sending the request or reading the reply failed (10 s timeout each way).
+    /// Sending the request or reading the reply failed; a helper that takes no
+    /// request or sends no reply within 10 s is an error of kind
+    /// [`io::ErrorKind::TimedOut`] (`no reply within 10 s`).
     #[error("control request failed: {0}")]
     Io(#[source] io::Error),
+    /// The request is larger than a helper takes ([`MAX_REQUEST`]): it is not sent.
+    /// Fewer mappings per request, or ranges (`8000-8999:8000-8999` is one mapping),
+    /// make it fit.
+    #[error(
+        "a request of {bytes} bytes is over the helper's limit of {limit}: \
+         send fewer mappings at a time, or ranges"
+    )]
+    TooLarge {
+        /// The request's size.
+        bytes: usize,
+        /// The limit, [`MAX_REQUEST`].
+        limit: usize,
+    },
     /// The helper said no: its `error` text.
     #[error("the helper refused the request: {0}")]
     Refused(String),
@@ -368,6 +383,7 @@ pub fn list(socket: &Path) -> Result<Vec<PortStatus>, ControlError> {
 /// mapping (`unknown proto: "x"`, `invalid ParentPort: 0`, `conflict with ID 2`) or a
 /// port that cannot be listened on (`listen tcp 0.0.0.0:8080: bind: address already in
 /// use`, also when the helper publishes it already); then nothing was published.
+/// [`ControlError::TooLarge`] when the batch does not fit in one request (nothing sent).
 pub fn add(socket: &Path, mappings: &[PortMapping]) -> Result<Vec<PortStatus>, ControlError> {
     ports_of(exchange(
         socket,
@@ -388,7 +404,7 @@ pub fn add(socket: &Path, mappings: &[PortMapping]) -> Result<Vec<PortStatus>, C
 ///
 /// As [`list`]; [`ControlError::Refused`] holds the start-up text for a bad mapping, or
 /// names the first port that is not published (`not published: tcp 0.0.0.0:8080 ->
-/// 80`); then nothing was removed.
+/// 80`); then nothing was removed. [`ControlError::TooLarge`] as for [`add`].
 pub fn remove(
     socket: &Path,
     mappings: &[PortMapping],
@@ -412,6 +428,13 @@ fn ports_of(reply: Reply) -> Result<Vec<PortStatus>, ControlError> {
 
 /// Send `request`, read the reply; an `ok: false` reply is [`ControlError::Refused`].
 fn exchange(path: &Path, request: &Request) -> Result<Reply, ControlError> {
+    let msg = encode_request(request);
+    if msg.len() > MAX_REQUEST {
+        return Err(ControlError::TooLarge {
+            bytes: msg.len(),
+            limit: MAX_REQUEST,
+        });
+    }
     let connect = |source: io::Error| ControlError::Connect {
         path: path.to_owned(),
         source,
@@ -439,9 +462,16 @@ fn exchange(path: &Path, request: &Request) -> Result<Reply, ControlError> {
     let timeout = nix::sys::time::TimeVal::new(10, 0);
     let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &timeout);
     let _ = socket::setsockopt(&sock, socket::sockopt::SendTimeout, &timeout);
-    let msg = encode_request(request);
+    // SO_RCVTIMEO/SO_SNDTIMEO running out is EAGAIN: said as what it is.
+    let failed = |e: Errno, what: &str| {
+        ControlError::Io(if e == Errno::EAGAIN {
+            io::Error::new(io::ErrorKind::TimedOut, format!("{what} within 10 s"))
+        } else {
+            e.into()
+        })
+    };
     socket::send(sock.as_raw_fd(), &msg, MsgFlags::MSG_NOSIGNAL)
-        .map_err(|e| ControlError::Io(e.into()))?;
+        .map_err(|e| failed(e, "the helper took no request"))?;
     let mut reply = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -454,7 +484,7 @@ fn exchange(path: &Path, request: &Request) -> Result<Reply, ControlError> {
             }
             Ok(n) => reply.extend_from_slice(&buf[..n]),
             Err(Errno::EINTR) => {}
-            Err(e) => return Err(ControlError::Io(e.into())),
+            Err(e) => return Err(failed(e, "no reply")),
         }
     }
     decode_reply(&reply)
@@ -743,6 +773,30 @@ mod tests {
         assert!(e.starts_with("bad request: trailing characters"), "{e}");
         let e = error_of(b"[1]");
         assert!(e.starts_with("bad request: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn control_client_refuses_a_request_over_the_limit_before_sending() {
+        // About 90 bytes a mapping: 1,000 of them are over 64 KiB.
+        let many: Vec<PortMapping> = (0..1000)
+            .map(|i| PortMapping::new("127.0.0.1", 20000 + i, 80, 1, "tcp,udp"))
+            .collect();
+        let e = add(Path::new("/nonexistent/rp/ctr"), &many).unwrap_err();
+        let ControlError::TooLarge { bytes, limit } = e else {
+            panic!("{e}")
+        };
+        assert!(bytes > limit && limit == MAX_REQUEST);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "a request of {bytes} bytes is over the helper's limit of 65536: send fewer \
+                 mappings at a time, or ranges"
+            )
+        );
+        // One range of as many ports fits.
+        let one = [PortMapping::new("127.0.0.1", 20000, 80, 1000, "tcp,udp")];
+        let e = add(Path::new("/nonexistent/rp/ctr"), &one).unwrap_err();
+        assert!(matches!(e, ControlError::Connect { .. }), "{e}");
     }
 
     #[test]

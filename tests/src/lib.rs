@@ -587,3 +587,29 @@ pub fn start_echo_server(
     assert_eq!(line.trim(), "echo-server: ready");
     child
 }
+
+/// Servers in `ns` that answer each client with the address they see it come from
+/// (IPv4-mapped addresses unmapped): TCP on `tcp` writes `tcp peer ADDR:PORT` and
+/// closes, UDP on `udp` answers each datagram `udp peer ADDR:PORT`. Both listen on
+/// `::` (dual-stack) and serve until the process ends.
+pub fn start_peer_reporters(ns: &TestNetns, tcp: u16, udp: u16) {
+    use std::io::Write;
+    let (l, u) = ns.run(move || {
+        (
+            std::net::TcpListener::bind(("::", tcp)).unwrap(),
+            std::net::UdpSocket::bind(("::", udp)).unwrap(),
+        )
+    });
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let peer = unmap(c.peer_addr().unwrap());
+            let _ = c.write_all(format!("tcp peer {peer}").as_bytes());
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, from)) = u.recv_from(&mut buf) {
+            let _ = u.send_to(format!("udp peer {}", unmap(from)).as_bytes(), from);
+        }
+    });
+}

@@ -118,16 +118,7 @@ fn control_list_counts_exactly_what_clients_moved() {
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let mut c = TcpStream::connect("127.0.0.1:28400").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let writer = {
-        let (mut w, payload) = (c.try_clone().unwrap(), payload.clone());
-        std::thread::spawn(move || {
-            w.write_all(&payload).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut echoed = Vec::new();
-    c.read_to_end(&mut echoed).unwrap();
-    writer.join().unwrap();
+    let echoed = echo_round_trip(&mut c, &payload);
     assert_eq!(echoed, payload);
     drop(c);
     let mut open = TcpStream::connect("127.0.0.1:28400").unwrap();
@@ -423,16 +414,7 @@ fn control_add_and_remove_under_live_traffic() {
     // The added TCP port: 300,000 bytes each way on one connection, counted exactly.
     let payload = pattern(7, 300_000);
     let mut c = connect(28412);
-    let writer = {
-        let (mut w, payload) = (c.try_clone().unwrap(), payload.clone());
-        std::thread::spawn(move || {
-            w.write_all(&payload).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut echoed = Vec::new();
-    c.read_to_end(&mut echoed).unwrap();
-    writer.join().unwrap();
+    let echoed = echo_round_trip(&mut c, &payload);
     assert!(echoed == payload, "the added TCP port garbled the bytes");
     drop(c);
     // The added UDP port: 3 datagrams of 1,000 bytes, echoed, counted exactly.
@@ -692,35 +674,13 @@ fn raw(socket: &Path, msg: &[u8]) -> String {
     String::from_utf8(out).unwrap()
 }
 
-/// Servers in `ns` answering with the peer they see: TCP on `tcp`, UDP on `udp`.
-fn reporters(ns: &TestNetns, tcp: u16, udp: u16) {
-    let (l, u) = ns.run(move || {
-        (
-            TcpListener::bind(("::", tcp)).unwrap(),
-            UdpSocket::bind(("::", udp)).unwrap(),
-        )
-    });
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            let peer = tests::unmap(c.peer_addr().unwrap());
-            let _ = c.write_all(format!("tcp peer {peer}").as_bytes());
-        }
-    });
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((_, from)) = u.recv_from(&mut buf) {
-            let _ = u.send_to(format!("udp peer {}", tests::unmap(from)).as_bytes(), from);
-        }
-    });
-}
-
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn control_added_ports_keep_the_client_address() {
     use std::net::SocketAddr;
     require_harness();
     let topo = tests::BridgeTopology::new(1);
-    reporters(&topo.container, 8080, 8081);
+    tests::start_peer_reporters(&topo.container, 8080, 8081);
     // Started with one TCP port and no UDP port: no UDP gate yet.
     let helper = topo.launch(vec![PortMapping::new("", 28450, 8080, 1, "tcp")]);
     let socket = control::socket_path(topo.dir.path(), &helper.container_id);
@@ -789,4 +749,19 @@ fn control_added_ports_keep_the_client_address() {
         "{}",
         rules()
     );
+}
+
+/// Send `payload` on `c` from a second thread, half-close, and read the echo to EOF.
+fn echo_round_trip(c: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
+    let writer = {
+        let (mut w, payload) = (c.try_clone().unwrap(), payload.to_vec());
+        std::thread::spawn(move || {
+            w.write_all(&payload).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let mut echoed = Vec::new();
+    c.read_to_end(&mut echoed).unwrap();
+    writer.join().unwrap();
+    echoed
 }

@@ -407,7 +407,7 @@ fn reload_socket_is_for_its_own_user_only() {
         0o700
     );
 
-    let as_nobody = || {
+    let reload_cmd = || {
         let mut c = std::process::Command::new(xtask_bin());
         c.args([
             "reload-send",
@@ -415,6 +415,9 @@ fn reload_socket_is_for_its_own_user_only() {
             "guarded",
             "10.0.0.9",
         ]);
+        c
+    };
+    let as_nobody = |mut c: std::process::Command| {
         // SAFETY: setgroups/setgid/setuid between fork and exec.
         unsafe {
             c.pre_exec(|| {
@@ -430,7 +433,7 @@ fn reload_socket_is_for_its_own_user_only() {
         c.output().unwrap()
     };
     // First line of defence: the 0700 directory.
-    let out = as_nobody();
+    let out = as_nobody(reload_cmd());
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
@@ -440,10 +443,23 @@ fn reload_socket_is_for_its_own_user_only() {
     std::fs::set_permissions(&rp, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(rp.join("guarded"), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = as_nobody();
+    let out = as_nobody(reload_cmd());
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
         "xtask: port reloading failed: reload refused: uid 65534 may not reload this helper"
+    );
+    // The same for control requests, which say whose they are.
+    let mut ctl = std::process::Command::new(rootlessport_bin().with_file_name("rootlessport-ctl"));
+    ctl.arg("--socket").arg(rp.join("guarded")).arg("list");
+    let out = as_nobody(ctl);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "rootlessport-ctl: socket {}: list: refused: uid 65534 may not control this \
+             helper (only its own user, uid 0, may)",
+            rp.join("guarded").display()
+        )
     );
     // Its own user still may.
     rootlessport::reload::reload(tmp.path(), "guarded", "127.0.0.1").unwrap();

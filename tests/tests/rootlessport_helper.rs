@@ -593,9 +593,10 @@ fn reload_keeps_live_connections_and_redirects_new_ones() {
         raw.starts_with("rootless port failed to decode ports: "),
         "{raw}"
     );
-    let raw = raw_reload(&sock_path, &vec![b' '; 5000]);
+    let over = rootlessport::reload::MAX_REQUEST + 1;
+    let raw = raw_reload(&sock_path, &vec![b' '; over]);
     assert!(
-        raw.starts_with("reload refused: request of 5000 bytes"),
+        raw.starts_with(&format!("reload refused: request of {over} bytes")),
         "{raw}"
     );
     // The helper still works after them.

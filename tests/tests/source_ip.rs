@@ -13,7 +13,7 @@ use rootlessport::launcher::{Launcher, RootlessPort};
 use rootlessport::Config;
 use slirp_config::PortMapping;
 use slirp_spawn::{Slirp4netns, SlirpSpec};
-use tests::{require_harness, rootlessport_bin, unmap, ClientHost, TestNetns};
+use tests::{require_harness, rootlessport_bin, ClientHost, TestNetns};
 
 /// Every table of ours is in 0x524c4ffe..0x524c6000 (decimal 138073xxxx): the
 /// per-helper range, the marker and the probe table.
@@ -28,28 +28,6 @@ fn container(dir: &tempfile::TempDir) -> (TestNetns, Slirp4netns) {
     spec.options = slirp_config::parse_options(["enable_ipv6=false"]).unwrap();
     let slirp = Slirp4netns::start(&spec).unwrap();
     (ns, slirp)
-}
-
-/// Servers in the container that answer with the peer they see.
-fn reporters(ns: &TestNetns, tcp: u16, udp: u16) {
-    let (l, u) = ns.run(move || {
-        (
-            TcpListener::bind(("::", tcp)).unwrap(),
-            UdpSocket::bind(("::", udp)).unwrap(),
-        )
-    });
-    std::thread::spawn(move || {
-        for mut c in l.incoming().flatten() {
-            let peer = unmap(c.peer_addr().unwrap());
-            let _ = c.write_all(format!("tcp peer {peer}").as_bytes());
-        }
-    });
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((_, from)) = u.recv_from(&mut buf) {
-            let _ = u.send_to(format!("udp peer {}", unmap(from)).as_bytes(), from);
-        }
-    });
 }
 
 fn launch(
@@ -109,7 +87,7 @@ fn container_sees_the_real_client_for_tcp_and_udp_v4_and_v6() {
     require_harness();
     let dir = tempfile::tempdir().unwrap();
     let (ns, slirp) = container(&dir);
-    reporters(&ns, 80, 81);
+    tests::start_peer_reporters(&ns, 80, 81);
     let before = rules(&ns);
     assert!(!before.contains(TABLE), "{before}");
     let fwmark_accept = ns.sh("cat /proc/sys/net/ipv4/tcp_fwmark_accept");
@@ -221,7 +199,7 @@ fn opt_out_gives_podmans_behaviour() {
     require_harness();
     let dir = tempfile::tempdir().unwrap();
     let (ns, slirp) = container(&dir);
-    reporters(&ns, 90, 91);
+    tests::start_peer_reporters(&ns, 90, 91);
     let client = ClientHost::new(6);
     // By config field.
     let (h, w) = launch(
@@ -321,7 +299,7 @@ fn falls_back_with_one_warning_when_it_cannot_be_set_up() {
     let dir = tempfile::tempdir().unwrap();
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
-    reporters(&ns, 70, 71);
+    tests::start_peer_reporters(&ns, 70, 71);
     let cfg = Config::new(
         "fallback",
         ns.path().display().to_string(),
@@ -347,7 +325,7 @@ fn without_cap_net_admin_it_says_so_up_front() {
     let dir = tempfile::tempdir().unwrap();
     let ns = TestNetns::new();
     ns.sh("ip link set lo up && ip addr add 10.0.2.101/32 dev lo");
-    reporters(&ns, 72, 73);
+    tests::start_peer_reporters(&ns, 72, 73);
     let cfg = Config::new(
         "nocap",
         ns.path().display().to_string(),

@@ -282,9 +282,10 @@ async fn answer(msg: &Request, allowed: Result<(), Denied>, shared: &Arc<Shared>
         (Err(Denied::NoCredentials(e)), true) => {
             crate::control::error_reply(&format!("refused: cannot read peer credentials: {e}"))
         }
-        (Err(Denied::Uid(uid)), true) => {
-            crate::control::error_reply(&format!("refused: uid {uid} may not control this helper"))
-        }
+        (Err(Denied::Uid(uid)), true) => crate::control::error_reply(&format!(
+            "refused: uid {uid} may not control this helper (only its own user, uid {}, may)",
+            nix::unistd::geteuid()
+        )),
         (Err(Denied::NoCredentials(e)), false) => {
             format!("reload refused: cannot read peer credentials: {e}").into_bytes()
         }

@@ -208,30 +208,20 @@ pub(super) fn setup() -> Result<Rig, String> {
         let (i, e) = c.ports();
         vec![mapping(i, 5201, "tcp"), mapping(e, 7, "tcp,udp")]
     };
-    let podman = match &podman_bin {
-        Some(b) => {
-            let (h, w, _) = launch(
-                b,
-                &helper_config(&netns, &tmp, "bench-podman", ports(Col::Podman)),
-            )?;
-            Some((h, w))
-        }
-        None => None,
+    // A helper serving column `col`'s ports (from `bin`, when there is one).
+    let helper = |bin: &Path, col: Col, id: &str| -> Result<(RootlessPort, OwnedFd), String> {
+        let (h, w, _) = launch(bin, &helper_config(&netns, &tmp, id, ports(col)))?;
+        Ok((h, w))
     };
-    let (h, w, _) = launch(
-        &ours_bin,
-        &helper_config(&netns, &tmp, "bench-ours", ports(Col::Ours)),
-    )?;
-    let baseline = match &baseline_bin {
-        Some(b) => {
-            let (h, w, _) = launch(
-                b,
-                &helper_config(&netns, &tmp, "bench-baseline", ports(Col::Baseline)),
-            )?;
-            Some((h, w))
-        }
-        None => None,
-    };
+    let podman = podman_bin
+        .as_deref()
+        .map(|b| helper(b, Col::Podman, "bench-podman"))
+        .transpose()?;
+    let (h, w) = helper(&ours_bin, Col::Ours, "bench-ours")?;
+    let baseline = baseline_bin
+        .as_deref()
+        .map(|b| helper(b, Col::Baseline, "bench-baseline"))
+        .transpose()?;
     pasta_uplink()?;
     let pasta = Pasta::start_with_servers(&pasta_bin, &ports(Col::Pasta))?;
     // slirp4netns with host loopback allowed: otherwise it drops UDP replies to the
