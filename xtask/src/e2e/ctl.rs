@@ -2,9 +2,13 @@
 //! container publishes `A:80`; `add B:80` and `add U:53/udp` make the container
 //! reachable on B (bytes echoed) and U (a UDP echo); `list` and `list --json` show the
 //! three ports with the exact bytes the clients moved; `remove A:80` makes A refuse
-//! while B still answers; an `add` of a host port in use fails with one line, exit 1,
-//! and publishes nothing (not even the free port asked for with it); `--container
-//! nosuchname` fails with one line naming it.
+//! while B still answers; `add 127.0.0.1:A:80/tcp4` publishes A again for IPv4 only
+//! (listed as `tcp4`); an `add` whose output cannot be written (`> /dev/full`) says
+//! that the port was published, and it was; with stdout closed nothing is done; an
+//! `add` of a host port in use fails with one line naming the container, exit 1, and
+//! publishes nothing (not even the free port asked for with it); `--container
+//! nosuchname` fails with one line naming it, and a created container that never ran
+//! is said to be not running.
 //!
 //! The ctl finds the socket as a user would: it resolves the name with podman (a
 //! wrapper script giving podman this test's global options, passed as `--podman`)
@@ -74,7 +78,25 @@ struct Ctl<'a> {
 
 impl Ctl<'_> {
     fn run(&self, container: &str, args: &[&str]) -> Result<Out, String> {
-        let mut c = Command::new(&self.bin);
+        self.run_redirected(container, args, "")
+    }
+
+    /// As [`Ctl::run`], through `sh -c 'exec ... REDIRECT'` (`>&-`, `>/dev/full`)
+    /// when `redirect` is not empty.
+    fn run_redirected(
+        &self,
+        container: &str,
+        args: &[&str],
+        redirect: &str,
+    ) -> Result<Out, String> {
+        let mut c = if redirect.is_empty() {
+            Command::new(&self.bin)
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &format!("exec \"$0\" \"$@\" {redirect}")])
+                .arg(&self.bin);
+            c
+        };
         c.arg("--podman")
             .arg(&self.wrapper)
             .args(["--container", container])
@@ -319,6 +341,63 @@ pub(super) fn checks(
         &format!("ctl: {a} refuses connections now, {b} still answers"),
         refused(lo(a)).and_then(|()| echo_exchange(lo(b), 10).map(|_| ())),
     );
+    r.check(
+        &format!("ctl: add 127.0.0.1:{a}:80/tcp4 publishes {a} again, listed as tcp4"),
+        ctl.run(name, &["add", &format!("127.0.0.1:{a}:80/tcp4")])
+            .and_then(Out::ok)
+            .and_then(|out| {
+                let want = format!("published tcp4 127.0.0.1:{a} -> 80\n");
+                (out == want)
+                    .then_some(())
+                    .ok_or(format!("printed {out:?}, want {want:?}"))
+            })
+            .and_then(|()| echo_exchange(lo(a), 10))
+            .and_then(|_| {
+                let list = ctl.list_json(name)?;
+                let pa = port_of(&list, a).ok_or(format!("no {a} in {list:?}"))?;
+                (pa["protocol"] == "tcp4" && pa["host_ip"] == "127.0.0.1")
+                    .then_some(())
+                    .ok_or(format!("port {a} listed as {pa}"))
+            })
+            .and_then(|()| {
+                ctl.run(name, &["remove", &format!("127.0.0.1:{a}:80/tcp4")])?
+                    .ok()
+                    .map(|_| ())
+            })
+            .and_then(|()| refused(lo(a))),
+    );
+    r.check(
+        &format!("ctl: add {a}:80 >/dev/full fails, says the port was published, and it was"),
+        ctl.run_redirected(name, &["add", &format!("{a}:80")], ">/dev/full")
+            .and_then(Out::failed)
+            .and_then(|line| {
+                let want = format!("rootlessport-ctl: container \"{name}\" (ID ");
+                let tail = "): ports added, but writing to stdout failed: No space left on device";
+                if !line.starts_with(&want) || !line.contains(tail) {
+                    return Err(format!("unexpected error line {line:?}"));
+                }
+                echo_exchange(lo(a), 10)?;
+                ctl.run(name, &["remove", &format!("{a}:80")])?.ok()?;
+                refused(lo(a))
+            }),
+    );
+    r.check(
+        &format!("ctl: add {a}:80 with stdout closed fails in one line, publishes nothing"),
+        ctl.run_redirected(name, &["add", &format!("{a}:80")], ">&-")
+            .and_then(|out| {
+                // Its stdout is closed: only stderr and the status tell.
+                if out.code != Some(1) || out.stderr.lines().count() != 1 {
+                    return Err(format!(
+                        "want exit 1 and one stderr line; exit {:?}, stderr {:?}",
+                        out.code, out.stderr
+                    ));
+                }
+                if !out.stderr.contains("stdout is closed") {
+                    return Err(format!("unexpected error line {:?}", out.stderr));
+                }
+                refused(lo(a))
+            }),
+    );
     let (busy, free) = (ports.busy, ports.free);
     r.check(
         &format!(
@@ -330,7 +409,10 @@ pub(super) fn checks(
                 let line = ctl
                     .run(name, &["add", &format!("{free}:80"), &format!("{busy}:80")])?
                     .failed()?;
-                if !line.starts_with("rootlessport-ctl: add ")
+                let who = format!("rootlessport-ctl: container \"{name}\" (ID ");
+                let asked = format!("): add {free}:80 {busy}:80: ");
+                if !line.starts_with(&who)
+                    || !line.contains(&asked)
                     || !line.contains(&busy.to_string())
                     || !line.contains("address already in use")
                 {
@@ -357,6 +439,26 @@ pub(super) fn checks(
     r.check(
         "ctl: remove the container",
         podman.run(&["rm", "-f", "-t", "0", name]).map(|_| ()),
+    );
+    let created = format!("{name}-created");
+    let _ = podman.run(&["rm", "-f", "-t", "0", &created]);
+    r.check(
+        "ctl: a created container that never ran is said to be not running",
+        podman
+            .run(&["create", "--name", &created, super::IMAGE, "/x/xtask"])
+            .and_then(|id| {
+                let line = ctl.run(&created, &["list"])?.failed()?;
+                let short = id.get(..12).unwrap_or(&id);
+                let want =
+                    format!("rootlessport-ctl: container \"{created}\" (ID {short}) is not running (created)");
+                (line == want)
+                    .then_some(())
+                    .ok_or(format!("said {line:?}, want {want:?}"))
+            }),
+    );
+    r.check(
+        "ctl: remove the created container",
+        podman.run(&["rm", "-f", "-t", "0", &created]).map(|_| ()),
     );
 }
 

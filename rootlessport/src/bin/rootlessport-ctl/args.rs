@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use lexopt::Arg::{Long, Short, Value};
-use slirp_config::PortMapping;
+use slirp_config::{go_quote, ParsePublishError, PortMapping, Proto, Protocol, PublishSyntaxError};
 
 /// The help text (`--help`, `-h`).
 pub const HELP: &str = "\
@@ -23,13 +23,18 @@ Commands:
       datagrams in/out, and refused connections (TCP) or port-unreachable errors (UDP).
       --json prints the helper's records as a JSON array instead.
   add [IP:]HOST:CONTAINER[/PROTO]...
-      Publish more ports, in podman's -p syntax: PROTO tcp (the default), udp or
-      tcp,udp; ranges as 8000-8002:80-82; an IPv6 address in brackets ([::1]:8080:80).
-      Prints one line per port published. Nothing is published when any of them fails.
+      Publish more ports, in podman's -p syntax: PROTO tcp (the default), udp, tcp4,
+      tcp6, udp4 or udp6 (the digit: IPv4 or IPv6 only, as list shows them), or a comma
+      list of them (tcp,udp); ranges as 8000-8002:80-82; an IPv6 address in brackets
+      ([::1]:8080:80). Prints one line per port published. Nothing is published when
+      any of them fails.
   remove [--close] [IP:]HOST:CONTAINER[/PROTO]...
       Stop publishing ports, given as they were published. Prints one line per port
       removed, with its final counters. Connections already open keep going unless
-      --close is given, which resets them.
+      --close is given, which resets them. Connections kept are no longer listed and
+      end only when their ends close them (a later remove --close of the port, added
+      again, does not reach them).
+  A request is limited to 64 KiB (about 700 mappings; use ranges for more).
 
 Which helper:
   --container NAME|ID
@@ -44,13 +49,15 @@ Which helper:
   --socket PATH
       The helper's control socket itself (TMP/rp/ID).
   One of the two is needed. Run it as the user who runs the container (the helper
-  answers only its own user).
+  answers only its own user). A container podman reports as not running (created,
+  exited, ...) is refused without asking its helper.
 
 Changes last as long as the helper does. podman's own record of the container
 (podman port, podman inspect) does not show them, and when the container restarts,
 its new helper publishes podman's set of ports again.
 
-Exit status: 0 success, 1 the request failed (message on stderr), 2 bad usage.
+Exit status: 0 success, 1 the request failed or its output could not be written
+(message on stderr, saying whether an add or remove was made), 2 bad usage.
 ";
 
 /// What the command line asks for.
@@ -184,7 +191,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, UsageEr
         }
         specs
             .iter()
-            .map(|s| s.parse().map_err(|e| format!("{name}: {e}")))
+            .map(|s| parse_spec(s).map_err(|e| format!("{name}: {}: {e}", go_quote(s))))
             .collect()
     };
     let command = match name.as_str() {
@@ -203,6 +210,51 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, UsageEr
         podman,
         command,
     }))
+}
+
+/// One port argument of `add` or `remove`: podman's `-p` syntax
+/// (`PortMapping::from_str`), with the protocol names RootlessKit's port specs take
+/// besides (`tcp4`, `tcp6`, `udp4`, `udp6`: one family only), which the helper
+/// publishes and `list` shows. The mapping's `protocol` is the list as written (`tcp`
+/// when there is none).
+///
+/// # Errors
+///
+/// Why `spec` is refused (without the spec itself): the protocol list first, then
+/// what `PortMapping::from_str` finds. `sctp` is refused as before: the helper does
+/// not carry it.
+pub fn parse_spec(spec: &str) -> Result<PortMapping, String> {
+    let (rest, protocol) = match spec.rsplit_once('/') {
+        Some((rest, list)) => (rest, Some(list)),
+        None => (spec, None),
+    };
+    if let Some(list) = protocol {
+        for name in list.split(',') {
+            if !matches!(
+                name.parse::<Proto>(),
+                Ok(Proto {
+                    protocol: Protocol::Tcp | Protocol::Udp,
+                    ..
+                })
+            ) {
+                return Err(format!(
+                    "protocol {} is not one of tcp, udp, tcp4, tcp6, udp4, udp6",
+                    go_quote(name)
+                ));
+            }
+        }
+    }
+    // A second `/` would be read as a protocol list by the parser below.
+    if rest.contains('/') {
+        return Err(PublishSyntaxError::Shape.to_string());
+    }
+    let mut mapping: PortMapping = rest
+        .parse()
+        .map_err(|e: ParsePublishError| e.reason().to_string())?;
+    if let Some(list) = protocol {
+        list.clone_into(&mut mapping.protocol);
+    }
+    Ok(mapping)
 }
 
 /// `unknown option --x`, with the command when there is one.
@@ -275,6 +327,53 @@ mod tests {
     }
 
     #[test]
+    fn ctl_specs_take_rootlesskit_protocols() {
+        let ok = |s: &str| parse_spec(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(ok("8080:80"), PortMapping::new("", 8080, 80, 1, "tcp"));
+        assert_eq!(
+            ok("[::1]:40050:80/tcp6"),
+            PortMapping::new("::1", 40050, 80, 1, "tcp6")
+        );
+        assert_eq!(
+            ok("127.0.0.1:40051-40052:80-81/tcp4,udp4"),
+            PortMapping::new("127.0.0.1", 40051, 80, 2, "tcp4,udp4")
+        );
+        assert_eq!(ok("53:53/udp6"), PortMapping::new("", 53, 53, 1, "udp6"));
+        assert_eq!(
+            ok("53:53/udp,tcp"),
+            PortMapping::new("", 53, 53, 1, "udp,tcp")
+        );
+        // Written back as typed (`remove` takes what `list` and `add` print).
+        assert_eq!(ok("[::1]:40050:80/tcp6").to_string(), "[::1]:40050:80/tcp6");
+
+        let bad = |s: &str| parse_spec(s).unwrap_err();
+        let not_one = |name: &str| {
+            format!("protocol \"{name}\" is not one of tcp, udp, tcp4, tcp6, udp4, udp6")
+        };
+        for (spec, name) in [
+            ("8080:80/sctp", "sctp"),
+            ("8080:80/sctp4", "sctp4"),
+            ("8080:80/tcp,sctp6", "sctp6"),
+            ("8080:80/TCP", "TCP"),
+            ("8080:80/tcp5", "tcp5"),
+            ("8080:80/", ""),
+            ("8080:80/tcp,", ""),
+        ] {
+            assert_eq!(bad(spec), not_one(name), "{spec}");
+        }
+        // The protocol is checked first, then the rest by podman's rules.
+        assert_eq!(bad("x:80/tcp9"), not_one("tcp9"));
+        assert_eq!(bad("x:80/tcp6"), r#""x" is not a port (1-65535)"#);
+        assert_eq!(bad("1.2.3:8080:80/udp4"), r#""1.2.3" is not an IP address"#);
+        assert_eq!(
+            bad("8080-8081:80/tcp"),
+            "host and container ranges differ in length"
+        );
+        assert_eq!(bad("80/80:80/tcp"), "expected [IP:]HOST:CONTAINER[/PROTO]");
+        assert_eq!(bad("-1:80"), r#""" is not a port (1-65535)"#);
+    }
+
+    #[test]
     fn ctl_help_and_version_win() {
         assert_eq!(parse_str(&["--help"]), Ok(Parsed::Help));
         assert_eq!(parse_str(&["-h"]), Ok(Parsed::Help));
@@ -312,11 +411,16 @@ mod tests {
         );
         assert_eq!(
             err(&["--container", "web", "add", "8081:80", "80800:80"]),
-            r#"add: invalid -p "80800:80": "80800" is not a port (1-65535)"#
+            r#"add: "80800:80": "80800" is not a port (1-65535)"#
+        );
+        // After `--`, an argument that looks like an option is a port, named as typed.
+        assert_eq!(
+            err(&["--container", "web", "add", "--", "-1:80"]),
+            r#"add: "-1:80": "" is not a port (1-65535)"#
         );
         assert_eq!(
             err(&["--container", "web", "remove", "8081:80/sctp"]),
-            r#"remove: invalid -p "8081:80/sctp": protocol "sctp" is not tcp or udp"#
+            r#"remove: "8081:80/sctp": protocol "sctp" is not one of tcp, udp, tcp4, tcp6, udp4, udp6"#
         );
         assert_eq!(
             err(&["--container", "web", "list", "x"]),
@@ -361,7 +465,14 @@ mod tests {
             "/proc/net/unix",
             "podman port",
             "restarts",
-            "Exit status: 0 success, 1 the request failed (message on stderr), 2 bad usage.",
+            "Exit status: 0 success, 1 the request failed or its output could not be written",
+            "whether an add or remove was made",
+            "tcp4",
+            "udp6",
+            "no longer listed",
+            "does not reach them",
+            "64 KiB",
+            "not running",
         ] {
             assert!(HELP.contains(word), "help lacks {word:?}");
         }

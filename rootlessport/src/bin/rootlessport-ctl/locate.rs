@@ -192,21 +192,73 @@ pub enum ResolveError {
     Podman(String),
 }
 
-/// The full ID of the container `name` (a name, ID or ID prefix), from
-/// `podman container inspect --format {{.Id}}`; a full ID is taken as it is when
-/// podman cannot be run.
+/// A container as podman reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// The full ID: 64 hex digits.
+    pub id: String,
+    /// podman's `.State.Status` (`running`, `exited`, `created`, `paused`, ...);
+    /// `None` when podman was not asked (a full ID without podman) or did not say.
+    pub state: Option<String>,
+}
+
+/// The container of `podman container inspect --format '{{.Id}} {{.State.Status}}'`
+/// output: its first line, the ID then the state.
+///
+/// # Errors
+///
+/// Output that does not start with a full ID, quoted.
+pub fn parse_inspect(stdout: &str) -> Result<Container, String> {
+    let line = stdout.lines().next().unwrap_or("").trim();
+    let mut words = line.split_whitespace();
+    match words.next() {
+        Some(id) if is_full_id(id) => Ok(Container {
+            id: id.to_owned(),
+            state: words.next().map(str::to_owned),
+        }),
+        _ => Err(format!(
+            "podman container inspect printed {line:?}, not a container ID"
+        )),
+    }
+}
+
+/// Whether a container in podman's state `state` has its port helper running:
+/// `running`, and `paused` (the helper is not in the container's cgroup, so it
+/// still serves); an unknown state counts as running (the socket then tells).
+pub fn helper_runs_in(state: Option<&str>) -> bool {
+    match state {
+        None | Some("running" | "paused" | "unknown") => true,
+        Some(_) => false,
+    }
+}
+
+/// The container `name` (a name, ID or ID prefix): its full ID and state, from
+/// `podman container inspect --format '{{.Id}} {{.State.Status}}'`; a full ID is taken
+/// as it is, state unknown, when podman cannot be run.
 ///
 /// # Errors
 ///
 /// [`ResolveError`].
-pub fn resolve_container(podman: &Path, name: &str) -> Result<String, ResolveError> {
+pub fn resolve_container(podman: &Path, name: &str) -> Result<Container, ResolveError> {
     let out = Command::new(podman)
-        .args(["container", "inspect", "--format", "{{.Id}}", "--", name])
+        .args([
+            "container",
+            "inspect",
+            "--format",
+            "{{.Id}} {{.State.Status}}",
+            "--",
+            name,
+        ])
         .stdin(Stdio::null())
         .output();
     let out = match out {
         Ok(out) => out,
-        Err(_) if is_full_id(name) => return Ok(name.to_owned()),
+        Err(_) if is_full_id(name) => {
+            return Ok(Container {
+                id: name.to_owned(),
+                state: None,
+            })
+        }
         Err(e) => {
             return Err(ResolveError::Podman(format!(
                 "cannot run {}: {e}",
@@ -231,14 +283,7 @@ pub fn resolve_container(podman: &Path, name: &str) -> Result<String, ResolveErr
             out.status
         )));
     }
-    let id = stdout.lines().next().unwrap_or("").trim();
-    if is_full_id(id) {
-        Ok(id.to_owned())
-    } else {
-        Err(ResolveError::Podman(format!(
-            "podman container inspect printed {id:?}, not a container ID"
-        )))
-    }
+    parse_inspect(&stdout).map_err(ResolveError::Podman)
 }
 
 /// A listening unix socket in `/proc/net/unix`: its inode and bound path.
@@ -433,6 +478,44 @@ mod tests {
         assert!(!is_full_id(&"a".repeat(63)));
         assert!(!is_full_id(&"A".repeat(64)));
         assert!(!is_full_id("web"));
+    }
+
+    #[test]
+    fn ctl_inspect_output_and_states() {
+        let id = "0123456789ab".repeat(5) + "cdef";
+        assert_eq!(
+            parse_inspect(&format!("{id} exited\n")),
+            Ok(Container {
+                id: id.clone(),
+                state: Some("exited".into())
+            })
+        );
+        // An ID alone (a podman that prints no state): state unknown.
+        assert_eq!(
+            parse_inspect(&format!("{id}\n")),
+            Ok(Container {
+                id: id.clone(),
+                state: None
+            })
+        );
+        assert_eq!(
+            parse_inspect("web running\n"),
+            Err(r#"podman container inspect printed "web running", not a container ID"#.into())
+        );
+        assert!(parse_inspect("").is_err());
+        for up in [None, Some("running"), Some("paused"), Some("unknown")] {
+            assert!(helper_runs_in(up), "{up:?}");
+        }
+        for down in [
+            "created",
+            "exited",
+            "stopped",
+            "configured",
+            "initialized",
+            "stopping",
+        ] {
+            assert!(!helper_runs_in(Some(down)), "{down}");
+        }
     }
 
     #[test]

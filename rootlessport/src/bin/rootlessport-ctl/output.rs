@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use rootlessport::control::PortStatus;
-use slirp_config::Protocol;
+use slirp_config::{PortMapping, Protocol};
 
 /// `IP:PORT`, an IPv6 address in brackets.
 fn host(ip: IpAddr, port: u16) -> String {
@@ -147,6 +147,28 @@ pub fn removed(p: &PortStatus) -> String {
     )
 }
 
+/// How many ports an error line names before it counts the rest.
+const SPECS_SHOWN: usize = 3;
+
+/// A mapping in `-p` syntax, without the default `/tcp`.
+pub fn short_spec(m: &PortMapping) -> String {
+    let s = m.to_string();
+    match s.strip_suffix("/tcp") {
+        Some(short) => short.to_owned(),
+        None => s,
+    }
+}
+
+/// The ports of a request for an error line: the first three in `-p` syntax, then
+/// `... (N more)` (a batch of hundreds must not make a line of kilobytes).
+pub fn spec_list(mappings: &[PortMapping]) -> String {
+    let mut words: Vec<String> = mappings.iter().take(SPECS_SHOWN).map(short_spec).collect();
+    if mappings.len() > SPECS_SHOWN {
+        words.push(format!("... ({} more)", mappings.len() - SPECS_SHOWN));
+    }
+    words.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +232,26 @@ HOST          CONTAINER  PROTO  SINCE (UTC)          TCP OPEN/TOTAL  BYTES IN  B
             removed(&p[1]),
             "removed udp6 [::1]:5353 -> 53 (4 flows, 10 datagrams in, 9 out)"
         );
+    }
+
+    #[test]
+    fn ctl_error_names_at_most_three_specs() {
+        let m = |port: u16| PortMapping::new("", port, 80, 1, "tcp");
+        assert_eq!(spec_list(&[]), "");
+        assert_eq!(spec_list(&[m(1)]), "1:80");
+        assert_eq!(
+            spec_list(&[
+                m(1),
+                PortMapping::new("::1", 2, 53, 2, "udp6"),
+                PortMapping::new("127.0.0.1", 4, 80, 1, "tcp,udp"),
+            ]),
+            "1:80 [::1]:2-3:53-54/udp6 127.0.0.1:4:80/tcp,udp"
+        );
+        assert_eq!(
+            spec_list(&[m(1), m(2), m(3), m(4)]),
+            "1:80 2:80 3:80 ... (1 more)"
+        );
+        let many: Vec<PortMapping> = (1..=900).map(m).collect();
+        assert_eq!(spec_list(&many), "1:80 2:80 3:80 ... (897 more)");
     }
 }
