@@ -342,9 +342,12 @@ pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Erro
             "" => "0.0.0.0".to_owned(),
             ip => ip.to_owned(),
         };
-        let parent_addr = f
-            .host_ip
-            .map_or(Ipv4Addr::UNSPECIFIED.into(), |a| a.to_canonical());
+        // No host IP: the wildcard of the family listened on (`::` for tcp6/udp6).
+        let wildcard = match f.proto.family {
+            Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+            _ => Ipv4Addr::UNSPECIFIED.into(),
+        };
+        let parent_addr = f.host_ip.map_or(wildcard, |a| a.to_canonical());
         let key = (proto.clone(), parent_ip.clone(), f.host_port);
         if let Some(id) = seen.get(&key) {
             return Err(Error::Conflict(*id));
@@ -568,6 +571,15 @@ mod tests {
             ]
         );
         assert_eq!(specs[4].parent_addr, "::1".parse::<IpAddr>().unwrap());
+        // No host IP: the wildcard of the family listened on.
+        let wild = plan_ports(&[
+            PortMapping::new("", 7000, 70, 1, "tcp,udp6,tcp4"),
+            PortMapping::new("0.0.0.0", 7001, 70, 1, "tcp6"),
+        ])
+        .unwrap();
+        let addrs: Vec<String> = wild.iter().map(|s| s.parent_addr.to_string()).collect();
+        assert_eq!(addrs, ["0.0.0.0", "::", "0.0.0.0", "0.0.0.0"]);
+        assert_eq!(wild[1].listen_plan().unwrap().addr.to_string(), "[::]:7000");
         // The last port of a range may be 65535.
         assert_eq!(
             plan_ports(&[PortMapping::new("", 65534, 65534, 2, "udp")])

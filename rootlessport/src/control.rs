@@ -81,7 +81,7 @@
 //!
 //! | field | type | meaning |
 //! |---|---|---|
-//! | `host_ip` | string | the host address listened on, as in the mapping (`0.0.0.0` for none: a plain `tcp`/`udp` wildcard serves IPv6 too) |
+//! | `host_ip` | string | the host address listened on, as in the mapping (none: `0.0.0.0`, which for a plain `tcp`/`udp` port serves IPv6 too, and `::` for `tcp6`/`udp6`) |
 //! | `host_port` | integer | the host port |
 //! | `container_port` | integer | the port in the container |
 //! | `protocol` | string | `tcp`, `tcp4`, `tcp6`, `udp`, `udp4` or `udp6`, as in the mapping |
