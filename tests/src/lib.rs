@@ -596,14 +596,14 @@ pub fn start_peer_reporters(ns: &TestNetns, tcp: u16, udp: u16) {
     use std::io::Write;
     let (l, u) = ns.run(move || {
         (
-            std::net::TcpListener::bind(("::", tcp)).unwrap(),
-            std::net::UdpSocket::bind(("::", udp)).unwrap(),
+            std::net::TcpListener::bind(("::", tcp)).expect("reporter TCP port"),
+            std::net::UdpSocket::bind(("::", udp)).expect("reporter UDP port"),
         )
     });
     std::thread::spawn(move || {
         for mut c in l.incoming().flatten() {
-            let peer = unmap(c.peer_addr().unwrap());
-            let _ = c.write_all(format!("tcp peer {peer}").as_bytes());
+            let Ok(peer) = c.peer_addr() else { continue };
+            let _ = c.write_all(format!("tcp peer {}", unmap(peer)).as_bytes());
         }
     });
     std::thread::spawn(move || {
