@@ -66,6 +66,10 @@ fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error>
         // As Go does for listeners: a restart can rebind while old connections linger.
         sock.set_reuse_address(true)
             .map_err(|e| err("setsockopt", e))?;
+        // Linux copies TCP_NODELAY from a listener to the sockets it accepts: one
+        // setsockopt here instead of one per connection (see `tcp::forward`).
+        sock.set_tcp_nodelay(true)
+            .map_err(|e| err("setsockopt", e))?;
     }
     sock.set_nonblocking(true)
         .map_err(|e| err("setsockopt", e))?;
@@ -123,5 +127,33 @@ impl Binder {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         self.jobs.send((specs, reply)).map_err(|_| gone())?;
         outcome.await.map_err(|_| gone())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+
+    /// What `tcp::forward` relies on instead of setting TCP_NODELAY on each accepted
+    /// client socket: the kernel copies it from our listener, dual-stack ones included.
+    #[test]
+    fn accepted_tcp_connections_inherit_nodelay() {
+        for host_ip in ["", "127.0.0.1"] {
+            let free = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            let port = free.local_addr().unwrap().port();
+            drop(free);
+            let mapping = slirp_config::PortMapping::new(host_ip, port, 80, 1, "tcp");
+            let specs = crate::config::plan_ports(&[mapping]).unwrap();
+            let bound = bind_all(&specs).unwrap();
+            let listener: TcpListener = bound.into_iter().next().unwrap().sock.into();
+            listener.set_nonblocking(false).unwrap();
+            let _client = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            assert!(
+                accepted.nodelay().unwrap(),
+                "a connection accepted on {host_ip:?}:{port} has Nagle's algorithm on"
+            );
+        }
     }
 }

@@ -143,7 +143,8 @@ async fn forward(
             return;
         }
     };
-    let _ = client.set_nodelay(true);
+    // The client's socket has TCP_NODELAY already: accepted from a listener that has
+    // it (`listen::bind_one`), which Linux copies to every connection it accepts.
     let _ = upstream.set_nodelay(true);
     relay(&client, &upstream, shared.pipe_size, counters, closing).await;
 }
