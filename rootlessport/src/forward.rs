@@ -139,6 +139,10 @@ impl Forwarder {
         } = self;
         let result = rt.block_on(async move {
             serve_ports(bound, &shared)?;
+            tokio::spawn(crate::heap_trim::trim_when_idle(
+                shared.idle.clone(),
+                crate::heap_trim::QUIET,
+            ));
             let reload_guard = match reload {
                 Some(r) => {
                     let r = Arc::new(r);

@@ -47,6 +47,7 @@ mod counters;
 mod error;
 mod flow_budget;
 mod forward;
+mod heap_trim;
 pub mod helper;
 pub mod launcher;
 mod listen;

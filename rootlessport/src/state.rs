@@ -47,6 +47,9 @@ pub(crate) struct Shared {
     /// Held through each `add` and `remove`, so that their listeners, lists and UDP
     /// gates change one request at a time.
     pub(crate) changes: tokio::sync::Mutex<()>,
+    /// Live TCP connections, for giving freed heap back once there are none
+    /// ([`crate::heap_trim`]).
+    pub(crate) idle: Arc<crate::heap_trim::Idle>,
 }
 
 /// A published port and what stops it.
@@ -99,6 +102,7 @@ impl Shared {
             published: Mutex::new(Vec::new()),
             binder: None,
             changes: tokio::sync::Mutex::new(()),
+            idle: Arc::default(),
         }
     }
 

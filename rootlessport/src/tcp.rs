@@ -43,6 +43,7 @@ pub(crate) async fn accept_loop(
                 let shared = shared.clone();
                 let open = counters.conn_opened();
                 let closing = closing.clone();
+                let busy = shared.idle.busy();
                 tokio::spawn(async move {
                     let conn = Conn {
                         peer,
@@ -51,6 +52,7 @@ pub(crate) async fn accept_loop(
                     };
                     forward(client, conn, &shared, open.counters(), closing).await;
                     drop(open);
+                    drop(busy);
                 });
             }
             Err(e) => {

@@ -787,3 +787,74 @@ impl Drop for Guard {
         self.kill_now();
     }
 }
+
+/// Anonymous memory of a process, in KB (`RssAnon` of `/proc/PID/status`).
+fn rss_anon_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A helper that held many connections goes back to its idle size once they are gone
+/// (the heap they used is given back, not kept by the allocator for good).
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn memory_of_closed_connections_is_given_back() {
+    require_harness();
+    const CONNS: usize = 1000;
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+    // A server that keeps every connection it accepts, answering one byte on each.
+    let l = ns.run(|| TcpListener::bind(("127.0.0.1", 90)).unwrap());
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let mut c = c;
+            let mut b = [0u8; 1];
+            if c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() && held_tx.send(c).is_err() {
+                return;
+            }
+        }
+    });
+    let cfg = config(
+        &ns,
+        tmp.path(),
+        vec![PortMapping::new("127.0.0.1", 28090, 90, 1, "tcp")],
+    );
+    let (helper, exit_w) = launch(&cfg).unwrap();
+    let idle = rss_anon_kb(helper.pid());
+    let mut clients = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut c = TcpStream::connect("127.0.0.1:28090").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"m").unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"m");
+        clients.push(c);
+    }
+    let servers: Vec<TcpStream> = held_rx.iter().take(CONNS).collect();
+    let loaded = rss_anon_kb(helper.pid());
+    // Each live connection holds heap: the figure below means something.
+    assert!(
+        loaded > idle + 1024,
+        "{CONNS} live connections: {loaded} KB anonymous, idle {idle} KB"
+    );
+    drop(clients);
+    drop(servers);
+    let mut now = loaded;
+    let back = eventually(10, || {
+        now = rss_anon_kb(helper.pid());
+        now < idle + 512
+    });
+    assert!(
+        back,
+        "{CONNS} connections closed: {now} KB anonymous stays, idle was {idle} KB, loaded {loaded} KB"
+    );
+    println!("anonymous RSS: idle {idle} KB, {CONNS} live {loaded} KB, closed {now} KB");
+    finish(helper, exit_w);
+}
