@@ -823,13 +823,13 @@ fn memory_of_closed_connections_is_given_back() {
     let cfg = config(
         &ns,
         tmp.path(),
-        vec![PortMapping::new("127.0.0.1", 28090, 90, 1, "tcp")],
+        vec![PortMapping::new("127.0.0.1", 28098, 90, 1, "tcp")],
     );
     let (helper, exit_w) = launch(&cfg).unwrap();
     let idle = rss_anon_kb(helper.pid());
     let mut clients = Vec::with_capacity(CONNS);
     for _ in 0..CONNS {
-        let mut c = TcpStream::connect("127.0.0.1:28090").unwrap();
+        let mut c = TcpStream::connect("127.0.0.1:28098").unwrap();
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         c.write_all(b"m").unwrap();
         let mut b = [0u8; 1];

@@ -214,7 +214,9 @@ fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
         let docs = workspace_root().join("docs");
         std::fs::create_dir_all(&docs).map_err(|e| e.to_string())?;
         let text = format!(
-            "# Benchmarks\n\nOne full run of `cargo xtask bench`, kept as a reference; rerun it to compare.\n\n{}\n\n{report}",
+            "# Benchmarks\n\nOne full run of `cargo xtask bench`, kept as a reference; rerun it to compare. \
+             Where the time and memory go, and what bounds each figure on this machine: \
+             [performance-analysis.md](performance-analysis.md).\n\n{}\n\n{report}",
             report::machine()
         );
         std::fs::write(docs.join("benchmarks.md"), text).map_err(|e| e.to_string())?;
