@@ -183,7 +183,7 @@ impl Forwarder {
 
 /// A listener registered with the event loop, not yet served.
 enum Registered {
-    Tcp(tokio::net::TcpListener),
+    Tcp(std::net::TcpListener),
     Udp(tokio::net::UdpSocket),
 }
 
@@ -200,9 +200,7 @@ fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus
         .into_iter()
         .map(|b| {
             let sock = match b.spec.transport {
-                Transport::Tcp => Registered::Tcp(
-                    tokio::net::TcpListener::from_std(b.sock.into()).map_err(io_err)?,
-                ),
+                Transport::Tcp => Registered::Tcp(b.sock.into()),
                 Transport::Udp => {
                     Registered::Udp(tokio::net::UdpSocket::from_std(b.sock.into()).map_err(io_err)?)
                 }
@@ -211,25 +209,32 @@ fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let mut served = Vec::with_capacity(registered.len());
+    // WIP (branch wip-port-records): every TCP listener is a 16-byte record served by
+    // one accept task for the whole batch; UDP keeps its task per port.
+    let mut records = Vec::new();
     for (spec, published_at, sock) in registered {
         let counters = Arc::new(PortCounters::default());
-        let close = Arc::new(crate::tcp::CloseSignal::default());
-        let task = match sock {
-            Registered::Tcp(l) => tokio::spawn(crate::tcp::accept_loop(
-                l,
-                spec.child_port,
-                spec.family,
-                shared.clone(),
-                counters.clone(),
-                close.clone(),
-            )),
-            Registered::Udp(s) => tokio::spawn(crate::udp::serve(
-                s,
-                spec.child_port,
-                spec.family,
-                shared.clone(),
-                counters.clone(),
-            )),
+        let stop = match sock {
+            Registered::Tcp(l) => {
+                records.push(crate::tcp::PortRecord {
+                    listener: l,
+                    child_port: spec.child_port,
+                    family: spec.family,
+                    counters: counters.clone(),
+                });
+                // Not stoppable on its own yet: `remove` only unlists it.
+                None
+            }
+            Registered::Udp(s) => Some(PortStop {
+                task: tokio::spawn(crate::udp::serve(
+                    s,
+                    spec.child_port,
+                    spec.family,
+                    shared.clone(),
+                    counters.clone(),
+                )),
+                close: Arc::new(crate::tcp::CloseSignal::default()),
+            }),
         };
         let port = Published {
             host_ip: spec.parent_addr,
@@ -240,7 +245,11 @@ fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus
             counters,
         };
         served.push(port.status());
-        shared.publish(port, Some(PortStop { task, close }));
+        shared.publish(port, stop);
+    }
+    if !records.is_empty() {
+        let hub = crate::tcp::AcceptHub::new(records).map_err(io_err)?;
+        tokio::spawn(hub.run(shared.clone()));
     }
     Ok(served)
 }

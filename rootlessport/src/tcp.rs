@@ -402,6 +402,133 @@ impl Pipe {
     }
 }
 
+/// One published TCP port as the [`AcceptHub`] holds it (WIP, branch wip-port-records):
+/// the listening socket, where its connections go, its counters. 16 bytes, in one `Vec`.
+pub(crate) struct PortRecord {
+    pub(crate) listener: std::net::TcpListener,
+    pub(crate) child_port: u16,
+    pub(crate) family: Family,
+    pub(crate) counters: Arc<PortCounters>,
+}
+
+/// The epoll set of the hub, made pollable by tokio through its fd.
+struct EpollSet(nix::sys::epoll::Epoll);
+
+impl std::os::fd::AsRawFd for EpollSet {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+/// One task serving every idle TCP listener: a private epoll set holds every listening
+/// socket (level-triggered, the record's index as data) and is itself registered once
+/// with tokio. Connections are spawned as their own tasks, as [`accept_loop`] does.
+pub(crate) struct AcceptHub {
+    set: tokio::io::unix::AsyncFd<EpollSet>,
+    records: Vec<PortRecord>,
+    closing: Arc<CloseSignal>,
+}
+
+/// Accepts from one ready listener before the next ready one gets its turn.
+const ACCEPT_BATCH: usize = 32;
+
+impl AcceptHub {
+    /// Put every record's listener in one epoll set and register it. Inside the runtime.
+    pub(crate) fn new(records: Vec<PortRecord>) -> io::Result<AcceptHub> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        for (i, r) in records.iter().enumerate() {
+            ep.add(&r.listener, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
+        }
+        let set = tokio::io::unix::AsyncFd::with_interest(EpollSet(ep), Interest::READABLE)?;
+        Ok(AcceptHub {
+            set,
+            records,
+            closing: Arc::new(CloseSignal::default()),
+        })
+    }
+
+    /// Serve until the task is dropped.
+    pub(crate) async fn run(self, shared: Arc<Shared>) {
+        use nix::sys::epoll::EpollEvent;
+        let mut events = [EpollEvent::empty(); 64];
+        loop {
+            let Ok(mut guard) = self.set.readable().await else {
+                return;
+            };
+            let n = match self.set.get_ref().0.wait(&mut events, 0u8) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "epoll_wait on the listeners failed");
+                    return;
+                }
+            };
+            if n == 0 {
+                guard.clear_ready();
+                continue;
+            }
+            drop(guard);
+            let mut backoff = false;
+            for ev in &events[..n] {
+                let Some(rec) = self.records.get(ev.data() as usize) else {
+                    continue;
+                };
+                for _ in 0..ACCEPT_BATCH {
+                    match rec.listener.accept() {
+                        Ok((client, peer)) => self.spawn_conn(rec, client, peer, &shared),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "accept failed");
+                            backoff = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if backoff {
+                // Out of fds or memory: back off instead of spinning on ready listeners.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    fn spawn_conn(
+        &self,
+        rec: &PortRecord,
+        client: std::net::TcpStream,
+        peer: SocketAddr,
+        shared: &Arc<Shared>,
+    ) {
+        let client = match client
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(client))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "registering an accepted connection failed");
+                return;
+            }
+        };
+        let shared = shared.clone();
+        let open = rec.counters.conn_opened();
+        let closing = self.closing.clone();
+        let busy = shared.idle.busy();
+        let conn = Conn {
+            peer,
+            child_port: rec.child_port,
+            family: rec.family,
+        };
+        tokio::spawn(async move {
+            forward(client, conn, &shared, open.counters(), closing).await;
+            drop(open);
+            drop(busy);
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
