@@ -155,6 +155,8 @@ impl Forwarder {
             let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
             let exit = wait_eof(exit_fd);
             ready()?;
+            // WIP: the start-up heap (config, plans, bound list) is free by now.
+            crate::heap_trim::give_back_freed_heap();
             let stopped = tokio::select! {
                 _ = exit => Stopped::ExitFd,
                 _ = term.recv() => Stopped::Signal,
