@@ -27,6 +27,7 @@ const POOL_MAX: usize = 32;
 /// Accept connections for one published port until the runtime stops or the task is
 /// aborted (the port removed: the listener closes with it). `closing` fires when the
 /// port's live connections are to be reset.
+#[allow(dead_code)] // WIP (wip-port-records): replaced by AcceptHub, kept for the comparison
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     child_port: u16,
@@ -440,7 +441,12 @@ impl AcceptHub {
         for (i, r) in records.iter().enumerate() {
             ep.add(&r.listener, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))?;
         }
-        let set = tokio::io::unix::AsyncFd::with_interest(EpollSet(ep), Interest::READABLE)?;
+        // SAFETY: the Epoll owns its fd, keeps it open until dropped and always returns
+        // the same raw fd, which is what registration requires.
+        let set = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(EpollSet(ep), Interest::READABLE)
+        }
+        .map_err(|e| e.into_parts().1)?;
         Ok(AcceptHub {
             set,
             records,
