@@ -161,16 +161,14 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::sys::socket::{self, MsgFlags, SockFlag};
 use serde::{Deserialize, Serialize};
 use slirp_config::PortMapping;
 
 pub use crate::reload::MAX_REQUEST;
-use crate::reload::{proc_addr, seqpacket};
+use crate::reload::{exchange, ExchangeError};
 
 /// The protocol version this crate speaks.
 pub const VERSION: u64 = 1;
@@ -357,7 +355,7 @@ pub enum ControlError {
 /// exchange fails or times out, [`ControlError::Refused`] with the helper's error
 /// text, [`ControlError::BadReply`] when the reply is not version 1 of this protocol.
 pub fn list(socket: &Path) -> Result<Vec<PortStatus>, ControlError> {
-    ports_of(exchange(socket, &Request::List)?)
+    ports_of(request(socket, &Request::List)?)
 }
 
 /// Publish `mappings` on the helper listening at `socket`, all or none, checked and
@@ -385,7 +383,7 @@ pub fn list(socket: &Path) -> Result<Vec<PortStatus>, ControlError> {
 /// use`, also when the helper publishes it already); then nothing was published.
 /// [`ControlError::TooLarge`] when the batch does not fit in one request (nothing sent).
 pub fn add(socket: &Path, mappings: &[PortMapping]) -> Result<Vec<PortStatus>, ControlError> {
-    ports_of(exchange(
+    ports_of(request(
         socket,
         &Request::Add {
             mappings: mappings.to_vec(),
@@ -410,7 +408,7 @@ pub fn remove(
     mappings: &[PortMapping],
     close: bool,
 ) -> Result<Vec<PortStatus>, ControlError> {
-    ports_of(exchange(
+    ports_of(request(
         socket,
         &Request::Remove {
             mappings: mappings.to_vec(),
@@ -427,7 +425,7 @@ fn ports_of(reply: Reply) -> Result<Vec<PortStatus>, ControlError> {
 }
 
 /// Send `request`, read the reply; an `ok: false` reply is [`ControlError::Refused`].
-fn exchange(path: &Path, request: &Request) -> Result<Reply, ControlError> {
+fn request(path: &Path, request: &Request) -> Result<Reply, ControlError> {
     let msg = encode_request(request);
     if msg.len() > MAX_REQUEST {
         return Err(ControlError::TooLarge {
@@ -454,14 +452,6 @@ fn exchange(path: &Path, request: &Request) -> Result<Reply, ControlError> {
         .to_str()
         .ok_or_else(|| connect(io::Error::from(io::ErrorKind::InvalidInput)))?;
     let dir = std::fs::File::open(dir).map_err(connect)?;
-    let sock = seqpacket(SockFlag::empty()).map_err(|e| connect(e.into()))?;
-    proc_addr(&dir, name)
-        .and_then(|addr| socket::connect(sock.as_raw_fd(), &addr))
-        .map_err(|e| connect(e.into()))?;
-    drop(dir);
-    let timeout = nix::sys::time::TimeVal::new(10, 0);
-    let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &timeout);
-    let _ = socket::setsockopt(&sock, socket::sockopt::SendTimeout, &timeout);
     // SO_RCVTIMEO/SO_SNDTIMEO running out is EAGAIN: said as what it is.
     let failed = |e: Errno, what: &str| {
         ControlError::Io(if e == Errno::EAGAIN {
@@ -470,23 +460,12 @@ fn exchange(path: &Path, request: &Request) -> Result<Reply, ControlError> {
             e.into()
         })
     };
-    socket::send(sock.as_raw_fd(), &msg, MsgFlags::MSG_NOSIGNAL)
-        .map_err(|e| failed(e, "the helper took no request"))?;
-    let mut reply = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Ok(0) => break,
-            Ok(n) if reply.len() + n > MAX_REPLY => {
-                return Err(ControlError::BadReply(format!(
-                    "reply over {MAX_REPLY} bytes"
-                )))
-            }
-            Ok(n) => reply.extend_from_slice(&buf[..n]),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(failed(e, "no reply")),
-        }
-    }
+    let reply = exchange(&dir, name, &msg, false, MAX_REPLY).map_err(|e| match e {
+        ExchangeError::Connect(e) => connect(e.into()),
+        ExchangeError::Send(e) => failed(e, "the helper took no request"),
+        ExchangeError::Recv(e) => failed(e, "no reply"),
+        ExchangeError::TooLong => ControlError::BadReply(format!("reply over {MAX_REPLY} bytes")),
+    })?;
     decode_reply(&reply)
 }
 

@@ -60,37 +60,68 @@ pub enum ReloadError {
 /// exchange fails, [`ReloadError::Refused`] with the helper's text when it says no.
 pub fn reload(tmp_dir: &Path, container_id: &str, child_ip: &str) -> Result<(), ReloadError> {
     let dir = std::fs::File::open(tmp_dir.join("rp")).map_err(ReloadError::Connect)?;
-    let os = |e: Errno| io::Error::from(e);
-    let sock = seqpacket(SockFlag::empty()).map_err(|e| ReloadError::Connect(os(e)))?;
-    proc_addr(&dir, container_id)
-        .and_then(|addr| socket::connect(sock.as_raw_fd(), &addr))
-        .map_err(|e| ReloadError::Connect(os(e)))?;
-    drop(dir);
-    let timeout = nix::sys::time::TimeVal::new(10, 0);
-    let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &timeout);
-    let _ = socket::setsockopt(&sock, socket::sockopt::SendTimeout, &timeout);
     let mut msg = serde_json::to_string(child_ip).map_err(|e| ReloadError::Io(e.into()))?;
     msg.push('\n');
-    match socket::send(sock.as_raw_fd(), msg.as_bytes(), MsgFlags::MSG_NOSIGNAL) {
-        // The helper may have answered and closed already: read its answer then.
-        Ok(_) | Err(Errno::EPIPE | Errno::ECONNRESET) => {}
-        Err(e) => return Err(ReloadError::Io(os(e))),
-    }
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            Ok(0) => break,
-            Ok(n) => reply.extend_from_slice(&buf[..n]),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(ReloadError::Io(os(e))),
-        }
-    }
+    let reply =
+        exchange(&dir, container_id, msg.as_bytes(), true, usize::MAX).map_err(|e| match e {
+            ExchangeError::Connect(e) => ReloadError::Connect(e.into()),
+            ExchangeError::Send(e) | ExchangeError::Recv(e) => ReloadError::Io(e.into()),
+            ExchangeError::TooLong => ReloadError::Io(io::ErrorKind::FileTooLarge.into()),
+        })?;
     let reply = String::from_utf8_lossy(&reply).into_owned();
     if reply == "OK" {
         Ok(())
     } else {
         Err(ReloadError::Refused(reply))
+    }
+}
+
+/// How one client exchange on a helper's socket failed.
+#[derive(Debug)]
+pub(crate) enum ExchangeError {
+    /// Making the socket or connecting.
+    Connect(Errno),
+    /// Sending the request (`EAGAIN`: not taken within 10 s).
+    Send(Errno),
+    /// Reading the reply (`EAGAIN`: none within 10 s).
+    Recv(Errno),
+    /// The reply grew past the caller's bound.
+    TooLong,
+}
+
+/// The client's side of one request on a helper's socket (reload or control): connect
+/// to `name` in `dir` (through [`proc_addr`]), 10 s timeouts each way, send `msg`, read
+/// the reply to end of file (at most `max` bytes). With `closed_ok`, a helper that
+/// closed before the request went out is not an error: its answer is read.
+pub(crate) fn exchange(
+    dir: &std::fs::File,
+    name: &str,
+    msg: &[u8],
+    closed_ok: bool,
+    max: usize,
+) -> Result<Vec<u8>, ExchangeError> {
+    let sock = seqpacket(SockFlag::empty()).map_err(ExchangeError::Connect)?;
+    proc_addr(dir, name)
+        .and_then(|addr| socket::connect(sock.as_raw_fd(), &addr))
+        .map_err(ExchangeError::Connect)?;
+    let timeout = nix::sys::time::TimeVal::new(10, 0);
+    let _ = socket::setsockopt(&sock, socket::sockopt::ReceiveTimeout, &timeout);
+    let _ = socket::setsockopt(&sock, socket::sockopt::SendTimeout, &timeout);
+    match socket::send(sock.as_raw_fd(), msg, MsgFlags::MSG_NOSIGNAL) {
+        Ok(_) => {}
+        Err(Errno::EPIPE | Errno::ECONNRESET) if closed_ok => {}
+        Err(e) => return Err(ExchangeError::Send(e)),
+    }
+    let mut reply = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) => return Ok(reply),
+            Ok(n) if reply.len() + n > max => return Err(ExchangeError::TooLong),
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(ExchangeError::Recv(e)),
+        }
     }
 }
 

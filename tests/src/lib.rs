@@ -613,3 +613,21 @@ pub fn start_peer_reporters(ns: &TestNetns, tcp: u16, udp: u16) {
         }
     });
 }
+
+/// Send `payload` on `c` from a second thread, half-close, and read the echo to EOF.
+pub fn echo_round_trip(c: &mut std::net::TcpStream, payload: &[u8]) -> Vec<u8> {
+    let writer = {
+        let (mut w, payload) = (
+            c.try_clone().expect("a second handle on the connection"),
+            payload.to_vec(),
+        );
+        std::thread::spawn(move || {
+            std::io::Write::write_all(&mut w, &payload).expect("sending the payload");
+            w.shutdown(std::net::Shutdown::Write).expect("half-closing");
+        })
+    };
+    let mut echoed = Vec::new();
+    std::io::Read::read_to_end(c, &mut echoed).expect("reading the echo");
+    writer.join().expect("the sending thread");
+    echoed
+}

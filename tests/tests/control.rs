@@ -118,7 +118,7 @@ fn control_list_counts_exactly_what_clients_moved() {
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let mut c = TcpStream::connect("127.0.0.1:28400").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let echoed = echo_round_trip(&mut c, &payload);
+    let echoed = tests::echo_round_trip(&mut c, &payload);
     assert_eq!(echoed, payload);
     drop(c);
     let mut open = TcpStream::connect("127.0.0.1:28400").unwrap();
@@ -414,7 +414,7 @@ fn control_add_and_remove_under_live_traffic() {
     // The added TCP port: 300,000 bytes each way on one connection, counted exactly.
     let payload = pattern(7, 300_000);
     let mut c = connect(28412);
-    let echoed = echo_round_trip(&mut c, &payload);
+    let echoed = tests::echo_round_trip(&mut c, &payload);
     assert!(echoed == payload, "the added TCP port garbled the bytes");
     drop(c);
     // The added UDP port: 3 datagrams of 1,000 bytes, echoed, counted exactly.
@@ -749,19 +749,4 @@ fn control_added_ports_keep_the_client_address() {
         "{}",
         rules()
     );
-}
-
-/// Send `payload` on `c` from a second thread, half-close, and read the echo to EOF.
-fn echo_round_trip(c: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
-    let writer = {
-        let (mut w, payload) = (c.try_clone().unwrap(), payload.to_vec());
-        std::thread::spawn(move || {
-            w.write_all(&payload).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut echoed = Vec::new();
-    c.read_to_end(&mut echoed).unwrap();
-    writer.join().unwrap();
-    echoed
 }

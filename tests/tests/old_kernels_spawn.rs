@@ -38,13 +38,7 @@ fn without_close_range_the_helper_gets_only_the_fds_it_is_handed() {
             .spawn()
             .unwrap();
         let fds = settled_fds(helper.pid(), &[0, 1, 2, 3]);
-        assert_eq!(
-            fds.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
-            [0, 1, 2, 3],
-            "fds {} and {} of the engine leaked into the helper: {fds:?}",
-            leaky_r.as_raw_fd(),
-            leaky_w.as_raw_fd()
-        );
+        assert_only_stdio_and_3(&fds, &leaky_r, &leaky_w);
         helper.kill().unwrap();
         assert!(helper
             .wait_timeout(Duration::from_secs(5))
@@ -53,6 +47,17 @@ fn without_close_range_the_helper_gets_only_the_fds_it_is_handed() {
     })
     .join()
     .unwrap();
+}
+
+/// The helper holds fds 0-3 and nothing else: the engine's `leaky` pipe did not leak.
+fn assert_only_stdio_and_3(fds: &[(i32, String)], leaky_r: &impl AsRawFd, leaky_w: &impl AsRawFd) {
+    assert_eq!(
+        fds.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
+        [0, 1, 2, 3],
+        "fds {} and {} of the engine leaked into the helper: {fds:?}",
+        leaky_r.as_raw_fd(),
+        leaky_w.as_raw_fd()
+    );
 }
 
 /// The fds of helper `pid`, with what they point at, once they are `want` or after 5 s.
@@ -274,13 +279,7 @@ fn without_close_range_and_pidfd_open_the_helper_gets_only_its_fds() {
         assert!(helper.pidfd().is_none(), "pidfd_open was not denied");
         let pid = helper.pid();
         let fds = settled_fds(pid, &[0, 1, 2, 3]);
-        assert_eq!(
-            fds.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
-            [0, 1, 2, 3],
-            "fds {} and {} of the engine leaked into the helper: {fds:?}",
-            leaky_r.as_raw_fd(),
-            leaky_w.as_raw_fd()
-        );
+        assert_only_stdio_and_3(&fds, &leaky_r, &leaky_w);
         let inode = |path: String| std::fs::read_link(path).unwrap();
         assert_eq!(
             inode(format!("/proc/{pid}/fd/3")),

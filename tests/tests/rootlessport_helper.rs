@@ -127,17 +127,7 @@ fn tcp_both_ways_with_half_close_and_dual_stack() {
         .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
         .collect();
     let mut c = TcpStream::connect("127.0.0.1:28080").unwrap();
-    let writer = {
-        let mut c = c.try_clone().unwrap();
-        let data = data.clone();
-        std::thread::spawn(move || {
-            c.write_all(&data).unwrap();
-            c.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut back = Vec::new();
-    c.read_to_end(&mut back).unwrap();
-    writer.join().unwrap();
+    let back = tests::echo_round_trip(&mut c, &data);
     assert_eq!(&back[..24], b"hello from 127.0.0.1:80\n");
     assert!(back[24..] == data[..], "bulk data corrupted");
     finish(helper, exit_w);
