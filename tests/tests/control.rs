@@ -650,6 +650,90 @@ fn control_removing_what_is_not_published_removes_nothing() {
     live.stop();
 }
 
+/// Open fds of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_many_ports_serve_each_their_own_and_removing_half_closes_exactly_those() {
+    require_harness();
+    // 2,000 TCP ports, host 30000+i -> container 40000+i, in one range.
+    let live = Live::start(
+        "c0ntrol-many",
+        vec![PortMapping::new("127.0.0.1", 30000, 40000, 2000, "tcp")],
+    );
+    // Servers behind the first, two middle and the last port only: a port wired to
+    // another port's container port finds nothing there and is reset.
+    for container_port in [40000, 40999, 41000, 41999] {
+        tcp_echo(&live.ns, container_port);
+    }
+    assert_eq!(live.shown().len(), 2000);
+    for host_port in [30000, 30999, 31000, 31999] {
+        echo_round(
+            &mut connect(host_port),
+            format!("via {host_port}").as_bytes(),
+        );
+    }
+    let pid = live.helper.pid();
+    // The connections above are over: what stays open is the helper's own.
+    let mut before = 0;
+    assert!(
+        eventually(5, || {
+            before = open_fds(pid);
+            std::thread::sleep(Duration::from_millis(200));
+            before == open_fds(pid)
+        }),
+        "the helper's fd count does not settle"
+    );
+    assert!(before >= 2000, "{before} fds for 2,000 listeners");
+
+    // The first half goes: those ports refuse at once, the rest still answer.
+    let removed = control::remove(
+        &live.socket,
+        &[PortMapping::new("127.0.0.1", 30000, 40000, 1000, "tcp")],
+        false,
+    )
+    .unwrap();
+    assert_eq!(removed.len(), 1000);
+    assert_eq!(
+        (removed[0].host_port, removed[999].host_port),
+        (30000, 30999)
+    );
+    assert_eq!(removed[0].counters.connections_total, 1);
+    assert_eq!(removed[1].counters, Default::default());
+    for host_port in [30000, 30500, 30999] {
+        assert!(refuses(host_port), "removed port {host_port} still accepts");
+    }
+    for host_port in [31000, 31999] {
+        echo_round(&mut connect(host_port), b"still here");
+    }
+    let listed = live.shown();
+    assert_eq!(listed.len(), 1000);
+    assert_eq!(listed[0], "127.0.0.1:31000:41000/tcp");
+    assert_eq!(listed[999], "127.0.0.1:31999:41999/tcp");
+    assert!(
+        eventually(5, || open_fds(pid) == before - 1000),
+        "the helper holds {} fds after removing 1,000 of its {before}: listeners leaked",
+        open_fds(pid)
+    );
+
+    // A removed port comes back (in a freed slot) and serves its own container port.
+    control::add(&live.socket, &[pm(30999, 40999, "tcp")]).unwrap();
+    echo_round(&mut connect(30999), b"back");
+    assert!(refuses(30998));
+    assert!(
+        eventually(5, || open_fds(pid) == before - 999),
+        "{} fds, not {}",
+        open_fds(pid),
+        before - 999
+    );
+    live.stop();
+}
+
 /// Send `msg` as one message on the control socket; the reply, read to EOF.
 fn raw(socket: &Path, msg: &[u8]) -> String {
     use nix::sys::socket::{self as s, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
