@@ -675,6 +675,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_idle_published_tcp_port_stays_within_80_bytes_of_heap() {
+        // What 10,000 published ports cost (the issue-15 budget is ~100 B per port):
+        // the hub's slot and the list entry; nothing else until a first connection.
+        assert_eq!(std::mem::size_of::<Option<PortRecord>>(), 24);
+        assert_eq!(std::mem::size_of::<Entry>(), 56);
+    }
+
+    #[test]
     fn control_close_signal_wakes_registered_and_late_connections() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
