@@ -228,6 +228,11 @@ struct Live {
 
 impl Live {
     fn start(id: &str, mappings: Vec<PortMapping>) -> Live {
+        Live::start_with(id, mappings, &rootlessport_bin())
+    }
+
+    /// The same, started from `binary` (a wrapper setting the helper's environment).
+    fn start_with(id: &str, mappings: Vec<PortMapping>, binary: &Path) -> Live {
         let ns = TestNetns::new();
         ns.sh("ip link set lo up");
         tcp_echo(&ns, 80);
@@ -254,9 +259,7 @@ impl Live {
         )
         .with_mappings(mappings);
         let (exit_r, exit_w) = tests::cloexec_pipe();
-        let helper = Launcher::new(rootlessport_bin())
-            .start(&cfg, exit_r)
-            .unwrap();
+        let helper = Launcher::new(binary).start(&cfg, exit_r).unwrap();
         let socket = control::socket_path(tmp.path(), id);
         Live {
             ns,
@@ -647,6 +650,83 @@ fn control_removing_what_is_not_published_removes_nothing() {
     echo_round(&mut c, b"still published");
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
     assert_eq!(udp_round(&u, 28441, b"too"), Some(b"too".to_vec()));
+    live.stop();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_a_helper_with_two_event_loop_threads_relays_and_removes_alike() {
+    require_harness();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("rootlessport");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nROOTLESSPORT_THREADS=2 exec {} \"$@\"\n",
+            rootlessport_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let live = Live::start_with(
+        "c0ntrol-threads",
+        vec![pm(28450, 80, "tcp"), pm(28451, 90, "tcp")],
+        &wrapper,
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", live.helper.pid())).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"ROOTLESSPORT_THREADS=2"),
+        "the helper does not run with 2 threads"
+    );
+    // 16 clients at once, each 100,000 bytes echoed intact, counted exactly.
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let payload = pattern(i * 7, 100_000);
+                let echoed = tests::echo_round_trip(&mut connect(28450), &payload);
+                assert!(echoed == payload, "client {i}: the bytes came back garbled");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(
+        eventually(5, || {
+            let c = port(&live.socket, 28450).counters;
+            (
+                c.connections_open,
+                c.connections_total,
+                c.bytes_in,
+                c.bytes_out,
+            ) == (0, 16, 1_600_000, 1_600_000)
+        }),
+        "{:?}",
+        port(&live.socket, 28450)
+    );
+    // `remove` with `close`: that port refuses and its connection is reset on both
+    // sides; the other port serves on.
+    let mut other = connect(28450);
+    echo_round(&mut other, b"other port");
+    let mut cut = connect(28451);
+    echo_round(&mut cut, b"live");
+    control::remove(&live.socket, &[pm(28451, 90, "tcp")], true).unwrap();
+    assert!(refuses(28451));
+    let got = cut.read(&mut [0u8; 16]);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "client side not reset: {got:?}"
+    );
+    let end = live.ends.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "container side not reset: {end:?}"
+    );
+    echo_round(&mut other, b"its connections live on");
+    echo_round(&mut connect(28450), b"still served");
     live.stop();
 }
 
