@@ -468,10 +468,10 @@ const EVENTS: usize = 64;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What woke the hub.
-enum Wake {
+enum Wake<'a> {
     Command(Option<HubCommand>),
-    /// This many listeners are ready.
-    Ready(usize),
+    /// This many listeners are ready (in the events buffer), seen under this guard.
+    Ready(usize, tokio::io::unix::AsyncFdReadyGuard<'a, EpollSet>),
 }
 
 impl AcceptHub {
@@ -513,7 +513,7 @@ impl AcceptHub {
                             guard.clear_ready();
                             continue;
                         }
-                        Ok(n) => Wake::Ready(n),
+                        Ok(n) => Wake::Ready(n, guard),
                         Err(Errno::EINTR) => continue,
                         Err(e) => {
                             tracing::warn!(error = %e, "epoll_wait on the TCP listeners failed");
@@ -525,11 +525,23 @@ impl AcceptHub {
             match wake {
                 Wake::Command(Some(cmd)) => self.obey(cmd),
                 Wake::Command(None) => return,
-                Wake::Ready(n) => {
-                    if self.accept_ready(&events[..n]) {
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    } else {
-                        tokio::task::yield_now().await;
+                Wake::Ready(n, mut guard) => {
+                    match accept_ready(&mut self.slots, &events[..n], &self.shared) {
+                        Accepted::Drained if n < EVENTS => {
+                            // Every ready listener said EAGAIN: the set is idle unless
+                            // a connection came since, and that is a new event for the
+                            // event loop, which this does not clear. Saves the
+                            // `epoll_wait` that would only find it empty.
+                            guard.clear_ready();
+                        }
+                        Accepted::Drained | Accepted::More => {
+                            drop(guard);
+                            tokio::task::yield_now().await;
+                        }
+                        Accepted::Failed => {
+                            drop(guard);
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        }
                     }
                 }
             }
@@ -600,36 +612,56 @@ impl AcceptHub {
             self.free.push(slot as u32);
         }
     }
+}
 
-    /// Accept on every ready listener of `events`; whether to back off (an accept
-    /// failed for want of fds or memory).
-    fn accept_ready(&mut self, events: &[EpollEvent]) -> bool {
-        let mut backoff = false;
-        for ev in events {
-            let Some(Some(rec)) = usize::try_from(ev.data())
-                .ok()
-                .and_then(|i| self.slots.get_mut(i))
-            else {
-                continue;
-            };
-            for _ in 0..ACCEPT_BATCH {
-                let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-                match nix::sys::socket::accept4(&rec.listener, flags) {
-                    Ok(client) => spawn_conn(rec, client, &self.shared),
-                    // Level-triggered: what is left comes back next round.
-                    Err(Errno::EAGAIN) => break,
-                    // The client gave up before we accepted: take the next.
-                    Err(Errno::ECONNABORTED | Errno::EINTR) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept failed");
-                        backoff = true;
-                        break;
-                    }
+/// How a round of accepts ended.
+enum Accepted {
+    /// Every listener taken from the set was accepted from until EAGAIN.
+    Drained,
+    /// A listener may have more: its batch ran out first.
+    More,
+    /// An accept failed for want of fds or memory: back off.
+    Failed,
+}
+
+/// Accept on every ready listener of `events` (indexes into `slots`), up to
+/// [`ACCEPT_BATCH`] each.
+fn accept_ready(
+    slots: &mut [Option<PortRecord>],
+    events: &[EpollEvent],
+    shared: &Arc<Shared>,
+) -> Accepted {
+    let mut round = Accepted::Drained;
+    for ev in events {
+        let Some(Some(rec)) = usize::try_from(ev.data())
+            .ok()
+            .and_then(|i| slots.get_mut(i))
+        else {
+            continue;
+        };
+        let mut drained = false;
+        for _ in 0..ACCEPT_BATCH {
+            let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+            match nix::sys::socket::accept4(&rec.listener, flags) {
+                Ok(client) => spawn_conn(rec, client, shared),
+                // Level-triggered: what is left comes back next round.
+                Err(Errno::EAGAIN) => {
+                    drained = true;
+                    break;
+                }
+                // The client gave up before we accepted: take the next.
+                Err(Errno::ECONNABORTED | Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    return Accepted::Failed;
                 }
             }
         }
-        backoff
+        if !drained {
+            round = Accepted::More;
+        }
     }
+    round
 }
 
 /// A connection counted open on its port until dropped.
