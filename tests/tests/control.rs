@@ -653,22 +653,113 @@ fn control_removing_what_is_not_published_removes_nothing() {
     live.stop();
 }
 
+/// A script in `dir` that runs `setup` (shell), then our helper with its arguments.
+fn wrapper(dir: &Path, setup: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("rootlessport");
+    let script = format!(
+        "#!/bin/sh\n{setup}\nexec {} \"$@\"\n",
+        rootlessport_bin().display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// User plus system CPU time of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_out_of_fds_a_client_waits_without_the_helper_spinning_and_is_served_later() {
+    require_harness();
+    /// The helper's open-file limit (soft and hard).
+    const NOFILE: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = wrapper(dir.path(), &format!("ulimit -n {NOFILE}"));
+    let live = Live::start_with(
+        "c0ntrol-nofile",
+        vec![pm(28460, 80, "tcp"), pm(28461, 53, "udp")],
+        &wrapper,
+    );
+    let pid = live.helper.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().nth(3),
+        Some(NOFILE.to_string().as_str())
+    );
+    // A first connection leaves its pipes in the helper's pool (2 fds each).
+    echo_round(&mut connect(28460), b"warm");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut free = 0;
+    assert!(eventually(5, || {
+        free = NOFILE - open_fds(pid);
+        std::thread::sleep(Duration::from_millis(100));
+        free == NOFILE - open_fds(pid)
+    }));
+    // Each relayed connection takes 2 fds, a UDP flow 1: make the free fds even, so
+    // that the connections below use them up exactly and the next one finds none.
+    if free % 2 == 1 {
+        assert_eq!(udp_round(&u, 28461, b"odd"), Some(b"odd".to_vec()));
+        free -= 1;
+    }
+    let mut held: Vec<TcpStream> = (0..free / 2)
+        .map(|i| {
+            let mut c = connect(28460);
+            echo_round(&mut c, format!("held {i}").as_bytes());
+            c
+        })
+        .collect();
+    assert_eq!(open_fds(pid), NOFILE, "the helper's fds are not used up");
+    // One more: the kernel completes its handshake, the helper cannot accept it. It
+    // waits (no reset), and the helper backs off instead of retrying at full speed.
+    let mut waiting = connect(28460);
+    waiting.write_all(b"wait").unwrap();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 30,
+        "the helper used {spent} ticks of CPU in 1 s while out of fds"
+    );
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let got = waiting.read(&mut [0u8; 4]);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a client over the fd limit was not left waiting: {got:?}"
+    );
+    // A held connection ends: the waiting one is served.
+    drop(held.pop());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut back = [0u8; 4];
+    waiting.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"wait");
+    echo_round(&mut held[0], b"the others still relay");
+    drop(held);
+    drop(waiting);
+    live.stop();
+}
+
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn control_a_helper_with_two_event_loop_threads_relays_and_removes_alike() {
     require_harness();
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = dir.path().join("rootlessport");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nROOTLESSPORT_THREADS=2 exec {} \"$@\"\n",
-            rootlessport_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = wrapper(dir.path(), "export ROOTLESSPORT_THREADS=2");
     let live = Live::start_with(
         "c0ntrol-threads",
         vec![pm(28450, 80, "tcp"), pm(28451, 90, "tcp")],
