@@ -227,6 +227,9 @@ async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<Port
             Ok((b.spec, b.published_at, sock))
         })
         .collect::<Result<Vec<_>, Error>>()?;
+    let hub = shared
+        .hub()
+        .ok_or_else(|| io_err(io::Error::other("no accept hub")))?;
     let first_id = shared.new_ids(registered.len());
     let mut records = Vec::new();
     let mut entries = Vec::with_capacity(registered.len());
@@ -266,9 +269,6 @@ async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<Port
         entries.push(entry);
     }
     let (done, added) = tokio::sync::oneshot::channel();
-    let hub = shared
-        .hub()
-        .ok_or_else(|| io_err(io::Error::other("no accept hub")))?;
     let added = match hub.send(HubCommand::Add {
         records,
         entries,
