@@ -215,7 +215,8 @@ impl Shared {
         self.published.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `n` new entry ids, the first of them returned.
+    /// `n` new entry ids, the first of them returned. (32 bits: they would wrap after
+    /// 4 billion ports published over one helper's life.)
     pub(crate) fn new_ids(&self, n: usize) -> u32 {
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         self.next_id.fetch_add(n, Relaxed)
