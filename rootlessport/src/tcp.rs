@@ -381,8 +381,8 @@ impl Pipe {
 }
 
 /// A published TCP port's counters and the signal that resets its connections, made
-/// at its first connection and shared by its connections and its list entry (about
-/// 140 bytes; a port never connected to has none).
+/// at its first connection and shared by its connections and its list entry (128
+/// bytes with its `Arc`; a port never connected to has none).
 #[derive(Debug, Default)]
 pub(crate) struct TcpPortState {
     pub(crate) counters: PortCounters,
