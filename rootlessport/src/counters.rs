@@ -1,6 +1,7 @@
 //! Per published port counters, read by the control socket's `list`.
 //!
-//! The data path owns an `Arc<PortCounters>` per port and adds to it with `Relaxed`
+//! The data path holds each port's counters (a UDP port's from its publication, a TCP
+//! port's from its first connection: see [`crate::tcp`]) and adds to them with `Relaxed`
 //! atomics, once per splice (TCP) or per batch of datagrams (UDP): no lock, no
 //! ordering with anything else, one uncontended cache line per port next to a
 //! syscall. A reader sees each counter on its own (the set is not a snapshot of one
@@ -8,7 +9,6 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 
 use slirp_config::Proto;
 
@@ -39,11 +39,15 @@ pub(crate) struct PortCounters {
 }
 
 impl PortCounters {
-    /// A TCP connection was accepted: counted open until the guard drops.
-    pub(crate) fn conn_opened(self: &Arc<Self>) -> OpenConn {
+    /// A TCP connection was accepted: counted open until [`PortCounters::conn_closed`].
+    pub(crate) fn conn_opened(&self) {
         self.conns_total.fetch_add(1, Relaxed);
         self.conns_open.fetch_add(1, Relaxed);
-        OpenConn(self.clone())
+    }
+
+    /// A connection counted by [`PortCounters::conn_opened`] ended (once per connection).
+    pub(crate) fn conn_closed(&self) {
+        self.conns_open.fetch_sub(1, Relaxed);
     }
 
     pub(crate) fn refused(&self) {
@@ -95,24 +99,8 @@ impl PortCounters {
     }
 }
 
-/// An open TCP connection, counted until dropped.
-pub(crate) struct OpenConn(Arc<PortCounters>);
-
-impl OpenConn {
-    /// The counters of its port.
-    pub(crate) fn counters(&self) -> &PortCounters {
-        &self.0
-    }
-}
-
-impl Drop for OpenConn {
-    fn drop(&mut self) {
-        self.0.conns_open.fetch_sub(1, Relaxed);
-    }
-}
-
-/// One published port as the control socket lists it: what it is, since when, and its
-/// counters (shared with the tasks serving it).
+/// One published port as the control socket lists it: what it is and since when (its
+/// counters are kept by what serves it: [`crate::state`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Published {
     pub(crate) host_ip: IpAddr,
@@ -121,18 +109,18 @@ pub(crate) struct Published {
     pub(crate) protocol: Proto,
     /// Unix seconds.
     pub(crate) published_at: u64,
-    pub(crate) counters: Arc<PortCounters>,
 }
 
 impl Published {
-    pub(crate) fn status(&self) -> PortStatus {
+    /// As `list` shows it, with `counters` now.
+    pub(crate) fn status(&self, counters: Counters) -> PortStatus {
         PortStatus {
             host_ip: self.host_ip,
             host_port: self.host_port,
             container_port: self.container_port,
             protocol: self.protocol,
             published_at: self.published_at,
-            counters: self.counters.snapshot(),
+            counters,
         }
     }
 }
@@ -150,17 +138,17 @@ mod tests {
 
     #[test]
     fn control_counts_and_open_connections() {
-        let c = Arc::new(PortCounters::default());
-        let a = c.conn_opened();
-        let b = c.conn_opened();
+        let c = PortCounters::default();
+        c.conn_opened();
+        c.conn_opened();
         c.moved_in(0, 100);
         c.moved_out(0, 40);
         c.refused();
-        drop(a);
+        c.conn_closed();
         let s = c.snapshot();
         assert_eq!((s.connections_open, s.connections_total), (1, 2));
         assert_eq!((s.bytes_in, s.bytes_out, s.refused), (100, 40, 1));
-        drop(b);
+        c.conn_closed();
         c.flow_opened();
         c.flow_opened();
         c.flow_ended();

@@ -4,9 +4,11 @@
 //! connection to the container is made directly inside it: no second process, no fd
 //! passing, no thread per port. Ports added through the control socket are bound by
 //! one more thread left behind in the engine's netns ([`crate::listen::Binder`]) and
-//! then served exactly as the config's ([`serve_ports`]); each port's task can be
-//! stopped on its own (`remove`).
+//! then served exactly as the config's ([`serve_ports`]): every TCP port by the one
+//! accept hub ([`crate::tcp::AcceptHub`]), every UDP port by a task of its own; each
+//! port can be stopped on its own (`remove`).
 
+use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -20,7 +22,8 @@ use crate::counters::{PortCounters, Published};
 use crate::listen::{Binder, Bound};
 use crate::reload::server::ReloadSocket;
 use crate::source_ip::{merged_ranges, SourceIp};
-use crate::state::{register, PortStop, Shared};
+use crate::state::{register, Entry, Serving, Shared, UdpPort};
+use crate::tcp::{AcceptHub, HubCommand, PortRecord};
 use crate::Error;
 
 /// podman's idle timeout for UDP flows.
@@ -128,7 +131,13 @@ impl Forwarder {
         let udp_bound = crate::flow_budget::flow_bound(nofile);
         tracing::debug!("open-file limit {nofile}: at most {udp_bound} UDP flows helper-wide");
         let shared = Shared::new(self.child_ip, self.udp_idle, source, udp_bound);
-        let shared = Arc::new(shared.with_pipe_size(self.pipe_size).with_binder(binder));
+        let (hub_tx, hub_rx) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Arc::new(
+            shared
+                .with_pipe_size(self.pipe_size)
+                .with_binder(binder)
+                .with_hub(hub_tx),
+        );
         let keep = shared.clone();
         let self_exit = self.exit_after;
         let Forwarder {
@@ -138,7 +147,12 @@ impl Forwarder {
             ..
         } = self;
         let result = rt.block_on(async move {
-            serve_ports(bound, &shared)?;
+            let hub = AcceptHub::new(shared.clone(), hub_rx).map_err(|source| Error::Io {
+                what: "making the epoll set of the TCP listeners",
+                source,
+            })?;
+            tokio::spawn(hub.run());
+            serve_ports(bound, &shared).await?;
             tokio::spawn(crate::heap_trim::trim_when_idle(
                 shared.idle.clone(),
                 crate::heap_trim::QUIET,
@@ -155,6 +169,9 @@ impl Forwarder {
             let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
             let exit = wait_eof(exit_fd);
             ready()?;
+            // The start-up heap (config, plans, bound sockets' list) is free by now, and
+            // with thousands of ports it is megabytes: give it back once.
+            crate::heap_trim::give_back_freed_heap();
             let stopped = tokio::select! {
                 _ = exit => Stopped::ExitFd,
                 _ = term.recv() => Stopped::Signal,
@@ -181,28 +198,28 @@ impl Forwarder {
     }
 }
 
-/// A listener registered with the event loop, not yet served.
+/// A listener registered with the event loop (UDP) or about to be (TCP: in the hub).
 enum Registered {
-    Tcp(tokio::net::TcpListener),
+    Tcp(std::net::TcpListener),
     Udp(tokio::net::UdpSocket),
 }
 
-/// Serve `bound` (listening sockets made in the engine's netns): each is registered,
-/// listed, and served by a task of its own that a `remove` can stop. All or none: the
-/// sockets are registered before any is served. The same for the ports of the config
-/// and those added later. Call it inside the runtime.
-fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus>, Error> {
+/// Serve `bound` (listening sockets made in the engine's netns) and list them, all or
+/// none: every TCP listener goes into the accept hub, every UDP socket gets a task of
+/// its own. The same for the ports of the config and those added later. Call it inside
+/// the runtime, with the hub running.
+async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus>, Error> {
     let io_err = |source| Error::Io {
         what: "registering a listener",
         source,
     };
+    // Every UDP socket is registered before anything is served: the one step here
+    // that can fail on its own.
     let registered = bound
         .into_iter()
         .map(|b| {
             let sock = match b.spec.transport {
-                Transport::Tcp => Registered::Tcp(
-                    tokio::net::TcpListener::from_std(b.sock.into()).map_err(io_err)?,
-                ),
+                Transport::Tcp => Registered::Tcp(b.sock.into()),
                 Transport::Udp => {
                     Registered::Udp(tokio::net::UdpSocket::from_std(b.sock.into()).map_err(io_err)?)
                 }
@@ -210,37 +227,64 @@ fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus
             Ok((b.spec, b.published_at, sock))
         })
         .collect::<Result<Vec<_>, Error>>()?;
+    let hub = shared
+        .hub()
+        .ok_or_else(|| io_err(io::Error::other("no accept hub")))?;
+    let first_id = shared.new_ids(registered.len());
+    let mut records = Vec::new();
+    let mut entries = Vec::with_capacity(registered.len());
     let mut served = Vec::with_capacity(registered.len());
-    for (spec, published_at, sock) in registered {
-        let counters = Arc::new(PortCounters::default());
-        let close = Arc::new(crate::tcp::CloseSignal::default());
-        let task = match sock {
-            Registered::Tcp(l) => tokio::spawn(crate::tcp::accept_loop(
-                l,
-                spec.child_port,
-                spec.family,
-                shared.clone(),
-                counters.clone(),
-                close.clone(),
-            )),
-            Registered::Udp(s) => tokio::spawn(crate::udp::serve(
-                s,
-                spec.child_port,
-                spec.family,
-                shared.clone(),
-                counters.clone(),
-            )),
+    let mut udp_tasks = Vec::new();
+    for (id, (spec, published_at, sock)) in (first_id..).zip(registered) {
+        let serving = match sock {
+            Registered::Tcp(listener) => {
+                records.push(PortRecord::new(listener, id, spec.child_port, spec.family));
+                Serving::Tcp(None)
+            }
+            Registered::Udp(sock) => {
+                let counters = Arc::new(PortCounters::default());
+                let task = tokio::spawn(crate::udp::serve(
+                    sock,
+                    spec.child_port,
+                    spec.family,
+                    shared.clone(),
+                    counters.clone(),
+                ));
+                udp_tasks.push(task.abort_handle());
+                Serving::Udp(Box::new(UdpPort { task, counters }))
+            }
         };
-        let port = Published {
-            host_ip: spec.parent_addr,
-            host_port: spec.parent_port,
-            container_port: spec.child_port,
-            protocol: spec.protocol,
-            published_at,
-            counters,
+        let entry = Entry {
+            port: Published {
+                host_ip: spec.parent_addr,
+                host_port: spec.parent_port,
+                container_port: spec.child_port,
+                protocol: spec.protocol,
+                published_at,
+            },
+            id,
+            serving,
         };
-        served.push(port.status());
-        shared.publish(port, Some(PortStop { task, close }));
+        served.push(entry.status());
+        entries.push(entry);
+    }
+    let (done, added) = tokio::sync::oneshot::channel();
+    let added = match hub.send(HubCommand::Add {
+        records,
+        entries,
+        done,
+    }) {
+        Ok(()) => added
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the accept hub stopped"))),
+        Err(_) => Err(io::Error::other("the accept hub stopped")),
+    };
+    if let Err(e) = added {
+        // Nothing is listed: the UDP ports of the batch stop again.
+        for t in udp_tasks {
+            t.abort();
+        }
+        return Err(io_err(e));
     }
     Ok(served)
 }
@@ -266,7 +310,7 @@ async fn add_ports(
     if !udp.is_empty() {
         shared.update_udp_gates(&udp);
     }
-    let served = serve_ports(bound, shared);
+    let served = serve_ports(bound, shared).await;
     if served.is_err() && !udp.is_empty() {
         shared.update_udp_gates(&[]);
     }
@@ -276,9 +320,9 @@ async fn add_ports(
 }
 
 /// The control socket's `remove`: `mappings` checked as at start-up, each port must be
-/// published (all or none); each port's task is stopped and awaited, so that its
-/// listener is closed when this returns (UDP: its flows with it); with `close`, its
-/// live TCP connections are reset. The UDP gates follow.
+/// published (all or none); each port's listener is closed when this returns (TCP: by
+/// the accept hub; UDP: its task stopped and awaited, its flows with it); with
+/// `close`, its live TCP connections are reset. The UDP gates follow.
 async fn remove_ports(
     shared: &Arc<Shared>,
     mappings: &[PortMapping],
@@ -286,24 +330,42 @@ async fn remove_ports(
 ) -> Result<Vec<PortStatus>, String> {
     let specs = plan_ports(mappings).map_err(|e| e.to_string())?;
     let _one_at_a_time = shared.changes.lock().await;
-    let removed = shared.unpublish(&specs)?;
+    let ids = shared.find_published(&specs)?;
+    // The TCP listeners first: no connection is accepted (nor a port's state made)
+    // once the hub has answered, so the counters taken below are final but for the
+    // live connections.
+    if let Some(hub) = shared.hub() {
+        let (done, closed) = tokio::sync::oneshot::channel();
+        if hub
+            .send(HubCommand::Remove {
+                ids: ids.clone(),
+                done,
+            })
+            .is_err()
+            || closed.await.is_err()
+        {
+            return Err("the accept hub stopped".to_string());
+        }
+    }
+    let removed = shared.unpublish(&ids);
     let mut udp = false;
-    for (port, stop) in &removed {
-        udp |= port.protocol.protocol == slirp_config::Protocol::Udp;
-        if let Some(stop) = stop {
-            stop.task.abort();
-            if close {
-                stop.close.close();
+    for e in &removed {
+        match &e.serving {
+            Serving::Tcp(Some(state)) if close => state.close.close(),
+            Serving::Tcp(_) => {}
+            Serving::Udp(u) => {
+                udp = true;
+                u.task.abort();
             }
         }
     }
     let mut statuses = Vec::with_capacity(removed.len());
-    for (port, stop) in removed {
-        if let Some(stop) = stop {
-            // Cancelled: the task's future (its listener, its flows) is dropped by now.
-            let _ = stop.task.await;
+    for mut e in removed {
+        if let Serving::Udp(u) = &mut e.serving {
+            // Cancelled: the task's future (its socket, its flows) is dropped by now.
+            let _ = (&mut u.task).await;
         }
-        statuses.push(port.status());
+        statuses.push(e.status());
     }
     if udp {
         shared.update_udp_gates(&[]);

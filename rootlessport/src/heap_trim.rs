@@ -66,7 +66,7 @@ pub(crate) async fn trim_when_idle(idle: Arc<Idle>, quiet: Duration) {
 }
 
 /// Return free heap pages to the kernel (glibc only; other C libraries: nothing).
-fn give_back_freed_heap() {
+pub(crate) fn give_back_freed_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers and locks each arena while it works, so it
     // may run on any thread while others allocate.

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -14,12 +14,12 @@ use tokio::task::JoinHandle;
 
 use crate::config::{display_addr, PortSpec};
 use crate::control::PortStatus;
-use crate::counters::Published;
+use crate::counters::{PortCounters, Published};
 use crate::flow_budget::FlowBudget;
 use crate::listen::Binder;
 use crate::netlink::IpFamily;
 use crate::source_ip::{merged_ranges, SourceIp};
-use crate::tcp::CloseSignal;
+use crate::tcp::{HubCommand, TcpPortState};
 
 /// State every task reads: where new connections go, and from which address.
 pub(crate) struct Shared {
@@ -37,10 +37,16 @@ pub(crate) struct Shared {
     source_ip: Mutex<Option<SourceIp>>,
     /// The helper-wide bound on UDP flows (see [`crate::udp`]), from the open-file limit.
     pub(crate) udp_budget: FlowBudget,
-    /// Every published port, for the control socket's `list`, with what stops it.
-    /// Locked only by the control path and when a port is published or removed: the
-    /// data path holds each port's counters itself.
+    /// Every published port, for the control socket's `list`, with what serves it, in
+    /// the order published (so sorted by [`Entry::id`]). Locked by the control path,
+    /// when ports are published or removed, and by the accept hub when a TCP port gets
+    /// its first connection; the data path holds each port's counters itself.
     published: Mutex<Vec<Entry>>,
+    /// The next [`Entry::id`].
+    next_id: AtomicU32,
+    /// Where TCP listeners are added and removed: the accept hub ([`crate::tcp`]).
+    /// None: this state serves no TCP ports (unit tests).
+    hub: Option<tokio::sync::mpsc::UnboundedSender<HubCommand>>,
     /// Binds the listeners of added ports in the engine's netns (none: ports cannot be
     /// added).
     binder: Option<Binder>,
@@ -52,18 +58,43 @@ pub(crate) struct Shared {
     pub(crate) idle: Arc<crate::heap_trim::Idle>,
 }
 
-/// A published port and what stops it.
-struct Entry {
-    port: Published,
-    stop: Option<PortStop>,
+/// A published port and what serves it. 56 bytes: one per port, for the life of the
+/// port.
+pub(crate) struct Entry {
+    pub(crate) port: Published,
+    /// Names the port to the accept hub; unique for the helper's life, rising in the
+    /// order published.
+    pub(crate) id: u32,
+    pub(crate) serving: Serving,
 }
 
-/// What stops one published port: its serving task (which owns the listener, and for
-/// UDP every flow), and the signal that resets its live TCP connections.
-pub(crate) struct PortStop {
+/// What serves a published port.
+pub(crate) enum Serving {
+    /// Its listener, in the accept hub under the entry's id, and the port's counters
+    /// and close signal once it has had a connection (none before: nothing to count).
+    Tcp(Option<Arc<TcpPortState>>),
+    /// Its own task and counters.
+    Udp(Box<UdpPort>),
+}
+
+/// A published UDP port's task (which owns the socket and every flow) and counters.
+pub(crate) struct UdpPort {
     pub(crate) task: JoinHandle<()>,
-    /// Resets every live connection of the port (TCP).
-    pub(crate) close: Arc<CloseSignal>,
+    pub(crate) counters: Arc<PortCounters>,
+}
+
+impl Entry {
+    /// As `list` shows it now.
+    pub(crate) fn status(&self) -> PortStatus {
+        let counters = match &self.serving {
+            Serving::Tcp(state) => state
+                .as_ref()
+                .map(|s| s.counters.snapshot())
+                .unwrap_or_default(),
+            Serving::Udp(u) => u.counters.snapshot(),
+        };
+        self.port.status(counters)
+    }
 }
 
 /// A set of families as bits: 1 for IPv4, 2 for IPv6.
@@ -100,6 +131,8 @@ impl Shared {
             source_ip: Mutex::new(source),
             udp_budget: FlowBudget::new(udp_bound),
             published: Mutex::new(Vec::new()),
+            next_id: AtomicU32::new(0),
+            hub: None,
             binder: None,
             changes: tokio::sync::Mutex::new(()),
             idle: Arc::default(),
@@ -110,6 +143,20 @@ impl Shared {
     pub(crate) fn with_binder(mut self, binder: Binder) -> Shared {
         self.binder = Some(binder);
         self
+    }
+
+    /// The same, serving TCP ports through the accept hub that `hub` commands.
+    pub(crate) fn with_hub(
+        mut self,
+        hub: tokio::sync::mpsc::UnboundedSender<HubCommand>,
+    ) -> Shared {
+        self.hub = Some(hub);
+        self
+    }
+
+    /// The accept hub's command channel, if this state serves TCP ports.
+    pub(crate) fn hub(&self) -> Option<&tokio::sync::mpsc::UnboundedSender<HubCommand>> {
+        self.hub.as_ref()
     }
 
     /// What binds added ports' listeners, if they may be added.
@@ -168,37 +215,58 @@ impl Shared {
         self.published.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A port is published: listed from now on (`stop`: what a `remove` stops).
-    pub(crate) fn publish(&self, port: Published, stop: Option<PortStop>) {
-        self.published().push(Entry { port, stop });
+    /// `n` new entry ids, the first of them returned. (32 bits: they would wrap after
+    /// 4 billion ports published over one helper's life.)
+    pub(crate) fn new_ids(&self, n: usize) -> u32 {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        self.next_id.fetch_add(n, Relaxed)
+    }
+
+    /// Ports are published: listed from now on, after those published before (their ids
+    /// from [`Shared::new_ids`], rising).
+    pub(crate) fn publish(&self, entries: Vec<Entry>) {
+        let mut published = self.published();
+        if published.is_empty() {
+            // The start-up batch: exactly as many as there are, not the next power of 2.
+            published.reserve_exact(entries.len());
+        }
+        published.extend(entries);
     }
 
     /// Every published port with its counters now, in the order published.
     pub(crate) fn port_statuses(&self) -> Vec<PortStatus> {
-        self.published().iter().map(|e| e.port.status()).collect()
+        self.published().iter().map(Entry::status).collect()
     }
 
-    /// Take the published ports of `specs` off the list, all or none: each must be
-    /// published now (same host address, host port, container port and protocol),
-    /// else the error names the first that is not, and nothing changed.
-    pub(crate) fn unpublish(
-        &self,
-        specs: &[PortSpec],
-    ) -> Result<Vec<(Published, Option<PortStop>)>, String> {
+    /// The TCP port `id` has had its first connection: `list` reads its counters from
+    /// `state` from now on. Nothing when it is no longer listed.
+    pub(crate) fn attach_tcp_state(&self, id: u32, state: &Arc<TcpPortState>) {
         let mut published = self.published();
-        let mut found: Vec<usize> = Vec::with_capacity(specs.len());
+        if let Ok(i) = published.binary_search_by_key(&id, |e| e.id) {
+            if let Serving::Tcp(s) = &mut published[i].serving {
+                *s = Some(state.clone());
+            }
+        }
+    }
+
+    /// The ids of the published ports of `specs`, all or none: each must be published
+    /// now (same host address, host port, container port and protocol), else the error
+    /// names the first that is not.
+    pub(crate) fn find_published(&self, specs: &[PortSpec]) -> Result<Vec<u32>, String> {
+        let published = self.published();
+        let mut found: Vec<u32> = Vec::with_capacity(specs.len());
         for spec in specs {
             // Two specs may name one port (`127.0.0.1` and `::ffff:127.0.0.1`): the
-            // second finds it taken, so it is not published twice over.
-            let at = published.iter().enumerate().position(|(i, e)| {
+            // second finds it taken, so it is not removed twice over.
+            let at = published.iter().find(|e| {
                 e.port.host_ip == spec.parent_addr
                     && e.port.host_port == spec.parent_port
                     && e.port.container_port == spec.child_port
                     && e.port.protocol == spec.protocol
-                    && !found.contains(&i)
+                    && !found.contains(&e.id)
             });
             match at {
-                Some(i) => found.push(i),
+                Some(e) => found.push(e.id),
                 None => {
                     return Err(format!(
                         "not published: {} {} -> {}",
@@ -209,18 +277,25 @@ impl Shared {
                 }
             }
         }
-        // From the last, so that the places still to take stay where they were.
         found.sort_unstable();
-        let mut taken: Vec<_> = found
-            .into_iter()
-            .rev()
-            .map(|i| {
-                let e = published.remove(i);
-                (e.port, e.stop)
-            })
-            .collect();
-        taken.reverse();
-        Ok(taken)
+        Ok(found)
+    }
+
+    /// Take the ports `ids` (sorted) off the list, in the order published.
+    pub(crate) fn unpublish(&self, ids: &[u32]) -> Vec<Entry> {
+        let mut published = self.published();
+        let all = std::mem::take(&mut *published);
+        let mut kept = Vec::with_capacity(all.len().saturating_sub(ids.len()));
+        let mut taken = Vec::with_capacity(ids.len());
+        for e in all {
+            if ids.binary_search(&e.id).is_ok() {
+                taken.push(e);
+            } else {
+                kept.push(e);
+            }
+        }
+        *published = kept;
+        taken
     }
 
     /// Make the UDP gates of the client-address keeping match the published UDP
@@ -230,7 +305,7 @@ impl Shared {
         let ports: Vec<u16> = self
             .published()
             .iter()
-            .filter(|e| e.port.protocol.protocol == slirp_config::Protocol::Udp)
+            .filter(|e| matches!(e.serving, Serving::Udp(_)))
             .map(|e| e.port.container_port)
             .chain(extra.iter().copied())
             .collect();

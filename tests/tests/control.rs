@@ -228,6 +228,11 @@ struct Live {
 
 impl Live {
     fn start(id: &str, mappings: Vec<PortMapping>) -> Live {
+        Live::start_with(id, mappings, &rootlessport_bin())
+    }
+
+    /// The same, started from `binary` (a wrapper setting the helper's environment).
+    fn start_with(id: &str, mappings: Vec<PortMapping>, binary: &Path) -> Live {
         let ns = TestNetns::new();
         ns.sh("ip link set lo up");
         tcp_echo(&ns, 80);
@@ -254,9 +259,7 @@ impl Live {
         )
         .with_mappings(mappings);
         let (exit_r, exit_w) = tests::cloexec_pipe();
-        let helper = Launcher::new(rootlessport_bin())
-            .start(&cfg, exit_r)
-            .unwrap();
+        let helper = Launcher::new(binary).start(&cfg, exit_r).unwrap();
         let socket = control::socket_path(tmp.path(), id);
         Live {
             ns,
@@ -647,6 +650,258 @@ fn control_removing_what_is_not_published_removes_nothing() {
     echo_round(&mut c, b"still published");
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
     assert_eq!(udp_round(&u, 28441, b"too"), Some(b"too".to_vec()));
+    live.stop();
+}
+
+/// A script in `dir` that runs `setup` (shell), then our helper with its arguments.
+fn wrapper(dir: &Path, setup: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("rootlessport");
+    let script = format!(
+        "#!/bin/sh\n{setup}\nexec {} \"$@\"\n",
+        rootlessport_bin().display()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// User plus system CPU time of process `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_out_of_fds_a_client_waits_without_the_helper_spinning_and_is_served_later() {
+    require_harness();
+    /// The helper's open-file limit (soft and hard).
+    const NOFILE: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = wrapper(dir.path(), &format!("ulimit -n {NOFILE}"));
+    let live = Live::start_with(
+        "c0ntrol-nofile",
+        vec![pm(28460, 80, "tcp"), pm(28461, 53, "udp")],
+        &wrapper,
+    );
+    let pid = live.helper.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().nth(3),
+        Some(NOFILE.to_string().as_str())
+    );
+    // A first connection leaves its pipes in the helper's pool (2 fds each).
+    echo_round(&mut connect(28460), b"warm");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut free = 0;
+    assert!(eventually(5, || {
+        free = NOFILE - open_fds(pid);
+        std::thread::sleep(Duration::from_millis(100));
+        free == NOFILE - open_fds(pid)
+    }));
+    // Each relayed connection takes 2 fds, a UDP flow 1: make the free fds even, so
+    // that the connections below use them up exactly and the next one finds none.
+    if free % 2 == 1 {
+        assert_eq!(udp_round(&u, 28461, b"odd"), Some(b"odd".to_vec()));
+        free -= 1;
+    }
+    let mut held: Vec<TcpStream> = (0..free / 2)
+        .map(|i| {
+            let mut c = connect(28460);
+            echo_round(&mut c, format!("held {i}").as_bytes());
+            c
+        })
+        .collect();
+    assert_eq!(open_fds(pid), NOFILE, "the helper's fds are not used up");
+    // One more: the kernel completes its handshake, the helper cannot accept it. It
+    // waits (no reset), and the helper backs off instead of retrying at full speed.
+    let mut waiting = connect(28460);
+    waiting.write_all(b"wait").unwrap();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 30,
+        "the helper used {spent} ticks of CPU in 1 s while out of fds"
+    );
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let got = waiting.read(&mut [0u8; 4]);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a client over the fd limit was not left waiting: {got:?}"
+    );
+    // A held connection ends: the waiting one is served.
+    drop(held.pop());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut back = [0u8; 4];
+    waiting.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"wait");
+    echo_round(&mut held[0], b"the others still relay");
+    drop(held);
+    drop(waiting);
+    live.stop();
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_a_helper_with_two_event_loop_threads_relays_and_removes_alike() {
+    require_harness();
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = wrapper(dir.path(), "export ROOTLESSPORT_THREADS=2");
+    let live = Live::start_with(
+        "c0ntrol-threads",
+        vec![pm(28450, 80, "tcp"), pm(28451, 90, "tcp")],
+        &wrapper,
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", live.helper.pid())).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"ROOTLESSPORT_THREADS=2"),
+        "the helper does not run with 2 threads"
+    );
+    // 16 clients at once, each 100,000 bytes echoed intact, counted exactly.
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let payload = pattern(i * 7, 100_000);
+                let echoed = tests::echo_round_trip(&mut connect(28450), &payload);
+                assert!(echoed == payload, "client {i}: the bytes came back garbled");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(
+        eventually(5, || {
+            let c = port(&live.socket, 28450).counters;
+            (
+                c.connections_open,
+                c.connections_total,
+                c.bytes_in,
+                c.bytes_out,
+            ) == (0, 16, 1_600_000, 1_600_000)
+        }),
+        "{:?}",
+        port(&live.socket, 28450)
+    );
+    // `remove` with `close`: that port refuses and its connection is reset on both
+    // sides; the other port serves on.
+    let mut other = connect(28450);
+    echo_round(&mut other, b"other port");
+    let mut cut = connect(28451);
+    echo_round(&mut cut, b"live");
+    control::remove(&live.socket, &[pm(28451, 90, "tcp")], true).unwrap();
+    assert!(refuses(28451));
+    let got = cut.read(&mut [0u8; 16]);
+    assert!(
+        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "client side not reset: {got:?}"
+    );
+    let end = live.ends.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "container side not reset: {end:?}"
+    );
+    echo_round(&mut other, b"its connections live on");
+    echo_round(&mut connect(28450), b"still served");
+    live.stop();
+}
+
+/// Open fds of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_many_ports_serve_each_their_own_and_removing_half_closes_exactly_those() {
+    require_harness();
+    // 2,000 TCP ports, host 30000+i -> container 40000+i, in one range.
+    let live = Live::start(
+        "c0ntrol-many",
+        vec![PortMapping::new("127.0.0.1", 30000, 40000, 2000, "tcp")],
+    );
+    // Servers behind the first, two middle and the last port only: a port wired to
+    // another port's container port finds nothing there and is reset.
+    for container_port in [40000, 40999, 41000, 41999] {
+        tcp_echo(&live.ns, container_port);
+    }
+    assert_eq!(live.shown().len(), 2000);
+    for host_port in [30000, 30999, 31000, 31999] {
+        echo_round(
+            &mut connect(host_port),
+            format!("via {host_port}").as_bytes(),
+        );
+    }
+    let pid = live.helper.pid();
+    // The connections above are over: what stays open is the helper's own.
+    let mut before = 0;
+    assert!(
+        eventually(5, || {
+            before = open_fds(pid);
+            std::thread::sleep(Duration::from_millis(200));
+            before == open_fds(pid)
+        }),
+        "the helper's fd count does not settle"
+    );
+    assert!(before >= 2000, "{before} fds for 2,000 listeners");
+
+    // The first half goes: those ports refuse at once, the rest still answer.
+    let removed = control::remove(
+        &live.socket,
+        &[PortMapping::new("127.0.0.1", 30000, 40000, 1000, "tcp")],
+        false,
+    )
+    .unwrap();
+    assert_eq!(removed.len(), 1000);
+    assert_eq!(
+        (removed[0].host_port, removed[999].host_port),
+        (30000, 30999)
+    );
+    assert_eq!(removed[0].counters.connections_total, 1);
+    assert_eq!(removed[1].counters, Default::default());
+    for host_port in [30000, 30500, 30999] {
+        assert!(refuses(host_port), "removed port {host_port} still accepts");
+    }
+    for host_port in [31000, 31999] {
+        echo_round(&mut connect(host_port), b"still here");
+    }
+    let listed = live.shown();
+    assert_eq!(listed.len(), 1000);
+    assert_eq!(listed[0], "127.0.0.1:31000:41000/tcp");
+    assert_eq!(listed[999], "127.0.0.1:31999:41999/tcp");
+    assert!(
+        eventually(5, || open_fds(pid) == before - 1000),
+        "the helper holds {} fds after removing 1,000 of its {before}: listeners leaked",
+        open_fds(pid)
+    );
+
+    // A removed port comes back (in a freed slot) and serves its own container port.
+    control::add(&live.socket, &[pm(30999, 40999, "tcp")]).unwrap();
+    echo_round(&mut connect(30999), b"back");
+    assert!(refuses(30998));
+    assert!(
+        eventually(5, || open_fds(pid) == before - 999),
+        "{} fds, not {}",
+        open_fds(pid),
+        before - 999
+    );
     live.stop();
 }
 

@@ -529,19 +529,20 @@ mod tests {
     #[test]
     fn control_list_and_podman_reload_share_the_socket() {
         let s = served("ctl");
-        let counters = Arc::new(crate::counters::PortCounters::default());
-        s.shared.publish(
-            crate::counters::Published {
+        let state = Arc::new(crate::tcp::TcpPortState::default());
+        s.shared.publish(vec![crate::state::Entry {
+            port: crate::counters::Published {
                 host_ip: "127.0.0.1".parse().unwrap(),
                 host_port: 8080,
                 container_port: 80,
                 protocol: "tcp".parse().unwrap(),
                 published_at: 1_700_000_000,
-                counters: counters.clone(),
             },
-            None,
-        );
-        let open = counters.conn_opened();
+            id: s.shared.new_ids(1),
+            serving: crate::state::Serving::Tcp(Some(state.clone())),
+        }]);
+        let counters = &state.counters;
+        counters.conn_opened();
         counters.moved_in(0, 5);
         let path = crate::control::socket_path(s.tmp.path(), "ctl");
         let ports = crate::control::list(&path).unwrap();
@@ -550,7 +551,7 @@ mod tests {
         assert_eq!(ports[0].protocol.to_string(), "tcp");
         assert_eq!(ports[0].counters.connections_open, 1);
         assert_eq!(ports[0].counters.bytes_in, 5);
-        drop(open);
+        counters.conn_closed();
         // podman's request, on the same socket: `OK`, exactly.
         assert_eq!(raw(&s, "ctl", b"\"10.89.0.7\"\n"), "OK");
         assert_eq!(s.shared.child_ip(), "10.89.0.7".parse().ok());
@@ -589,18 +590,22 @@ mod tests {
     fn control_list_replies_span_messages() {
         // Thousands of ports: a reply far over one message, read back whole.
         let s = served("many");
+        let _in_rt = s.rt.enter();
         for port in 1..=5000u16 {
-            s.shared.publish(
-                crate::counters::Published {
+            s.shared.publish(vec![crate::state::Entry {
+                port: crate::counters::Published {
                     host_ip: "::".parse().unwrap(),
                     host_port: port,
                     container_port: port,
                     protocol: "udp6".parse().unwrap(),
                     published_at: 1,
-                    counters: Arc::default(),
                 },
-                None,
-            );
+                id: s.shared.new_ids(1),
+                serving: crate::state::Serving::Udp(Box::new(crate::state::UdpPort {
+                    task: tokio::spawn(async {}),
+                    counters: Arc::default(),
+                })),
+            }]);
         }
         let path = crate::control::socket_path(s.tmp.path(), "many");
         let ports = crate::control::list(&path).unwrap();

@@ -118,6 +118,8 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
             .map_or("loopback".to_string(), |ip| ip.to_string())
     );
     tracing::info!("{summary}");
+    // WIP: the parsed mappings are not needed while serving (~150 B per port).
+    drop(cfg);
     // Opened now, so that a bad path is reported while someone still reads stderr.
     let log_file = logging::open_file(options.log_file.as_deref());
     let mut ready_fd = Some(ready_fd);
