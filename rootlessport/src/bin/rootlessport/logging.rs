@@ -38,6 +38,9 @@ pub(super) fn init(wanted: Option<&str>) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .event_format(Format)
+        // The builder's own filter (INFO unless told) would hide debug and trace
+        // lines before `filter` sees them.
+        .with_max_level(LevelFilter::TRACE)
         .finish()
         .with(filter)
         .try_init();
