@@ -47,11 +47,33 @@ pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
             .min(MAX_BIND_THREADS)
     };
     if threads > 1 {
+        grow_fd_table(specs.len());
         if let Some(bound) = bind_parallel(specs, threads, published_at) {
             return Ok(bound);
         }
     }
     bind_in_order(specs, published_at)
+}
+
+/// Make this process's fd table hold `more` fds beyond those open, at once. Left to
+/// grow as sockets are made, the kernel doubles it step by step, and with more than
+/// one thread each step waits for an RCU grace period (`expand_fdtable`): measured,
+/// that made two binding threads slower than one. Best effort: a limit too low for
+/// it shows up as the bind error it always was.
+fn grow_fd_table(more: usize) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let Ok(probe) = std::fs::File::open("/dev/null") else {
+        return;
+    };
+    let Ok(top) = i32::try_from(more.saturating_add(64)) else {
+        return;
+    };
+    if let Ok(high) = fcntl(&probe, FcntlArg::F_DUPFD_CLOEXEC(top)) {
+        // SAFETY: `high` was just returned by F_DUPFD_CLOEXEC, so it is an open fd
+        // that nothing else in this process knows of; it is closed on drop here.
+        drop(unsafe { OwnedFd::from_raw_fd(high) });
+    }
 }
 
 /// Bind `specs` in order on this thread; the first failure closes the ones made.
