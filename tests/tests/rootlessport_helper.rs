@@ -858,7 +858,8 @@ fn many_ports_bind_failure_names_the_port_and_leaves_nothing() {
     require_harness();
     let ns = container();
     let tmp = tempfile::tempdir().unwrap();
-    let (first, n) = (33000u16, 2000u16);
+    // Below the ephemeral range (32768 up), where other tests' clients take ports.
+    let (first, n) = (12000u16, 2000u16);
     let mappings = |extra: Option<PortMapping>| {
         let mut m: Vec<PortMapping> = (0..n)
             .map(|i| PortMapping::new("", first + i, 80, 1, "tcp"))
