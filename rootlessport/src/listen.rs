@@ -18,21 +18,109 @@ pub(crate) struct Bound {
     pub(crate) published_at: u64,
 }
 
-/// Make every listener, in order; the first failure is the error (and the ones made so
-/// far are closed with it).
+/// Below this many ports one thread binds them all: starting a thread costs about as
+/// much as binding a few dozen listeners.
+const PARALLEL_FROM: usize = 256;
+
+/// At most this many threads bind at once (the kernel's socket set-up scales with
+/// cores; more threads than that only add their start-up).
+const MAX_BIND_THREADS: usize = 4;
+
+/// The stack of a binding thread: it only makes sockets (the default is 2 MiB).
+const BIND_STACK: usize = 128 * 1024;
+
+/// Make every listener, in the calling thread's netns, all or none: the first failure
+/// in `specs`' order is the error, and every socket made is closed with it.
+///
+/// Many ports are bound by several threads at once (each one inherits the calling
+/// thread's netns), each a contiguous slice of `specs`. If any of them fails, every
+/// socket made is closed and the whole batch is bound again by this thread alone, in
+/// order: the error is then exactly the one a sequential start-up gives (a port taken
+/// by one of our own listeners included, whichever thread got there first).
 pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
-    specs
-        .iter()
-        .map(|spec| {
-            let plan = spec.listen_plan()?;
-            let sock = bind_one(spec, plan)?;
-            Ok(Bound {
-                spec: spec.clone(),
-                sock,
-                published_at: crate::counters::unix_now(),
+    let published_at = crate::counters::unix_now();
+    let threads = if specs.len() < PARALLEL_FROM {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_BIND_THREADS)
+    };
+    if threads > 1 {
+        grow_fd_table(specs.len());
+        if let Some(bound) = bind_parallel(specs, threads, published_at) {
+            return Ok(bound);
+        }
+    }
+    bind_in_order(specs, published_at)
+}
+
+/// Make this process's fd table hold `more` fds beyond those open, at once. Left to
+/// grow as sockets are made, the kernel doubles it step by step, and with more than
+/// one thread each step waits for an RCU grace period (`expand_fdtable`): measured,
+/// that made two binding threads slower than one. Best effort: a limit too low for
+/// it shows up as the bind error it always was.
+fn grow_fd_table(more: usize) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let Ok(probe) = std::fs::File::open("/dev/null") else {
+        return;
+    };
+    let Ok(top) = i32::try_from(more.saturating_add(64)) else {
+        return;
+    };
+    if let Ok(high) = fcntl(&probe, FcntlArg::F_DUPFD_CLOEXEC(top)) {
+        // SAFETY: `high` was just returned by F_DUPFD_CLOEXEC, so it is an open fd
+        // that nothing else in this process knows of; it is closed on drop here.
+        drop(unsafe { OwnedFd::from_raw_fd(high) });
+    }
+}
+
+/// Bind `specs` in order on this thread; the first failure closes the ones made.
+fn bind_in_order(specs: &[PortSpec], published_at: u64) -> Result<Vec<Bound>, Error> {
+    let mut bound = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let sock = bind_one(spec, spec.listen_plan()?)?;
+        bound.push(Bound {
+            spec: spec.clone(),
+            sock,
+            published_at,
+        });
+    }
+    Ok(bound)
+}
+
+/// Bind `specs` in `threads` contiguous slices at once, this thread binding the first
+/// (and any slice whose thread could not start). `None` if any slice failed: every
+/// socket made is closed by then.
+fn bind_parallel(specs: &[PortSpec], threads: usize, published_at: u64) -> Option<Vec<Bound>> {
+    let mut slices = specs.chunks(specs.len().div_ceil(threads));
+    let first = slices.next()?;
+    std::thread::scope(|scope| {
+        let spawned: Vec<_> = slices
+            .map(|slice| {
+                std::thread::Builder::new()
+                    .name("rootlessport-bind".to_owned())
+                    .stack_size(BIND_STACK)
+                    .spawn_scoped(scope, move || bind_in_order(slice, published_at))
+                    .map_err(|_| slice)
             })
-        })
-        .collect()
+            .collect();
+        // Every slice is waited for, also after a failure: no thread outlives this.
+        let mut bound = bind_in_order(first, published_at).ok();
+        for thread in spawned {
+            let more = match thread {
+                Ok(handle) => handle.join().ok().and_then(Result::ok),
+                Err(slice) if bound.is_some() => bind_in_order(slice, published_at).ok(),
+                Err(_) => None,
+            };
+            bound = bound.zip(more).map(|(mut all, more)| {
+                all.extend(more);
+                all
+            });
+        }
+        bound
+    })
 }
 
 fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error> {
@@ -43,9 +131,11 @@ fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error>
         reason: op,
         source: Some(e),
     };
+    // Non-blocking (as the event loop needs) and close-on-exec from the start: no
+    // fcntl calls afterwards.
     let (ty, proto) = match spec.transport {
-        Transport::Tcp => (Type::STREAM, Protocol::TCP),
-        Transport::Udp => (Type::DGRAM, Protocol::UDP),
+        Transport::Tcp => (Type::STREAM.nonblocking(), Protocol::TCP),
+        Transport::Udp => (Type::DGRAM.nonblocking(), Protocol::UDP),
     };
     let mut addr = plan.addr;
     let mut only_v6 = plan.only_v6;
@@ -60,6 +150,7 @@ fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error>
         Err(e) => return Err(err("socket", e)),
     };
     if let Some(v6only) = only_v6 {
+        // Always set, as Go does: the netns's `net.ipv6.bindv6only` is not ours to trust.
         sock.set_only_v6(v6only).map_err(|e| err("setsockopt", e))?;
     }
     if spec.transport == Transport::Tcp {
@@ -71,8 +162,6 @@ fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error>
         sock.set_tcp_nodelay(true)
             .map_err(|e| err("setsockopt", e))?;
     }
-    sock.set_nonblocking(true)
-        .map_err(|e| err("setsockopt", e))?;
     sock.bind(&addr.into()).map_err(|e| err("bind", e))?;
     if spec.transport == Transport::Tcp {
         sock.listen(4096).map_err(|e| err("listen", e))?;

@@ -848,3 +848,100 @@ fn memory_of_closed_connections_is_given_back() {
     println!("anonymous RSS: idle {idle} KB, {CONNS} live {loaded} KB, closed {now} KB");
     finish(helper, exit_w);
 }
+
+/// Many ports are bound by several threads; a port taken in the later part of the
+/// batch (by someone else, or by an earlier mapping of the same batch) is still the
+/// sequential start-up's error, and nothing of the batch stays bound.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn many_ports_bind_failure_names_the_port_and_leaves_nothing() {
+    require_harness();
+    let ns = container();
+    let tmp = tempfile::tempdir().unwrap();
+    // Below the ephemeral range (32768 up), where other tests' clients take ports.
+    let (first, n) = (12000u16, 2000u16);
+    let mappings = |extra: Option<PortMapping>| {
+        let mut m: Vec<PortMapping> = (0..n)
+            .map(|i| PortMapping::new("", first + i, 80, 1, "tcp"))
+            .collect();
+        m.extend(extra);
+        config(&ns, tmp.path(), m)
+    };
+    // Taken by someone else, three quarters in (another binding thread's slice).
+    let taken = first + n * 3 / 4;
+    let busy = TcpListener::bind(("0.0.0.0", taken)).unwrap();
+    assert_eq!(
+        launch(&mappings(None)).unwrap_err().to_string(),
+        format!("rootlessport listen tcp 0.0.0.0:{taken}: bind: address already in use")
+    );
+    drop(busy);
+    // Taken by the batch itself: the first port again as tcp4, last in the batch.
+    assert_eq!(
+        launch(&mappings(Some(PortMapping::new("", first, 80, 1, "tcp4"))))
+            .unwrap_err()
+            .to_string(),
+        format!("rootlessport listen tcp4 0.0.0.0:{first}: bind: address already in use")
+    );
+    for port in first..first + n {
+        TcpListener::bind(("::", port)).unwrap_or_else(|e| panic!("port {port} left bound: {e}"));
+    }
+    // And the batch itself works: every port is served.
+    tcp_echo(&ns, "127.0.0.1", 80);
+    let (helper, exit_w) = launch(&mappings(None)).unwrap();
+    for port in [first, taken, first + n - 1] {
+        let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert_eq!(
+            talk(to, b"x").unwrap(),
+            b"hello from 127.0.0.1:80\nx",
+            "{port}"
+        );
+    }
+    finish(helper, exit_w);
+}
+
+/// `ROOTLESSPORT_LOG` as documented: level words, `module=level`, and a value with a
+/// word that is not a level replaced by the default with one warning line.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn log_filter_from_rootlessport_log() {
+    // Empty stdin: the helper fails before ready, with a debug line naming why.
+    let stderr = |value: &str| {
+        let out = std::process::Command::new(rootlessport_bin())
+            .env("ROOTLESSPORT_LOG", value)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{value}");
+        assert_eq!(out.stdout, b"unexpected end of JSON input\n", "{value}");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let debug = "rootlessport: debug: failed before ready: unexpected end of JSON input\n";
+    for shown in [
+        "debug",
+        "DEBUG",
+        "4",
+        "rootlessport=debug",
+        "warn,rootlessport=trace",
+    ] {
+        assert_eq!(stderr(shown), debug, "{shown}");
+    }
+    for quiet in [
+        "",
+        "warn",
+        "info",
+        "rootlessport::tcp=debug",
+        "rootlessport=info,debug",
+    ] {
+        assert_eq!(stderr(quiet), "", "{quiet}");
+    }
+    for bad in ["degub", "rootlessport=degub", "rootlessport[conn]=debug"] {
+        let said = stderr(bad);
+        assert!(
+            said.starts_with(&format!(
+                "rootlessport: warning: ROOTLESSPORT_LOG={bad:?} is not a valid filter ("
+            )) && said.ends_with("); using \"warn\"\n")
+                && said.lines().count() == 1,
+            "{bad}: {said}"
+        );
+    }
+}

@@ -12,86 +12,112 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rootlessport::helper::errno_text;
 
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// The filter when `ROOTLESSPORT_LOG` is unset, empty or invalid.
-const DEFAULT_FILTER: &str = "warn";
+/// The level when `ROOTLESSPORT_LOG` is unset, empty or invalid.
+const DEFAULT_LEVEL: LevelFilter = LevelFilter::WARN;
 
 /// Set when stderr became `ROOTLESSPORT_LOG_FILE`: lines get a timestamp and pid.
 static STAMPED: AtomicBool = AtomicBool::new(false);
 
 /// Install the subscriber: stderr, filtered by `wanted` (`ROOTLESSPORT_LOG`).
 pub(super) fn init(wanted: Option<&str>) {
-    let parsed = match wanted.map(directives) {
-        None | Some(Ok(None)) => Ok(None),
-        Some(Ok(Some(dirs))) => EnvFilter::try_new(dirs)
-            .map(Some)
-            .map_err(|e| e.to_string()),
-        Some(Err(reason)) => Err(reason),
-    };
-    let (filter, invalid) = match parsed {
-        Ok(Some(f)) => (f, None),
-        Ok(None) => (EnvFilter::new(DEFAULT_FILTER), None),
-        Err(e) => (EnvFilter::new(DEFAULT_FILTER), Some(e)),
+    let default = || Targets::new().with_default(DEFAULT_LEVEL);
+    let (filter, invalid) = match wanted.map(directives) {
+        None | Some(Ok(None)) => (default(), None),
+        Some(Ok(Some(targets))) => (targets, None),
+        Some(Err(reason)) => (default(), Some(reason)),
     };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
         .event_format(Format)
+        // The builder's own filter (INFO unless told) would hide debug and trace
+        // lines before `filter` sees them.
+        .with_max_level(LevelFilter::TRACE)
+        .finish()
+        .with(filter)
         .try_init();
     if let Some(e) = invalid {
         tracing::warn!(
-            "ROOTLESSPORT_LOG={:?} is not a valid filter ({e}); using {DEFAULT_FILTER:?}",
+            "ROOTLESSPORT_LOG={:?} is not a valid filter ({e}); using \"{DEFAULT_LEVEL}\"",
             wanted.unwrap_or_default()
         );
     }
 }
 
-/// `ROOTLESSPORT_LOG` as `EnvFilter` directives. `Ok(None)` for an empty value (the
-/// default, said nothing about); `Err` says why the value is refused.
+/// `ROOTLESSPORT_LOG` as a filter of `tracing-subscriber`'s [`Targets`]. `Ok(None)`
+/// for an empty value (the default, said nothing about); `Err` says why the value is
+/// refused.
 ///
-/// Each comma-separated entry is a level word (any case, `warning` for `warn`, or
-/// `EnvFilter`'s `0`..`5`), or a `target=level` / `target[span]=level` form (its
-/// level word taken the same way) or a span form, left to `EnvFilter` to check. A
-/// bare word that is not a level is refused: `EnvFilter` would take `degub` for a
-/// target name and turn every other line, warnings included, off.
-pub(super) fn directives(value: &str) -> Result<Option<String>, String> {
-    fn level(word: &str) -> Option<&'static str> {
-        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+/// Comma-separated entries, each a level word (any case, `warning` for `warn`, or `0`
+/// (`off`) to `5` (`trace`)) for every line, or `target=level` (its level word taken
+/// the same way) for the lines of a module and the modules below it
+/// (`rootlessport::tcp=debug`); the most specific entry for a line wins, and a later
+/// entry replaces an earlier one for the same target. Anything else is refused: a bare
+/// word that is not a level (`degub` would otherwise be taken for a target and turn
+/// every other line, warnings included, off), and `EnvFilter`'s span and field forms
+/// (`target[span]=level`), which this helper never took into account (it has no spans).
+pub(super) fn directives(value: &str) -> Result<Option<Targets>, String> {
+    fn level(word: &str) -> Option<LevelFilter> {
+        const LEVELS: [LevelFilter; 6] = [
+            LevelFilter::OFF,
+            LevelFilter::ERROR,
+            LevelFilter::WARN,
+            LevelFilter::INFO,
+            LevelFilter::DEBUG,
+            LevelFilter::TRACE,
+        ];
+        const NAMES: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
         if word.eq_ignore_ascii_case("warning") {
-            return Some("warn");
+            return Some(LevelFilter::WARN);
         }
         let numeric = ["0", "1", "2", "3", "4", "5"]
             .iter()
             .position(|n| *n == word);
         numeric
-            .or_else(|| LEVELS.iter().position(|l| l.eq_ignore_ascii_case(word)))
+            .or_else(|| NAMES.iter().position(|l| l.eq_ignore_ascii_case(word)))
             .map(|i| LEVELS[i])
     }
-    let mut out = Vec::new();
+    const LEVEL_WORDS: &str = "off, error, warn, info, debug, trace";
+    let mut targets = Targets::new();
+    let mut any = false;
     for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         if let Some(l) = level(entry) {
-            out.push(l.to_string());
-        } else if let Some((head, tail)) = entry.rsplit_once('=') {
-            match level(tail.trim()) {
-                Some(l) => out.push(format!("{}={l}", head.trim_end())),
-                None => out.push(entry.to_string()),
+            targets = targets.with_default(l);
+        } else if let Some((target, word)) = entry.split_once('=') {
+            let target = target.trim_end();
+            let word = word.trim_start();
+            let l = level(word)
+                .ok_or_else(|| format!("{word:?} in {entry:?} is not a level ({LEVEL_WORDS})"))?;
+            let is_path = |t: &str| {
+                !t.is_empty()
+                    && t.split("::").all(|part| {
+                        !part.is_empty()
+                            && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    })
+            };
+            if !is_path(target) {
+                return Err(format!(
+                    "{target:?} in {entry:?} is not a module path such as rootlessport::tcp \
+                     (span and field filters are not supported)"
+                ));
             }
-        } else if entry.contains('[') {
-            out.push(entry.to_string());
+            targets = targets.with_target(target, l);
         } else {
             return Err(format!(
-                "{entry:?} is not a level (off, error, warn, info, debug, trace) \
-                 nor target=level"
+                "{entry:?} is not a level ({LEVEL_WORDS}) nor target=level"
             ));
         }
+        any = true;
     }
-    Ok((!out.is_empty()).then(|| out.join(",")))
+    Ok(any.then_some(targets))
 }
 
 /// Open `path` (`ROOTLESSPORT_LOG_FILE`), if given; a failure is one warning line,
@@ -220,16 +246,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::directives;
+    use tracing::Level;
+    use tracing_subscriber::filter::Targets;
+
+    /// Whether `targets` lets a line of `level` from `target` through.
+    fn passes(targets: &Targets, target: &str, level: Level) -> bool {
+        targets.would_enable(target, &level)
+    }
+
+    fn parsed(value: &str) -> Targets {
+        directives(value).unwrap().unwrap()
+    }
 
     #[test]
     fn level_words_any_case_and_warning() {
-        assert_eq!(directives("warning"), Ok(Some("warn".into())));
-        assert_eq!(directives("WARN"), Ok(Some("warn".into())));
-        assert_eq!(directives("Warning"), Ok(Some("warn".into())));
-        assert_eq!(directives("Debug"), Ok(Some("debug".into())));
-        assert_eq!(directives("off"), Ok(Some("off".into())));
-        assert_eq!(directives(" trace "), Ok(Some("trace".into())));
-        assert_eq!(directives("4"), Ok(Some("debug".into())));
+        for (value, on, off) in [
+            ("warning", Level::WARN, Some(Level::INFO)),
+            ("WARN", Level::WARN, Some(Level::INFO)),
+            ("Warning", Level::WARN, Some(Level::INFO)),
+            ("Debug", Level::DEBUG, Some(Level::TRACE)),
+            (" trace ", Level::TRACE, None),
+            ("4", Level::DEBUG, Some(Level::TRACE)),
+            ("1", Level::ERROR, Some(Level::WARN)),
+        ] {
+            let t = parsed(value);
+            assert!(passes(&t, "rootlessport::tcp", on), "{value}");
+            if let Some(off) = off {
+                assert!(!passes(&t, "rootlessport::tcp", off), "{value}");
+            }
+        }
+        let off = parsed("off");
+        assert!(!passes(&off, "rootlessport", Level::ERROR));
     }
 
     #[test]
@@ -242,51 +289,41 @@ mod tests {
     }
 
     #[test]
-    fn target_forms() {
-        assert_eq!(
-            directives("rootlessport=debug"),
-            Ok(Some("rootlessport=debug".into()))
+    fn target_forms_select_a_module_and_those_below_it() {
+        let t = parsed("rootlessport::udp=trace,warn");
+        assert!(passes(&t, "rootlessport::udp", Level::TRACE));
+        assert!(passes(&t, "rootlessport::tcp", Level::WARN));
+        assert!(!passes(&t, "rootlessport::tcp", Level::INFO));
+        let t = parsed("rootlessport::tcp=Warning, INFO");
+        assert!(!passes(&t, "rootlessport::tcp", Level::INFO));
+        assert!(passes(&t, "rootlessport::udp", Level::INFO));
+        // Only the named module's lines (and its children's): no default given, so
+        // the rest is off, as with EnvFilter.
+        let t = parsed("rootlessport=debug");
+        assert!(passes(&t, "rootlessport", Level::DEBUG));
+        assert!(passes(&t, "rootlessport::forward", Level::DEBUG));
+        assert!(!passes(&t, "rootlessport::tcp", Level::TRACE));
+        assert!(!passes(&t, "tokio::runtime", Level::ERROR));
+    }
+
+    #[test]
+    fn bad_target_forms_are_refused_naming_the_entry() {
+        let e = directives("rootlessport=degub").unwrap_err();
+        assert!(
+            e.contains("\"degub\"") && e.contains("rootlessport=degub"),
+            "{e}"
         );
-        assert_eq!(
-            directives("rootlessport::udp=trace,warn"),
-            Ok(Some("rootlessport::udp=trace,warn".into()))
-        );
-        assert_eq!(
-            directives("rootlessport::tcp=Warning, INFO"),
-            Ok(Some("rootlessport::tcp=warn,info".into()))
-        );
-        assert_eq!(
-            directives("rootlessport[conn]=debug"),
-            Ok(Some("rootlessport[conn]=debug".into()))
-        );
-        // An unknown level after `=` is left to EnvFilter, which refuses it.
-        assert_eq!(
-            directives("rootlessport=degub"),
-            Ok(Some("rootlessport=degub".into()))
-        );
+        let e = directives("rootlessport[conn]=debug").unwrap_err();
+        assert!(e.contains("not supported"), "{e}");
+        assert!(directives("=debug").is_err());
+        assert!(directives("a::=debug").is_err());
+        assert!(directives("a=b=debug").is_err());
     }
 
     #[test]
     fn empty_is_the_default() {
-        assert_eq!(directives(""), Ok(None));
-        assert_eq!(directives("  "), Ok(None));
-        assert_eq!(directives(","), Ok(None));
-    }
-
-    #[test]
-    fn every_accepted_value_builds_a_filter() {
-        use tracing_subscriber::EnvFilter;
-        for v in [
-            "warning",
-            "WARN",
-            "rootlessport=debug",
-            "rootlessport::udp=trace,warn",
-            "rootlessport::tcp=Warning, INFO",
-            "rootlessport[conn]=debug",
-        ] {
-            let d = directives(v).unwrap().unwrap();
-            assert!(EnvFilter::try_new(&d).is_ok(), "{v} -> {d}");
-        }
-        assert!(EnvFilter::try_new("rootlessport=degub").is_err());
+        assert!(directives("").unwrap().is_none());
+        assert!(directives("  ").unwrap().is_none());
+        assert!(directives(",").unwrap().is_none());
     }
 }

@@ -14,12 +14,15 @@
 //! Log lines go to stderr, each one starting with `rootlessport:` and its level
 //! (`rootlessport: warning: ...`); stdout is kept for the one error line podman reads.
 //!
-//! - `ROOTLESSPORT_LOG`: which lines are written, in `tracing-subscriber`'s `EnvFilter`
-//!   syntax: `debug`, `info`, `rootlessport=debug`, `rootlessport::tcp=trace,warn`...
-//!   Level words are `off`, `error`, `warn` (or `warning`), `info`, `debug`, `trace`,
-//!   in any case. Default `warn`. A value that does not parse, or a word in it that is
-//!   not a level (`degub`: `EnvFilter` alone would take it for a target and turn every
-//!   other line off), is replaced by the default, with one warning line saying so.
+//! - `ROOTLESSPORT_LOG`: which lines are written: comma-separated level words for
+//!   every line and `module=level` entries for a module's lines (those of the modules
+//!   below it included), as `tracing-subscriber`'s `Targets` takes them: `debug`,
+//!   `info`, `rootlessport=debug`, `rootlessport::tcp=trace,warn`... Level words are
+//!   `off`, `error`, `warn` (or `warning`), `info`, `debug`, `trace` in any case, or
+//!   `0` to `5`. Default `warn`. A value with anything else in it (a word that is not
+//!   a level, such as `degub`, which a target filter would take for a module name and
+//!   so turn every other line off; `EnvFilter`'s span and field forms) is replaced by
+//!   the default, with one warning line saying so.
 //! - `ROOTLESSPORT_LOG_FILE`: a file the log goes to once the helper is ready (opened
 //!   when it starts, appended to, created with mode 0600). Its lines also carry a UTC
 //!   timestamp and the helper's pid (`2024-05-01T12:00:00.123456Z rootlessport[4242]:

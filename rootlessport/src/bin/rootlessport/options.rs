@@ -9,8 +9,8 @@ use rootlessport::helper::Options;
 /// the forwarding options the library takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct HelperOptions {
-    /// `ROOTLESSPORT_LOG`: which lines are written (`EnvFilter` syntax, level words in
-    /// any case); unset: `warn`.
+    /// `ROOTLESSPORT_LOG`: which lines are written (level words and `module=level`
+    /// entries, see [`crate::logging::directives`]); unset: `warn`.
     pub(crate) log: Option<String>,
     /// `ROOTLESSPORT_LOG_FILE`: where the log goes once ready; unset or empty: nowhere
     /// of its own.
