@@ -70,6 +70,25 @@ pub enum Error {
     /// The same protocol, host IP and host port as the port with this 1-based ID.
     #[error("conflict with ID {0}")]
     Conflict(u32),
+    /// More published ports than the open-file limit leaves room for: each listening
+    /// socket is an open file. Checked before any port is bound (podman's helper fails
+    /// part-way with `listen tcp ADDR: socket: too many open files`).
+    #[error(
+        "{ports} published port(s) need {ports} open files, but the open-file limit \
+         (RLIMIT_NOFILE, raised to its hard limit) is {limit}, with {open} files already \
+         open and {reserve} kept for the helper's own use: raise the hard limit \
+         (ulimit -Hn, systemd's LimitNOFILE=) or publish fewer ports"
+    )]
+    TooManyPorts {
+        /// Listening sockets the config asks for.
+        ports: usize,
+        /// The soft open-file limit (already raised to the hard one by the helper binary).
+        limit: u64,
+        /// Files open when the check ran.
+        open: usize,
+        /// Files kept free for the event loop, control socket and first connections.
+        reserve: usize,
+    },
     /// Making a listener failed, in Go's `listen tcp ADDR: bind: REASON` shape: the
     /// call that failed (`socket`, `setsockopt`, `bind`, `listen`) and its OS error,
     /// or why the address does not suit the protocol (`not an IPv4 address`).

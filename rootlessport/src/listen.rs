@@ -38,6 +38,7 @@ const BIND_STACK: usize = 128 * 1024;
 /// order: the error is then exactly the one a sequential start-up gives (a port taken
 /// by one of our own listeners included, whichever thread got there first).
 pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
+    check_fd_room(specs.len())?;
     let published_at = crate::counters::unix_now();
     let threads = if specs.len() < PARALLEL_FROM {
         1
@@ -53,6 +54,45 @@ pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
         }
     }
     bind_in_order(specs, published_at)
+}
+
+/// Files kept free beyond the listeners: the event loop's own (epoll, eventfd, signal
+/// pipe), the accept hub's epoll set, the control socket, a netlink socket, and a few
+/// connections (two sockets and a pipe pair each).
+const FD_RESERVE: usize = 32;
+
+/// Refuse, before binding anything, a start-up whose listeners cannot all be open files
+/// at once (with [`FD_RESERVE`] left), instead of failing at the first `EMFILE`
+/// part-way. Warns when fewer than 256 files are left for connections. Counts the open
+/// files through `/proc/self/fd`; if that cannot be read, binding shows it.
+fn check_fd_room(ports: usize) -> Result<(), Error> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return Ok(());
+    };
+    // Counting the entries of a directory (less the one read_dir holds) needs no
+    // parser; `procfs` would add its code to every helper for this one count.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Ok(());
+    };
+    let open = dir.count().saturating_sub(1);
+    let room = usize::try_from(limit).unwrap_or(usize::MAX);
+    if open.saturating_add(ports).saturating_add(FD_RESERVE) > room {
+        return Err(Error::TooManyPorts {
+            ports,
+            limit,
+            open,
+            reserve: FD_RESERVE,
+        });
+    }
+    let left = room - open - ports;
+    if left < 256 {
+        tracing::warn!(
+            "{ports} published port(s) leave {left} open files for connections \
+             (open-file limit {limit}; each connection takes 2, and 2 more while data moves)"
+        );
+    }
+    Ok(())
 }
 
 /// Make this process's fd table hold `more` fds beyond those open, at once. Left to

@@ -754,6 +754,60 @@ fn control_out_of_fds_a_client_waits_without_the_helper_spinning_and_is_served_l
     live.stop();
 }
 
+/// More published ports than the open-file limit allows are refused before any is
+/// bound, with the counts and what to do; as many as it allows are all served.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_more_ports_than_the_open_file_limit_are_refused_before_binding() {
+    require_harness();
+    /// The helper's open-file limit (soft and hard).
+    const NOFILE: u16 = 256;
+    const FIRST: u16 = 28800;
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = wrapper(dir.path(), &format!("ulimit -n {NOFILE}"));
+    let many: Vec<PortMapping> = (0..NOFILE).map(|i| pm(FIRST + i, 80, "tcp")).collect();
+    let ns = TestNetns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config::new(
+        "c0ntrol-limit",
+        ns.path().display().to_string(),
+        "",
+        tmp.path().display().to_string(),
+    )
+    .with_mappings(many);
+    let (exit_r, _exit_w) = tests::cloexec_pipe();
+    let err = Launcher::new(&wrapper)
+        .start(&cfg, exit_r)
+        .expect_err("256 ports with an open-file limit of 256")
+        .to_string();
+    let (head, tail) = (
+        format!(
+            "rootlessport {NOFILE} published port(s) need {NOFILE} open files, but the \
+             open-file limit (RLIMIT_NOFILE, raised to its hard limit) is {NOFILE}, with "
+        ),
+        " files already open and 32 kept for the helper's own use: raise the hard limit \
+         (ulimit -Hn, systemd's LimitNOFILE=) or publish fewer ports",
+    );
+    assert!(err.starts_with(&head) && err.ends_with(tail), "{err}");
+    // Nothing was bound on the way.
+    for port in FIRST..FIRST + NOFILE {
+        TcpListener::bind(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("port {port} left bound: {e}"));
+    }
+    // What fits is served: the first and the last port reach the container.
+    let fit = NOFILE - 64;
+    let live = Live::start_with(
+        "c0ntrol-limit",
+        (0..fit).map(|i| pm(FIRST + i, 80, "tcp")).collect(),
+        &wrapper,
+    );
+    for port in [FIRST, FIRST + fit - 1] {
+        echo_round(&mut connect(port), format!("to {port}").as_bytes());
+    }
+    assert_eq!(live.shown().len(), usize::from(fit));
+    live.stop();
+}
+
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn control_a_helper_with_two_event_loop_threads_relays_and_removes_alike() {

@@ -109,6 +109,7 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
     );
     let (exit_fd, ready_fd) = startup::take_fds(&cfg)?;
     startup::raise_nofile_limit();
+    startup::limit_malloc_arenas(options.forwarding.threads);
     let mut forwarding = options.forwarding.clone();
     forwarding.exit_after_run = true;
     let helper = Helper::bind(&cfg, exit_fd, &forwarding)?;
@@ -121,7 +122,7 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
             .map_or("loopback".to_string(), |ip| ip.to_string())
     );
     tracing::info!("{summary}");
-    // WIP: the parsed mappings are not needed while serving (~150 B per port).
+    // The parsed mappings are not needed while serving (~150 B per port).
     drop(cfg);
     // Opened now, so that a bad path is reported while someone still reads stderr.
     let log_file = logging::open_file(options.log_file.as_deref());
