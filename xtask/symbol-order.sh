@@ -43,6 +43,8 @@ awk '/^c?fn=\(/ { id=$1; sub(/^c?fn=/,"",id); if (NF>1) name[id]=$2
 nm --defined-only "$BIN" | awk '$2 ~ /^[tTwWiI]$/ {print $3}' | sort -u > $D/syms
 V='_(sse2|ssse3|sse4_1|sse4_2|sse42|avx|avx2|evex|evex512|avx512|erms|rtm|unaligned|generic|movbe)(_|$)'
 grep -E "^__[a-z0-9]+$V" $D/ran | sed -E 's/^__([a-z0-9]+)_.*/\1/' | sort -u > $D/fams
+# callgrind calls the C start-up "(below main)": named here.
+printf '%s\n' _start __libc_start_main __libc_start_call_main >> $D/ran
 { cat $D/ran; grep -E "^__[a-z0-9_]+$V" $D/syms | grep -E "^__($(paste -sd'|' $D/fams))_" | grep -vxFf $D/ran || true; } \
     > xtask/rootlessport.symbol-order
 echo "xtask/rootlessport.symbol-order: $(wc -l < xtask/rootlessport.symbol-order) symbols"

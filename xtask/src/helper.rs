@@ -65,15 +65,28 @@ fn ordering_args(triple: &str, order: &Path) -> Option<Vec<String>> {
 /// linker is lld (rustc's default on x86_64-unknown-linux-gnu since 1.90).
 pub fn release_helper() -> Result<PathBuf, String> {
     if let Some(triple) = host_triple() {
-        // The helper through `cargo rustc`: its link arguments apply to it alone.
-        let order = ordering_args(&triple, &workspace_root().join(ORDER_FILE));
-        let mut status = cargo()
-            .args(["rustc", "--quiet", "--release", "-p", "rootlessport"])
-            .args(["--bin", "rootlessport", "--target", &triple, "--"])
-            .args(order.unwrap_or_default())
-            .env("RUSTFLAGS", STATIC_FLAGS)
-            .status()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        // The helper through `cargo rustc`: its link arguments apply to it alone. Should
+        // the ordered link fail where the probe passed (a linker configured for cargo
+        // only), the helper is linked once more without the ordering.
+        let helper = |extra: Vec<String>| {
+            cargo()
+                .args(["rustc", "--quiet", "--release", "-p", "rootlessport"])
+                .args(["--bin", "rootlessport", "--target", &triple, "--"])
+                .args(extra)
+                .env("RUSTFLAGS", STATIC_FLAGS)
+                .status()
+                .map_err(|e| format!("cannot run cargo: {e}"))
+        };
+        let mut status = match ordering_args(&triple, &workspace_root().join(ORDER_FILE)) {
+            Some(order) => match helper(order)? {
+                s if s.success() => s,
+                _ => {
+                    eprintln!("xtask: linking rootlessport with its symbol order failed; linking it without");
+                    helper(Vec::new())?
+                }
+            },
+            None => helper(Vec::new())?,
+        };
         if status.success() {
             status = build()
                 .args(["--target", &triple])
@@ -103,4 +116,34 @@ pub fn release_helper() -> Result<PathBuf, String> {
 /// The `rootlessport-ctl` that [`release_helper`] built beside `helper`.
 pub fn ctl_beside(helper: &std::path::Path) -> PathBuf {
     helper.with_file_name("rootlessport-ctl")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_an_order_file_the_helper_is_linked_as_before() {
+        let triple = host_triple().expect("rustc -vV names the host");
+        assert_eq!(
+            ordering_args(
+                &triple,
+                &workspace_root().join("xtask/no-such.symbol-order")
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_committed_order_file_names_the_helpers_forwarding_path() {
+        let order = std::fs::read_to_string(workspace_root().join(ORDER_FILE))
+            .expect("the order file is committed");
+        // The per-connection and per-datagram paths, and the C start-up, must be in it.
+        for part in ["3tcp7forward", "3udp4Port8flow_for", "_start"] {
+            assert!(
+                order.lines().any(|l| l.contains(part)),
+                "{ORDER_FILE} lacks {part}"
+            );
+        }
+    }
 }
