@@ -34,13 +34,23 @@ fn build() -> Command {
 
 /// The link arguments that order the helper's text, if the static link for `triple`
 /// accepts them: lld knows `--symbol-ordering-file`, GNU ld refuses it. Probed by
-/// linking an empty program with the same flags.
+/// linking an empty program with the same flags. The list is passed as a copy named by
+/// its content (under `target/symbol-order/`): cargo relinks when an argument changes,
+/// not when a file named in one does.
 fn ordering_args(triple: &str, order: &Path) -> Option<Vec<String>> {
-    if !order.is_file() {
-        return None;
+    use std::hash::{Hash, Hasher};
+    let text = std::fs::read(order).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    let copy = workspace_root()
+        .join("target/symbol-order")
+        .join(format!("rootlessport-{:016x}.order", h.finish()));
+    if !copy.is_file() {
+        std::fs::create_dir_all(copy.parent()?).ok()?;
+        std::fs::write(&copy, &text).ok()?;
     }
     let args = vec![
-        format!("-Clink-arg=-Wl,--symbol-ordering-file={}", order.display()),
+        format!("-Clink-arg=-Wl,--symbol-ordering-file={}", copy.display()),
         "-Clink-arg=-Wl,--no-warn-symbol-ordering".to_string(),
     ];
     let dir = std::env::temp_dir().join(format!("xtask-ld-probe-{}", std::process::id()));
