@@ -503,17 +503,7 @@ fn control_remove_closes_the_listener_and_keeps_or_resets_live_connections() {
     let removed = control::remove(&live.socket, &[pm(28421, 90, "tcp")], true).unwrap();
     assert_eq!(removed.len(), 1);
     assert!(refuses(28421));
-    let mut buf = [0u8; 16];
-    let got = cut.read(&mut buf);
-    assert!(
-        matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "client side not reset: {got:?}"
-    );
-    let end = live.ends.recv_timeout(Duration::from_secs(5)).unwrap();
-    assert!(
-        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "container side not reset: {end:?}"
-    );
+    assert_reset_both_sides(&mut cut, &live);
 
     // UDP: the port and its flow end; its final counters come back.
     let removed = control::remove(&live.socket, &[pm(28422, 53, "udp")], false).unwrap();
@@ -860,6 +850,15 @@ fn control_a_helper_with_two_event_loop_threads_relays_and_removes_alike() {
     echo_round(&mut cut, b"live");
     control::remove(&live.socket, &[pm(28451, 90, "tcp")], true).unwrap();
     assert!(refuses(28451));
+    assert_reset_both_sides(&mut cut, &live);
+    echo_round(&mut other, b"its connections live on");
+    echo_round(&mut connect(28450), b"still served");
+    live.stop();
+}
+
+/// The client's connection `cut` and the container's side of it (port 90) were both
+/// reset.
+fn assert_reset_both_sides(cut: &mut TcpStream, live: &Live) {
     let got = cut.read(&mut [0u8; 16]);
     assert!(
         matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
@@ -870,9 +869,6 @@ fn control_a_helper_with_two_event_loop_threads_relays_and_removes_alike() {
         matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "container side not reset: {end:?}"
     );
-    echo_round(&mut other, b"its connections live on");
-    echo_round(&mut connect(28450), b"still served");
-    live.stop();
 }
 
 /// Open fds of process `pid`.
