@@ -311,7 +311,9 @@ pub enum ControlError {
     },
     /// Sending the request or reading the reply failed; a helper that takes no
     /// request or sends no reply within 10 s is an error of kind
-    /// [`io::ErrorKind::TimedOut`] (`no reply within 10 s`).
+    /// [`io::ErrorKind::TimedOut`] (`no reply within 10 s`). A request the helper had
+    /// begun by then is still carried out to its end (`list` shows the outcome); one it
+    /// had not yet accepted (a helper out of files accepts late) is not acted on.
     #[error("control request failed: {0}")]
     Io(#[source] io::Error),
     /// The request is larger than a helper takes ([`MAX_REQUEST`]): it is not sent.

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use crate::config::{parse_child_ip, plan_ports};
 use crate::forward::{Forwarder, DEFAULT_UDP_IDLE};
-use crate::listen::bind_all;
+use crate::listen::{bind_all, check_fd_room};
 use crate::reload::server::ReloadSocket;
 use crate::state::DEFAULT_PIPE_SIZE;
 use crate::{Config, Error};
@@ -108,6 +108,7 @@ impl Helper {
                         other => std::io::Error::other(other),
                     },
                 })?;
+        check_fd_room(specs.len())?;
         let bound = bind_all(&specs)?;
         let tmp_dir = Path::new(&config.tmp_dir);
         let reload = if config.rootless_cni {

@@ -38,7 +38,6 @@ const BIND_STACK: usize = 128 * 1024;
 /// order: the error is then exactly the one a sequential start-up gives (a port taken
 /// by one of our own listeners included, whichever thread got there first).
 pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
-    check_fd_room(specs.len())?;
     let published_at = crate::counters::unix_now();
     let threads = if specs.len() < PARALLEL_FROM {
         1
@@ -65,7 +64,10 @@ const FD_RESERVE: usize = 32;
 /// at once (with [`FD_RESERVE`] left), instead of failing at the first `EMFILE`
 /// part-way. Warns when fewer than 256 files are left for connections. Counts the open
 /// files through `/proc/self/fd`; if that cannot be read, binding shows it.
-fn check_fd_room(ports: usize) -> Result<(), Error> {
+/// Start-up only: a control `add` later is bound as it comes and fails all or none at
+/// the first `EMFILE` (the running helper's own files and live connections are open
+/// by then, and the reserve would count twice).
+pub(crate) fn check_fd_room(ports: usize) -> Result<(), Error> {
     use nix::sys::resource::{getrlimit, Resource};
     let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return Ok(());

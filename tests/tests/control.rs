@@ -711,6 +711,13 @@ fn control_out_of_fds_a_client_waits_without_the_helper_spinning_and_is_served_l
         })
         .collect();
     assert_eq!(open_fds(pid), NOFILE, "the helper's fds are not used up");
+    // A control request sent now waits unaccepted; its client gives up (as
+    // rootlessport-ctl does after 10 s) before the helper can read it: not carried out.
+    let gave_up = raw_send(
+        &live.socket,
+        br#"{"version":1,"request":"remove","close":false,"mappings":[{"host_ip":"127.0.0.1","container_port":53,"host_port":28461,"range":1,"protocol":"udp"}]}"#,
+    );
+    drop(gave_up);
     // One more: the kernel completes its handshake, the helper cannot accept it. It
     // waits (no reset), and the helper backs off instead of retrying at full speed.
     let mut waiting = connect(28460);
@@ -730,7 +737,9 @@ fn control_out_of_fds_a_client_waits_without_the_helper_spinning_and_is_served_l
         matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "a client over the fd limit was not left waiting: {got:?}"
     );
-    // A held connection ends: the waiting one is served.
+    // Two held connections end (four files: the waiting connection's two, and one
+    // for the abandoned control request's connection): the waiting one is served.
+    drop(held.pop());
     drop(held.pop());
     waiting
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -741,6 +750,14 @@ fn control_out_of_fds_a_client_waits_without_the_helper_spinning_and_is_served_l
     echo_round(&mut held[0], b"the others still relay");
     drop(held);
     drop(waiting);
+    // The helper has read the abandoned request by now (it was queued before the one
+    // `shown` sends) and left the port published.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        live.shown().contains(&"127.0.0.1:28461:53/udp".to_string()),
+        "a request whose client had gone was carried out: {:?}",
+        live.shown()
+    );
     live.stop();
 }
 
@@ -785,7 +802,7 @@ fn control_more_ports_than_the_open_file_limit_are_refused_before_binding() {
             .unwrap_or_else(|e| panic!("port {port} left bound: {e}"));
     }
     // What fits is served: the first and the last port reach the container.
-    let fit = NOFILE - 64;
+    let fit = NOFILE - 48;
     let live = Live::start_with(
         "c0ntrol-limit",
         (0..fit).map(|i| pm(FIRST + i, 80, "tcp")).collect(),
@@ -795,6 +812,22 @@ fn control_more_ports_than_the_open_file_limit_are_refused_before_binding() {
         echo_round(&mut connect(port), format!("to {port}").as_bytes());
     }
     assert_eq!(live.shown().len(), usize::from(fit));
+    // With connections open (two files each), a removed port is added back: the
+    // start-up's reserve does not apply to a running helper's `add`.
+    let mut held: Vec<TcpStream> = (0..8)
+        .map(|i| {
+            let mut c = connect(FIRST + i);
+            echo_round(&mut c, b"held");
+            c
+        })
+        .collect();
+    let last = FIRST + fit - 1;
+    control::remove(&live.socket, &[pm(last, 80, "tcp")], false).unwrap();
+    assert!(refuses(last));
+    control::add(&live.socket, &[pm(last, 80, "tcp")]).unwrap();
+    echo_round(&mut connect(last), b"added back");
+    echo_round(&mut held[0], b"still held");
+    drop(held);
     live.stop();
 }
 
@@ -911,6 +944,19 @@ fn control_many_ports_serve_each_their_own_and_removing_half_closes_exactly_thos
         "the helper's fd count does not settle"
     );
     assert!(before >= 2000, "{before} fds for 2,000 listeners");
+    // Listing them all takes heap for the reply; once the helper is quiet it is given
+    // back, connections or not. (First past the trim that follows the connections
+    // above: 1 s after the last one.)
+    std::thread::sleep(Duration::from_millis(1500));
+    let quiet = tests::rss_anon_kb(pid);
+    for _ in 0..5 {
+        assert_eq!(live.shown().len(), 2000);
+    }
+    assert!(
+        eventually(10, || tests::rss_anon_kb(pid) <= quiet + 128),
+        "{} KB anonymous after 5 lists, {quiet} KB before",
+        tests::rss_anon_kb(pid)
+    );
 
     // The first half goes: those ports refuse at once, the rest still answer.
     let removed = control::remove(
@@ -957,6 +1003,23 @@ fn control_many_ports_serve_each_their_own_and_removing_half_closes_exactly_thos
 
 /// Send `msg` as one message on the control socket; the reply, read to EOF.
 fn raw(socket: &Path, msg: &[u8]) -> String {
+    use nix::sys::socket::{self as s, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let sock = raw_send(socket, msg);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap() {
+            0 => break,
+            n => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// Connect to the control socket and send `msg` as one message (queued even if the
+/// helper has not accepted the connection yet); the connection, for its reply.
+fn raw_send(socket: &Path, msg: &[u8]) -> std::os::fd::OwnedFd {
     use nix::sys::socket::{self as s, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
     use std::os::fd::AsRawFd;
     let sock = s::socket(
@@ -968,15 +1031,7 @@ fn raw(socket: &Path, msg: &[u8]) -> String {
     .unwrap();
     s::connect(sock.as_raw_fd(), &UnixAddr::new(socket).unwrap()).unwrap();
     s::send(sock.as_raw_fd(), msg, MsgFlags::MSG_NOSIGNAL).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s::recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap() {
-            0 => break,
-            n => out.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8(out).unwrap()
+    sock
 }
 
 #[test]

@@ -778,17 +778,6 @@ impl Drop for Guard {
     }
 }
 
-/// Anonymous memory of a process, in KB (`RssAnon` of `/proc/PID/status`).
-fn rss_anon_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 /// A helper that held many connections goes back to its idle size once they are gone
 /// (the heap they used is given back, not kept by the allocator for good).
 #[test]
@@ -816,7 +805,7 @@ fn memory_of_closed_connections_is_given_back() {
         vec![PortMapping::new("127.0.0.1", 28098, 90, 1, "tcp")],
     );
     let (helper, exit_w) = launch(&cfg).unwrap();
-    let idle = rss_anon_kb(helper.pid());
+    let idle = tests::rss_anon_kb(helper.pid());
     let mut clients = Vec::with_capacity(CONNS);
     for _ in 0..CONNS {
         let mut c = TcpStream::connect("127.0.0.1:28098").unwrap();
@@ -828,7 +817,7 @@ fn memory_of_closed_connections_is_given_back() {
         clients.push(c);
     }
     let servers: Vec<TcpStream> = held_rx.iter().take(CONNS).collect();
-    let loaded = rss_anon_kb(helper.pid());
+    let loaded = tests::rss_anon_kb(helper.pid());
     // Each live connection holds heap: the figure below means something.
     assert!(
         loaded > idle + 1024,
@@ -838,7 +827,7 @@ fn memory_of_closed_connections_is_given_back() {
     drop(servers);
     let mut now = loaded;
     let back = eventually(10, || {
-        now = rss_anon_kb(helper.pid());
+        now = tests::rss_anon_kb(helper.pid());
         now < idle + 512
     });
     assert!(
@@ -944,4 +933,20 @@ fn log_filter_from_rootlessport_log() {
             "{bad}: {said}"
         );
     }
+    // Not UTF-8: refused the same way, not dropped unsaid.
+    let out = std::process::Command::new(rootlessport_bin())
+        .env(
+            "ROOTLESSPORT_LOG",
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"debug\xff"),
+        )
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        said.starts_with(
+            "rootlessport: warning: ROOTLESSPORT_LOG=\"debug\u{fffd}\" is not a valid filter ("
+        ) && said.lines().count() == 1,
+        "{said}"
+    );
 }

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -256,13 +256,33 @@ async fn handle(conn: OwnedFd, shared: &Arc<Shared>) {
             return;
         }
     };
+    // Counted as activity: a `list` of thousands of ports leaves megabytes of freed
+    // heap, given back once the helper is quiet again (`heap_trim`).
+    let _busy = shared.idle.busy();
     // The request is read first (bounded), so that a refused peer gets its answer
     // rather than a broken pipe; it is acted on only for our own user.
     let reply = match recv_request(&conn).await {
         Err(why) => why.into_bytes(),
+        Ok(msg) if crate::control::is_control(&msg.head) && peer_hung_up(conn.get_ref()) => {
+            // Accepted late (the helper was out of files): its client has given up
+            // ("no reply within 10 s"), so it is not carried out behind its back.
+            tracing::warn!("control request dropped: its client closed before it was read");
+            return;
+        }
         Ok(msg) => answer(&msg, peer_allowed(conn.get_ref()), shared).await,
     };
     send_reply(&conn, &reply).await;
+}
+
+/// Whether the peer of `conn` has closed its end (not merely shut down writing, as a
+/// client does after its request): `POLLHUP` on a connected unix socket.
+fn peer_hung_up(conn: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(conn.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP))
 }
 
 /// The reply to `msg` (the first [`MAX_REQUEST`] + 1 bytes of the message, and its

@@ -58,8 +58,9 @@ pub(super) fn init(wanted: Option<&str>) {
 ///
 /// Comma-separated entries, each a level word (any case, `warning` for `warn`, or `0`
 /// (`off`) to `5` (`trace`)) for every line, or `target=level` (its level word taken
-/// the same way) for the lines of a module and the modules below it
-/// (`rootlessport::tcp=debug`); the most specific entry for a line wins, and a later
+/// the same way) for the lines whose target (the module path) starts with `target`
+/// (`rootlessport::tcp=debug`; a prefix as text, as `Targets` matches, so
+/// `rootlessport::forw` also selects `rootlessport::forward`); the most specific entry for a line wins, and a later
 /// entry replaces an earlier one for the same target. Anything else is refused: a bare
 /// word that is not a level (`degub` would otherwise be taken for a target and turn
 /// every other line, warnings included, off), and `EnvFilter`'s span and field forms

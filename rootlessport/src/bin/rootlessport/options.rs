@@ -48,7 +48,9 @@ impl HelperOptions {
             forwarding.preserve_source_ip = false;
         }
         HelperOptions {
-            log: text("ROOTLESSPORT_LOG"),
+            // Not UTF-8: kept (lossily) so that the filter refuses it with its warning
+            // instead of it being dropped unsaid.
+            log: var("ROOTLESSPORT_LOG").map(|v| v.to_string_lossy().into_owned()),
             log_file: var("ROOTLESSPORT_LOG_FILE"),
             forwarding,
         }
