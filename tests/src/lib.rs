@@ -104,13 +104,14 @@ pub fn process_exists(pid: u32) -> bool {
 
 /// Anonymous memory of process `pid`, in KB (`RssAnon` of `/proc/PID/status`).
 pub fn rss_anon_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("process {pid}: {e}"));
     status
         .lines()
         .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap()
+        .unwrap_or_else(|| panic!("no RssAnon in /proc/{pid}/status"))
 }
 
 /// Wait up to `secs` for `cond`, polling every 10 ms; returns whether it held.
