@@ -151,6 +151,9 @@ impl Launcher {
             let fd = std::fs::File::open(userns).map_err(io("opening the user namespace"))?;
             cmd = cmd.join_userns(fd.into());
         }
+        // From here on the time is the helper's: its exec, start-up and binding (the
+        // config is encoded and written to its stdin file already).
+        let spawned = Instant::now();
         let mut helper = cmd
             .stdin_bytes(json)
             .leak_fd(exit_fd, slirp_config::EXIT_FD)
@@ -162,7 +165,12 @@ impl Launcher {
             .spawn()
             .map_err(LaunchError::Spawn)?;
         let why = match helper.await_ready(&ready_r, started + self.ready_timeout) {
-            Ok(_) => return Ok(RootlessPort { helper }),
+            Ok(_) => {
+                return Ok(RootlessPort {
+                    helper,
+                    startup: spawned.elapsed(),
+                })
+            }
             Err(why) => why,
         };
         // The helper is killed and reaped by now, so its output is complete.
@@ -208,9 +216,17 @@ fn stderr_log(config: &Config) -> io::Result<LogFile> {
 #[derive(Debug)]
 pub struct RootlessPort {
     helper: Helper,
+    startup: Duration,
 }
 
 impl RootlessPort {
+    /// How long the helper took from being spawned to its ready byte: its exec,
+    /// start-up and every listener bound (not the caller's encoding of the config,
+    /// which [`Launcher::start`] does first). For logs and benchmarks.
+    pub fn startup_time(&self) -> Duration {
+        self.startup
+    }
+
     /// The helper's process id.
     pub fn pid(&self) -> u32 {
         self.helper.pid()

@@ -241,7 +241,8 @@ pub(super) fn render(s: &Settings, figures: &[Figure], res: &Results, present: &
     if res.notes.values().any(|n| *n == NO_REPLIES) {
         out.push_str("\"no replies\": not one UDP reply came back through that forwarder. pasta from Debian's passt 0.0~git20230309 does this here: the echo server receives the datagrams and answers, the answers never reach the client, both over loopback (spliced) and over pasta's tap. ");
     }
-    out.push_str("Forwarder CPU is user + system time of all its processes (podman's helper and its child) while the figure ran, from `/proc/PID/stat`, in 10 ms ticks.\n");
+    out.push_str("Forwarder CPU is user + system time of all its processes (podman's helper and its child) while the figure ran, from `/proc/PID/stat`, in 10 ms ticks. ");
+    out.push_str("Time to ready runs from the forwarder's spawn, its config or arguments made before, to its ready signal (the helpers' ready byte; pasta's first process exiting).\n");
     out
 }
 
