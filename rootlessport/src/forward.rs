@@ -227,9 +227,6 @@ async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<Port
             Ok((b.spec, b.published_at, sock))
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    let hub = shared
-        .hub()
-        .ok_or_else(|| io_err(io::Error::other("no accept hub")))?;
     let first_id = shared.new_ids(registered.len());
     let mut records = Vec::new();
     let mut entries = Vec::with_capacity(registered.len());
@@ -268,17 +265,15 @@ async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<Port
         served.push(entry.status());
         entries.push(entry);
     }
-    let (done, added) = tokio::sync::oneshot::channel();
-    let added = match hub.send(HubCommand::Add {
-        records,
-        entries,
-        done,
-    }) {
-        Ok(()) => added
-            .await
-            .unwrap_or_else(|_| Err(io::Error::other("the accept hub stopped"))),
-        Err(_) => Err(io::Error::other("the accept hub stopped")),
-    };
+    let added = shared
+        .ask_hub(|done| HubCommand::Add {
+            records,
+            entries,
+            done,
+        })
+        .await
+        .unwrap_or_else(|| Err(io::Error::other("no accept hub")))
+        .and_then(|added| added);
     if let Err(e) = added {
         // Nothing is listed: the UDP ports of the batch stop again.
         for t in udp_tasks {
@@ -334,18 +329,14 @@ async fn remove_ports(
     // The TCP listeners first: no connection is accepted (nor a port's state made)
     // once the hub has answered, so the counters taken below are final but for the
     // live connections.
-    if let Some(hub) = shared.hub() {
-        let (done, closed) = tokio::sync::oneshot::channel();
-        if hub
-            .send(HubCommand::Remove {
-                ids: ids.clone(),
-                done,
-            })
-            .is_err()
-            || closed.await.is_err()
-        {
-            return Err("the accept hub stopped".to_string());
-        }
+    let closed = shared
+        .ask_hub(|done| HubCommand::Remove {
+            ids: ids.clone(),
+            done,
+        })
+        .await;
+    if let Some(Err(e)) = closed {
+        return Err(e.to_string());
     }
     let removed = shared.unpublish(&ids);
     let mut udp = false;

@@ -2,8 +2,10 @@
 //! about 2.3 KB of heap (its task and two I/O registrations); when they end, glibc keeps
 //! the freed memory (the heap is fragmented, so its top is not trimmed), and a helper
 //! that once held 1,000 connections stays 2.2 MB bigger for the rest of its life
-//! (measured: docs/performance-analysis.md). Once no connection is live and none has
-//! started for [`QUIET`], the helper asks glibc to return the free pages (`malloc_trim`).
+//! (measured: docs/performance-analysis.md); a control `list` of thousands of ports
+//! leaves megabytes the same way. Once no connection or control request is live and
+//! none has started for [`QUIET`], the helper asks glibc to return the free pages
+//! (`malloc_trim`).
 //! Not a podman behaviour: its Go helper leaves this to Go's scavenger.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -12,21 +14,23 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-/// How long the helper must have had no live and no new TCP connection before it trims.
+/// How long the helper must have had no live and no new activity (a TCP connection or a
+/// control request) before it trims.
 pub(crate) const QUIET: Duration = Duration::from_secs(1);
 
-/// Live TCP connections, helper-wide, and a wake-up when their number falls to zero.
+/// Live activity helper-wide (TCP connections and control requests), and a wake-up
+/// when it falls to none.
 #[derive(Debug, Default)]
 pub(crate) struct Idle {
     live: AtomicUsize,
-    /// Connections started so far: a trim waits until it stops moving.
+    /// Activities started so far: a trim waits until it stops moving.
     started: AtomicU64,
     /// Fired when `live` falls to zero (a permit is kept if nobody waits yet).
     drained: Notify,
 }
 
 impl Idle {
-    /// Count a connection as live until the returned guard is dropped.
+    /// Count a connection or request as live until the returned guard is dropped.
     pub(crate) fn busy(self: &Arc<Self>) -> Busy {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.live.fetch_add(1, Ordering::AcqRel);
@@ -34,7 +38,7 @@ impl Idle {
     }
 }
 
-/// A live connection (see [`Idle::busy`]).
+/// A live connection or request (see [`Idle::busy`]).
 pub(crate) struct Busy(Arc<Idle>);
 
 impl Drop for Busy {
@@ -45,8 +49,8 @@ impl Drop for Busy {
     }
 }
 
-/// Run for the helper's life: each time the connections have drained and stayed so
-/// for `quiet`, give the freed heap back.
+/// Run for the helper's life: each time the activity has drained and stayed so for
+/// `quiet`, give the freed heap back.
 pub(crate) async fn trim_when_idle(idle: Arc<Idle>, quiet: Duration) {
     loop {
         idle.drained.notified().await;

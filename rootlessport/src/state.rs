@@ -53,8 +53,8 @@ pub(crate) struct Shared {
     /// Held through each `add` and `remove`, so that their listeners, lists and UDP
     /// gates change one request at a time.
     pub(crate) changes: tokio::sync::Mutex<()>,
-    /// Live TCP connections, for giving freed heap back once there are none
-    /// ([`crate::heap_trim`]).
+    /// Live TCP connections and control requests, for giving freed heap back once
+    /// there are none ([`crate::heap_trim`]).
     pub(crate) idle: Arc<crate::heap_trim::Idle>,
 }
 
@@ -154,9 +154,19 @@ impl Shared {
         self
     }
 
-    /// The accept hub's command channel, if this state serves TCP ports.
-    pub(crate) fn hub(&self) -> Option<&tokio::sync::mpsc::UnboundedSender<HubCommand>> {
-        self.hub.as_ref()
+    /// Send the accept hub the command `command` makes around its reply channel, and
+    /// wait for the reply. `None`: this state serves no TCP ports (unit tests).
+    pub(crate) async fn ask_hub<T>(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> HubCommand,
+    ) -> Option<std::io::Result<T>> {
+        let hub = self.hub.as_ref()?;
+        let (done, reply) = tokio::sync::oneshot::channel();
+        let stopped = || std::io::Error::other("the accept hub stopped");
+        Some(match hub.send(command(done)) {
+            Ok(()) => reply.await.map_err(|_| stopped()),
+            Err(_) => Err(stopped()),
+        })
     }
 
     /// What binds added ports' listeners, if they may be added.

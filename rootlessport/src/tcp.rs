@@ -664,12 +664,25 @@ fn accept_ready(
     round
 }
 
-/// A connection counted open on its port until dropped.
-struct Open(Arc<TcpPortState>);
+/// A connection, counted open on its port and live for the heap trim until dropped.
+struct Open {
+    port: Arc<TcpPortState>,
+    _busy: crate::heap_trim::Busy,
+}
+
+impl Open {
+    fn new(port: &Arc<TcpPortState>, shared: &Shared) -> Open {
+        port.counters.conn_opened();
+        Open {
+            port: port.clone(),
+            _busy: shared.idle.busy(),
+        }
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.counters.conn_closed();
+        self.port.counters.conn_closed();
     }
 }
 
@@ -687,18 +700,15 @@ fn spawn_conn(rec: &mut PortRecord, client: OwnedFd, shared: &Arc<Shared>) {
         shared.attach_tcp_state(rec.id, &state);
         state
     });
-    state.counters.conn_opened();
-    let open = Open(state.clone());
-    let busy = shared.idle.busy();
+    let open = Open::new(state, shared);
     let conn = Conn {
         child_port: rec.child_port,
         family: rec.family,
     };
     let shared = shared.clone();
     tokio::spawn(async move {
-        forward(client, conn, &shared, &open.0).await;
+        forward(client, conn, &shared, &open.port).await;
         drop(open);
-        drop(busy);
     });
 }
 

@@ -191,6 +191,13 @@ fn port_of(ports: &[serde_json::Value], host_port: u16) -> Option<&serde_json::V
         .find(|p| p["host_port"].as_u64() == Some(u64::from(host_port)))
 }
 
+/// What `rootlessport-ctl` printed, `out`, is exactly `want`.
+fn printed(out: &str, want: &str) -> Result<(), String> {
+    (out == want)
+        .then_some(())
+        .ok_or(format!("printed {out:?}, want {want:?}"))
+}
+
 /// `field` of `port` is `want`.
 fn expect(port: &serde_json::Value, field: &str, want: u64) -> Result<(), String> {
     match port[field].as_u64() {
@@ -245,12 +252,7 @@ pub(super) fn checks(
         &format!("ctl: add {b}:80 prints the port published"),
         ctl.run(name, &["add", &format!("{b}:80")])
             .and_then(Out::ok)
-            .and_then(|out| {
-                let want = format!("published tcp 0.0.0.0:{b} -> 80\n");
-                (out == want)
-                    .then_some(())
-                    .ok_or(format!("printed {out:?}, want {want:?}"))
-            }),
+            .and_then(|out| printed(&out, &format!("published tcp 0.0.0.0:{b} -> 80\n"))),
     );
     const PAYLOAD: usize = 100_000;
     let greeting = r.check(
@@ -261,12 +263,7 @@ pub(super) fn checks(
         &format!("ctl: add {u}:53/udp prints the port published"),
         ctl.run(name, &["add", &format!("{u}:53/udp")])
             .and_then(Out::ok)
-            .and_then(|out| {
-                let want = format!("published udp 0.0.0.0:{u} -> 53\n");
-                (out == want)
-                    .then_some(())
-                    .ok_or(format!("printed {out:?}, want {want:?}"))
-            }),
+            .and_then(|out| printed(&out, &format!("published udp 0.0.0.0:{u} -> 53\n"))),
     );
     let reply = r.check(&format!("ctl: a UDP echo through {u}"), udp_ping(lo(u)));
     r.check(
@@ -345,12 +342,7 @@ pub(super) fn checks(
         &format!("ctl: add 127.0.0.1:{a}:80/tcp4 publishes {a} again, listed as tcp4"),
         ctl.run(name, &["add", &format!("127.0.0.1:{a}:80/tcp4")])
             .and_then(Out::ok)
-            .and_then(|out| {
-                let want = format!("published tcp4 127.0.0.1:{a} -> 80\n");
-                (out == want)
-                    .then_some(())
-                    .ok_or(format!("printed {out:?}, want {want:?}"))
-            })
+            .and_then(|out| printed(&out, &format!("published tcp4 127.0.0.1:{a} -> 80\n")))
             .and_then(|()| echo_exchange(lo(a), 10))
             .and_then(|_| {
                 let list = ctl.list_json(name)?;
