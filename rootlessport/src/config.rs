@@ -1,6 +1,7 @@
 //! The helper's input, exactly as podman writes it, and its validation into the list of
 //! ports to forward. Pure: no sockets, no fds.
 
+use std::borrow::Cow;
 use std::collections::hash_map::{Entry, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -237,14 +238,12 @@ pub(crate) use slirp_config::Family;
 pub(crate) struct PortSpec {
     /// 1-based, in the order podman adds them; named in conflict errors.
     pub(crate) id: u32,
-    /// The proto as given (`tcp`, `udp6`, ...).
-    pub(crate) proto: String,
-    /// The same, typed.
+    /// The proto as given (`tcp`, `udp6`, ...: [`PortSpec::proto`] writes it back).
     pub(crate) protocol: slirp_config::Proto,
     pub(crate) transport: Transport,
     pub(crate) family: Family,
-    /// The host IP as given, `""` made `0.0.0.0`.
-    pub(crate) parent_ip: String,
+    /// The host IP as given, `""` made `0.0.0.0` (not allocated: podman's usual case).
+    pub(crate) parent_ip: Cow<'static, str>,
     pub(crate) parent_addr: IpAddr,
     pub(crate) parent_port: u16,
     pub(crate) child_port: u16,
@@ -259,13 +258,18 @@ pub(crate) struct ListenPlan {
 }
 
 impl PortSpec {
+    /// The proto as given (`tcp`, `udp6`, ...), as error texts name it.
+    pub(crate) fn proto(&self) -> &'static str {
+        self.protocol.as_str()
+    }
+
     /// Where and how to listen: wildcards of plain `tcp`/`udp` are dual-stack, like
     /// podman's helper; `*4`/`*6` stay in their family; specific addresses bind only
     /// that address.
     pub(crate) fn listen_plan(&self) -> Result<ListenPlan, Error> {
         let port = self.parent_port;
         let wrong = |why: &'static str| Error::Listen {
-            proto: self.proto.clone(),
+            proto: self.proto().to_owned(),
             addr: display_addr(&self.parent_ip, port),
             reason: why,
             source: None,
@@ -366,10 +370,12 @@ pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Erro
             Entry::Occupied(first) => return Err(Error::Conflict(*first.get())),
             Entry::Vacant(slot) => slot.insert(id),
         };
-        let parent_ip = host_ip.to_owned();
+        let parent_ip = match f.mapping.host_ip.as_str() {
+            "" => Cow::Borrowed("0.0.0.0"),
+            ip => Cow::Owned(ip.to_owned()),
+        };
         specs.push(PortSpec {
             id,
-            proto: f.proto.to_string(),
             protocol: f.proto,
             transport,
             family: f.proto.family,
@@ -422,8 +428,8 @@ mod tests {
             .map(|s| {
                 (
                     s.id,
-                    s.proto.as_str(),
-                    s.parent_ip.as_str(),
+                    s.proto(),
+                    &*s.parent_ip,
                     s.parent_port,
                     s.child_port,
                 )
@@ -571,7 +577,7 @@ mod tests {
         .unwrap();
         let got: Vec<_> = specs
             .iter()
-            .map(|s| (s.proto.as_str(), s.parent_port, s.child_port))
+            .map(|s| (s.proto(), s.parent_port, s.child_port))
             .collect();
         assert_eq!(
             got,

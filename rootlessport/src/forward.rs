@@ -14,6 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::epoll::Epoll;
 use slirp_config::PortMapping;
 
 use crate::config::{plan_ports, Transport};
@@ -32,6 +33,9 @@ pub(crate) const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
 /// Everything the event loop needs.
 pub(crate) struct Forwarder {
     pub(crate) bound: Vec<Bound>,
+    /// The accept hub's epoll set, holding every TCP listener of `bound` already, its
+    /// position in `bound` as the event's data ([`crate::listen::bind_all`]).
+    pub(crate) hub_set: Epoll,
     /// The container's network namespace, opened before we go anywhere.
     pub(crate) netns: OwnedFd,
     pub(crate) netns_path: String,
@@ -142,17 +146,20 @@ impl Forwarder {
         let self_exit = self.exit_after;
         let Forwarder {
             bound,
+            hub_set,
             exit_fd,
             reload,
             ..
         } = self;
         let result = rt.block_on(async move {
-            let hub = AcceptHub::new(shared.clone(), hub_rx).map_err(|source| Error::Io {
-                what: "making the epoll set of the TCP listeners",
-                source,
+            let hub = AcceptHub::new(hub_set, shared.clone(), hub_rx).map_err(|source| {
+                Error::Io {
+                    what: "registering the epoll set of the TCP listeners",
+                    source,
+                }
             })?;
             tokio::spawn(hub.run());
-            serve_ports(bound, &shared).await?;
+            serve_ports(bound, &shared, Batch::Startup).await?;
             tokio::spawn(crate::heap_trim::trim_when_idle(
                 shared.idle.clone(),
                 crate::heap_trim::QUIET,
@@ -204,11 +211,26 @@ enum Registered {
     Udp(tokio::net::UdpSocket),
 }
 
+/// Which ports [`serve_ports`] serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// The config's: their TCP listeners are in the hub's set already, each at its
+    /// position in the batch, and nobody asks for their statuses.
+    Startup,
+    /// Added through the control socket: the hub puts them in its set.
+    Added,
+}
+
 /// Serve `bound` (listening sockets made in the engine's netns) and list them, all or
 /// none: every TCP listener goes into the accept hub, every UDP socket gets a task of
 /// its own. The same for the ports of the config and those added later. Call it inside
-/// the runtime, with the hub running.
-async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<PortStatus>, Error> {
+/// the runtime, with the hub running. Returns the statuses of an [`Batch::Added`]
+/// batch (none for the start-up's).
+async fn serve_ports(
+    bound: Vec<Bound>,
+    shared: &Arc<Shared>,
+    batch: Batch,
+) -> Result<Vec<PortStatus>, Error> {
     let io_err = |source| Error::Io {
         what: "registering a listener",
         source,
@@ -228,17 +250,28 @@ async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<Port
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let first_id = shared.new_ids(registered.len());
-    let mut records = Vec::new();
+    let startup = batch == Batch::Startup;
+    // Start-up: one slot per port of the batch, where `bind_all` put its listener
+    // (`None` for a UDP port's). Added: the TCP ports' records alone.
+    let mut records = Vec::with_capacity(if startup { registered.len() } else { 0 });
     let mut entries = Vec::with_capacity(registered.len());
-    let mut served = Vec::with_capacity(registered.len());
+    let mut served = Vec::new();
     let mut udp_tasks = Vec::new();
     for (id, (spec, published_at, sock)) in (first_id..).zip(registered) {
         let serving = match sock {
             Registered::Tcp(listener) => {
-                records.push(PortRecord::new(listener, id, spec.child_port, spec.family));
+                records.push(Some(PortRecord::new(
+                    listener,
+                    id,
+                    spec.child_port,
+                    spec.family,
+                )));
                 Serving::Tcp(None)
             }
             Registered::Udp(sock) => {
+                if startup {
+                    records.push(None);
+                }
                 let counters = Arc::new(PortCounters::default());
                 let task = tokio::spawn(crate::udp::serve(
                     sock,
@@ -262,14 +295,26 @@ async fn serve_ports(bound: Vec<Bound>, shared: &Arc<Shared>) -> Result<Vec<Port
             id,
             serving,
         };
-        served.push(entry.status());
+        if !startup {
+            served.push(entry.status());
+        }
         entries.push(entry);
     }
     let added = shared
-        .ask_hub(|done| HubCommand::Add {
-            records,
-            entries,
-            done,
+        .ask_hub(|done| {
+            if startup {
+                HubCommand::Adopt {
+                    slots: records,
+                    entries,
+                    done,
+                }
+            } else {
+                HubCommand::Add {
+                    records: records.into_iter().flatten().collect(),
+                    entries,
+                    done,
+                }
+            }
         })
         .await
         .unwrap_or_else(|| Err(io::Error::other("no accept hub")))
@@ -305,7 +350,7 @@ async fn add_ports(
     if !udp.is_empty() {
         shared.update_udp_gates(&udp);
     }
-    let served = serve_ports(bound, shared).await;
+    let served = serve_ports(bound, shared, Batch::Added).await;
     if served.is_err() && !udp.is_empty() {
         shared.update_udp_gates(&[]);
     }

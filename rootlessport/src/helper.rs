@@ -28,6 +28,8 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags};
+
 use crate::config::{parse_child_ip, plan_ports};
 use crate::forward::{Forwarder, DEFAULT_UDP_IDLE};
 use crate::listen::{bind_all, check_fd_room};
@@ -108,8 +110,15 @@ impl Helper {
                         other => std::io::Error::other(other),
                     },
                 })?;
-        check_fd_room(specs.len())?;
-        let bound = bind_all(&specs)?;
+        let ports = specs.len();
+        check_fd_room(ports)?;
+        // The accept hub's epoll set, made now so that each TCP listener goes into it
+        // from the thread that binds it.
+        let hub_set = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| Error::Io {
+            what: "making the epoll set of the TCP listeners",
+            source: e.into(),
+        })?;
+        let bound = bind_all(specs, Some(&hub_set))?;
         let tmp_dir = Path::new(&config.tmp_dir);
         let reload = if config.rootless_cni {
             // podman reloads through it: without it the helper fails, as podman's does.
@@ -130,6 +139,7 @@ impl Helper {
         };
         let forwarder = Forwarder {
             bound,
+            hub_set,
             netns,
             netns_path: config.netns_path.clone(),
             child_ip,
@@ -142,10 +152,7 @@ impl Helper {
             exit_after: options.exit_after_run,
             container_id: config.container_id.clone(),
         };
-        Ok(Helper {
-            forwarder,
-            ports: specs.len(),
-        })
+        Ok(Helper { forwarder, ports })
     }
 
     /// The number of ports listening (each protocol of each mapping, times its range).

@@ -6,6 +6,8 @@
 use std::io;
 use std::sync::mpsc;
 
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+
 use crate::config::{display_addr, ListenPlan, PortSpec, Transport};
 use crate::Error;
 
@@ -32,12 +34,18 @@ const BIND_STACK: usize = 128 * 1024;
 /// Make every listener, in the calling thread's netns, all or none: the first failure
 /// in `specs`' order is the error, and every socket made is closed with it.
 ///
+/// With `hub`, every TCP listener also goes into that epoll set (the accept hub's,
+/// level-triggered `EPOLLIN`) as soon as it listens, its position in `specs` as the
+/// event's data: the registrations overlap with the binding instead of following it.
+/// A socket closed on a failure leaves the set with it (the kernel drops an epoll
+/// entry when its file is closed).
+///
 /// Many ports are bound by several threads at once (each one inherits the calling
 /// thread's netns), each a contiguous slice of `specs`. If any of them fails, every
 /// socket made is closed and the whole batch is bound again by this thread alone, in
 /// order: the error is then exactly the one a sequential start-up gives (a port taken
 /// by one of our own listeners included, whichever thread got there first).
-pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
+pub(crate) fn bind_all(specs: Vec<PortSpec>, hub: Option<&Epoll>) -> Result<Vec<Bound>, Error> {
     let published_at = crate::counters::unix_now();
     let threads = if specs.len() < PARALLEL_FROM {
         1
@@ -46,13 +54,45 @@ pub(crate) fn bind_all(specs: &[PortSpec]) -> Result<Vec<Bound>, Error> {
             .map_or(1, |n| n.get())
             .min(MAX_BIND_THREADS)
     };
+    let how = How {
+        hub,
+        dual_stack_default: dual_stack_is_default(),
+    };
+    let mut socks = None;
     if threads > 1 {
         grow_fd_table(specs.len());
-        if let Some(bound) = bind_parallel(specs, threads, published_at) {
-            return Ok(bound);
-        }
+        socks = bind_parallel(&specs, threads, how);
     }
-    bind_in_order(specs, published_at)
+    let socks = match socks {
+        Some(s) => s,
+        None => bind_in_order(&specs, 0, how)?,
+    };
+    Ok(specs
+        .into_iter()
+        .zip(socks)
+        .map(|(spec, sock)| Bound {
+            spec,
+            sock,
+            published_at,
+        })
+        .collect())
+}
+
+/// What every listener of one [`bind_all`] shares.
+#[derive(Clone, Copy)]
+struct How<'a> {
+    /// The accept hub's epoll set, for the TCP listeners.
+    hub: Option<&'a Epoll>,
+    /// New IPv6 sockets of this netns take IPv4 too (`net.ipv6.bindv6only` is 0), so a
+    /// dual-stack listener needs no `IPV6_V6ONLY` call.
+    dual_stack_default: bool,
+}
+
+/// Whether new IPv6 sockets in the calling thread's netns are dual-stack by default
+/// (`net.ipv6.bindv6only` = 0, the kernel's default). `false` when it cannot be read:
+/// then every dual-stack listener sets `IPV6_V6ONLY` to 0 itself, as Go always does.
+fn dual_stack_is_default() -> bool {
+    std::fs::read("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim_ascii() == b"0")
 }
 
 /// Files kept free beyond the listeners: the event loop's own (epoll, eventfd, signal
@@ -118,42 +158,47 @@ fn grow_fd_table(more: usize) {
     }
 }
 
-/// Bind `specs` in order on this thread; the first failure closes the ones made.
-fn bind_in_order(specs: &[PortSpec], published_at: u64) -> Result<Vec<Bound>, Error> {
-    let mut bound = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let sock = bind_one(spec, spec.listen_plan()?)?;
-        bound.push(Bound {
-            spec: spec.clone(),
-            sock,
-            published_at,
-        });
+/// Bind `specs` in order on this thread, the first being position `first` of the
+/// batch (the hub's event data); the first failure closes the ones made.
+fn bind_in_order(specs: &[PortSpec], first: usize, how: How) -> Result<Vec<socket2::Socket>, Error> {
+    let mut socks = Vec::with_capacity(specs.len());
+    for (at, spec) in (first..).zip(specs) {
+        let sock = bind_one(spec, spec.listen_plan()?, how.dual_stack_default)?;
+        if let (Some(hub), Transport::Tcp) = (how.hub, spec.transport) {
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, at as u64);
+            hub.add(&sock, event).map_err(|e| Error::Io {
+                what: "registering a listener",
+                source: e.into(),
+            })?;
+        }
+        socks.push(sock);
     }
-    Ok(bound)
+    Ok(socks)
 }
 
 /// Bind `specs` in `threads` contiguous slices at once, this thread binding the first
 /// (and any slice whose thread could not start). `None` if any slice failed: every
 /// socket made is closed by then.
-fn bind_parallel(specs: &[PortSpec], threads: usize, published_at: u64) -> Option<Vec<Bound>> {
-    let mut slices = specs.chunks(specs.len().div_ceil(threads));
-    let first = slices.next()?;
+fn bind_parallel(specs: &[PortSpec], threads: usize, how: How) -> Option<Vec<socket2::Socket>> {
+    let per = specs.len().div_ceil(threads);
+    let mut slices = specs.chunks(per).enumerate();
+    let (_, first) = slices.next()?;
     std::thread::scope(|scope| {
         let spawned: Vec<_> = slices
-            .map(|slice| {
+            .map(|(k, slice)| {
                 std::thread::Builder::new()
                     .name("rootlessport-bind".to_owned())
                     .stack_size(BIND_STACK)
-                    .spawn_scoped(scope, move || bind_in_order(slice, published_at))
-                    .map_err(|_| slice)
+                    .spawn_scoped(scope, move || bind_in_order(slice, k * per, how))
+                    .map_err(|_| (k, slice))
             })
             .collect();
         // Every slice is waited for, also after a failure: no thread outlives this.
-        let mut bound = bind_in_order(first, published_at).ok();
+        let mut bound = bind_in_order(first, 0, how).ok();
         for thread in spawned {
             let more = match thread {
                 Ok(handle) => handle.join().ok().and_then(Result::ok),
-                Err(slice) if bound.is_some() => bind_in_order(slice, published_at).ok(),
+                Err((k, slice)) if bound.is_some() => bind_in_order(slice, k * per, how).ok(),
                 Err(_) => None,
             };
             bound = bound.zip(more).map(|(mut all, more)| {
@@ -165,10 +210,14 @@ fn bind_parallel(specs: &[PortSpec], threads: usize, published_at: u64) -> Optio
     })
 }
 
-fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error> {
+fn bind_one(
+    spec: &PortSpec,
+    plan: ListenPlan,
+    dual_stack_default: bool,
+) -> Result<socket2::Socket, Error> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |op: &'static str, e: io::Error| Error::Listen {
-        proto: spec.proto.clone(),
+        proto: spec.proto().to_owned(),
         addr: display_addr(&spec.parent_ip, spec.parent_port),
         reason: op,
         source: Some(e),
@@ -191,9 +240,12 @@ fn bind_one(spec: &PortSpec, plan: ListenPlan) -> Result<socket2::Socket, Error>
         }
         Err(e) => return Err(err("socket", e)),
     };
-    if let Some(v6only) = only_v6 {
-        // Always set, as Go does: the netns's `net.ipv6.bindv6only` is not ours to trust.
-        sock.set_only_v6(v6only).map_err(|e| err("setsockopt", e))?;
+    match only_v6 {
+        // What the netns gives a new socket already (read once per batch).
+        Some(false) if dual_stack_default => {}
+        // Otherwise set, as Go always sets it: `net.ipv6.bindv6only` is 1, or unknown.
+        Some(v6only) => sock.set_only_v6(v6only).map_err(|e| err("setsockopt", e))?,
+        None => {}
     }
     if spec.transport == Transport::Tcp {
         // As Go does for listeners: a restart can rebind while old connections linger.
@@ -238,7 +290,7 @@ impl Binder {
             .spawn(move || {
                 for (specs, reply) in queue {
                     // All or none, as at start-up; a gone asker drops the sockets.
-                    let _ = reply.send(bind_all(&specs));
+                    let _ = reply.send(bind_all(specs, None));
                 }
             })
             .map_err(|source| Error::Io {
@@ -276,7 +328,7 @@ mod tests {
             drop(free);
             let mapping = slirp_config::PortMapping::new(host_ip, port, 80, 1, "tcp");
             let specs = crate::config::plan_ports(&[mapping]).unwrap();
-            let bound = bind_all(&specs).unwrap();
+            let bound = bind_all(specs, None).unwrap();
             let listener: TcpListener = bound.into_iter().next().unwrap().sock.into();
             listener.set_nonblocking(false).unwrap();
             let _client = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();

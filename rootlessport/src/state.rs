@@ -280,7 +280,7 @@ impl Shared {
                 None => {
                     return Err(format!(
                         "not published: {} {} -> {}",
-                        spec.proto,
+                        spec.proto(),
                         display_addr(&spec.parent_ip, spec.parent_port),
                         spec.child_port
                     ))

@@ -25,7 +25,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use nix::sys::socket::SockFlag;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -429,6 +429,15 @@ pub(crate) enum HubCommand {
         entries: Vec<Entry>,
         done: oneshot::Sender<io::Result<()>>,
     },
+    /// The start-up batch, whose listeners are in the hub's set already (put there by
+    /// [`crate::listen::bind_all`] as each was bound): `slots[i]` is the port whose
+    /// event data is `i`, `None` a free slot (a UDP port of the batch). Served and
+    /// listed in one step as with `Add`; refused unless the hub is still empty.
+    Adopt {
+        slots: Vec<Option<PortRecord>>,
+        entries: Vec<Entry>,
+        done: oneshot::Sender<io::Result<()>>,
+    },
     /// Stop serving the ports whose entry ids are `ids` (sorted; ids the hub does not
     /// hold are skipped): each listener leaves the epoll set and is closed before
     /// `done` is sent, so the port refuses connections by then.
@@ -475,16 +484,18 @@ enum Wake<'a> {
 }
 
 impl AcceptHub {
-    /// An empty hub taking its commands from `commands`. Inside the runtime.
+    /// A hub polling the epoll set `ep` (empty, or holding the listeners of the
+    /// start-up batch it is to [`HubCommand::Adopt`]), taking its commands from
+    /// `commands`. Inside the runtime.
     ///
     /// # Errors
     ///
-    /// Making the epoll set or registering it with the event loop failed.
+    /// Registering the set with the event loop failed.
     pub(crate) fn new(
+        ep: Epoll,
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<HubCommand>,
     ) -> io::Result<AcceptHub> {
-        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         // SAFETY: the Epoll owns its fd, keeps it open until dropped and always returns
         // the same raw fd, which is what registration requires.
         let set = unsafe { AsyncFd::register_with_interest(EpollSet(ep), Interest::READABLE) }
@@ -560,6 +571,26 @@ impl AcceptHub {
                     self.shared.publish(entries);
                 }
                 let _ = done.send(added);
+            }
+            HubCommand::Adopt {
+                slots,
+                entries,
+                done,
+            } => {
+                let adopted = if self.slots.is_empty() {
+                    self.free = (0..slots.len())
+                        .rev()
+                        .filter(|&i| slots[i].is_none())
+                        .map(|i| i as u32)
+                        .collect();
+                    self.slots = slots;
+                    self.shared.publish(entries);
+                    Ok(())
+                } else {
+                    // Its listeners close with `slots`, which takes them out of the set.
+                    Err(io::Error::other("the accept hub serves ports already"))
+                };
+                let _ = done.send(adopted);
             }
             HubCommand::Remove { ids, done } => {
                 for slot in 0..self.slots.len() {

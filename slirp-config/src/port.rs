@@ -198,14 +198,27 @@ impl From<Protocol> for Proto {
     }
 }
 
+impl Proto {
+    /// The name as RootlessKit and podman write it (`tcp`, `udp6`, `sctp4`, ...): what
+    /// `Display` writes, without formatting or allocating.
+    pub fn as_str(&self) -> &'static str {
+        match (self.protocol, self.family) {
+            (Protocol::Tcp, Family::Any) => "tcp",
+            (Protocol::Tcp, Family::V4) => "tcp4",
+            (Protocol::Tcp, Family::V6) => "tcp6",
+            (Protocol::Udp, Family::Any) => "udp",
+            (Protocol::Udp, Family::V4) => "udp4",
+            (Protocol::Udp, Family::V6) => "udp6",
+            (Protocol::Sctp, Family::Any) => "sctp",
+            (Protocol::Sctp, Family::V4) => "sctp4",
+            (Protocol::Sctp, Family::V6) => "sctp6",
+        }
+    }
+}
+
 impl fmt::Display for Proto {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let suffix = match self.family {
-            Family::Any => "",
-            Family::V4 => "4",
-            Family::V6 => "6",
-        };
-        write!(f, "{}{suffix}", self.protocol)
+        f.write_str(self.as_str())
     }
 }
 
@@ -558,6 +571,7 @@ mod tests {
             let p: Proto = name.parse().unwrap();
             assert_eq!(p, Proto { protocol, family }, "{name}");
             assert_eq!(p.to_string(), name);
+            assert_eq!(p.as_str(), name);
         }
         for name in ["tcp", "udp", "sctp"] {
             assert_eq!(name.parse::<Protocol>().unwrap().to_string(), name);
