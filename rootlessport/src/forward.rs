@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::epoll::Epoll;
+use tokio::runtime::Runtime;
 use slirp_config::PortMapping;
 
 use crate::config::{plan_ports, Transport};
@@ -24,7 +24,7 @@ use crate::listen::{Binder, Bound};
 use crate::reload::server::ReloadSocket;
 use crate::source_ip::{merged_ranges, SourceIp};
 use crate::state::{register, Entry, Serving, Shared, UdpPort};
-use crate::tcp::{AcceptHub, HubCommand, PortRecord};
+use crate::tcp::{AcceptHub, HubCommand, HubSet, PortRecord};
 use crate::Error;
 
 /// podman's idle timeout for UDP flows.
@@ -35,7 +35,7 @@ pub(crate) struct Forwarder {
     pub(crate) bound: Vec<Bound>,
     /// The accept hub's epoll set, holding every TCP listener of `bound` already, its
     /// position in `bound` as the event's data ([`crate::listen::bind_all`]).
-    pub(crate) hub_set: Epoll,
+    pub(crate) hub_set: HubSet,
     /// The container's network namespace, opened before we go anywhere.
     pub(crate) netns: OwnedFd,
     pub(crate) netns_path: String,
@@ -45,14 +45,15 @@ pub(crate) struct Forwarder {
     pub(crate) udp_idle: Duration,
     /// Bytes moved per splice call at most (and the pipe size asked for).
     pub(crate) pipe_size: usize,
-    /// Event-loop threads; 1 (the default) runs everything on the calling thread.
-    pub(crate) threads: usize,
     /// Keep client source addresses (see [`crate::source_ip`]).
     pub(crate) preserve_source: bool,
     /// The caller exits right after [`Forwarder::run`]: skip closing sockets one by one.
     pub(crate) exit_after: bool,
     /// podman's container ID: names the routing state this helper owns in the netns.
     pub(crate) container_id: String,
+    /// The event loop ([`build_runtime`]); last, so that it is dropped after
+    /// everything registered with it.
+    pub(crate) rt: Runtime,
 }
 
 /// Why the helper stopped serving.
@@ -78,34 +79,6 @@ impl Forwarder {
                 source: e.into(),
             },
         )?;
-        let rt = if self.threads <= 1 {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
-                .build()
-        } else {
-            // Every worker enters the container netns too (this thread proved it can).
-            let ns = self.netns.try_clone().map_err(|source| Error::Io {
-                what: "duplicating the netns fd",
-                source,
-            })?;
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(self.threads)
-                .max_blocking_threads(1)
-                .on_thread_start(move || {
-                    if nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_err()
-                    {
-                        std::process::abort();
-                    }
-                })
-                .enable_io()
-                .enable_time()
-                .build()
-        }
-        .map_err(|source| Error::Io {
-            what: "starting the event loop",
-            source,
-        })?;
         let source = if self.preserve_source {
             let kept = may_keep_addresses().and_then(|()| {
                 SourceIp::setup(
@@ -145,6 +118,7 @@ impl Forwarder {
         let keep = shared.clone();
         let self_exit = self.exit_after;
         let Forwarder {
+            rt,
             bound,
             hub_set,
             exit_fd,
@@ -152,13 +126,7 @@ impl Forwarder {
             ..
         } = self;
         let result = rt.block_on(async move {
-            let hub = AcceptHub::new(hub_set, shared.clone(), hub_rx).map_err(|source| {
-                Error::Io {
-                    what: "registering the epoll set of the TCP listeners",
-                    source,
-                }
-            })?;
-            tokio::spawn(hub.run());
+            tokio::spawn(AcceptHub::new(hub_set, shared.clone(), hub_rx).run());
             serve_ports(bound, &shared, Batch::Startup).await?;
             tokio::spawn(crate::heap_trim::trim_when_idle(
                 shared.idle.clone(),
@@ -203,6 +171,68 @@ impl Forwarder {
         }
         result
     }
+}
+
+/// The event loop: on the calling thread alone for `threads` <= 1, else a pool of
+/// `threads` workers, each entering `netns` (opened from `netns_path`) as it starts;
+/// the caller enters it before serving. Built before the listeners are bound, so that
+/// the accept hub's epoll set joins the event loop while it is empty (see [`HubSet`]).
+///
+/// # Errors
+///
+/// [`Error::Netns`] when a thread cannot enter `netns` (checked on a short-lived
+/// thread before any worker starts: a worker that could not would have to abort);
+/// [`Error::Io`] when the runtime or a duplicate of the netns fd cannot be made.
+pub(crate) fn build_runtime(
+    threads: usize,
+    netns: &OwnedFd,
+    netns_path: &str,
+) -> Result<Runtime, Error> {
+    let started = |source| Error::Io {
+        what: "starting the event loop",
+        source,
+    };
+    if threads <= 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(started);
+    }
+    let enter = |ns: &OwnedFd| {
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+            Error::Netns {
+                path: netns_path.to_owned(),
+                source: e.into(),
+            }
+        })
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| enter(netns))
+            .join()
+            .unwrap_or_else(|_| Err(Error::Io {
+                what: "trying the netns on a thread",
+                source: std::io::Error::other("the thread panicked"),
+            }))
+    })?;
+    let ns = netns.try_clone().map_err(|source| Error::Io {
+        what: "duplicating the netns fd",
+        source,
+    })?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .max_blocking_threads(1)
+        .on_thread_start(move || {
+            // Every worker enters the container netns too (a thread proved it can).
+            if nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                std::process::abort();
+            }
+        })
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(started)
 }
 
 /// A listener registered with the event loop (UDP) or about to be (TCP: in the hub).

@@ -28,11 +28,10 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::time::Duration;
 
-use nix::sys::epoll::{Epoll, EpollCreateFlags};
-
 use crate::config::{parse_child_ip, plan_ports};
-use crate::forward::{Forwarder, DEFAULT_UDP_IDLE};
+use crate::forward::{build_runtime, Forwarder, DEFAULT_UDP_IDLE};
 use crate::listen::{bind_all, check_fd_room};
+use crate::tcp::HubSet;
 use crate::reload::server::ReloadSocket;
 use crate::state::DEFAULT_PIPE_SIZE;
 use crate::{Config, Error};
@@ -112,13 +111,18 @@ impl Helper {
                 })?;
         let ports = specs.len();
         check_fd_room(ports)?;
-        // The accept hub's epoll set, made now so that each TCP listener goes into it
-        // from the thread that binds it.
-        let hub_set = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| Error::Io {
-            what: "making the epoll set of the TCP listeners",
-            source: e.into(),
-        })?;
-        let bound = bind_all(specs, Some(&hub_set))?;
+        let threads = options.threads.clamp(1, 64);
+        let rt = build_runtime(threads, &netns, &config.netns_path)?;
+        // The accept hub's epoll set, joined to the event loop while empty; each TCP
+        // listener goes into it from the thread that binds it.
+        let hub_set = {
+            let _in_rt = rt.enter();
+            HubSet::new().map_err(|source| Error::Io {
+                what: "making the epoll set of the TCP listeners",
+                source,
+            })?
+        };
+        let bound = bind_all(specs, Some(hub_set.epoll()))?;
         let tmp_dir = Path::new(&config.tmp_dir);
         let reload = if config.rootless_cni {
             // podman reloads through it: without it the helper fails, as podman's does.
@@ -138,6 +142,7 @@ impl Helper {
             }
         };
         let forwarder = Forwarder {
+            rt,
             bound,
             hub_set,
             netns,
@@ -147,7 +152,6 @@ impl Helper {
             reload,
             udp_idle: options.udp_idle,
             pipe_size: options.pipe_size,
-            threads: options.threads.clamp(1, 64),
             preserve_source: config.preserve_source_ip && options.preserve_source_ip,
             exit_after: options.exit_after_run,
             container_id: config.container_id.clone(),

@@ -25,7 +25,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::socket::SockFlag;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -456,6 +456,33 @@ impl std::os::fd::AsRawFd for EpollSet {
     }
 }
 
+/// The accept hub's epoll set, registered with the event loop while still empty: the
+/// kernel checks every entry of an epoll set added to another one (for loops), which
+/// for 10,000 listeners took a few milliseconds of the start-up. The listeners are
+/// then put in by the threads that bind them ([`crate::listen::bind_all`]).
+pub(crate) struct HubSet(AsyncFd<EpollSet>);
+
+impl HubSet {
+    /// A new, empty set. Inside the runtime (`Runtime::enter`).
+    ///
+    /// # Errors
+    ///
+    /// Making the epoll set or registering it with the event loop failed.
+    pub(crate) fn new() -> io::Result<HubSet> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        // SAFETY: the Epoll owns its fd, keeps it open until dropped and always returns
+        // the same raw fd, which is what registration requires.
+        let set = unsafe { AsyncFd::register_with_interest(EpollSet(ep), Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(HubSet(set))
+    }
+
+    /// The set itself, to add listeners to.
+    pub(crate) fn epoll(&self) -> &Epoll {
+        &self.0.get_ref().0
+    }
+}
+
 /// The one task serving every listener of the helper's TCP ports (see the module docs).
 pub(crate) struct AcceptHub {
     set: AsyncFd<EpollSet>,
@@ -484,29 +511,20 @@ enum Wake<'a> {
 }
 
 impl AcceptHub {
-    /// A hub polling the epoll set `ep` (empty, or holding the listeners of the
-    /// start-up batch it is to [`HubCommand::Adopt`]), taking its commands from
-    /// `commands`. Inside the runtime.
-    ///
-    /// # Errors
-    ///
-    /// Registering the set with the event loop failed.
+    /// A hub polling `set` (empty, or holding the listeners of the start-up batch it
+    /// is to [`HubCommand::Adopt`]), taking its commands from `commands`.
     pub(crate) fn new(
-        ep: Epoll,
+        set: HubSet,
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<HubCommand>,
-    ) -> io::Result<AcceptHub> {
-        // SAFETY: the Epoll owns its fd, keeps it open until dropped and always returns
-        // the same raw fd, which is what registration requires.
-        let set = unsafe { AsyncFd::register_with_interest(EpollSet(ep), Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(AcceptHub {
-            set,
+    ) -> AcceptHub {
+        AcceptHub {
+            set: set.0,
             slots: Vec::new(),
             free: Vec::new(),
             commands,
             shared,
-        })
+        }
     }
 
     /// Serve until every command sender is gone (the helper ends) or the task is dropped.
