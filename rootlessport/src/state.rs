@@ -237,10 +237,11 @@ impl Shared {
     pub(crate) fn publish(&self, entries: Vec<Entry>) {
         let mut published = self.published();
         if published.is_empty() {
-            // The start-up batch: exactly as many as there are, not the next power of 2.
-            published.reserve_exact(entries.len());
+            // The start-up batch becomes the list as it is: no copy of 10,000 entries.
+            *published = entries;
+        } else {
+            published.extend(entries);
         }
-        published.extend(entries);
     }
 
     /// Every published port with its counters now, in the order published.
