@@ -425,15 +425,7 @@ mod tests {
         let specs = plan_ports(&cfg.mappings).unwrap();
         let got: Vec<_> = specs
             .iter()
-            .map(|s| {
-                (
-                    s.id,
-                    s.proto(),
-                    &*s.parent_ip,
-                    s.parent_port,
-                    s.child_port,
-                )
-            })
+            .map(|s| (s.id, s.proto(), &*s.parent_ip, s.parent_port, s.child_port))
             .collect();
         assert_eq!(
             got,

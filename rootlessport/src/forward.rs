@@ -14,8 +14,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::runtime::Runtime;
 use slirp_config::PortMapping;
+use tokio::runtime::Runtime;
 
 use crate::config::{plan_ports, Transport};
 use crate::control::PortStatus;
@@ -208,13 +208,12 @@ pub(crate) fn build_runtime(
         })
     };
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| enter(netns))
-            .join()
-            .unwrap_or_else(|_| Err(Error::Io {
+        scope.spawn(|| enter(netns)).join().unwrap_or_else(|_| {
+            Err(Error::Io {
                 what: "trying the netns on a thread",
                 source: std::io::Error::other("the thread panicked"),
-            }))
+            })
+        })
     })?;
     let ns = netns.try_clone().map_err(|source| Error::Io {
         what: "duplicating the netns fd",

@@ -31,9 +31,9 @@ use std::time::Duration;
 use crate::config::{parse_child_ip, plan_ports};
 use crate::forward::{build_runtime, Forwarder, DEFAULT_UDP_IDLE};
 use crate::listen::{bind_all, check_fd_room};
-use crate::tcp::HubSet;
 use crate::reload::server::ReloadSocket;
 use crate::state::DEFAULT_PIPE_SIZE;
+use crate::tcp::HubSet;
 use crate::{Config, Error};
 
 pub use crate::error::errno_text;
@@ -85,18 +85,21 @@ pub struct Helper {
 impl Helper {
     /// Everything before serving, in podman's helper's order: the config's ports
     /// checked and expanded (see [`Config::check_ports`]), its child IP parsed, the
-    /// container's netns opened, a listener made for each port (in the caller's
-    /// netns), and the reload and control socket at `TmpDir/rp/<ContainerID>` (see
-    /// [`crate::control`]; without `RootlessCNI`, a failure to make it is a warning).
-    /// `exit_fd` is the exit pipe's read end (`ExitFD`). The config's `ExitFD` and
-    /// `ReadyFD` are not looked at: the caller took them.
+    /// container's netns opened, the event loop built ([`Options::threads`]), a
+    /// listener made for each port (in the caller's netns; the TCP ones put into the
+    /// event loop's accept set as they are made), and the reload and control socket at
+    /// `TmpDir/rp/<ContainerID>` (see [`crate::control`]; without `RootlessCNI`, a
+    /// failure to make it is a warning). `exit_fd` is the exit pipe's read end
+    /// (`ExitFD`). The config's `ExitFD` and `ReadyFD` are not looked at: the caller
+    /// took them.
     ///
     /// # Errors
     ///
     /// The first failure, with the helper's one-line text: a port or child IP error,
-    /// [`Error::Netns`], [`Error::Listen`] (a port in use: `listen tcp 0.0.0.0:8080:
-    /// bind: address already in use`), [`Error::ReloadSocket`]. Whatever was made is
-    /// closed again.
+    /// [`Error::Netns`] (also when a thread of a pool cannot enter it),
+    /// [`Error::Listen`] (a port in use: `listen tcp 0.0.0.0:8080: bind: address
+    /// already in use`), [`Error::Io`] (the event loop cannot start),
+    /// [`Error::ReloadSocket`]. Whatever was made is closed again.
     pub fn bind(config: &Config, exit_fd: OwnedFd, options: &Options) -> Result<Helper, Error> {
         let specs = plan_ports(&config.mappings)?;
         let child_ip = parse_child_ip(&config.child_ip)?;

@@ -160,7 +160,11 @@ fn grow_fd_table(more: usize) {
 
 /// Bind `specs` in order on this thread, the first being position `first` of the
 /// batch (the hub's event data); the first failure closes the ones made.
-fn bind_in_order(specs: &[PortSpec], first: usize, how: How) -> Result<Vec<socket2::Socket>, Error> {
+fn bind_in_order(
+    specs: &[PortSpec],
+    first: usize,
+    how: How,
+) -> Result<Vec<socket2::Socket>, Error> {
     let mut socks = Vec::with_capacity(specs.len());
     for (at, spec) in (first..).zip(specs) {
         let sock = bind_one(spec, spec.listen_plan()?, how.dual_stack_default)?;

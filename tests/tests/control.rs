@@ -1110,3 +1110,91 @@ fn control_added_ports_keep_the_client_address() {
         rules()
     );
 }
+
+/// TCP servers on the container's loopback that answer each connection with the port
+/// they listen on (`port N`) and close: a listener wired to another port's container
+/// port gives that port's answer.
+fn port_teller(ns: &TestNetns, port: u16) {
+    let l = ns.run(move || TcpListener::bind(("127.0.0.1", port)).unwrap());
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(format!("port {port}").as_bytes());
+        }
+    });
+}
+
+/// What the container answers on TCP through host port `host_port`, read to EOF.
+fn told(host_port: u16) -> String {
+    let mut c = connect(host_port);
+    let mut got = String::new();
+    c.read_to_string(&mut got).unwrap();
+    got
+}
+
+/// Many TCP and UDP ports, TCP listeners bound by two threads and put straight into
+/// the accept hub by them, with UDP ports between TCP ones in the start-up batch: each
+/// TCP port reaches its own container port, each UDP port its own, and TCP ports added
+/// later (taking the slots the UDP ports left free in the hub) theirs, without
+/// disturbing the ports that were there.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_mixed_tcp_and_udp_start_up_batch_on_two_threads_each_reach_their_own() {
+    require_harness();
+    // 600 listeners in batch order: 150 UDP, 300 TCP, 150 UDP; the binding threads'
+    // slices (of 300 on 2 cores) each hold UDP and TCP ports.
+    let live = Live::start(
+        "c0ntrol-mixed",
+        vec![
+            PortMapping::new("127.0.0.1", 24100, 44100, 150, "udp"),
+            PortMapping::new("127.0.0.1", 24100, 44100, 300, "tcp"),
+            PortMapping::new("127.0.0.1", 24250, 44250, 150, "udp"),
+        ],
+    );
+    let tcp_ends = [44100, 44249, 44250, 44399];
+    for container_port in tcp_ends {
+        port_teller(&live.ns, container_port);
+    }
+    for container_port in [44100, 44399] {
+        udp_echo(&live.ns, container_port);
+    }
+    assert_eq!(live.shown().len(), 600);
+    for container_port in tcp_ends {
+        assert_eq!(
+            told(container_port - 20000),
+            format!("port {container_port}")
+        );
+    }
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for host_port in [24100, 24399] {
+        assert_eq!(
+            udp_round(&u, host_port, b"dgram").as_deref(),
+            Some(&b"dgram"[..]),
+            "UDP via {host_port}"
+        );
+    }
+
+    // Added TCP ports go into free slots (those of the UDP ports): their own servers.
+    control::add(
+        &live.socket,
+        &[pm(24500, 44399, "tcp"), pm(24501, 44100, "tcp")],
+    )
+    .unwrap();
+    assert_eq!(told(24500), "port 44399");
+    assert_eq!(told(24501), "port 44100");
+    for container_port in tcp_ends {
+        assert_eq!(
+            told(container_port - 20000),
+            format!("port {container_port}")
+        );
+    }
+    control::remove(&live.socket, &[pm(24501, 44100, "tcp")], false).unwrap();
+    assert!(refuses(24501));
+    assert_eq!(told(24100), "port 44100");
+    assert_eq!(told(24500), "port 44399");
+    assert_eq!(
+        udp_round(&u, 24100, b"still").as_deref(),
+        Some(&b"still"[..])
+    );
+    assert_eq!(live.shown().len(), 601);
+    live.stop();
+}

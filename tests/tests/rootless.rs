@@ -373,3 +373,57 @@ fn rootless_engine_example_publishes_reloads_and_leaves_nothing() {
         "left in the tmp dir"
     );
 }
+
+/// podman's helper run without the user namespace that owns the container's netns
+/// (outside `podman unshare`): it cannot enter it. One clear error before ready, with
+/// one event-loop thread and with a pool of two (whose workers would each have to
+/// abort if they found out only when starting), and nothing left: no port listens,
+/// no file stays in TmpDir.
+#[test]
+#[ignore = "itest: runs as an unprivileged user (cargo xtask itest)"]
+fn rootless_helper_outside_the_user_namespace_fails_before_ready() {
+    use std::os::unix::fs::PermissionsExt;
+    require_rootless();
+    let engine = EngineNamespaces::start(80, 53);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    for threads in [1, 2] {
+        let wrapper = tmp.path().join(format!("rootlessport-{threads}"));
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nROOTLESSPORT_THREADS={threads} exec {} \"$@\"\n",
+                rootlessport_bin().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = rootlessport::Config::new(
+            "rootless-outside",
+            engine.ns("net"),
+            "",
+            run.display().to_string(),
+        )
+        .with_mappings(vec![mapping(28691, 80, "tcp")]);
+        let (exit_r, _exit_w) = cloexec_pipe();
+        let err = rootlessport::launcher::Launcher::new(&wrapper)
+            .start(&config, exit_r)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "rootlessport cannot enter NetNSPath \"{}\": operation not permitted",
+                engine.ns("net")
+            ),
+            "{threads} thread(s)"
+        );
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", 28691)).is_err(),
+            "port 28691 listens after the failed start ({threads} thread(s))"
+        );
+        assert_eq!(entries(&run), [] as [String; 0], "{threads} thread(s)");
+    }
+}
