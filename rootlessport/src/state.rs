@@ -264,20 +264,36 @@ impl Shared {
     /// now (same host address, host port, container port and protocol), else the error
     /// names the first that is not.
     pub(crate) fn find_published(&self, specs: &[PortSpec]) -> Result<Vec<u32>, String> {
-        let published = self.published();
-        let mut found: Vec<u32> = Vec::with_capacity(specs.len());
-        for spec in specs {
-            // Two specs may name one port (`127.0.0.1` and `::ffff:127.0.0.1`): the
-            // second finds it taken, so it is not removed twice over.
-            let at = published.iter().find(|e| {
-                e.port.host_ip == spec.parent_addr
-                    && e.port.host_port == spec.parent_port
-                    && e.port.container_port == spec.child_port
-                    && e.port.protocol == spec.protocol
-                    && !found.contains(&e.id)
-            });
-            match at {
-                Some(e) => found.push(e.id),
+        use std::collections::HashMap;
+        // One pass over each list, not one over the published list per spec: removing
+        // thousands of ports out of thousands stays linear. Two specs may name one port
+        // (`127.0.0.1` and `::ffff:127.0.0.1`): the Nth spec of a port takes the Nth
+        // entry published for it, so no entry is removed twice over.
+        let mut waiting: HashMap<_, std::collections::VecDeque<usize>> =
+            HashMap::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            waiting
+                .entry((
+                    spec.parent_addr,
+                    spec.parent_port,
+                    spec.child_port,
+                    spec.protocol,
+                ))
+                .or_default()
+                .push_back(i);
+        }
+        let mut found: Vec<Option<u32>> = vec![None; specs.len()];
+        for e in self.published().iter() {
+            let p = &e.port;
+            let k = (p.host_ip, p.host_port, p.container_port, p.protocol);
+            if let Some(i) = waiting.get_mut(&k).and_then(|w| w.pop_front()) {
+                found[i] = Some(e.id);
+            }
+        }
+        let mut ids = Vec::with_capacity(specs.len());
+        for (spec, id) in specs.iter().zip(found) {
+            match id {
+                Some(id) => ids.push(id),
                 None => {
                     return Err(format!(
                         "not published: {} {} -> {}",
@@ -288,8 +304,8 @@ impl Shared {
                 }
             }
         }
-        found.sort_unstable();
-        Ok(found)
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Take the ports `ids` (sorted) off the list, in the order published.
@@ -343,4 +359,97 @@ pub(crate) fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, AsyncFdRegisterE
     // SAFETY: an OwnedFd owns its fd, keeps it open until dropped and always returns the
     // same raw fd, which is what registration requires.
     unsafe { AsyncFd::register(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slirp_config::PortMapping;
+
+    fn shared_with(ports: &[(u16, u16, &str)]) -> Shared {
+        let shared = Shared::new(None, Duration::from_secs(90), None, 64);
+        let specs = crate::config::plan_ports(
+            &ports
+                .iter()
+                .map(|&(host, container, proto)| {
+                    PortMapping::new("127.0.0.1", host, container, 1, proto)
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let first = shared.new_ids(specs.len());
+        let entries = (first..)
+            .zip(specs)
+            .map(|(id, spec)| Entry {
+                port: Published {
+                    host_ip: spec.parent_addr,
+                    host_port: spec.parent_port,
+                    container_port: spec.child_port,
+                    protocol: spec.protocol,
+                    published_at: 0,
+                },
+                id,
+                serving: Serving::Tcp(None),
+            })
+            .collect();
+        shared.publish(entries);
+        shared
+    }
+
+    fn find(shared: &Shared, mappings: &[(&str, u16, u16, &str)]) -> Result<Vec<u32>, String> {
+        let mappings: Vec<_> = mappings
+            .iter()
+            .map(|&(ip, host, container, proto)| PortMapping::new(ip, host, container, 1, proto))
+            .collect();
+        shared.find_published(&crate::config::plan_ports(&mappings).unwrap())
+    }
+
+    /// `remove`'s lookup: every spec must be a published port, all or none; the ids
+    /// come back sorted whatever the batch's order; one port named twice (two texts of
+    /// one address) is found once, and the second naming is what is not published.
+    #[test]
+    fn find_published_all_or_none_each_port_once() {
+        let shared = shared_with(&[(8080, 80, "tcp"), (8081, 81, "tcp"), (8082, 82, "udp")]);
+        assert_eq!(
+            find(
+                &shared,
+                &[
+                    ("127.0.0.1", 8082, 82, "udp"),
+                    ("127.0.0.1", 8080, 80, "tcp")
+                ]
+            ),
+            Ok(vec![0, 2])
+        );
+        assert_eq!(
+            find(&shared, &[("127.0.0.1", 8081, 81, "udp")]),
+            Err("not published: udp 127.0.0.1:8081 -> 81".to_owned())
+        );
+        assert_eq!(
+            find(
+                &shared,
+                &[
+                    ("127.0.0.1", 8081, 81, "tcp"),
+                    ("127.0.0.1", 8080, 80, "tcp"),
+                    ("::ffff:127.0.0.1", 8080, 80, "tcp"),
+                    ("127.0.0.1", 8090, 80, "tcp"),
+                ]
+            ),
+            Err("not published: tcp [::ffff:127.0.0.1]:8080 -> 80".to_owned())
+        );
+        // Thousands out of thousands, in reverse: each found, once.
+        let many: Vec<_> = (0..3000u16)
+            .map(|i| (20000 + i, 30000 + i, "tcp"))
+            .collect();
+        let shared = shared_with(&many);
+        let batch: Vec<_> = many
+            .iter()
+            .rev()
+            .step_by(2)
+            .map(|&(h, c, p)| ("127.0.0.1", h, c, p))
+            .collect();
+        let ids = find(&shared, &batch).unwrap();
+        assert_eq!(ids.len(), 1500);
+        assert_eq!((ids[0], ids[1499]), (1, 2999));
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 2));
+    }
 }
