@@ -48,10 +48,13 @@ awk 'FNR==1 { delete name } /^c?fn=\(/ { id=$1; sub(/^c?fn=/,"",id); if (NF>1) n
                   if ($1 ~ /^fn=/) { cur=name[id]; seen[cur]=1 }; next }
      /^calls=/ { skip=1; next }
      /^[+-]?[0-9]+ [0-9]+/ { if (!skip) cost[cur]+=$2; skip=0 }
-     END { for (n in seen) if (n !~ /^(0x|\()/) print cost[n]+0, n }' $D/cg $D/cg2 | sort -k1,1nr -k2 | cut -d' ' -f2 > $D/ran
+     END { for (n in seen) if (n !~ /^(0x|\()/) print cost[n]+0, n }' $D/cg $D/cg2 | sort -k1,1nr -k2 | cut -d' ' -f2 |
+    sed "s/'[0-9]*\$//" | awk '!seen[$0]++' > $D/ran   # callgrind names recursion levels fn'2
 nm --defined-only "$BIN" | awk '$2 ~ /^[tTwWiI]$/ {print $3}' | sort -u > $D/syms
 V='_(sse2|ssse3|sse4_1|sse4_2|sse42|avx|avx2|evex|evex512|avx512|erms|rtm|unaligned|generic|movbe)(_|$)'
-grep -E "^__[a-z0-9]+$V" $D/ran | sed -E 's/^__([a-z0-9]+)_.*/\1/' | sort -u > $D/fams
+# (a family whose ifunc resolver ran counts too: valgrind may run another copy of the function)
+{ grep -E "^__[a-z0-9]+$V" $D/ran | sed -E 's/^__([a-z0-9]+)_.*/\1/'; sed -n 's/^\([a-z0-9]*\)_ifunc$/\1/p' $D/ran; } |
+    sort -u > $D/fams
 # callgrind calls the C start-up "(below main)": named here.
 printf '%s\n' _start __libc_start_main __libc_start_call_main >> $D/ran
 { cat $D/ran; grep -E "^__[a-z0-9_]+$V" $D/syms | grep -E "^__($(paste -sd'|' $D/fams))_" | grep -vxFf $D/ran || true; } \

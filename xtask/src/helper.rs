@@ -87,7 +87,8 @@ pub fn release_helper() -> Result<PathBuf, String> {
                 .status()
                 .map_err(|e| format!("cannot run cargo: {e}"))
         };
-        let mut status = match ordering_args(&triple, &workspace_root().join(ORDER_FILE)) {
+        let ordered = ordering_args(&triple, &workspace_root().join(ORDER_FILE));
+        let mut status = match ordered.clone() {
             Some(order) => match helper(order)? {
                 s if s.success() => s,
                 _ => {
@@ -109,6 +110,9 @@ pub fn release_helper() -> Result<PathBuf, String> {
             .join(&triple)
             .join("release/rootlessport");
         if status.success() && bin.exists() {
+            if ordered.is_some() {
+                warn_if_order_is_stale(&bin);
+            }
             return Ok(bin);
         }
         eprintln!("xtask: static build of rootlessport failed; using the dynamic one");
@@ -121,6 +125,46 @@ pub fn release_helper() -> Result<PathBuf, String> {
         return Err("building the release rootlessport failed".into());
     }
     Ok(workspace_root().join("target/release/rootlessport"))
+}
+
+/// The names of `order` (one a line) that `defined` (the helper's symbols) lacks.
+fn stale_names<'a>(order: &'a str, defined: &std::collections::HashSet<&str>) -> Vec<&'a str> {
+    order
+        .lines()
+        .filter(|l| !l.is_empty() && !defined.contains(l))
+        .collect()
+}
+
+/// Say when [`ORDER_FILE`] names functions the helper no longer has: code changes
+/// rename closures and generic instances (the hash in their mangled names), those
+/// functions then land among the cold code, and the idle helper keeps a 64 KB window of
+/// text resident for each (measured: 668 -> 1,112 KB of resident text after a day of
+/// changes, docs/performance-analysis.md section 10). Needs binutils' `nm`; says
+/// nothing without it.
+fn warn_if_order_is_stale(bin: &Path) {
+    let Ok(order) = std::fs::read_to_string(workspace_root().join(ORDER_FILE)) else {
+        return;
+    };
+    let Ok(out) = Command::new("nm").arg("--defined-only").arg(bin).output() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let defined: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.split(' ').nth(2)).collect();
+    if !out.status.success() || defined.is_empty() {
+        return;
+    }
+    let stale = stale_names(&order, &defined);
+    if !stale.is_empty() {
+        eprintln!(
+            "xtask: {} of the {} functions named in {ORDER_FILE} are no longer in the helper \
+             (e.g. {}): its idle text grows; regenerate the order with \
+             `xtask/symbol-order.sh` (root, valgrind, iperf3)",
+            stale.len(),
+            order.lines().filter(|l| !l.is_empty()).count(),
+            stale[0]
+        );
+    }
 }
 
 /// The `rootlessport-ctl` that [`release_helper`] built beside `helper`.
@@ -141,6 +185,18 @@ mod tests {
                 &workspace_root().join("xtask/no-such.symbol-order")
             ),
             None
+        );
+    }
+
+    #[test]
+    fn stale_names_are_those_the_helper_lacks() {
+        let defined = ["_start", "malloc", "_ZN3foo3bar17h0123456789abcdefE"]
+            .into_iter()
+            .collect();
+        let order = "_start\n_ZN3foo3bar17hfedcba9876543210E\n\nmalloc\ngone\n";
+        assert_eq!(
+            stale_names(order, &defined),
+            ["_ZN3foo3bar17hfedcba9876543210E", "gone"]
         );
     }
 
