@@ -8,8 +8,11 @@
 //! [`PortRecord`] in the hub plus its 56-byte entry in the published list
 //! ([`crate::state::Entry`]); its counters and close signal ([`TcpPortState`]) are
 //! allocated at its first connection, so 10,000 idle published ports cost about 0.8 MB
-//! of heap, not a task, two registrations and a counter block each. Control `add` and
-//! `remove` reach the hub through [`HubCommand`]s; a removal deletes the listener from
+//! of heap, not a task, two registrations and a counter block each. The config's
+//! listeners are put into the set by the threads that bind them, as each starts to
+//! listen ([`crate::listen::bind_all`]), and the hub adopts them in one step
+//! ([`HubCommand::Adopt`]). Control `add` and `remove` reach the hub through
+//! [`HubCommand`]s; a removal deletes the listener from
 //! the set and closes it before the reply, and frees its slot for the next port added.
 //! Each accepted connection (`accept4`, non-blocking and close-on-exec in one call)
 //! is a task of its own, spawned onto the runtime's pool when it has several threads.
