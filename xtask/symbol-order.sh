@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${CARGO_TARGET_DIR:-target}; TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
-RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" cargo build -q --release \
+# The same flags as xtask/src/helper.rs's `helper_rustflags` (the workspace path remapped, so
+# that ThinLTO's `.llvm.N` suffixes in the names listed do not depend on the checkout's path).
+CARGO_ENCODED_RUSTFLAGS=$(printf '%s\x1f' -C target-feature=+crt-static -C relocation-model=static "--remap-path-prefix=$PWD=." | sed 's/\x1f$//') cargo build -q --release \
     -p rootlessport --bin rootlessport --target "$TRIPLE"
 cargo build -q -p xtask
 BIN=$T/$TRIPLE/release/rootlessport X=$T/debug/xtask NS=symorder-$$ D=$(mktemp -d)
