@@ -71,6 +71,7 @@
 //! | `add`: a port cannot be listened on (another process has it, or this helper publishes it already) | `listen tcp 0.0.0.0:8080: bind: address already in use` (the OS error as Go words it) |
 //! | `add`: an address of the wrong family for the protocol | `listen tcp4 [::1]:8080: not an IPv4 address` |
 //! | `remove`: a port that is not published now | `not published: tcp 0.0.0.0:8080 -> 80` (protocol, host address and port, container port) |
+//! | `remove`: one published port named twice in other words (`127.0.0.1` and `::ffff:127.0.0.1`) | `conflict with ID N` (N: the first naming's place in the batch) |
 //!
 //! A request that fails changes nothing: the first error in the order above (each
 //! mapping, each protocol of its list, each port of its range) is the reply, and no

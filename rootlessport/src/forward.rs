@@ -180,9 +180,10 @@ impl Forwarder {
 ///
 /// # Errors
 ///
-/// [`Error::Netns`] when a thread cannot enter `netns` (checked on a short-lived
-/// thread before any worker starts: a worker that could not would have to abort);
-/// [`Error::Io`] when the runtime or a duplicate of the netns fd cannot be made.
+/// [`Error::Netns`] when a thread cannot enter `netns`, [`Error::Io`] (`starting the
+/// event loop`) when `threads` threads cannot be started (both checked first, see
+/// [`try_pool_threads`]), or when the runtime or a duplicate of the netns fd cannot be
+/// made.
 pub(crate) fn build_runtime(
     threads: usize,
     netns: &OwnedFd,
@@ -199,22 +200,7 @@ pub(crate) fn build_runtime(
             .build()
             .map_err(started);
     }
-    let enter = |ns: &OwnedFd| {
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-            Error::Netns {
-                path: netns_path.to_owned(),
-                source: e.into(),
-            }
-        })
-    };
-    std::thread::scope(|scope| {
-        scope.spawn(|| enter(netns)).join().unwrap_or_else(|_| {
-            Err(Error::Io {
-                what: "trying the netns on a thread",
-                source: std::io::Error::other("the thread panicked"),
-            })
-        })
-    })?;
+    try_pool_threads(threads, netns, netns_path)?;
     let ns = netns.try_clone().map_err(|source| Error::Io {
         what: "duplicating the netns fd",
         source,
@@ -232,6 +218,61 @@ pub(crate) fn build_runtime(
         .enable_time()
         .build()
         .map_err(started)
+}
+
+/// Prove, before tokio starts a pool of `threads` workers, that this many threads can
+/// run at once and that each can enter `netns`: `threads` short-lived threads, all alive
+/// together, each entering the netns. A worker that could not enter it would have to
+/// abort the process; and tokio panics when it cannot start a worker, then waits
+/// forever for the ones it started while unwinding (tokio 1.x's `BlockingPool` drop), so
+/// the helper would hang before ready and podman with it. Here both are one error line.
+/// (Another process of the user could still take the last thread slots between this
+/// check and the pool's start.)
+fn try_pool_threads(threads: usize, netns: &OwnedFd, netns_path: &str) -> Result<(), Error> {
+    let spawn_failed = |source| Error::Io {
+        what: "starting the event loop",
+        source,
+    };
+    // Held while the probes start: each waits on it once it has entered the netns, so
+    // all of them are alive at once until every spawn was tried.
+    let gate = std::sync::RwLock::new(());
+    let held = gate
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    std::thread::scope(|scope| {
+        let mut probes = Vec::with_capacity(threads);
+        let mut failed = None;
+        for _ in 0..threads {
+            let probe = std::thread::Builder::new()
+                .name("rootlessport-probe".to_owned())
+                .stack_size(64 * 1024)
+                .spawn_scoped(scope, || {
+                    let entered =
+                        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
+                    drop(gate.read());
+                    entered
+                });
+            match probe {
+                Ok(p) => probes.push(p),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(held);
+        let mut outcome = failed.map_or(Ok(()), |e| Err(spawn_failed(e)));
+        for p in probes {
+            let entered = p.join().unwrap_or(Err(nix::errno::Errno::EINVAL));
+            if let (Ok(()), Err(e)) = (&outcome, entered) {
+                outcome = Err(Error::Netns {
+                    path: netns_path.to_owned(),
+                    source: e.into(),
+                });
+            }
+        }
+        outcome
+    })
 }
 
 /// A listener registered with the event loop (UDP) or about to be (TCP: in the hub).

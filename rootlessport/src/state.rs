@@ -269,19 +269,26 @@ impl Shared {
         // thousands of ports out of thousands stays linear. Two specs may name one port
         // (`127.0.0.1` and `::ffff:127.0.0.1`): the Nth spec of a port takes the Nth
         // entry published for it, so no entry is removed twice over.
+        let key = |spec: &PortSpec| {
+            (
+                spec.parent_addr,
+                spec.parent_port,
+                spec.child_port,
+                spec.protocol,
+            )
+        };
         let mut waiting: HashMap<_, std::collections::VecDeque<usize>> =
             HashMap::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            waiting
-                .entry((
-                    spec.parent_addr,
-                    spec.parent_port,
-                    spec.child_port,
-                    spec.protocol,
-                ))
-                .or_default()
-                .push_back(i);
+            waiting.entry(key(spec)).or_default().push_back(i);
         }
+        // The first spec of each port: a later one that finds no entry left names the
+        // same port again (`127.0.0.1` and `::ffff:127.0.0.1`), as `plan_ports` refuses
+        // two identical ones.
+        let first_of: HashMap<_, u32> = waiting
+            .iter()
+            .filter_map(|(k, w)| Some((*k, specs[*w.front()?].id)))
+            .collect();
         let mut found: Vec<Option<u32>> = vec![None; specs.len()];
         for e in self.published().iter() {
             let p = &e.port;
@@ -294,14 +301,19 @@ impl Shared {
         for (spec, id) in specs.iter().zip(found) {
             match id {
                 Some(id) => ids.push(id),
-                None => {
-                    return Err(format!(
-                        "not published: {} {} -> {}",
-                        spec.proto(),
-                        display_addr(&spec.parent_ip, spec.parent_port),
-                        spec.child_port
-                    ))
-                }
+                None => match first_of.get(&key(spec)) {
+                    Some(&first) if first != spec.id => {
+                        return Err(format!("conflict with ID {first}"))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "not published: {} {} -> {}",
+                            spec.proto(),
+                            display_addr(&spec.parent_ip, spec.parent_port),
+                            spec.child_port
+                        ))
+                    }
+                },
             }
         }
         ids.sort_unstable();
@@ -406,7 +418,7 @@ mod tests {
 
     /// `remove`'s lookup: every spec must be a published port, all or none; the ids
     /// come back sorted whatever the batch's order; one port named twice (two texts of
-    /// one address) is found once, and the second naming is what is not published.
+    /// one address) is a conflict with its first naming, as two identical specs are.
     #[test]
     fn find_published_all_or_none_each_port_once() {
         let shared = shared_with(&[(8080, 80, "tcp"), (8081, 81, "tcp"), (8082, 82, "udp")]);
@@ -434,7 +446,17 @@ mod tests {
                     ("127.0.0.1", 8090, 80, "tcp"),
                 ]
             ),
-            Err("not published: tcp [::ffff:127.0.0.1]:8080 -> 80".to_owned())
+            Err("conflict with ID 2".to_owned())
+        );
+        assert_eq!(
+            find(
+                &shared,
+                &[
+                    ("::ffff:127.0.0.1", 8082, 82, "udp"),
+                    ("127.0.0.1", 8082, 82, "udp"),
+                ]
+            ),
+            Err("conflict with ID 1".to_owned())
         );
         // Thousands out of thousands, in reverse: each found, once.
         let many: Vec<_> = (0..3000u16)

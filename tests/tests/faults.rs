@@ -356,3 +356,116 @@ fn listening(port: u16) -> bool {
     assert!(out.status.success(), "ss failed");
     !out.stdout.is_empty()
 }
+
+/// A pool of event-loop threads (`ROOTLESSPORT_THREADS=2`) when no thread can be
+/// started (here `clone` and `clone3` fail, as at a thread limit): one error line on
+/// stdout and exit 1 before ready, not a panic or a helper that never answers (tokio
+/// panics when it cannot start a worker, then waits forever for the ones it started).
+/// Nothing stays bound.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn no_threads_for_the_event_loop_pool_is_one_error_line() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::process::CommandExt;
+    require_harness();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config::new(
+        "faults-threads",
+        ns.path().display().to_string(),
+        "127.0.0.1",
+        tmp.path().display().to_string(),
+    )
+    .with_mappings(vec![pm(28694, 80)]);
+    let mut cfg = cfg;
+    (cfg.exit_fd, cfg.ready_fd) = (3, 4);
+    // No thread can be made in the helper: clone and clone3 fail (ENOSYS).
+    let rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        [libc::SYS_clone, libc::SYS_clone3]
+            .into_iter()
+            .map(|s| (s, vec![]))
+            .collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .unwrap();
+    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+    // The pipes' ends go to fds 3 (ExitFD) and 4 (ReadyFD): first moved above both.
+    let high = |fd: OwnedFd| {
+        let moved = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap();
+        // SAFETY: F_DUPFD_CLOEXEC just returned this fd, owned by nothing else.
+        unsafe { OwnedFd::from_raw_fd(moved) }
+    };
+    let (exit_r, exit_w) = cloexec_pipe();
+    let (ready_r, ready_w) = cloexec_pipe();
+    let (exit_r, ready_w) = (high(exit_r), high(ready_w));
+    let (er, rw) = (exit_r.as_raw_fd(), ready_w.as_raw_fd());
+    let mut cmd = Command::new(rootlessport_bin());
+    cmd.env("ROOTLESSPORT_THREADS", "2")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: between fork and exec this only calls dup2 and the seccomp syscalls
+    // (the filter was compiled before the fork), all async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(er, 3) < 0 || libc::dup2(rw, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            seccompiler::apply_filter(&program).map_err(std::io::Error::other)
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop((exit_r, ready_w));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&cfg).unwrap())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the helper neither became ready nor exited within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "stdout {out:?}, stderr {err:?}");
+    assert!(
+        out.starts_with("starting the event loop: ")
+            && out.ends_with('\n')
+            && out.lines().count() == 1,
+        "stdout {out:?}"
+    );
+    assert!(!err.contains("panicked"), "stderr {err:?}");
+    let mut ready = Vec::new();
+    std::fs::File::from(ready_r)
+        .read_to_end(&mut ready)
+        .unwrap();
+    assert_eq!(ready, b"", "ReadyFD was written");
+    assert!(!listening(28694), "port 28694 left bound");
+    drop(exit_w);
+}
