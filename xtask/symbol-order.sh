@@ -9,9 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${CARGO_TARGET_DIR:-target}; TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
-# The same flags as xtask/src/helper.rs's `helper_rustflags` (the workspace path remapped, so
-# that ThinLTO's `.llvm.N` suffixes in the names listed do not depend on the checkout's path).
-CARGO_ENCODED_RUSTFLAGS=$(printf '%s\x1f' -C target-feature=+crt-static -C relocation-model=static "--remap-path-prefix=$PWD=." | sed 's/\x1f$//') cargo build -q --release \
+# Built exactly as xtask/src/helper.rs's `release_helper` builds it (`cargo rustc`, the flags
+# of `helper_rustflags`: the workspace path remapped): ThinLTO's `.llvm.N` suffixes in the
+# names listed differ between `cargo build` and `cargo rustc`, and with the checkout's path.
+# (The link arguments `release_helper` adds after `--` do not change them: measured.)
+CARGO_ENCODED_RUSTFLAGS=$(printf '%s\x1f' -C target-feature=+crt-static -C relocation-model=static "--remap-path-prefix=$PWD=." | sed 's/\x1f$//') cargo rustc -q --release \
     -p rootlessport --bin rootlessport --target "$TRIPLE"
 cargo build -q -p xtask
 BIN=$T/$TRIPLE/release/rootlessport X=$T/debug/xtask NS=symorder-$$ D=$(mktemp -d)
