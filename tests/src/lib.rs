@@ -554,6 +554,13 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
 /// forks: the paths older kernels take (no `close_range` before 5.9, no `pidfd_open`
 /// before 5.3), on this one.
 pub fn deny_syscalls(syscalls: &[i64]) {
+    seccompiler::apply_filter(&deny_filter(syscalls)).expect("seccomp filter");
+}
+
+/// The seccomp program [`deny_syscalls`] applies (every syscall of `syscalls` fails with
+/// ENOSYS, everything else is allowed), compiled, for a child's `pre_exec` to apply
+/// between fork and exec without allocating.
+pub fn deny_filter(syscalls: &[i64]) -> seccompiler::BpfProgram {
     let rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         syscalls.iter().map(|&s| (s, vec![])).collect();
     let arch = std::env::consts::ARCH
@@ -566,8 +573,7 @@ pub fn deny_syscalls(syscalls: &[i64]) {
         arch,
     )
     .expect("seccomp filter");
-    let program: seccompiler::BpfProgram = filter.try_into().expect("seccomp filter");
-    seccompiler::apply_filter(&program).expect("seccomp filter");
+    filter.try_into().expect("seccomp filter")
 }
 
 /// `launcher` (a command that runs its arguments in some namespaces: `nsenter --net=..

@@ -381,19 +381,7 @@ fn no_threads_for_the_event_loop_pool_is_one_error_line() {
     let mut cfg = cfg;
     (cfg.exit_fd, cfg.ready_fd) = (3, 4);
     // No thread can be made in the helper: clone and clone3 fail (ENOSYS).
-    let rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        [libc::SYS_clone, libc::SYS_clone3]
-            .into_iter()
-            .map(|s| (s, vec![]))
-            .collect();
-    let filter = seccompiler::SeccompFilter::new(
-        rules,
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
-        std::env::consts::ARCH.try_into().unwrap(),
-    )
-    .unwrap();
-    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+    let program = tests::deny_filter(&[libc::SYS_clone, libc::SYS_clone3]);
     // The pipes' ends go to fds 3 (ExitFD) and 4 (ReadyFD): first moved above both.
     let high = |fd: OwnedFd| {
         let moved = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10)).unwrap();
