@@ -329,6 +329,9 @@ pub(crate) fn parse_child_ip(s: &str) -> Result<Option<IpAddr>, Error> {
         .ok_or_else(|| Error::InvalidChildIp(s.to_owned()))
 }
 
+/// The host IP text of a mapping without one, as RootlessKit writes and compares it.
+const NO_HOST_IP: &str = "0.0.0.0";
+
 /// Expand and validate the mappings into port specs, in podman's order (each mapping,
 /// each protocol of its comma list, each port of its range: [`slirp_config::forwards`]),
 /// with RootlessKit's checks and texts. Everything is checked before anything listens.
@@ -355,10 +358,8 @@ pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Erro
             Protocol::Sctp => return Err(Error::UnsupportedProto(f.proto.to_string())),
         };
         // RootlessKit compares host IPs as text, "" made 0.0.0.0.
-        let host_ip = match f.mapping.host_ip.as_str() {
-            "" => "0.0.0.0",
-            ip => ip,
-        };
+        let given = f.mapping.host_ip.as_str();
+        let host_ip = if given.is_empty() { NO_HOST_IP } else { given };
         // No host IP: the wildcard of the family listened on (`::` for tcp6/udp6).
         let wildcard = match f.proto.family {
             Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
@@ -370,9 +371,10 @@ pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Erro
             Entry::Occupied(first) => return Err(Error::Conflict(*first.get())),
             Entry::Vacant(slot) => slot.insert(id),
         };
-        let parent_ip = match f.mapping.host_ip.as_str() {
-            "" => Cow::Borrowed("0.0.0.0"),
-            ip => Cow::Owned(ip.to_owned()),
+        let parent_ip = if given.is_empty() {
+            Cow::Borrowed(NO_HOST_IP)
+        } else {
+            Cow::Owned(given.to_owned())
         };
         specs.push(PortSpec {
             id,

@@ -20,7 +20,7 @@ use tokio::runtime::Runtime;
 use crate::config::{plan_ports, Transport};
 use crate::control::PortStatus;
 use crate::counters::{PortCounters, Published};
-use crate::listen::{Binder, Bound};
+use crate::listen::{nofile_limit, Binder, Bound};
 use crate::reload::server::ReloadSocket;
 use crate::source_ip::{merged_ranges, SourceIp};
 use crate::state::{register, Entry, Serving, Shared, UdpPort};
@@ -568,10 +568,4 @@ fn may_keep_addresses() -> Result<(), String> {
             Ok(())
         }
     }
-}
-
-/// The soft limit on open files now; `u64::MAX` when unlimited or unknown.
-fn nofile_limit() -> u64 {
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(u64::MAX, |(soft, _)| soft)
 }

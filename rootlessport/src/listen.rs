@@ -95,6 +95,12 @@ fn dual_stack_is_default() -> bool {
     std::fs::read("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim_ascii() == b"0")
 }
 
+/// The soft limit on open files now; `u64::MAX` when unlimited or unknown.
+pub(crate) fn nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft)
+}
+
 /// Files kept free beyond the listeners: the event loop's own (epoll, eventfd, signal
 /// pipe), the accept hub's epoll set, the control socket, a netlink socket, and a few
 /// connections (two sockets and a pipe pair each).
@@ -108,10 +114,7 @@ const FD_RESERVE: usize = 32;
 /// the first `EMFILE` (the running helper's own files and live connections are open
 /// by then, and the reserve would count twice).
 pub(crate) fn check_fd_room(ports: usize) -> Result<(), Error> {
-    use nix::sys::resource::{getrlimit, Resource};
-    let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return Ok(());
-    };
+    let limit = nofile_limit();
     // Counting the entries of a directory (less the one read_dir holds) needs no
     // parser; `procfs` would add its code to every helper for this one count.
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
@@ -146,13 +149,11 @@ pub(crate) fn check_fd_room(ports: usize) -> Result<(), Error> {
 /// effort: a limit too low for the ports shows up as the bind error it always was.
 fn grow_fd_table(more: usize) {
     use nix::fcntl::{fcntl, FcntlArg};
-    use nix::sys::resource::{getrlimit, Resource};
     use std::os::fd::{FromRawFd, OwnedFd};
     let Ok(probe) = std::fs::File::open("/dev/null") else {
         return;
     };
-    let below_limit =
-        getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft.saturating_sub(1));
+    let below_limit = nofile_limit().saturating_sub(1);
     let want = u64::try_from(more.saturating_add(64)).unwrap_or(u64::MAX);
     let Ok(top) = i32::try_from(want.min(below_limit)) else {
         return;

@@ -266,9 +266,11 @@ impl Shared {
     pub(crate) fn find_published(&self, specs: &[PortSpec]) -> Result<Vec<u32>, String> {
         use std::collections::HashMap;
         // One pass over each list, not one over the published list per spec: removing
-        // thousands of ports out of thousands stays linear. Two specs may name one port
-        // (`127.0.0.1` and `::ffff:127.0.0.1`): the Nth spec of a port takes the Nth
-        // entry published for it, so no entry is removed twice over.
+        // thousands of ports out of thousands stays linear. A port is published once
+        // (a second listener on its address could not be bound), so each port is
+        // looked for by the first spec that names it; a later spec naming it again
+        // (`127.0.0.1` and `::ffff:127.0.0.1`) is a conflict, as `plan_ports` makes two
+        // identical ones.
         let key = |spec: &PortSpec| {
             (
                 spec.parent_addr,
@@ -277,33 +279,25 @@ impl Shared {
                 spec.protocol,
             )
         };
-        let mut waiting: HashMap<_, std::collections::VecDeque<usize>> =
-            HashMap::with_capacity(specs.len());
+        let mut first_of: HashMap<_, usize> = HashMap::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            waiting.entry(key(spec)).or_default().push_back(i);
+            first_of.entry(key(spec)).or_insert(i);
         }
-        // The first spec of each port: a later one that finds no entry left names the
-        // same port again (`127.0.0.1` and `::ffff:127.0.0.1`), as `plan_ports` refuses
-        // two identical ones.
-        let first_of: HashMap<_, u32> = waiting
-            .iter()
-            .filter_map(|(k, w)| Some((*k, specs[*w.front()?].id)))
-            .collect();
         let mut found: Vec<Option<u32>> = vec![None; specs.len()];
         for e in self.published().iter() {
             let p = &e.port;
             let k = (p.host_ip, p.host_port, p.container_port, p.protocol);
-            if let Some(i) = waiting.get_mut(&k).and_then(|w| w.pop_front()) {
+            if let Some(&i) = first_of.get(&k) {
                 found[i] = Some(e.id);
             }
         }
         let mut ids = Vec::with_capacity(specs.len());
-        for (spec, id) in specs.iter().zip(found) {
+        for (i, (spec, id)) in specs.iter().zip(found).enumerate() {
             match id {
                 Some(id) => ids.push(id),
                 None => match first_of.get(&key(spec)) {
-                    Some(&first) if first != spec.id => {
-                        return Err(format!("conflict with ID {first}"))
+                    Some(&first) if first != i => {
+                        return Err(format!("conflict with ID {}", specs[first].id))
                     }
                     _ => {
                         return Err(format!(

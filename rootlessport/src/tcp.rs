@@ -627,10 +627,6 @@ impl AcceptHub {
     /// Put every record's listener in the set, each in a free slot or a new one; on an
     /// error the ones put in are taken out and closed again.
     fn add(&mut self, records: Vec<PortRecord>) -> io::Result<()> {
-        if self.slots.is_empty() {
-            // The start-up batch: exactly as many slots as ports.
-            self.slots.reserve_exact(records.len());
-        }
         let mut placed = Vec::with_capacity(records.len());
         for rec in records {
             let slot = self.free.pop().map_or(self.slots.len(), |s| s as usize);

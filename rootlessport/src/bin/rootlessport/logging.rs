@@ -67,24 +67,17 @@ pub(super) fn init(wanted: Option<&str>) {
 /// (`target[span]=level`), which this helper never took into account (it has no spans).
 pub(super) fn directives(value: &str) -> Result<Option<Targets>, String> {
     fn level(word: &str) -> Option<LevelFilter> {
-        const LEVELS: [LevelFilter; 6] = [
-            LevelFilter::OFF,
-            LevelFilter::ERROR,
-            LevelFilter::WARN,
-            LevelFilter::INFO,
-            LevelFilter::DEBUG,
-            LevelFilter::TRACE,
-        ];
-        const NAMES: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
         if word.eq_ignore_ascii_case("warning") {
             return Some(LevelFilter::WARN);
         }
-        let numeric = ["0", "1", "2", "3", "4", "5"]
-            .iter()
-            .position(|n| *n == word);
-        numeric
-            .or_else(|| NAMES.iter().position(|l| l.eq_ignore_ascii_case(word)))
-            .map(|i| LEVELS[i])
+        // `LevelFilter`'s own parser: the level names in any case and `0` (`off`) to
+        // `5` (`trace`). Not what it also takes: `""` (as `error`) and longer numbers
+        // (`05`, `+5`).
+        let not_a_long_number =
+            word.len() == 1 || !word.starts_with(|c: char| c.is_ascii_digit() || c == '+');
+        (!word.is_empty() && not_a_long_number)
+            .then(|| word.parse().ok())
+            .flatten()
     }
     const LEVEL_WORDS: &str = "off, error, warn, info, debug, trace";
     let mut targets = Targets::new();
@@ -287,6 +280,10 @@ mod tests {
         assert!(directives("info,degub").is_err());
         assert!(directives("rootlessport").is_err());
         assert!(directives("6").is_err());
+        // What `LevelFilter` would parse but is not a level word here.
+        for v in ["05", "+5", "rootlessport="] {
+            assert!(directives(v).is_err(), "{v}");
+        }
     }
 
     #[test]
