@@ -371,14 +371,13 @@ fn no_threads_for_the_event_loop_pool_is_one_error_line() {
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = Config::new(
+    let mut cfg = Config::new(
         "faults-threads",
         ns.path().display().to_string(),
         "127.0.0.1",
         tmp.path().display().to_string(),
     )
     .with_mappings(vec![pm(28694, 80)]);
-    let mut cfg = cfg;
     (cfg.exit_fd, cfg.ready_fd) = (3, 4);
     // No thread can be made in the helper: clone and clone3 fail (ENOSYS).
     let program = tests::deny_filter(&[libc::SYS_clone, libc::SYS_clone3]);

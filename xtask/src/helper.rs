@@ -47,40 +47,49 @@ fn build() -> Command {
     c
 }
 
-/// The link arguments that order the helper's text, if the static link for `triple`
-/// accepts them: lld knows `--symbol-ordering-file`, GNU ld refuses it. Probed by
-/// linking an empty program with the same flags. The list is passed as a copy named by
-/// its content (under `target/symbol-order/`): cargo relinks when an argument changes,
-/// not when a file named in one does.
-fn ordering_args(triple: &str, order: &Path) -> Option<Vec<String>> {
+/// The link arguments that order the helper's text by `order` (the text of
+/// [`ORDER_FILE`], `None` without one), if the static link for `triple` accepts them:
+/// lld knows `--symbol-ordering-file`, GNU ld refuses it. Probed once by linking an
+/// empty program with the same flags; the success is remembered under
+/// `target/symbol-order/` (a linker that later refuses them after all is caught by
+/// [`release_helper`]'s relink without them). The list is passed as a copy named by
+/// its content (there too): cargo relinks when an argument changes, not when a file
+/// named in one does.
+fn ordering_args(triple: &str, order: Option<&str>) -> Option<Vec<String>> {
     use std::hash::{Hash, Hasher};
-    let text = std::fs::read(order).ok()?;
+    let text = order?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    let copy = workspace_root()
-        .join("target/symbol-order")
-        .join(format!("rootlessport-{:016x}.order", h.finish()));
+    text.as_bytes().hash(&mut h);
+    let dir = workspace_root().join("target/symbol-order");
+    let copy = dir.join(format!("rootlessport-{:016x}.order", h.finish()));
     if !copy.is_file() {
-        std::fs::create_dir_all(copy.parent()?).ok()?;
-        std::fs::write(&copy, &text).ok()?;
+        std::fs::create_dir_all(&dir).ok()?;
+        std::fs::write(&copy, text).ok()?;
     }
     let args = vec![
         format!("-Clink-arg=-Wl,--symbol-ordering-file={}", copy.display()),
         "-Clink-arg=-Wl,--no-warn-symbol-ordering".to_string(),
     ];
-    let dir = std::env::temp_dir().join(format!("xtask-ld-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).ok()?;
-    let src = dir.join("probe.rs");
+    let accepted = dir.join(format!("linker-takes-symbol-order-{triple}"));
+    if accepted.is_file() {
+        return Some(args);
+    }
+    let probe = std::env::temp_dir().join(format!("xtask-ld-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&probe).ok()?;
+    let src = probe.join("probe.rs");
     let linked = std::fs::write(&src, "fn main() {}\n").is_ok()
         && Command::new("rustc")
             .args(["--target", triple, "-o"])
-            .arg(dir.join("probe"))
+            .arg(probe.join("probe"))
             .args(STATIC_FLAGS.split(' '))
             .args(&args)
             .arg(&src)
             .output()
             .is_ok_and(|o| o.status.success());
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&probe);
+    if linked {
+        let _ = std::fs::write(&accepted, "");
+    }
     linked.then_some(args)
 }
 
@@ -102,7 +111,8 @@ pub fn release_helper() -> Result<PathBuf, String> {
                 .status()
                 .map_err(|e| format!("cannot run cargo: {e}"))
         };
-        let ordered = ordering_args(&triple, &workspace_root().join(ORDER_FILE));
+        let order = std::fs::read_to_string(workspace_root().join(ORDER_FILE)).ok();
+        let ordered = ordering_args(&triple, order.as_deref());
         let mut status = match ordered.clone() {
             Some(order) => match helper(order)? {
                 s if s.success() => s,
@@ -125,8 +135,8 @@ pub fn release_helper() -> Result<PathBuf, String> {
             .join(&triple)
             .join("release/rootlessport");
         if status.success() && bin.exists() {
-            if ordered.is_some() {
-                warn_if_order_is_stale(&bin);
+            if let (Some(order), Some(_)) = (&order, &ordered) {
+                warn_if_order_is_stale(&bin, order);
             }
             return Ok(bin);
         }
@@ -156,10 +166,7 @@ fn stale_names<'a>(order: &'a str, defined: &std::collections::HashSet<&str>) ->
 /// text resident for each (measured: 668 -> 1,112 KB of resident text after a day of
 /// changes, docs/performance-analysis.md section 10). Needs binutils' `nm`; says
 /// nothing without it.
-fn warn_if_order_is_stale(bin: &Path) {
-    let Ok(order) = std::fs::read_to_string(workspace_root().join(ORDER_FILE)) else {
-        return;
-    };
+fn warn_if_order_is_stale(bin: &Path, order: &str) {
     let Ok(out) = Command::new("nm").arg("--defined-only").arg(bin).output() else {
         return;
     };
@@ -169,7 +176,7 @@ fn warn_if_order_is_stale(bin: &Path) {
     if !out.status.success() || defined.is_empty() {
         return;
     }
-    let stale = stale_names(&order, &defined);
+    let stale = stale_names(order, &defined);
     if !stale.is_empty() {
         eprintln!(
             "xtask: {} of the {} functions named in {ORDER_FILE} are no longer in the helper \
@@ -197,7 +204,9 @@ mod tests {
         assert_eq!(
             ordering_args(
                 &triple,
-                &workspace_root().join("xtask/no-such.symbol-order")
+                std::fs::read_to_string(workspace_root().join("xtask/no-such.symbol-order"))
+                    .ok()
+                    .as_deref()
             ),
             None
         );
