@@ -14,6 +14,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use slirp_config::PortMapping;
 use tokio::runtime::Runtime;
 
@@ -71,6 +73,11 @@ impl Forwarder {
     /// are being served, and return when ExitFD reads EOF (or on SIGTERM/SIGINT). The
     /// listeners are closed on return.
     pub(crate) fn run(self, ready: impl FnOnce() -> Result<(), Error>) -> Result<Stopped, Error> {
+        // SIGTERM and SIGINT are taken from a signalfd (`stop_signal`), so they must be
+        // blocked in every thread: from here on this thread, and so in the threads it
+        // starts (the binder's, tokio's blocking ones); the pool's workers block them
+        // as they start. The caller's mask comes back when this returns.
+        let _mask = BlockedStopSignals::block()?;
         // Started here, so that it stays in the engine's netns for good.
         let binder = Binder::spawn()?;
         nix::sched::setns(self.netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
@@ -140,8 +147,7 @@ impl Forwarder {
                 }
                 None => None,
             };
-            let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
-            let mut int = signal(tokio::signal::unix::SignalKind::interrupt())?;
+            let stop = stop_signal()?;
             let exit = wait_eof(exit_fd);
             ready()?;
             // The start-up heap (config, plans, bound sockets' list) is free by now, and
@@ -149,8 +155,7 @@ impl Forwarder {
             crate::heap_trim::give_back_freed_heap();
             let stopped = tokio::select! {
                 _ = exit => Stopped::ExitFd,
-                _ = term.recv() => Stopped::Signal,
-                _ = int.recv() => Stopped::Signal,
+                _ = stop => Stopped::Signal,
             };
             // The serving task holds the socket too: remove the file explicitly.
             if let Some(r) = reload_guard {
@@ -172,6 +177,14 @@ impl Forwarder {
         result
     }
 }
+
+/// Readiness events taken from the kernel per turn of the event loop (tokio's default
+/// is 1,024). The buffer for them lives as long as the helper (12 bytes an event), and
+/// tokio's run queue, which never shrinks, grows to hold the tasks that one turn wakes:
+/// 1,024 events (a thousand connections released at once) left it at 1,024 entries
+/// for good (docs/performance-analysis.md section 12). A burst of more events than
+/// this takes more turns, each one `epoll_wait` call.
+const EVENTS_PER_TICK: usize = 128;
 
 /// The event loop: on the calling thread alone for `threads` <= 1, else a pool of
 /// `threads` workers, each entering `netns` (opened from `netns_path`) as it starts;
@@ -195,6 +208,7 @@ pub(crate) fn build_runtime(
     };
     if threads <= 1 {
         return tokio::runtime::Builder::new_current_thread()
+            .max_io_events_per_tick(EVENTS_PER_TICK)
             .enable_io()
             .enable_time()
             .build()
@@ -209,11 +223,14 @@ pub(crate) fn build_runtime(
         .worker_threads(threads)
         .max_blocking_threads(1)
         .on_thread_start(move || {
+            // SIGTERM and SIGINT go to the signalfd of `stop_signal`, never to a worker.
+            let _ = stop_signals().thread_block();
             // Every worker enters the container netns too (a thread proved it can).
             if nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
                 std::process::abort();
             }
         })
+        .max_io_events_per_tick(EVENTS_PER_TICK)
         .enable_io()
         .enable_time()
         .build()
@@ -498,10 +515,77 @@ impl crate::control::Ports for Arc<Shared> {
     }
 }
 
-fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, Error> {
-    tokio::signal::unix::signal(kind).map_err(|source| Error::Io {
+/// SIGTERM and SIGINT: the signals that stop the helper.
+fn stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
+}
+
+/// SIGTERM and SIGINT blocked on this thread while it lives; the thread's previous mask
+/// is put back on drop (a signal that came meanwhile is then delivered as before).
+///
+/// A signalfd instead of tokio's signal handling, which keeps a 22 KB table (a watch
+/// channel for each of the 33 signal numbers) and a socket pair for the helper's life
+/// (docs/performance-analysis.md section 12).
+struct BlockedStopSignals(SigSet);
+
+impl BlockedStopSignals {
+    /// # Errors
+    ///
+    /// [`Error::Io`] (`blocking SIGTERM and SIGINT`) if the mask cannot be changed.
+    fn block() -> Result<Self, Error> {
+        stop_signals()
+            .thread_swap_mask(SigmaskHow::SIG_BLOCK)
+            .map(Self)
+            .map_err(|e| Error::Io {
+                what: "blocking SIGTERM and SIGINT",
+                source: e.into(),
+            })
+    }
+}
+
+impl Drop for BlockedStopSignals {
+    fn drop(&mut self) {
+        let _ = self.0.thread_set_mask();
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives (both blocked, see [`BlockedStopSignals`]),
+/// read from a signalfd registered with the event loop. A signal sent before this was
+/// made, while it was already blocked, is pending and is read at once.
+///
+/// # Errors
+///
+/// [`Error::Io`] (`installing signal handlers`) when the signalfd cannot be made or
+/// registered.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Error> {
+    let installing = |source| Error::Io {
         what: "installing signal handlers",
         source,
+    };
+    let fd = SignalFd::with_flags(
+        &stop_signals(),
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )
+    .map_err(|e| installing(e.into()))?;
+    let afd = register(OwnedFd::from(fd)).map_err(|e| installing(e.into()))?;
+    Ok(async move {
+        // One signalfd_siginfo.
+        let mut info = [0u8; 128];
+        loop {
+            let Ok(mut guard) = afd.readable().await else {
+                // The event loop cannot watch it: stop on the exit pipe alone.
+                return std::future::pending().await;
+            };
+            match nix::unistd::read(afd.get_ref().as_fd(), &mut info) {
+                Ok(n) if n > 0 => return,
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Ok(_) | Err(_) => return std::future::pending().await,
+            }
+        }
     })
 }
 

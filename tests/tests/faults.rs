@@ -280,6 +280,83 @@ fn signals_at_any_time() {
     server.wait().unwrap();
 }
 
+/// SIGTERM and SIGINT end a helper whose event loop is a pool of threads
+/// (`ROOTLESSPORT_THREADS=4`) as cleanly as a single-threaded one: exit 0 under live
+/// connections, which close, the reload socket removed, the port free. The helper reads
+/// them from a signalfd, so every thread must block them: a worker that did not would
+/// take the default action for the whole process (killed by the signal, socket left).
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn stop_signals_end_a_pool_of_event_loop_threads_cleanly() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::ExitStatusExt;
+    require_harness();
+    let ns = TestNetns::new();
+    ns.sh("ip link set lo up");
+    let mut server = echo_process(&ns, 80);
+    let bin = tempfile::tempdir().unwrap();
+    let pool = bin.path().join("rootlessport");
+    std::fs::write(
+        &pool,
+        format!(
+            "#!/bin/sh\nROOTLESSPORT_THREADS=4 exec {} \"$@\"\n",
+            rootlessport_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&pool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (port, signal) in [(28696u16, libc::SIGTERM), (28697, libc::SIGINT)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = Config::new(
+            "faults-pool",
+            ns.path().display().to_string(),
+            "127.0.0.1",
+            tmp.path().display().to_string(),
+        )
+        .with_mappings(vec![pm(port, 80)])
+        .with_rootless_cni(true);
+        let (r, w) = cloexec_pipe();
+        let mut h = Launcher::new(&pool).start(&cfg, r).unwrap();
+        wait_port(port);
+        let pid = h.pid();
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count();
+        assert!(threads >= 4, "{threads} threads: the pool did not start");
+        let mut live: Vec<TcpStream> = (0..8).map(|_| connect(port)).collect();
+        for c in &mut live {
+            echo(c, b"before the signal").unwrap();
+        }
+        // SAFETY: signalling a child we own.
+        unsafe { libc::kill(pid as i32, signal) };
+        let status = h
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap_or_else(|| panic!("signal {signal} did not end the helper"));
+        assert!(
+            status.success(),
+            "signal {signal}: {status} (killed by {:?})",
+            status.signal()
+        );
+        assert!(!process_exists(pid), "zombie left");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+        assert!(
+            eventually(5, || !listening(port)),
+            "port {port} still bound"
+        );
+        for c in &mut live {
+            let mut b = [0u8; 1];
+            assert!(
+                matches!(c.read(&mut b), Ok(0) | Err(_)),
+                "a connection outlived the helper"
+            );
+        }
+        drop(w);
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn reload_under_a_thousand_live_connections() {

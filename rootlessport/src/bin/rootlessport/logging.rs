@@ -4,21 +4,18 @@
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::File;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rootlessport::helper::errno_text;
 
-use tracing::{Event, Level, Subscriber};
+use tracing::{span, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::fmt::FormatFields;
 
 /// The level when `ROOTLESSPORT_LOG` is unset, empty or invalid.
 const DEFAULT_LEVEL: LevelFilter = LevelFilter::WARN;
@@ -34,16 +31,10 @@ pub(super) fn init(wanted: Option<&str>) {
         Some(Ok(Some(targets))) => (targets, None),
         Some(Err(reason)) => (default(), Some(reason)),
     };
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .event_format(Format)
-        // The builder's own filter (INFO unless told) would hide debug and trace
-        // lines before `filter` sees them.
-        .with_max_level(LevelFilter::TRACE)
-        .finish()
-        .with(filter)
-        .try_init();
+    let _ = tracing::subscriber::set_global_default(Stderr::new(
+        filter,
+        std::io::stderr().is_terminal(),
+    ));
     if let Some(e) = invalid {
         tracing::warn!(
             "ROOTLESSPORT_LOG={:?} is not a valid filter ({e}); using \"{DEFAULT_LEVEL}\"",
@@ -191,21 +182,38 @@ fn stderr_is_kept() -> bool {
         })
 }
 
-/// `rootlessport: warning: message key=value`, the module before the message of
-/// debug and trace lines, and a timestamp and pid first in `ROOTLESSPORT_LOG_FILE`.
-struct Format;
+/// The helper's subscriber: lines filtered by a [`Targets`], formatted as
+/// `rootlessport: warning: message key=value` (the module before the message of debug
+/// and trace lines, a timestamp and pid first in `ROOTLESSPORT_LOG_FILE`), one
+/// `write` to stderr each.
+///
+/// Not `tracing_subscriber::fmt()`: that one is built on the span `Registry`, whose
+/// slab allocates and zeroes 32 KB (4,096 shard pointers) when it is made, resident for
+/// the helper's life (docs/performance-analysis.md section 12). The helper records no
+/// spans, so it needs no span store.
+struct Stderr {
+    filter: Targets,
+    /// The most verbose level `filter` lets through, for `tracing`'s fast check.
+    max: LevelFilter,
+    /// Colour the level word (stderr was a terminal at start).
+    ansi: bool,
+}
 
-impl<S, N> FormatEvent<S, N> for Format
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut w: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+impl Stderr {
+    fn new(filter: Targets, ansi: bool) -> Self {
+        let max = filter
+            .iter()
+            .map(|(_, level)| level)
+            .chain(filter.default_level())
+            .max()
+            .unwrap_or(LevelFilter::OFF);
+        Self { filter, max, ansi }
+    }
+
+    /// One log line for `event`, with its newline.
+    fn line(&self, event: &Event<'_>) -> Result<String, fmt::Error> {
+        let mut line = String::new();
+        let mut w = Writer::new(&mut line);
         let meta = event.metadata();
         if STAMPED.load(Ordering::Relaxed) {
             SystemTime.format_time(&mut w)?;
@@ -220,7 +228,7 @@ where
             Level::DEBUG => ("debug", "34"),
             Level::TRACE => ("trace", "35"),
         };
-        if w.has_ansi_escapes() {
+        if self.ansi {
             write!(w, "\x1b[{colour}m{word}\x1b[0m: ")?;
         } else {
             write!(w, "{word}: ")?;
@@ -232,9 +240,40 @@ where
             let short = target.strip_prefix("rootlessport::").unwrap_or(target);
             write!(w, "{short}: ")?;
         }
-        ctx.format_fields(w.by_ref(), event)?;
-        writeln!(w)
+        DefaultFields::new().format_fields(w.by_ref(), event)?;
+        writeln!(w)?;
+        Ok(line)
     }
+}
+
+impl Subscriber for Stderr {
+    fn enabled(&self, meta: &Metadata<'_>) -> bool {
+        self.filter.would_enable(meta.target(), meta.level())
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.max)
+    }
+
+    fn event(&self, event: &Event<'_>) {
+        if let Ok(line) = self.line(event) {
+            // Nothing to do about a log that cannot be written.
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }
+    }
+
+    // No spans: the helper records none, and a span from a library is not kept.
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+
+    fn enter(&self, _: &span::Id) {}
+
+    fn exit(&self, _: &span::Id) {}
 }
 
 #[cfg(test)]
