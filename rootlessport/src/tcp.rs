@@ -257,13 +257,17 @@ impl Turn {
 /// `count` is told the bytes each splice (or copy) delivered to `dst`.
 async fn pump(src: &TcpStream, dst: &TcpStream, chunk: usize, count: impl Fn(usize)) -> PumpEnd {
     let mut turn = Turn::default();
+    // The fallback's buffer, made the first time it is needed. On the heap: in the
+    // future, or built on the stack to be moved there, it would make every
+    // connection's poll frame 16 KB deeper (the helper's stack stays that deep).
+    let mut buf: Option<Box<[u8]>> = None;
     loop {
         if src.readable().await.is_err() {
             return PumpEnd::ReadFailed;
         }
         let Some(pipe) = Pipe::take(chunk) else {
-            // Boxed: its buffer must not sit in every connection's future.
-            match Box::pin(copy_once(src, dst, &mut turn)).await {
+            let buf = buf.get_or_insert_with(|| vec![0u8; COPY_BUF].into_boxed_slice());
+            match copy_once(src, dst, buf, &mut turn).await {
                 Ok(0) => return PumpEnd::Eof,
                 Ok(n) => {
                     count(n);
@@ -312,12 +316,19 @@ async fn pump(src: &TcpStream, dst: &TcpStream, chunk: usize, count: impl Fn(usi
     }
 }
 
-/// The fallback when no pipe can be had (fd limit): one read and write through a
-/// small buffer. The bytes moved, 0 on EOF.
-async fn copy_once(src: &TcpStream, dst: &TcpStream, turn: &mut Turn) -> Result<usize, PumpEnd> {
-    let mut buf = [0u8; 16 * 1024];
+/// The fallback's buffer (bytes).
+const COPY_BUF: usize = 16 * 1024;
+
+/// The fallback when no pipe can be had (fd limit): one read and write through `buf`.
+/// The bytes moved, 0 on EOF.
+async fn copy_once(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut [u8],
+    turn: &mut Turn,
+) -> Result<usize, PumpEnd> {
     let n = loop {
-        match src.try_read(&mut buf) {
+        match src.try_read(buf) {
             Ok(n) => break n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 turn.parked();
@@ -770,6 +781,49 @@ mod tests {
         // the hub's slot and the list entry; nothing else until a first connection.
         assert_eq!(std::mem::size_of::<Option<PortRecord>>(), 24);
         assert_eq!(std::mem::size_of::<Entry>(), 56);
+    }
+
+    #[test]
+    fn the_copy_fallback_moves_what_it_reads_then_sees_eof() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Two connected pairs on loopback: client -> src, dst -> server.
+            let pair = || async {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let far = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (near, _) = l.accept().unwrap();
+                near.set_nonblocking(true).unwrap();
+                (far, TcpStream::from_std(near).unwrap())
+            };
+            let (mut client, src) = pair().await;
+            let (mut server, dst) = pair().await;
+            let mut buf = vec![0u8; COPY_BUF];
+            let mut turn = Turn::default();
+            // More than one buffer's worth: each call moves at most COPY_BUF bytes.
+            let sent: Vec<u8> = (0..COPY_BUF * 2 + 100).map(|i| (i % 251) as u8).collect();
+            client.write_all(&sent).unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut moved = 0;
+            loop {
+                match copy_once(&src, &dst, &mut buf, &mut turn).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        assert!(n <= COPY_BUF);
+                        moved += n;
+                    }
+                    Err(_) => panic!("the copy failed after {moved} bytes"),
+                }
+            }
+            assert_eq!(moved, sent.len());
+            drop(dst);
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).unwrap();
+            assert_eq!(got, sent);
+        });
     }
 
     #[test]
