@@ -14,9 +14,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 use slirp_config::PortMapping;
+use tokio::io::unix::AsyncFd;
 use tokio::runtime::Runtime;
 
 use crate::config::{plan_ports, Transport};
@@ -73,11 +72,6 @@ impl Forwarder {
     /// are being served, and return when ExitFD reads EOF (or on SIGTERM/SIGINT). The
     /// listeners are closed on return.
     pub(crate) fn run(self, ready: impl FnOnce() -> Result<(), Error>) -> Result<Stopped, Error> {
-        // SIGTERM and SIGINT are taken from a signalfd (`stop_signal`), so they must be
-        // blocked in every thread: from here on this thread, and so in the threads it
-        // starts (the binder's, tokio's blocking ones); the pool's workers block them
-        // as they start. The caller's mask comes back when this returns.
-        let _mask = BlockedStopSignals::block()?;
         // Started here, so that it stays in the engine's netns for good.
         let binder = Binder::spawn()?;
         nix::sched::setns(self.netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
@@ -147,7 +141,7 @@ impl Forwarder {
                 }
                 None => None,
             };
-            let stop = stop_signal()?;
+            let stop = StopSignals::catch()?;
             let exit = wait_eof(exit_fd);
             ready()?;
             // The start-up heap (config, plans, bound sockets' list) is free by now, and
@@ -155,7 +149,7 @@ impl Forwarder {
             crate::heap_trim::give_back_freed_heap();
             let stopped = tokio::select! {
                 _ = exit => Stopped::ExitFd,
-                _ = stop => Stopped::Signal,
+                () = stop.arrived() => Stopped::Signal,
             };
             // The serving task holds the socket too: remove the file explicitly.
             if let Some(r) = reload_guard {
@@ -223,8 +217,6 @@ pub(crate) fn build_runtime(
         .worker_threads(threads)
         .max_blocking_threads(1)
         .on_thread_start(move || {
-            // SIGTERM and SIGINT go to the signalfd of `stop_signal`, never to a worker.
-            let _ = stop_signals().thread_block();
             // Every worker enters the container netns too (a thread proved it can).
             if nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
                 std::process::abort();
@@ -515,78 +507,72 @@ impl crate::control::Ports for Arc<Shared> {
     }
 }
 
-/// SIGTERM and SIGINT: the signals that stop the helper.
-fn stop_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set
+/// SIGTERM and SIGINT, caught while the helper serves: a handler (signal-hook's) sends a
+/// byte on a socket pair whose other end the event loop watches. The handler runs in
+/// whichever thread the kernel picks, so a signal sent to one thread (`tgkill`) counts
+/// too, and no thread's signal mask changes. The handlers are unregistered on drop;
+/// signal-hook leaves its handler installed, so a later SIGTERM or SIGINT is ignored
+/// (as tokio's handlers left them).
+///
+/// Not tokio's signal handling: it keeps a 22 KB table (a watch channel for each of the
+/// 33 signal numbers) for the process's life (docs/performance-analysis.md section 12).
+struct StopSignals {
+    ids: Vec<signal_hook::SigId>,
+    woken: AsyncFd<OwnedFd>,
 }
 
-/// SIGTERM and SIGINT blocked on this thread while it lives; the thread's previous mask
-/// is put back on drop (a signal that came meanwhile is then delivered as before).
-///
-/// A signalfd instead of tokio's signal handling, which keeps a 22 KB table (a watch
-/// channel for each of the 33 signal numbers) and a socket pair for the helper's life
-/// (docs/performance-analysis.md section 12).
-struct BlockedStopSignals(SigSet);
-
-impl BlockedStopSignals {
+impl StopSignals {
+    /// Install the handlers. Needs the event loop's context.
+    ///
     /// # Errors
     ///
-    /// [`Error::Io`] (`blocking SIGTERM and SIGINT`) if the mask cannot be changed.
-    fn block() -> Result<Self, Error> {
-        stop_signals()
-            .thread_swap_mask(SigmaskHow::SIG_BLOCK)
-            .map(Self)
-            .map_err(|e| Error::Io {
-                what: "blocking SIGTERM and SIGINT",
-                source: e.into(),
-            })
+    /// [`Error::Io`] (`installing signal handlers`) when the socket pair cannot be made
+    /// or registered, or a handler cannot be installed.
+    fn catch() -> Result<Self, Error> {
+        let installing = |source| Error::Io {
+            what: "installing signal handlers",
+            source,
+        };
+        let (read, write) = std::os::unix::net::UnixStream::pair().map_err(installing)?;
+        read.set_nonblocking(true).map_err(installing)?;
+        let woken = register(OwnedFd::from(read)).map_err(|e| installing(e.into()))?;
+        let mut caught = StopSignals {
+            ids: Vec::with_capacity(2),
+            woken,
+        };
+        for signal in [libc::SIGTERM, libc::SIGINT] {
+            // Each handler owns its copy of the write end (closed when unregistered).
+            let write = write.try_clone().map_err(installing)?;
+            let id = signal_hook::low_level::pipe::register(signal, write).map_err(installing)?;
+            caught.ids.push(id);
+        }
+        Ok(caught)
     }
-}
 
-impl Drop for BlockedStopSignals {
-    fn drop(&mut self) {
-        let _ = self.0.thread_set_mask();
-    }
-}
-
-/// Resolves when SIGTERM or SIGINT arrives (both blocked, see [`BlockedStopSignals`]),
-/// read from a signalfd registered with the event loop. A signal sent before this was
-/// made, while it was already blocked, is pending and is read at once.
-///
-/// # Errors
-///
-/// [`Error::Io`] (`installing signal handlers`) when the signalfd cannot be made or
-/// registered.
-fn stop_signal() -> Result<impl std::future::Future<Output = ()>, Error> {
-    let installing = |source| Error::Io {
-        what: "installing signal handlers",
-        source,
-    };
-    let fd = SignalFd::with_flags(
-        &stop_signals(),
-        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
-    )
-    .map_err(|e| installing(e.into()))?;
-    let afd = register(OwnedFd::from(fd)).map_err(|e| installing(e.into()))?;
-    Ok(async move {
-        // One signalfd_siginfo.
-        let mut info = [0u8; 128];
+    /// Resolves once SIGTERM or SIGINT has arrived since [`StopSignals::catch`].
+    async fn arrived(&self) {
+        let mut byte = [0u8; 16];
         loop {
-            let Ok(mut guard) = afd.readable().await else {
+            let Ok(mut guard) = self.woken.readable().await else {
                 // The event loop cannot watch it: stop on the exit pipe alone.
                 return std::future::pending().await;
             };
-            match nix::unistd::read(afd.get_ref().as_fd(), &mut info) {
+            match nix::unistd::read(self.woken.get_ref().as_fd(), &mut byte) {
                 Ok(n) if n > 0 => return,
                 Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
                 Err(nix::errno::Errno::EINTR) => {}
                 Ok(_) | Err(_) => return std::future::pending().await,
             }
         }
-    })
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
 }
 
 /// Wait until `fd` (a pipe's read end) reads EOF; data is read and ignored.

@@ -178,6 +178,12 @@ impl Helper {
     /// line when they cannot be); the state put into the netns for that is removed
     /// before this returns.
     ///
+    /// SIGTERM and SIGINT are caught for the whole process from just before `ready`
+    /// (`signal-hook`'s handlers, whichever thread the kernel gives them to; no signal
+    /// mask changes) until this returns. The handler stays installed afterwards, so a
+    /// later SIGTERM or SIGINT is ignored: this is meant for a process of its own, as the
+    /// `rootlessport` binary is.
+    ///
     /// # Errors
     ///
     /// [`Error::Netns`] when the netns cannot be entered, [`Error::Io`] when the event

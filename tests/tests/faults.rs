@@ -280,14 +280,22 @@ fn signals_at_any_time() {
     server.wait().unwrap();
 }
 
-/// SIGTERM and SIGINT end a helper whose event loop is a pool of threads
-/// (`ROOTLESSPORT_THREADS=4`) as cleanly as a single-threaded one: exit 0 under live
-/// connections, which close, the reload socket removed, the port free. The helper reads
-/// them from a signalfd, so every thread must block them: a worker that did not would
-/// take the default action for the whole process (killed by the signal, socket left).
+/// How a test sends a stop signal.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// To the process, twice at once: SIGTERM, then SIGINT while it stops.
+    TermThenInt,
+    /// To one thread that is not the main one (`tgkill`).
+    ToAnotherThread(i32),
+}
+
+/// SIGTERM and SIGINT end the helper cleanly however they are sent: to the process (a
+/// second one while it stops changes nothing), or to any one of its threads (`tgkill`:
+/// a pool worker, or the binder thread of a single-threaded helper). Each time: exit 0
+/// under live connections, which close, the reload socket removed, the port free.
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
-fn stop_signals_end_a_pool_of_event_loop_threads_cleanly() {
+fn stop_signals_end_the_helper_cleanly_whichever_thread_gets_them() {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::ExitStatusExt;
     require_harness();
@@ -305,40 +313,66 @@ fn stop_signals_end_a_pool_of_event_loop_threads_cleanly() {
     )
     .unwrap();
     std::fs::set_permissions(&pool, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for (port, signal) in [(28696u16, libc::SIGTERM), (28697, libc::SIGINT)] {
+    let cases = [
+        (28696u16, 4, Sent::TermThenInt),
+        (28697, 4, Sent::ToAnotherThread(libc::SIGINT)),
+        (28698, 1, Sent::ToAnotherThread(libc::SIGTERM)),
+    ];
+    for (port, threads, sent) in cases {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = Config::new(
-            "faults-pool",
+            "faults-stop",
             ns.path().display().to_string(),
             "127.0.0.1",
             tmp.path().display().to_string(),
         )
         .with_mappings(vec![pm(port, 80)])
         .with_rootless_cni(true);
+        let launcher = if threads > 1 {
+            Launcher::new(&pool)
+        } else {
+            Launcher::new(rootlessport_bin())
+        };
         let (r, w) = cloexec_pipe();
-        let mut h = Launcher::new(&pool).start(&cfg, r).unwrap();
+        let mut h = launcher.start(&cfg, r).unwrap();
         wait_port(port);
-        let pid = h.pid();
-        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        let pid = h.pid() as i32;
+        let tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
-            .count();
-        assert!(threads >= 4, "{threads} threads: the pool did not start");
+            .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+            .collect();
+        assert!(
+            tids.len() > threads,
+            "{threads} event-loop threads: {tids:?}"
+        );
         let mut live: Vec<TcpStream> = (0..8).map(|_| connect(port)).collect();
         for c in &mut live {
             echo(c, b"before the signal").unwrap();
         }
-        // SAFETY: signalling a child we own.
-        unsafe { libc::kill(pid as i32, signal) };
+        match sent {
+            Sent::TermThenInt => {
+                // SAFETY: signalling a child we own.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGINT) };
+            }
+            Sent::ToAnotherThread(signal) => {
+                let tid = *tids.iter().find(|&&t| t != pid).unwrap();
+                // SAFETY: tgkill to a thread of a child we own, with a valid signal.
+                let sent = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) };
+                assert_eq!(sent, 0, "tgkill");
+            }
+        }
         let status = h
             .wait_timeout(Duration::from_secs(10))
             .unwrap()
-            .unwrap_or_else(|| panic!("signal {signal} did not end the helper"));
+            .unwrap_or_else(|| panic!("{sent:?} ({threads} threads) did not end the helper"));
         assert!(
             status.success(),
-            "signal {signal}: {status} (killed by {:?})",
+            "{sent:?} ({threads} threads): {status} (killed by {:?})",
             status.signal()
         );
-        assert!(!process_exists(pid), "zombie left");
+        assert!(!process_exists(pid as u32), "zombie left");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
         assert!(
             eventually(5, || !listening(port)),
