@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use slirp_config::PortMapping;
-use tokio::io::unix::AsyncFd;
 use tokio::runtime::Runtime;
 
 use crate::config::{plan_ports, Transport};
@@ -52,6 +51,8 @@ pub(crate) struct Forwarder {
     pub(crate) exit_after: bool,
     /// podman's container ID: names the routing state this helper owns in the netns.
     pub(crate) container_id: String,
+    /// SIGTERM and SIGINT, caught since [`crate::helper::Helper::bind`] began.
+    pub(crate) stop: StopSignals,
     /// The event loop ([`build_runtime`]); last, so that it is dropped after
     /// everything registered with it.
     pub(crate) rt: Runtime,
@@ -124,9 +125,12 @@ impl Forwarder {
             hub_set,
             exit_fd,
             reload,
+            mut stop,
             ..
         } = self;
         let result = rt.block_on(async move {
+            // First: a signal that came while starting is seen as soon as ready.
+            let stop = stop.arrived()?;
             tokio::spawn(AcceptHub::new(hub_set, shared.clone(), hub_rx).run());
             serve_ports(bound, &shared, Batch::Startup).await?;
             tokio::spawn(crate::heap_trim::trim_when_idle(
@@ -141,7 +145,6 @@ impl Forwarder {
                 }
                 None => None,
             };
-            let stop = StopSignals::catch()?;
             let exit = wait_eof(exit_fd);
             ready()?;
             // The start-up heap (config, plans, bound sockets' list) is free by now, and
@@ -149,7 +152,7 @@ impl Forwarder {
             crate::heap_trim::give_back_freed_heap();
             let stopped = tokio::select! {
                 _ = exit => Stopped::ExitFd,
-                () = stop.arrived() => Stopped::Signal,
+                () = stop => Stopped::Signal,
             };
             // The serving task holds the socket too: remove the file explicitly.
             if let Some(r) = reload_guard {
@@ -507,38 +510,39 @@ impl crate::control::Ports for Arc<Shared> {
     }
 }
 
-/// SIGTERM and SIGINT, caught while the helper serves: a handler (signal-hook's) sends a
-/// byte on a socket pair whose other end the event loop watches. The handler runs in
-/// whichever thread the kernel picks, so a signal sent to one thread (`tgkill`) counts
-/// too, and no thread's signal mask changes. The handlers are unregistered on drop;
-/// signal-hook leaves its handler installed, so a later SIGTERM or SIGINT is ignored
-/// (as tokio's handlers left them).
+/// SIGTERM and SIGINT, caught from [`Helper::bind`](crate::helper::Helper::bind) on:
+/// a handler (signal-hook's) sends a byte on a socket pair whose other end the event
+/// loop watches once it runs. The handler runs in whichever thread the kernel picks, so
+/// a signal sent to one thread (`tgkill`) counts too, and no thread's signal mask
+/// changes. A signal that comes while the helper starts is kept: the helper finishes
+/// starting, then stops at once and removes what it made (the reload socket, the
+/// source-IP state), instead of dying with them left behind. The handlers are
+/// unregistered on drop; signal-hook leaves its handler installed, so a later SIGTERM
+/// or SIGINT is ignored (as tokio's handlers left them).
 ///
-/// Not tokio's signal handling: it keeps a 22 KB table (a watch channel for each of the
-/// 33 signal numbers) for the process's life (docs/performance-analysis.md section 12).
-struct StopSignals {
+/// Made before any listener, so that its three fds never compete with connections for
+/// the last free fds. Not tokio's signal handling: that keeps a 22 KB table (a watch
+/// channel for each of the 33 signal numbers) for the process's life
+/// (docs/performance-analysis.md section 12).
+pub(crate) struct StopSignals {
     ids: Vec<signal_hook::SigId>,
-    woken: AsyncFd<OwnedFd>,
+    /// The socket pair's read end, until the event loop watches it.
+    woken: Option<OwnedFd>,
 }
 
 impl StopSignals {
-    /// Install the handlers. Needs the event loop's context.
+    /// Install the handlers.
     ///
     /// # Errors
     ///
     /// [`Error::Io`] (`installing signal handlers`) when the socket pair cannot be made
-    /// or registered, or a handler cannot be installed.
-    fn catch() -> Result<Self, Error> {
-        let installing = |source| Error::Io {
-            what: "installing signal handlers",
-            source,
-        };
+    /// or a handler cannot be installed.
+    pub(crate) fn catch() -> Result<Self, Error> {
         let (read, write) = std::os::unix::net::UnixStream::pair().map_err(installing)?;
         read.set_nonblocking(true).map_err(installing)?;
-        let woken = register(OwnedFd::from(read)).map_err(|e| installing(e.into()))?;
         let mut caught = StopSignals {
             ids: Vec::with_capacity(2),
-            woken,
+            woken: Some(OwnedFd::from(read)),
         };
         for signal in [libc::SIGTERM, libc::SIGINT] {
             // Each handler owns its copy of the write end (closed when unregistered).
@@ -549,21 +553,42 @@ impl StopSignals {
         Ok(caught)
     }
 
-    /// Resolves once SIGTERM or SIGINT has arrived since [`StopSignals::catch`].
-    async fn arrived(&self) {
-        let mut byte = [0u8; 16];
-        loop {
-            let Ok(mut guard) = self.woken.readable().await else {
-                // The event loop cannot watch it: stop on the exit pipe alone.
-                return std::future::pending().await;
-            };
-            match nix::unistd::read(self.woken.get_ref().as_fd(), &mut byte) {
-                Ok(n) if n > 0 => return,
-                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                Err(nix::errno::Errno::EINTR) => {}
-                Ok(_) | Err(_) => return std::future::pending().await,
+    /// A future that resolves once SIGTERM or SIGINT has arrived since
+    /// [`StopSignals::catch`]. Inside the event loop; once only.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] (`installing signal handlers`) when the event loop cannot watch the
+    /// socket, or when called twice.
+    fn arrived(&mut self) -> Result<impl std::future::Future<Output = ()>, Error> {
+        let fd = self
+            .woken
+            .take()
+            .ok_or_else(|| installing(io::Error::other("already watched")))?;
+        let woken = register(fd).map_err(|e| installing(e.into()))?;
+        Ok(async move {
+            let mut byte = [0u8; 16];
+            loop {
+                let Ok(mut guard) = woken.readable().await else {
+                    // The event loop cannot watch it: stop on the exit pipe alone.
+                    return std::future::pending().await;
+                };
+                match nix::unistd::read(woken.get_ref().as_fd(), &mut byte) {
+                    Ok(n) if n > 0 => return,
+                    Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Ok(_) | Err(_) => return std::future::pending().await,
+                }
             }
-        }
+        })
+    }
+}
+
+/// The error of [`StopSignals`].
+fn installing(source: io::Error) -> Error {
+    Error::Io {
+        what: "installing signal handlers",
+        source,
     }
 }
 

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{parse_child_ip, plan_ports};
-use crate::forward::{build_runtime, Forwarder, DEFAULT_UDP_IDLE};
+use crate::forward::{build_runtime, Forwarder, StopSignals, DEFAULT_UDP_IDLE};
 use crate::listen::{bind_all, check_fd_room};
 use crate::reload::server::ReloadSocket;
 use crate::state::DEFAULT_PIPE_SIZE;
@@ -98,11 +98,14 @@ impl Helper {
     /// The first failure, with the helper's one-line text: a port or child IP error,
     /// [`Error::Netns`] (also when a thread of a pool cannot enter it),
     /// [`Error::Listen`] (a port in use: `listen tcp 0.0.0.0:8080: bind: address
-    /// already in use`), [`Error::Io`] (the event loop cannot start),
+    /// already in use`), [`Error::Io`] (the event loop cannot start, or the SIGTERM and
+    /// SIGINT handlers cannot be installed: see [`Helper::run`]),
     /// [`Error::ReloadSocket`]. Whatever was made is closed again.
     pub fn bind(config: &Config, exit_fd: OwnedFd, options: &Options) -> Result<Helper, Error> {
         let specs = plan_ports(&config.mappings)?;
         let child_ip = parse_child_ip(&config.child_ip)?;
+        // Before anything is made: a stop signal from here on is kept until ready.
+        let stop = StopSignals::catch()?;
         let netns =
             slirp_spawn::open_netns(&slirp_spawn::Netns::Path(config.netns_path.clone().into()))
                 .map_err(|e| Error::Netns {
@@ -158,6 +161,7 @@ impl Helper {
             preserve_source: config.preserve_source_ip && options.preserve_source_ip,
             exit_after: options.exit_after_run,
             container_id: config.container_id.clone(),
+            stop,
         };
         Ok(Helper { forwarder, ports })
     }
@@ -178,11 +182,12 @@ impl Helper {
     /// line when they cannot be); the state put into the netns for that is removed
     /// before this returns.
     ///
-    /// SIGTERM and SIGINT are caught for the whole process from just before `ready`
-    /// (`signal-hook`'s handlers, whichever thread the kernel gives them to; no signal
-    /// mask changes) until this returns. The handler stays installed afterwards, so a
-    /// later SIGTERM or SIGINT is ignored: this is meant for a process of its own, as the
-    /// `rootlessport` binary is.
+    /// SIGTERM and SIGINT are caught for the whole process from the start of
+    /// [`Helper::bind`] (`signal-hook`'s handlers, whichever thread the kernel gives them
+    /// to; no signal mask changes) until this returns or the helper is dropped: one that
+    /// comes while starting stops the helper right after `ready`, with everything it made
+    /// removed. The handler stays installed afterwards, so a later SIGTERM or SIGINT is
+    /// ignored: this is meant for a process of its own, as the `rootlessport` binary is.
     ///
     /// # Errors
     ///

@@ -241,39 +241,71 @@ fn signals_at_any_time() {
         .success());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     drop(w);
-    // SIGTERM during startup (10,000 ports to bind): whatever the moment, the process
-    // ends, is reaped, and holds no port.
-    for delay_ms in [0u64, 5, 20] {
+    // SIGTERM during startup (10,000 ports to bind, below the ephemeral range so that no
+    // connection of a test running beside this one holds one): whatever the moment, the process
+    // ends, is reaped, and holds no port, and nothing it made is left: before anything
+    // is made the signal's default action ends it; from then on the signal is kept, and
+    // the helper stops cleanly right after ready (exit 0, control socket removed).
+    let start = |tmp: &std::path::Path| {
         let mut cfg = Config::new(
             "sig",
             ns.path().display().to_string(),
             "",
-            tmp.path().display().to_string(),
+            tmp.display().to_string(),
         )
-        .with_mappings((0..10000).map(|i| pm(40000 + i as u16, 80)).collect());
+        .with_mappings((0..10000).map(|i| pm(10000 + i as u16, 80)).collect());
         (cfg.exit_fd, cfg.ready_fd) = (3, 4);
-        let (er, _ew) = cloexec_pipe();
-        let (_rr, rw) = cloexec_pipe();
-        let mut helper = slirp_spawn::process::HelperCommand::new(rootlessport_bin())
+        let (er, ew) = cloexec_pipe();
+        let (rr, rw) = cloexec_pipe();
+        let helper = slirp_spawn::process::HelperCommand::new(rootlessport_bin())
             .stdin_bytes(serde_json::to_vec(&cfg).unwrap())
             .leak_fd(er, 3)
             .leak_fd(rw, 4)
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
+        (helper, ew, rr)
+    };
+    // How long a start takes here, to spread the signals over it.
+    let t0 = Instant::now();
+    let (mut helper, ew, rr) = start(tmp.path());
+    let mut ready = [0u8; 1];
+    if let Err(e) = std::fs::File::from(rr).read_exact(&mut ready) {
+        let status = helper.wait_timeout(Duration::from_secs(10)).unwrap();
+        panic!("no ready byte ({e}); the helper: {status:?}");
+    }
+    let startup = t0.elapsed();
+    drop(ew);
+    assert!(helper
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap()
+        .success());
+    for step in 0..=20u32 {
+        let delay = startup * step / 20;
+        let (mut helper, _ew, _rr) = start(tmp.path());
+        std::thread::sleep(delay);
         helper.signal(libc::SIGTERM).unwrap();
-        assert!(
-            helper
-                .wait_timeout(Duration::from_secs(10))
-                .unwrap()
-                .is_some(),
-            "SIGTERM after {delay_ms} ms"
+        let status = helper
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .unwrap_or_else(|| panic!("SIGTERM after {delay:?} did not end it"));
+        {
+            use std::os::unix::process::ExitStatusExt;
+            assert!(
+                status.success() || status.signal() == Some(libc::SIGTERM),
+                "SIGTERM after {delay:?} (start-up {startup:?}): {status}"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "SIGTERM after {delay:?} (start-up {startup:?}) left the control socket"
         );
         // No listener left on the first or last port. (Binding them to find out could
         // fail on an ephemeral port another test's connection happens to hold.)
         assert!(
-            eventually(5, || !listening(40000) && !listening(49999)),
-            "a listener outlived the helper (SIGTERM after {delay_ms} ms)"
+            eventually(5, || !listening(10000) && !listening(19999)),
+            "a listener outlived the helper (SIGTERM after {delay:?})"
         );
     }
     server.kill().unwrap();
