@@ -53,8 +53,25 @@ fn finish(mut h: RootlessPort, w: OwnedFd) {
     assert!(!process_exists(pid), "zombie left");
 }
 
-/// An echo server process inside the netns (so that killing it closes its sockets).
-fn echo_process(ns: &TestNetns, port: u16) -> Child {
+/// An echo server process inside the netns (so that killing it closes its sockets),
+/// killed and reaped when dropped: a failing test leaves no server behind.
+struct EchoServer(Child);
+
+impl EchoServer {
+    /// Kill it and reap it (the container's processes die).
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn echo_process(ns: &TestNetns, port: u16) -> EchoServer {
     let c = Command::new("nsenter")
         .arg(format!("--net={}", ns.path().display()))
         .arg("--")
@@ -63,7 +80,7 @@ fn echo_process(ns: &TestNetns, port: u16) -> Child {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    c
+    EchoServer(c)
 }
 
 fn echo(c: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
@@ -105,8 +122,7 @@ fn container_goes_away_under_live_connections() {
         echo(c, b"alive").unwrap();
     }
     // The container's processes die: its server and the namespace's holder.
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.stop();
     drop(ns);
     for c in &mut conns {
         let mut buf = [0u8; 8];
@@ -308,8 +324,7 @@ fn signals_at_any_time() {
             "a listener outlived the helper (SIGTERM after {delay:?})"
         );
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.stop();
 }
 
 /// How a test sends a stop signal.
@@ -419,8 +434,7 @@ fn stop_signals_end_the_helper_cleanly_whichever_thread_gets_them() {
         }
         drop(w);
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.stop();
 }
 
 #[test]
@@ -456,8 +470,7 @@ fn reload_under_a_thousand_live_connections() {
         open_fds(h.pid()).unwrap().len()
     );
     finish(h, w);
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.stop();
 }
 
 #[test]
