@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use slirp_config::PortMapping;
+use tokio::io::unix::AsyncFd;
 use tokio::runtime::Runtime;
 
 use crate::config::{plan_ports, Transport};
@@ -125,12 +126,13 @@ impl Forwarder {
             hub_set,
             exit_fd,
             reload,
-            mut stop,
+            stop,
             ..
         } = self;
         let result = rt.block_on(async move {
             // First: a signal that came while starting is seen as soon as ready.
             let stop = stop.arrived()?;
+            tokio::pin!(stop);
             tokio::spawn(AcceptHub::new(hub_set, shared.clone(), hub_rx).run());
             serve_ports(bound, &shared, Batch::Startup).await?;
             tokio::spawn(crate::heap_trim::trim_when_idle(
@@ -152,7 +154,7 @@ impl Forwarder {
             crate::heap_trim::give_back_freed_heap();
             let stopped = tokio::select! {
                 _ = exit => Stopped::ExitFd,
-                () = stop => Stopped::Signal,
+                () = &mut stop => Stopped::Signal,
             };
             // The serving task holds the socket too: remove the file explicitly.
             if let Some(r) = reload_guard {
@@ -525,9 +527,20 @@ impl crate::control::Ports for Arc<Shared> {
 /// channel for each of the 33 signal numbers) for the process's life
 /// (docs/performance-analysis.md section 12).
 pub(crate) struct StopSignals {
-    ids: Vec<signal_hook::SigId>,
-    /// The socket pair's read end, until the event loop watches it.
-    woken: Option<OwnedFd>,
+    handlers: Handlers,
+    /// The socket pair's read end, for the event loop to watch.
+    woken: OwnedFd,
+}
+
+/// signal-hook's registrations of [`StopSignals`], undone on drop.
+struct Handlers(Vec<signal_hook::SigId>);
+
+impl Drop for Handlers {
+    fn drop(&mut self) {
+        for id in self.0.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
 }
 
 impl StopSignals {
@@ -540,45 +553,37 @@ impl StopSignals {
     pub(crate) fn catch() -> Result<Self, Error> {
         let (read, write) = std::os::unix::net::UnixStream::pair().map_err(installing)?;
         read.set_nonblocking(true).map_err(installing)?;
-        let mut caught = StopSignals {
-            ids: Vec::with_capacity(2),
-            woken: Some(OwnedFd::from(read)),
-        };
+        let mut handlers = Handlers(Vec::with_capacity(2));
         for signal in [libc::SIGTERM, libc::SIGINT] {
             // Each handler owns its copy of the write end (closed when unregistered).
             let write = write.try_clone().map_err(installing)?;
             let id = signal_hook::low_level::pipe::register(signal, write).map_err(installing)?;
-            caught.ids.push(id);
+            handlers.0.push(id);
         }
-        Ok(caught)
+        Ok(StopSignals {
+            handlers,
+            woken: OwnedFd::from(read),
+        })
     }
 
     /// A future that resolves once SIGTERM or SIGINT has arrived since
-    /// [`StopSignals::catch`]. Inside the event loop; once only.
+    /// [`StopSignals::catch`]; the handlers stay installed while it lives. Inside the
+    /// event loop.
     ///
     /// # Errors
     ///
     /// [`Error::Io`] (`installing signal handlers`) when the event loop cannot watch the
-    /// socket, or when called twice.
-    fn arrived(&mut self) -> Result<impl std::future::Future<Output = ()>, Error> {
-        let fd = self
-            .woken
-            .take()
-            .ok_or_else(|| installing(io::Error::other("already watched")))?;
-        let woken = register(fd).map_err(|e| installing(e.into()))?;
+    /// socket.
+    fn arrived(self) -> Result<impl std::future::Future<Output = ()>, Error> {
+        let StopSignals { handlers, woken } = self;
+        let woken = register(woken).map_err(|e| installing(e.into()))?;
         Ok(async move {
-            let mut byte = [0u8; 16];
-            loop {
-                let Ok(mut guard) = woken.readable().await else {
-                    // The event loop cannot watch it: stop on the exit pipe alone.
-                    return std::future::pending().await;
-                };
-                match nix::unistd::read(woken.get_ref().as_fd(), &mut byte) {
-                    Ok(n) if n > 0 => return,
-                    Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                    Err(nix::errno::Errno::EINTR) => {}
-                    Ok(_) | Err(_) => return std::future::pending().await,
-                }
+            let _installed = handlers;
+            let mut bytes = [0u8; 16];
+            match read_ready(&woken, &mut bytes).await {
+                Some(n) if n > 0 => {}
+                // Cannot be read or watched: stop on the exit pipe alone.
+                _ => std::future::pending().await,
             }
         })
     }
@@ -592,10 +597,16 @@ fn installing(source: io::Error) -> Error {
     }
 }
 
-impl Drop for StopSignals {
-    fn drop(&mut self) {
-        for id in self.ids.drain(..) {
-            signal_hook::low_level::unregister(id);
+/// One read from `afd` (non-blocking) once it is readable: `Some` of the bytes read
+/// (0 at EOF), `None` when it can no longer be watched or read.
+async fn read_ready(afd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> Option<usize> {
+    loop {
+        let mut guard = afd.readable().await.ok()?;
+        match nix::unistd::read(afd.get_ref().as_fd(), buf) {
+            Ok(n) => return Some(n),
+            Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return None,
         }
     }
 }
@@ -623,17 +634,8 @@ async fn wait_eof(fd: OwnedFd) {
     };
     set_nonblocking(afd.get_ref());
     let mut buf = [0u8; 512];
-    loop {
-        let Ok(mut guard) = afd.readable().await else {
-            return;
-        };
-        match nix::unistd::read(afd.get_ref().as_fd(), &mut buf) {
-            Ok(0) => return,
-            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-            Err(_) => return,
-        }
-    }
+    // Data is read and dropped; EOF or an error ends the wait.
+    while let Some(1..) = read_ready(&afd, &mut buf).await {}
 }
 
 /// Make `fd` non-blocking, if it lets us (a pipe does).

@@ -101,9 +101,9 @@ pub(crate) fn nofile_limit() -> u64 {
         .map_or(u64::MAX, |(soft, _)| soft)
 }
 
-/// Files kept free beyond the listeners: the event loop's own (epoll, eventfd, signal
-/// pipe), the accept hub's epoll set, the control socket, a netlink socket, and a few
-/// connections (two sockets and a pipe pair each).
+/// Files kept free beyond the listeners: the event loop's own (epoll, eventfd), the
+/// accept hub's epoll set, the control socket, a netlink socket, and a few connections
+/// (two sockets and a pipe pair each). (The stop signals' socket pair is open already.)
 const FD_RESERVE: usize = 32;
 
 /// Refuse, before binding anything, a start-up whose listeners cannot all be open files
