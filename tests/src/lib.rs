@@ -216,6 +216,41 @@ impl Drop for ClientHost {
     }
 }
 
+/// A shell script `dir/name` (mode 0755) that runs `setup` (shell: `ulimit -n 64`,
+/// `export ROOTLESSPORT_THREADS=2`), exits 1 if that fails, then execs
+/// [`rootlessport_bin`] with the script's arguments: our helper started with another
+/// limit or environment, by a `Launcher` or by podman's `helper_binaries_dir`.
+pub fn rootlessport_wrapper(dir: &std::path::Path, name: &str, setup: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    let script = format!(
+        "#!/bin/sh\n{setup} || exit 1\nexec '{}' \"$@\"\n",
+        rootlessport_bin().display()
+    );
+    std::fs::write(&path, script).expect("writing the wrapper script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .expect("making the wrapper script executable");
+    path
+}
+
+/// A child process that is killed and reaped when dropped, so that a test that fails
+/// part way leaves no process behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// Kill and reap it now (errors ignored: it may have exited already).
+    pub fn kill_now(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
 /// The `rootlessport` binary of this build: `ROOTLESSPORT_BIN`, or the one next to the
 /// test executable's directory (`cargo xtask itest` builds it).
 pub fn rootlessport_bin() -> PathBuf {

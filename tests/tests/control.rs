@@ -643,19 +643,6 @@ fn control_removing_what_is_not_published_removes_nothing() {
     live.stop();
 }
 
-/// A script in `dir` that runs `setup` (shell), then our helper with its arguments.
-fn wrapper(dir: &Path, setup: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join("rootlessport");
-    let script = format!(
-        "#!/bin/sh\n{setup}\nexec {} \"$@\"\n",
-        rootlessport_bin().display()
-    );
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
 /// User plus system CPU time of process `pid` so far, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -672,7 +659,8 @@ fn control_out_of_fds_a_client_waits_without_the_helper_spinning_and_is_served_l
     /// The helper's open-file limit (soft and hard).
     const NOFILE: usize = 64;
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = wrapper(dir.path(), &format!("ulimit -n {NOFILE}"));
+    let wrapper =
+        tests::rootlessport_wrapper(dir.path(), "rootlessport", &format!("ulimit -n {NOFILE}"));
     let live = Live::start_with(
         "c0ntrol-nofile",
         vec![pm(28460, 80, "tcp"), pm(28461, 53, "udp")],
@@ -771,7 +759,8 @@ fn control_more_ports_than_the_open_file_limit_are_refused_before_binding() {
     const NOFILE: u16 = 256;
     const FIRST: u16 = 28800;
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = wrapper(dir.path(), &format!("ulimit -n {NOFILE}"));
+    let wrapper =
+        tests::rootlessport_wrapper(dir.path(), "rootlessport", &format!("ulimit -n {NOFILE}"));
     let many: Vec<PortMapping> = (0..NOFILE).map(|i| pm(FIRST + i, 80, "tcp")).collect();
     let ns = TestNetns::new();
     let tmp = tempfile::tempdir().unwrap();
@@ -836,7 +825,8 @@ fn control_more_ports_than_the_open_file_limit_are_refused_before_binding() {
 fn control_a_helper_with_two_event_loop_threads_relays_and_removes_alike() {
     require_harness();
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = wrapper(dir.path(), "export ROOTLESSPORT_THREADS=2");
+    let wrapper =
+        tests::rootlessport_wrapper(dir.path(), "rootlessport", "export ROOTLESSPORT_THREADS=2");
     let live = Live::start_with(
         "c0ntrol-threads",
         vec![pm(28450, 80, "tcp"), pm(28451, 90, "tcp")],

@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rootlessport::launcher::{Launcher, RootlessPort};
@@ -17,7 +17,7 @@ use slirp_config::PortMapping;
 use slirp_spawn::process::open_fds;
 use tests::{
     cloexec_pipe, eventually, process_exists, require_harness, rootlessport_bin, xtask_bin,
-    TestNetns,
+    KillOnDrop, TestNetns,
 };
 
 fn pm(host_port: u16, container_port: u16) -> PortMapping {
@@ -55,23 +55,7 @@ fn finish(mut h: RootlessPort, w: OwnedFd) {
 
 /// An echo server process inside the netns (so that killing it closes its sockets),
 /// killed and reaped when dropped: a failing test leaves no server behind.
-struct EchoServer(Child);
-
-impl EchoServer {
-    /// Kill it and reap it (the container's processes die).
-    fn stop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn echo_process(ns: &TestNetns, port: u16) -> EchoServer {
+fn echo_process(ns: &TestNetns, port: u16) -> KillOnDrop {
     let c = Command::new("nsenter")
         .arg(format!("--net={}", ns.path().display()))
         .arg("--")
@@ -80,7 +64,7 @@ fn echo_process(ns: &TestNetns, port: u16) -> EchoServer {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    EchoServer(c)
+    KillOnDrop(c)
 }
 
 fn echo(c: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
@@ -122,7 +106,7 @@ fn container_goes_away_under_live_connections() {
         echo(c, b"alive").unwrap();
     }
     // The container's processes die: its server and the namespace's holder.
-    server.stop();
+    server.kill_now();
     drop(ns);
     for c in &mut conns {
         let mut buf = [0u8; 8];
@@ -324,7 +308,7 @@ fn signals_at_any_time() {
             "a listener outlived the helper (SIGTERM after {delay:?})"
         );
     }
-    server.stop();
+    server.kill_now();
 }
 
 /// How a test sends a stop signal.
@@ -343,23 +327,14 @@ enum Sent {
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn stop_signals_end_the_helper_cleanly_whichever_thread_gets_them() {
-    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::ExitStatusExt;
     require_harness();
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
     let mut server = echo_process(&ns, 80);
     let bin = tempfile::tempdir().unwrap();
-    let pool = bin.path().join("rootlessport");
-    std::fs::write(
-        &pool,
-        format!(
-            "#!/bin/sh\nROOTLESSPORT_THREADS=4 exec {} \"$@\"\n",
-            rootlessport_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&pool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pool =
+        tests::rootlessport_wrapper(bin.path(), "rootlessport", "export ROOTLESSPORT_THREADS=4");
     let cases = [
         (28696u16, 4, Sent::TermThenInt),
         (28697, 4, Sent::ToAnotherThread(libc::SIGINT)),
@@ -434,7 +409,7 @@ fn stop_signals_end_the_helper_cleanly_whichever_thread_gets_them() {
         }
         drop(w);
     }
-    server.stop();
+    server.kill_now();
 }
 
 #[test]
@@ -470,7 +445,7 @@ fn reload_under_a_thousand_live_connections() {
         open_fds(h.pid()).unwrap().len()
     );
     finish(h, w);
-    server.stop();
+    server.kill_now();
 }
 
 #[test]

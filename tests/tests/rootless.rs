@@ -382,23 +382,17 @@ fn rootless_engine_example_publishes_reloads_and_leaves_nothing() {
 #[test]
 #[ignore = "itest: runs as an unprivileged user (cargo xtask itest)"]
 fn rootless_helper_outside_the_user_namespace_fails_before_ready() {
-    use std::os::unix::fs::PermissionsExt;
     require_rootless();
     let engine = EngineNamespaces::start(80, 53);
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     std::fs::create_dir(&run).unwrap();
     for threads in [1, 2] {
-        let wrapper = tmp.path().join(format!("rootlessport-{threads}"));
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nROOTLESSPORT_THREADS={threads} exec {} \"$@\"\n",
-                rootlessport_bin().display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = tests::rootlessport_wrapper(
+            tmp.path(),
+            &format!("rootlessport-{threads}"),
+            &format!("export ROOTLESSPORT_THREADS={threads}"),
+        );
         let config = rootlessport::Config::new(
             "rootless-outside",
             engine.ns("net"),

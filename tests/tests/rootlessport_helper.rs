@@ -674,7 +674,8 @@ fn rootless_in_a_user_namespace() {
         .spawn()
         .unwrap();
     let pid = holder.id();
-    let mut holder = scopeguard(holder);
+    // Killed and reaped even when an assertion fails first.
+    let mut holder = tests::KillOnDrop(holder);
     assert!(eventually(10, || std::fs::read_to_string(format!(
         "/proc/{pid}/comm"
     ))
@@ -759,23 +760,6 @@ fn rootless_in_a_user_namespace() {
         "listen tcp 0.0.0.0:80: bind: permission denied\n"
     );
     holder.kill_now();
-}
-
-/// Kills and reaps the holder process even when an assertion fails first.
-struct Guard(std::process::Child);
-fn scopeguard(c: std::process::Child) -> Guard {
-    Guard(c)
-}
-impl Guard {
-    fn kill_now(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.kill_now();
-    }
 }
 
 /// A helper that held many connections goes back to its idle size once they are gone

@@ -892,15 +892,8 @@ impl WrappedHelper {
     }
 
     fn start(cfg: &rootlessport::Config, prelude: &str) -> WrappedHelper {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let wrapper = dir.path().join("rootlessport");
-        let script = format!(
-            "#!/bin/sh\n{prelude} || exit 1\nexec '{}' \"$@\"\n",
-            tests::rootlessport_bin().display()
-        );
-        std::fs::write(&wrapper, script).unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = tests::rootlessport_wrapper(dir.path(), "rootlessport", prelude);
         // A fork elsewhere in this process may briefly hold the script open for
         // writing (ETXTBSY): try again a few times.
         let mut attempt = 0;
