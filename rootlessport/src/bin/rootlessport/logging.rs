@@ -11,11 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rootlessport::helper::errno_text;
 
+use tracing::subscriber::NoSubscriber;
 use tracing::{span, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::layer::Layer;
 
 /// The level when `ROOTLESSPORT_LOG` is unset, empty or invalid.
 const DEFAULT_LEVEL: LevelFilter = LevelFilter::WARN;
@@ -31,10 +33,10 @@ pub(super) fn init(wanted: Option<&str>) {
         Some(Ok(Some(targets))) => (targets, None),
         Some(Err(reason)) => (default(), Some(reason)),
     };
-    let _ = tracing::subscriber::set_global_default(Stderr::new(
+    let _ = tracing::subscriber::set_global_default(Stderr {
         filter,
-        std::io::stderr().is_terminal(),
-    ));
+        ansi: std::io::stderr().is_terminal(),
+    });
     if let Some(e) = invalid {
         tracing::warn!(
             "ROOTLESSPORT_LOG={:?} is not a valid filter ({e}); using \"{DEFAULT_LEVEL}\"",
@@ -193,23 +195,11 @@ fn stderr_is_kept() -> bool {
 /// spans, so it needs no span store.
 struct Stderr {
     filter: Targets,
-    /// The most verbose level `filter` lets through, for `tracing`'s fast check.
-    max: LevelFilter,
     /// Colour the level word (stderr was a terminal at start).
     ansi: bool,
 }
 
 impl Stderr {
-    fn new(filter: Targets, ansi: bool) -> Self {
-        let max = filter
-            .iter()
-            .map(|(_, level)| level)
-            .chain(filter.default_level())
-            .max()
-            .unwrap_or(LevelFilter::OFF);
-        Self { filter, max, ansi }
-    }
-
     /// One log line for `event`, with its newline.
     fn line(&self, event: &Event<'_>) -> Result<String, fmt::Error> {
         let mut line = String::new();
@@ -252,7 +242,9 @@ impl Subscriber for Stderr {
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
-        Some(self.max)
+        // The most verbose level of any entry (what `Targets` tells any subscriber it
+        // is layered on; the subscriber type plays no part).
+        Layer::<NoSubscriber>::max_level_hint(&self.filter)
     }
 
     fn event(&self, event: &Event<'_>) {
