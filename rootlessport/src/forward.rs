@@ -185,10 +185,9 @@ impl Forwarder {
 /// this takes more turns, each one `epoll_wait` call.
 const EVENTS_PER_TICK: usize = 128;
 
-/// The event loop: on the calling thread alone for `threads` <= 1, else a pool of
-/// `threads` workers, each entering `netns` (opened from `netns_path`) as it starts;
-/// the caller enters it before serving. Built before the listeners are bound, so that
-/// the accept hub's epoll set joins the event loop while it is empty (see [`HubSet`]).
+/// The event loop: on the calling thread alone for `threads` <= 1 ([`one_thread_runtime`]),
+/// else a pool of `threads` workers, each entering `netns` (opened from `netns_path`)
+/// as it starts; the caller enters it before serving.
 ///
 /// # Errors
 ///
@@ -201,18 +200,13 @@ pub(crate) fn build_runtime(
     netns: &OwnedFd,
     netns_path: &str,
 ) -> Result<Runtime, Error> {
+    if threads <= 1 {
+        return one_thread_runtime();
+    }
     let started = |source| Error::Io {
         what: "starting the event loop",
         source,
     };
-    if threads <= 1 {
-        return tokio::runtime::Builder::new_current_thread()
-            .max_io_events_per_tick(EVENTS_PER_TICK)
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(started);
-    }
     try_pool_threads(threads, netns, netns_path)?;
     let ns = netns.try_clone().map_err(|source| Error::Io {
         what: "duplicating the netns fd",
@@ -232,6 +226,26 @@ pub(crate) fn build_runtime(
         .enable_time()
         .build()
         .map_err(started)
+}
+
+/// The event loop of one thread, the caller's (which enters the container's netns
+/// before serving): it needs nothing from the config, so it can be made before the
+/// config is read.
+///
+/// # Errors
+///
+/// [`Error::Io`] (`starting the event loop`) when its epoll set or eventfd cannot be
+/// made.
+pub(crate) fn one_thread_runtime() -> Result<Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread()
+        .max_io_events_per_tick(EVENTS_PER_TICK)
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|source| Error::Io {
+            what: "starting the event loop",
+            source,
+        })
 }
 
 /// Prove, before tokio starts a pool of `threads` workers, that this many threads can

@@ -3,8 +3,11 @@
 //! added later through the control socket are bound by [`Binder`], a thread that
 //! never leaves the engine's netns: a rootless helper cannot `setns` back into it.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
@@ -31,6 +34,11 @@ const MAX_BIND_THREADS: usize = 4;
 /// The stack of a binding thread: it only makes sockets (the default is 2 MiB).
 const BIND_STACK: usize = 128 * 1024;
 
+/// Specs handed to the binding threads at a time ([`Feed::send`]): small enough that
+/// they start while the config is still being read, large enough that taking a chunk
+/// costs nothing next to binding it.
+pub(crate) const CHUNK: usize = 128;
+
 /// Make every listener, in the calling thread's netns, all or none: the first failure
 /// in `specs`' order is the error, and every socket made is closed with it.
 ///
@@ -40,42 +48,303 @@ const BIND_STACK: usize = 128 * 1024;
 /// A socket closed on a failure leaves the set with it (the kernel drops an epoll
 /// entry when its file is closed).
 ///
-/// Many ports are bound by several threads at once (each one inherits the calling
-/// thread's netns), each a contiguous slice of `specs`. If any of them fails, every
-/// socket made is closed and the whole batch is bound again by this thread alone, in
-/// order: the error is then exactly the one a sequential start-up gives (a port taken
-/// by one of our own listeners included, whichever thread got there first).
+/// Many ports are bound by several threads at once (see [`Binding`]).
 pub(crate) fn bind_all(specs: Vec<PortSpec>, hub: Option<&Epoll>) -> Result<Vec<Bound>, Error> {
-    let published_at = crate::counters::unix_now();
-    let threads = if specs.len() < PARALLEL_FROM {
-        1
-    } else {
-        std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_BIND_THREADS)
-    };
-    let how = How {
-        hub,
-        dual_stack_default: dual_stack_is_default(),
-    };
-    let mut socks = None;
-    if threads > 1 {
-        grow_fd_table(specs.len());
-        socks = bind_parallel(&specs, threads, how);
+    std::thread::scope(|scope| {
+        let binding = Binding::start(scope, specs.len(), hub);
+        binding.feed().send_all(specs);
+        binding.finish()
+    })
+}
+
+/// Listeners being made by a few threads at once (each one inheriting the netns of the
+/// thread that started them), from specs handed over in chunks ([`Feed::send`]) while
+/// they are still being planned: the config's first ports are bound while the rest of
+/// it is read. The calling thread binds too once it [`finish`](Binding::finish)es.
+///
+/// All or none, in order: if any chunk fails, the threads stop taking chunks, and
+/// `finish` closes every socket made and binds the whole batch again on the calling
+/// thread alone, in order, so that the error is exactly the one a sequential start-up
+/// gives (a port taken by one of our own listeners included, whichever thread got there
+/// first). Dropped without `finish` (the start-up failed for another reason), it stops
+/// the threads, waits for them and closes every socket made.
+pub(crate) struct Binding<'scope, 'env> {
+    feed: Arc<Feed>,
+    threads: Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
+    how: How<'env>,
+    published_at: u64,
+}
+
+/// What the binding threads share: the chunks waiting and what was made of them.
+#[derive(Default)]
+pub(crate) struct Feed {
+    state: Mutex<FeedState>,
+    more: Condvar,
+    /// Counts every chunk sent and every close, so that a thread can wait for the next
+    /// one awake, without the lock ([`SPIN`]).
+    changes: AtomicUsize,
+}
+
+/// How long a binding thread with nothing to do waits awake (spinning) before it sleeps.
+/// A sleeping thread is woken by the scheduler on the waker's CPU in many VMs (an idle
+/// virtual CPU looks busy to it), where it takes turns with the thread decoding the
+/// config instead of running beside it: measured with 10,000 ports, the decode then
+/// took 7-25 ms instead of 4-6. The first chunk comes well within this; after it, the
+/// decode hands chunks on faster than they are bound.
+const SPIN: Duration = Duration::from_millis(3);
+
+#[derive(Default)]
+struct FeedState {
+    /// Chunks not taken yet, oldest first.
+    waiting: VecDeque<Chunk>,
+    /// Chunks bound, with their sockets, in the order they were done.
+    bound: Vec<(Chunk, Vec<socket2::Socket>)>,
+    /// The chunk a thread failed on (its sockets closed already), if any.
+    failed: Option<Chunk>,
+    /// Specs sent so far: the next chunk's first position.
+    sent: usize,
+    /// No more chunks come.
+    closed: bool,
+    /// Take no more chunks: one failed, or the batch is abandoned.
+    stop: bool,
+}
+
+/// Specs at consecutive positions of the batch, `first` the position of the first.
+struct Chunk {
+    first: usize,
+    specs: Vec<PortSpec>,
+}
+
+impl Feed {
+    fn lock(&self) -> MutexGuard<'_, FeedState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
-    let socks = match socks {
-        Some(s) => s,
-        None => bind_in_order(&specs, 0, how)?,
+
+    /// Hand `specs` to the binding threads, at the positions after the ones sent
+    /// before.
+    pub(crate) fn send(&self, specs: Vec<PortSpec>) {
+        if specs.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        let first = state.sent;
+        state.sent += specs.len();
+        state.waiting.push_back(Chunk { first, specs });
+        self.changes.fetch_add(1, Ordering::Release);
+        drop(state);
+        self.more.notify_one();
+    }
+
+    /// [`Feed::send`] in chunks of [`CHUNK`].
+    fn send_all(&self, mut specs: Vec<PortSpec>) {
+        while specs.len() > CHUNK {
+            let rest = specs.split_off(CHUNK);
+            self.send(std::mem::replace(&mut specs, rest));
+        }
+        self.send(specs);
+    }
+
+    /// Bind chunks until none is left (or, unless `until_closed`, none waits), or until
+    /// told to stop.
+    fn work(&self, how: How, until_closed: bool) {
+        loop {
+            let chunk = {
+                let mut state = self.lock();
+                loop {
+                    if state.stop {
+                        return;
+                    }
+                    if let Some(chunk) = state.waiting.pop_front() {
+                        break chunk;
+                    }
+                    if state.closed || !until_closed {
+                        return;
+                    }
+                    let seen = self.changes.load(Ordering::Acquire);
+                    drop(state);
+                    self.spin_while_unchanged(seen);
+                    state = self.lock();
+                    if self.changes.load(Ordering::Acquire) == seen {
+                        state = self
+                            .more
+                            .wait(state)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
+                }
+            };
+            let made = bind_in_order(&chunk.specs, chunk.first, how);
+            let mut state = self.lock();
+            match made {
+                Ok(socks) => state.bound.push((chunk, socks)),
+                Err(_) => {
+                    state.failed = Some(chunk);
+                    state.stop = true;
+                    drop(state);
+                    self.more.notify_all();
+                }
+            }
+        }
+    }
+
+    /// Wait up to [`SPIN`], awake, for [`Feed::changes`] to move on from `seen`.
+    fn spin_while_unchanged(&self, seen: usize) {
+        let until = Instant::now() + SPIN;
+        while self.changes.load(Ordering::Acquire) == seen && Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Tell the threads that nothing more comes (and, with `stop`, to take no more).
+    fn close(&self, stop: bool) {
+        let mut state = self.lock();
+        self.changes.fetch_add(1, Ordering::Release);
+        state.closed = true;
+        state.stop |= stop;
+        drop(state);
+        self.more.notify_all();
+    }
+}
+
+impl<'scope, 'env> Binding<'scope, 'env> {
+    /// Start binding, for about `ports` listeners (which decides how many threads, and
+    /// how far the fd table is grown at once), in `scope`'s threads. See [`bind_all`]
+    /// for `hub`.
+    pub(crate) fn start(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        ports: usize,
+        hub: Option<&'env Epoll>,
+    ) -> Binding<'scope, 'env> {
+        let how = How {
+            hub,
+            dual_stack_default: dual_stack_is_default(),
+        };
+        let threads = if ports < PARALLEL_FROM {
+            1
+        } else {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_BIND_THREADS)
+        };
+        if threads > 1 {
+            grow_fd_table(ports);
+        }
+        let feed = Arc::new(Feed::default());
+        // The calling thread is the last binder: it joins in `finish`. A thread that
+        // cannot start leaves its share to the others.
+        let caller_cpu = nix::sched::sched_getcpu().ok();
+        let threads = (1..threads)
+            .map_while(|_| {
+                let feed = feed.clone();
+                std::thread::Builder::new()
+                    .name("rootlessport-bind".to_owned())
+                    .stack_size(BIND_STACK)
+                    .spawn_scoped(scope, move || {
+                        if let Some(cpu) = caller_cpu {
+                            move_off_cpu(cpu);
+                        }
+                        feed.work(how, true);
+                    })
+                    .ok()
+            })
+            .collect();
+        Binding {
+            feed,
+            threads,
+            how,
+            published_at: crate::counters::unix_now(),
+        }
+    }
+
+    /// Where the specs go, in order.
+    pub(crate) fn feed(&self) -> &Arc<Feed> {
+        &self.feed
+    }
+
+    /// Bind, on this thread too, every spec sent, then wait for the threads: the
+    /// listeners in the order sent, all or none (see [`Binding`]).
+    ///
+    /// # Errors
+    ///
+    /// The first failure in the order sent ([`Error::Listen`], or [`Error::Io`] when a
+    /// listener could not join the hub's set).
+    pub(crate) fn finish(mut self) -> Result<Vec<Bound>, Error> {
+        self.feed.close(false);
+        self.feed.work(self.how, false);
+        self.join();
+        let state = std::mem::take(&mut *self.feed.lock());
+        let mut done = state.bound;
+        done.sort_unstable_by_key(|(chunk, _)| chunk.first);
+        let at = |(chunk, socks): (Chunk, Vec<socket2::Socket>)| {
+            chunk
+                .specs
+                .into_iter()
+                .zip(socks)
+                .map(|(spec, sock)| Bound {
+                    spec,
+                    sock,
+                    published_at: self.published_at,
+                })
+        };
+        if !state.stop {
+            return Ok(done.into_iter().flat_map(at).collect());
+        }
+        // A chunk failed: close everything, then again in order on this thread alone.
+        let mut chunks: Vec<Chunk> = done.into_iter().map(|(chunk, _)| chunk).collect();
+        chunks.extend(state.failed);
+        chunks.extend(state.waiting);
+        chunks.sort_unstable_by_key(|chunk| chunk.first);
+        let specs: Vec<PortSpec> = chunks.into_iter().flat_map(|c| c.specs).collect();
+        let socks = bind_in_order(&specs, 0, self.how)?;
+        let published_at = self.published_at;
+        Ok(specs
+            .into_iter()
+            .zip(socks)
+            .map(|(spec, sock)| Bound {
+                spec,
+                sock,
+                published_at,
+            })
+            .collect())
+    }
+
+    /// Wait for every binding thread to end.
+    fn join(&mut self) {
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Binding<'_, '_> {
+    /// Abandoned (not finished): stop the threads, wait for them, close what they made.
+    fn drop(&mut self) {
+        self.feed.close(true);
+        self.join();
+        drop(std::mem::take(&mut *self.feed.lock()));
+    }
+}
+
+/// Move the calling thread to another CPU than `cpu` (one it may run on), once, then
+/// let it run anywhere it may again. A new thread is often started on its parent's CPU
+/// and left there for milliseconds beside it although another CPU is idle (seen on
+/// this 2-CPU VM: the thread decoding the config then ran at half speed). Best effort:
+/// nothing happens where the thread may run on `cpu` alone or the calls fail.
+fn move_off_cpu(cpu: usize) {
+    use nix::sched::{sched_getaffinity, sched_setaffinity};
+    use nix::unistd::Pid;
+    let this_thread = Pid::from_raw(0);
+    let Ok(allowed) = sched_getaffinity(this_thread) else {
+        return;
     };
-    Ok(specs
-        .into_iter()
-        .zip(socks)
-        .map(|(spec, sock)| Bound {
-            spec,
-            sock,
-            published_at,
-        })
-        .collect())
+    let mut others = allowed;
+    if others.unset(cpu).is_err()
+        || !(0..nix::sched::CpuSet::count()).any(|c| others.is_set(c).unwrap_or(false))
+    {
+        return;
+    }
+    if sched_setaffinity(this_thread, &others).is_ok() {
+        let _ = sched_setaffinity(this_thread, &allowed);
+    }
 }
 
 /// What every listener of one [`bind_all`] shares.
@@ -103,41 +372,65 @@ pub(crate) fn nofile_limit() -> u64 {
 
 /// Files kept free beyond the listeners: the event loop's own (epoll, eventfd), the
 /// accept hub's epoll set, the control socket, a netlink socket, and a few connections
-/// (two sockets and a pipe pair each). (The stop signals' socket pair is open already.)
+/// (two sockets and a pipe pair each). (The stop signals' socket pair, and at start-up
+/// the hub's set, are open already when [`FdRoom::now`] counts.)
 const FD_RESERVE: usize = 32;
 
-/// Refuse, before binding anything, a start-up whose listeners cannot all be open files
-/// at once (with [`FD_RESERVE`] left), instead of failing at the first `EMFILE`
-/// part-way. Warns when fewer than 256 files are left for connections. Counts the open
-/// files through `/proc/self/fd`; if that cannot be read, binding shows it.
-/// Start-up only: a control `add` later is bound as it comes and fails all or none at
-/// the first `EMFILE` (the running helper's own files and live connections are open
-/// by then, and the reserve would count twice).
-pub(crate) fn check_fd_room(ports: usize) -> Result<(), Error> {
-    let limit = nofile_limit();
-    // Counting the entries of a directory (less the one read_dir holds) needs no
-    // parser; `procfs` would add its code to every helper for this one count.
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return Ok(());
-    };
-    let open = dir.count().saturating_sub(1);
-    let room = usize::try_from(limit).unwrap_or(usize::MAX);
-    if open.saturating_add(ports).saturating_add(FD_RESERVE) > room {
-        return Err(Error::TooManyPorts {
-            ports,
-            limit,
-            open,
-            reserve: FD_RESERVE,
-        });
+/// The open files of this process before any listener is made, for [`FdRoom::check`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FdRoom {
+    limit: u64,
+    /// `None` when `/proc/self/fd` cannot be read: binding shows it then.
+    open: Option<usize>,
+}
+
+impl FdRoom {
+    /// Count the open files now (through `/proc/self/fd`), before binding. Counting the
+    /// entries of a directory (less the one `read_dir` holds) needs no parser; `procfs`
+    /// would add its code to every helper for this one count.
+    pub(crate) fn now() -> FdRoom {
+        FdRoom {
+            limit: nofile_limit(),
+            open: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|dir| dir.count().saturating_sub(1)),
+        }
     }
-    let left = room - open - ports;
-    if left < 256 {
-        tracing::warn!(
-            "{ports} published port(s) leave {left} open files for connections \
-             (open-file limit {limit}; each connection takes 2, and 2 more while data moves)"
-        );
+
+    /// Refuse a start-up whose `ports` listeners cannot all be open files at once (with
+    /// [`FD_RESERVE`] left) beside the files counted by [`FdRoom::now`], instead of
+    /// failing at the first `EMFILE` part-way (or reporting the `EMFILE` of a binding
+    /// thread that started before the count of ports was known). Warns when fewer than
+    /// 256 files are left for connections. Start-up only: a control `add` later is
+    /// bound as it comes and fails all or none at the first `EMFILE` (the running
+    /// helper's own files and live connections are open by then, and the reserve would
+    /// count twice).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TooManyPorts`].
+    pub(crate) fn check(self, ports: usize) -> Result<(), Error> {
+        let (limit, Some(open)) = (self.limit, self.open) else {
+            return Ok(());
+        };
+        let room = usize::try_from(limit).unwrap_or(usize::MAX);
+        if open.saturating_add(ports).saturating_add(FD_RESERVE) > room {
+            return Err(Error::TooManyPorts {
+                ports,
+                limit,
+                open,
+                reserve: FD_RESERVE,
+            });
+        }
+        let left = room - open - ports;
+        if left < 256 {
+            tracing::warn!(
+                "{ports} published port(s) leave {left} open files for connections \
+                 (open-file limit {limit}; each connection takes 2, and 2 more while data moves)"
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Make this process's fd table hold `more` fds beyond those open, at once. Left to
@@ -185,40 +478,6 @@ fn bind_in_order(
         socks.push(sock);
     }
     Ok(socks)
-}
-
-/// Bind `specs` in `threads` contiguous slices at once, this thread binding the first
-/// (and any slice whose thread could not start). `None` if any slice failed: every
-/// socket made is closed by then.
-fn bind_parallel(specs: &[PortSpec], threads: usize, how: How) -> Option<Vec<socket2::Socket>> {
-    let per = specs.len().div_ceil(threads);
-    let mut slices = specs.chunks(per).enumerate();
-    let (_, first) = slices.next()?;
-    std::thread::scope(|scope| {
-        let spawned: Vec<_> = slices
-            .map(|(k, slice)| {
-                std::thread::Builder::new()
-                    .name("rootlessport-bind".to_owned())
-                    .stack_size(BIND_STACK)
-                    .spawn_scoped(scope, move || bind_in_order(slice, k * per, how))
-                    .map_err(|_| (k, slice))
-            })
-            .collect();
-        // Every slice is waited for, also after a failure: no thread outlives this.
-        let mut bound = bind_in_order(first, 0, how).ok();
-        for thread in spawned {
-            let more = match thread {
-                Ok(handle) => handle.join().ok().and_then(Result::ok),
-                Err((k, slice)) if bound.is_some() => bind_in_order(slice, k * per, how).ok(),
-                Err(_) => None,
-            };
-            bound = bound.zip(more).map(|(mut all, more)| {
-                all.extend(more);
-                all
-            });
-        }
-        bound
-    })
 }
 
 fn bind_one(

@@ -470,23 +470,34 @@ impl std::os::fd::AsRawFd for EpollSet {
     }
 }
 
-/// The accept hub's epoll set, registered with the event loop while still empty: the
-/// kernel checks every entry of an epoll set added to another one (for loops), which
-/// for 10,000 listeners took a few milliseconds of the start-up. The listeners are
-/// then put in by the threads that bind them ([`crate::listen::bind_all`]).
+/// The accept hub's epoll set, registered with the event loop. The start-up's
+/// listeners are put in by the threads that bind them ([`crate::listen::Binding`]).
+/// The set joins the event loop while still empty where the loop can be made before
+/// binding starts: an epoll set added to another one has every entry checked by the
+/// kernel (for loops), which took 3-4 ms of the start-up with 10,000 listeners. Where
+/// it cannot (a pool of event-loop threads waits for the config's netns, while binding
+/// starts as soon as the config is being read), it joins once full.
 pub(crate) struct HubSet(AsyncFd<EpollSet>);
 
 impl HubSet {
-    /// A new, empty set. Inside the runtime (`Runtime::enter`).
+    /// A new, empty set, not joined to any event loop yet.
     ///
     /// # Errors
     ///
-    /// Making the epoll set or registering it with the event loop failed.
-    pub(crate) fn new() -> io::Result<HubSet> {
-        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    /// `epoll_create1` failed.
+    pub(crate) fn unjoined() -> io::Result<Epoll> {
+        Ok(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?)
+    }
+
+    /// Register `set` with the event loop. Inside the runtime (`Runtime::enter`).
+    ///
+    /// # Errors
+    ///
+    /// The event loop refused it.
+    pub(crate) fn join(set: Epoll) -> io::Result<HubSet> {
         // SAFETY: the Epoll owns its fd, keeps it open until dropped and always returns
         // the same raw fd, which is what registration requires.
-        let set = unsafe { AsyncFd::register_with_interest(EpollSet(ep), Interest::READABLE) }
+        let set = unsafe { AsyncFd::register_with_interest(EpollSet(set), Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
         Ok(HubSet(set))
     }

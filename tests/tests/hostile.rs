@@ -302,6 +302,196 @@ fn bad_fds() {
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
 
+/// The ports of [`late_defects_in_a_large_config`]: enough that the helper binds them
+/// on several threads while it is still decoding the rest of the config.
+const LARGE_FIRST: u16 = 25000;
+const LARGE: u16 = 2000;
+
+/// A defect that the helper can only see after most of a large config's ports have
+/// been made (it binds them while it decodes the rest, `Helper::bind_json`): the same
+/// one line as for a one-port config, exit 1, and no port of the config left listening,
+/// TmpDir empty.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn late_defects_in_a_large_config() {
+    require_harness();
+    let ns = TestNetns::new();
+    let netns = ns.path().display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (LARGE_FIRST..LARGE_FIRST + LARGE).collect();
+    let left = Leftovers {
+        tmp: tmp.path(),
+        ports: &ports,
+    };
+    let m = |host: u16| {
+        format!(
+            r#"{{"host_ip":"","container_port":{host},"host_port":{host},"range":1,"protocol":"tcp"}}"#
+        )
+    };
+    let mappings = |count: u16, last: &str| -> String {
+        let mut all: Vec<String> = (LARGE_FIRST..LARGE_FIRST + count).map(m).collect();
+        all.push(last.to_owned());
+        all.join(",")
+    };
+    let doc = |mappings: &str, rest: &str| -> Vec<u8> {
+        format!(
+            r#"{{"Mappings":[{mappings}],"TmpDir":"{}","ContainerID":"late",{rest}}}"#,
+            tmp.path().display()
+        )
+        .into_bytes()
+    };
+    let fine = format!(r#""NetNSPath":"{netns}","ExitFD":3,"ReadyFD":4"#);
+    let sctp = r#"{"host_ip":"","container_port":1,"host_port":1,"range":1,"protocol":"sctp"}"#;
+    // (case, the defect made in a config of `n` ports before it)
+    type Defect<'a> = (&'a str, Box<dyn Fn(u16) -> Vec<u8> + 'a>);
+    let defects: Vec<Defect> = vec![
+        (
+            "a wrong type after the mappings",
+            Box::new(|n| doc(&mappings(n, &m(LARGE_FIRST + n)), r#""ExitFD":"3""#)),
+        ),
+        (
+            "JSON cut off after the mappings",
+            Box::new(|n| {
+                let mut d = doc(&mappings(n, &m(LARGE_FIRST + n)), &fine);
+                d.truncate(d.len() - 3);
+                d
+            }),
+        ),
+        (
+            "no NetNSPath",
+            Box::new(|n| {
+                doc(
+                    &mappings(n, &m(LARGE_FIRST + n)),
+                    r#""ExitFD":3,"ReadyFD":4"#,
+                )
+            }),
+        ),
+        (
+            // A number that no fd has when the helper starts, but that one of its
+            // listeners has by the time the config is decoded.
+            "ExitFD not open at start",
+            Box::new(|n| {
+                let rest = format!(r#""NetNSPath":"{netns}","ExitFD":40,"ReadyFD":4"#);
+                doc(&mappings(n, &m(LARGE_FIRST + n)), &rest)
+            }),
+        ),
+        (
+            "ReadyFD not open at start",
+            Box::new(|n| {
+                let rest = format!(r#""NetNSPath":"{netns}","ExitFD":3,"ReadyFD":41"#);
+                doc(&mappings(n, &m(LARGE_FIRST + n)), &rest)
+            }),
+        ),
+        (
+            "the last mapping unsupported",
+            Box::new(|n| doc(&mappings(n, sctp), &fine)),
+        ),
+        (
+            "a NetNSPath that does not exist",
+            Box::new(|n| {
+                let rest = r#""NetNSPath":"/run/netns/no-such-netns","ExitFD":3,"ReadyFD":4"#;
+                doc(&mappings(n, &m(LARGE_FIRST + n)), rest)
+            }),
+        ),
+    ];
+    for (case, make) in &defects {
+        let (fd3, fd4, _ew, _rr) = pipes();
+        let (small, small_code) = run(make(0), fd3, fd4);
+        assert_eq!(small_code, Some(1), "{case}, one port: {small}");
+        let (fd3, fd4, _ew, _rr) = pipes();
+        let (large, code) = run(make(LARGE - 1), fd3, fd4);
+        // JSON errors name a position, which the longer config moves.
+        let unplaced = |line: &str| line.split(" at line ").next().unwrap_or("").to_owned();
+        assert_eq!(
+            (unplaced(&large), code),
+            (unplaced(&small), Some(1)),
+            "{case}: {LARGE} ports"
+        );
+        left.assert_none(case);
+    }
+
+    // A conflict at the end: the first port again.
+    let (fd3, fd4, _ew, _rr) = pipes();
+    let (out, code) = run(doc(&mappings(LARGE - 1, &m(LARGE_FIRST)), &fine), fd3, fd4);
+    assert_eq!((out.as_str(), code), ("conflict with ID 1\n", Some(1)));
+    left.assert_none("a conflict at the end");
+
+    // A port in use far into the config.
+    let busy_port = LARGE_FIRST + LARGE * 3 / 4;
+    let busy = TcpListener::bind(("::", busy_port)).unwrap();
+    let (fd3, fd4, _ew, _rr) = pipes();
+    let (out, code) = run(
+        doc(&mappings(LARGE - 1, &m(LARGE_FIRST + LARGE - 1)), &fine),
+        fd3,
+        fd4,
+    );
+    assert_eq!(
+        (out.as_str(), code),
+        (
+            format!("listen tcp 0.0.0.0:{busy_port}: bind: address already in use\n").as_str(),
+            Some(1)
+        )
+    );
+    drop(busy);
+    left.assert_none("a port in use");
+}
+
+/// `Mappings` given twice: the one-pass decode refuses it, and the helper serves what
+/// Go's decoder would (the last one), not the ports it started on while decoding.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn mappings_given_twice_serve_the_last() {
+    require_harness();
+    let ns = TestNetns::new();
+    let netns = ns.path().display().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let first: Vec<String> = (LARGE_FIRST..LARGE_FIRST + LARGE)
+        .map(|p| {
+            format!(
+                r#"{{"host_ip":"","container_port":80,"host_port":{p},"range":1,"protocol":"tcp"}}"#
+            )
+        })
+        .collect();
+    let last_port = 29120;
+    let json = format!(
+        r#"{{"Mappings":[{}],"Mappings":[{{"host_ip":"","container_port":80,"host_port":{last_port},"range":1,"protocol":"tcp"}}],"NetNSPath":"{netns}","ExitFD":3,"ReadyFD":4,"TmpDir":"{}","ContainerID":"twice"}}"#,
+        first.join(","),
+        tmp.path().display()
+    );
+    let (er, ew) = cloexec_pipe();
+    let (rr, rw) = cloexec_pipe();
+    let out = LogFile::anonymous("out").unwrap();
+    let mut h = HelperCommand::new(rootlessport_bin())
+        .stdin_bytes(json.into_bytes())
+        .stdout_log(&out)
+        .unwrap()
+        .leak_fd(er, 3)
+        .leak_fd(rw, 4)
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 1];
+    let got = nix::unistd::read(&rr, &mut ready);
+    assert_eq!(
+        (got, ready),
+        (Ok(1), *b"1"),
+        "not ready: {}",
+        out.contents()
+    );
+    assert!(
+        TcpListener::bind(("::", last_port)).is_err(),
+        "the last Mappings' port is not served"
+    );
+    for p in LARGE_FIRST..LARGE_FIRST + LARGE {
+        assert!(
+            TcpListener::bind(("::", p)).is_ok(),
+            "port {p} of the first Mappings listens"
+        );
+    }
+    drop(ew);
+    let status = h.wait_timeout(Duration::from_secs(10)).unwrap().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn unwritable_tmpdir_and_unenterable_netns() {

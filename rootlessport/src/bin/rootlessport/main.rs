@@ -42,7 +42,7 @@ use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rootlessport::helper::Helper;
-use rootlessport::{Config, Error};
+use rootlessport::Error;
 
 mod logging;
 mod options;
@@ -89,6 +89,8 @@ fn main() {
 }
 
 fn run(options: &HelperOptions) -> Result<(), Failure> {
+    // Before the helper opens anything: ExitFD and ReadyFD must be among these.
+    let inherited = startup::Inherited::now();
     let mut input = Vec::new();
     std::io::stdin()
         .lock()
@@ -98,21 +100,22 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
     if input.len() > STDIN_LIMIT {
         return Err(Failure::StdinTooLarge { limit: STDIN_LIMIT });
     }
-    let cfg = Config::from_json(&input)?;
-    drop(input);
-    tracing::debug!(
-        "config: {} mapping(s), NetNSPath {:?}, ChildIP {:?}, RootlessCNI {}",
-        cfg.mappings.len(),
-        cfg.netns_path,
-        cfg.child_ip,
-        cfg.rootless_cni
-    );
-    let (exit_fd, ready_fd) = startup::take_fds(&cfg)?;
     startup::raise_nofile_limit();
     startup::limit_malloc_arenas(options.forwarding.threads);
     let mut forwarding = options.forwarding.clone();
     forwarding.exit_after_run = true;
-    let helper = Helper::bind(&cfg, exit_fd, &forwarding)?;
+    // The config is decoded while its first ports are bound (see `Helper::bind_json`).
+    let (helper, cfg, ready_fd) = Helper::bind_json(&input, &forwarding, |cfg| {
+        tracing::debug!(
+            "config: {} mapping(s), NetNSPath {:?}, ChildIP {:?}, RootlessCNI {}",
+            cfg.mappings.len(),
+            cfg.netns_path,
+            cfg.child_ip,
+            cfg.rootless_cni
+        );
+        startup::take_fds(cfg, &inherited)
+    })?;
+    drop(input);
     let summary = format!(
         "{} port(s) into {} (child IP {})",
         helper.ports(),
