@@ -35,7 +35,7 @@ pub(crate) const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
 pub(crate) struct Forwarder {
     pub(crate) bound: Vec<Bound>,
     /// The accept hub's epoll set, holding every TCP listener of `bound` already, its
-    /// position in `bound` as the event's data ([`crate::listen::bind_all`]).
+    /// position in `bound` as the event's data ([`crate::listen::Binding`]).
     pub(crate) hub_set: HubSet,
     /// The container's network namespace, opened before we go anywhere.
     pub(crate) netns: OwnedFd,
@@ -52,7 +52,8 @@ pub(crate) struct Forwarder {
     pub(crate) exit_after: bool,
     /// podman's container ID: names the routing state this helper owns in the netns.
     pub(crate) container_id: String,
-    /// SIGTERM and SIGINT, caught since [`crate::helper::Helper::bind`] began.
+    /// SIGTERM and SIGINT, caught since [`crate::helper::Helper::bind`] (or
+    /// `bind_json`) began.
     pub(crate) stop: StopSignals,
     /// The event loop ([`build_runtime`]); last, so that it is dropped after
     /// everything registered with it.
@@ -526,7 +527,8 @@ impl crate::control::Ports for Arc<Shared> {
     }
 }
 
-/// SIGTERM and SIGINT, caught from [`Helper::bind`](crate::helper::Helper::bind) on:
+/// SIGTERM and SIGINT, caught from the start of [`Helper::bind`](crate::helper::Helper::bind)
+/// (or [`Helper::bind_json`](crate::helper::Helper::bind_json)) on:
 /// a handler (signal-hook's) sends a byte on a socket pair whose other end the event
 /// loop watches once it runs. The handler runs in whichever thread the kernel picks, so
 /// a signal sent to one thread (`tgkill`) counts too, and no thread's signal mask

@@ -7,7 +7,9 @@
 //! (before anything listens), opens the container's netns, makes every listener on the
 //! host side and the reload socket; [`Helper::run`] enters the netns, serves every
 //! port, calls `ready` once all are served, and returns when the exit pipe reads EOF or
-//! on SIGTERM/SIGINT.
+//! on SIGTERM/SIGINT. [`Helper::bind_json`] does what `bind` does straight from the
+//! config's JSON, binding the first ports while the rest is decoded (what the binary
+//! uses).
 //!
 //! ```no_run
 //! use std::os::fd::OwnedFd;
@@ -131,8 +133,9 @@ impl Helper {
     }
 
     /// [`Config::from_json`] and [`Helper::bind`] at once, faster with many ports: the
-    /// listeners of the first mappings are made (by [`Options::threads`]-independent
-    /// binding threads, as in `bind`) while the rest of `json` is still being decoded.
+    /// listeners of the first mappings are made while the rest of `json` is still being
+    /// decoded (by the binding threads that `bind` uses for many ports, two to four;
+    /// the calling thread joins them once the decode is done).
     /// `take` is called with the decoded config before its ports are checked (the
     /// `rootlessport` binary takes its `ExitFD` and `ReadyFD` there, as podman's helper
     /// does at that point); it returns the exit pipe's read end and anything the caller

@@ -10,7 +10,7 @@
 //! allocated at its first connection, so 10,000 idle published ports cost about 0.8 MB
 //! of heap, not a task, two registrations and a counter block each. The config's
 //! listeners are put into the set by the threads that bind them, as each starts to
-//! listen ([`crate::listen::bind_all`]), and the hub adopts them in one step
+//! listen ([`crate::listen::Binding`]), and the hub adopts them in one step
 //! ([`HubCommand::Adopt`]). Control `add` and `remove` reach the hub through
 //! [`HubCommand`]s; a removal deletes the listener from
 //! the set and closes it before the reply, and frees its slot for the next port added.
@@ -444,7 +444,7 @@ pub(crate) enum HubCommand {
         done: oneshot::Sender<io::Result<()>>,
     },
     /// The start-up batch, whose listeners are in the hub's set already (put there by
-    /// [`crate::listen::bind_all`] as each was bound): `slots[i]` is the port whose
+    /// [`crate::listen::Binding`] as each was bound): `slots[i]` is the port whose
     /// event data is `i`, `None` a free slot (a UDP port of the batch). Served and
     /// listed in one step as with `Add`; refused unless the hub is still empty.
     Adopt {
