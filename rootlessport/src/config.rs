@@ -235,10 +235,7 @@ impl Config {
     /// # Errors
     ///
     /// As [`Config::from_json`].
-    pub(crate) fn from_json_each(
-        bytes: &[u8],
-        each: EachMapping,
-    ) -> Result<(Config, bool), Error> {
+    pub(crate) fn from_json_each(bytes: &[u8], each: EachMapping) -> Result<(Config, bool), Error> {
         /// Takes the hook off this thread again, however the decode ends.
         struct Unset;
         impl Drop for Unset {

@@ -37,7 +37,7 @@ use slirp_config::PortMapping;
 
 use crate::config::{parse_child_ip, plan_ports, Planner, PortSpec};
 use crate::forward::{build_runtime, one_thread_runtime, Forwarder, StopSignals, DEFAULT_UDP_IDLE};
-use crate::listen::{bind_all, Binding, Bound, FdRoom, Feed, CHUNK};
+use crate::listen::{bind_all, Binding, Bound, FdRoom, Feed, Listen, CHUNK};
 use crate::reload::server::ReloadSocket;
 use crate::state::DEFAULT_PIPE_SIZE;
 use crate::tcp::HubSet;
@@ -113,10 +113,9 @@ impl Helper {
         let child_ip = parse_child_ip(&config.child_ip)?;
         // Before anything is made: a stop signal from here on is kept until ready.
         let stop = StopSignals::catch()?;
-        let room = FdRoom::now();
         let netns = open_netns(config)?;
         let ports = specs.len();
-        room.check(ports)?;
+        FdRoom::now().check(ports)?;
         let threads = options.threads.clamp(1, 64);
         let rt = build_runtime(threads, &netns, &config.netns_path)?;
         let hub = Hub::joined(&rt)?;
@@ -156,7 +155,7 @@ impl Helper {
     ) -> Result<(Helper, Config, T), Error> {
         // Before anything is made: a stop signal from here on is kept until ready.
         let stop = StopSignals::catch()?;
-        let room = FdRoom::now();
+        let mut room = FdRoom::now();
         let threads = options.threads.clamp(1, 64);
         // One event-loop thread needs nothing from the config: the loop is made first,
         // and the hub's set joins it while empty. A pool's threads enter the netns as
@@ -172,7 +171,7 @@ impl Helper {
         };
         let (config, exit_fd, taken, start) = std::thread::scope(|scope| {
             let estimate = json.len() / MAPPING_JSON_BYTES;
-            let binding = Binding::start(scope, estimate, Some(hub.epoll()));
+            let binding = Binding::start(scope, estimate, Some(hub.epoll()), Listen::AtFinish);
             let planned = Rc::new(RefCell::new(Planned {
                 planner: Planner::with_capacity(estimate),
                 ..Planned::default()
@@ -195,13 +194,15 @@ impl Helper {
                 // The decode that planned did not make this config: start over from it.
                 drop(binding);
                 let specs = plan_ports(&config.mappings)?;
-                let binding = Binding::start(scope, specs.len(), Some(hub.epoll()));
+                let binding =
+                    Binding::start(scope, specs.len(), Some(hub.epoll()), Listen::AtFinish);
                 let ports = specs.len();
                 binding.feed().send(specs);
                 (binding, ports)
             };
             let child_ip = parse_child_ip(&config.child_ip)?;
             let netns = open_netns(&config)?;
+            room.opened(1);
             room.check(ports)?;
             let rt = match early_rt {
                 Some(rt) => rt,
@@ -254,9 +255,10 @@ impl Helper {
     }
 }
 
-/// The fewest bytes a mapping takes in podman's JSON (`{"container_port":1,...}` is ~80):
-/// the input's length over this is the most ports it can hold, short of ranges.
-const MAPPING_JSON_BYTES: usize = 64;
+/// About the fewest bytes a mapping takes in JSON (`{"host_port":1,"container_port":1}`;
+/// podman writes all five keys, ~80 bytes): the input's length over this is at least
+/// the number of ports, short of ranges.
+const MAPPING_JSON_BYTES: usize = 32;
 
 /// The mappings planned so far while the config is decoded, and the specs not yet
 /// handed to the binding threads.

@@ -51,10 +51,23 @@ pub(crate) const CHUNK: usize = 128;
 /// Many ports are bound by several threads at once (see [`Binding`]).
 pub(crate) fn bind_all(specs: Vec<PortSpec>, hub: Option<&Epoll>) -> Result<Vec<Bound>, Error> {
     std::thread::scope(|scope| {
-        let binding = Binding::start(scope, specs.len(), hub);
+        let binding = Binding::start(scope, specs.len(), hub, Listen::AtOnce);
         binding.feed().send_all(specs);
         binding.finish()
     })
+}
+
+/// When a [`Binding`]'s TCP sockets start to listen (and join the hub's set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listen {
+    /// As each is made.
+    AtOnce,
+    /// Only once [`Binding::finish`] is called, the batch being known to be good: until
+    /// then they are only bound. A bound TCP socket that does not listen refuses
+    /// connections, and does not stop another socket with `SO_REUSEADDR` (another
+    /// helper's, podman's) from binding and listening on its port; so a config refused
+    /// after its first ports were made takes no connection and fails no other helper.
+    AtFinish,
 }
 
 /// Listeners being made by a few threads at once (each one inheriting the netns of the
@@ -70,12 +83,15 @@ pub(crate) fn bind_all(specs: Vec<PortSpec>, hub: Option<&Epoll>) -> Result<Vec<
 /// the threads, waits for them and closes every socket made.
 pub(crate) struct Binding<'scope, 'env> {
     feed: Arc<Feed>,
+    scope: &'scope std::thread::Scope<'scope, 'env>,
     threads: Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
     how: How<'env>,
+    /// The CPU of the thread that started the binding, which the threads move off.
+    caller_cpu: Option<usize>,
     published_at: u64,
 }
 
-/// What the binding threads share: the chunks waiting and what was made of them.
+/// What the binding threads share: the work waiting and what was made.
 #[derive(Default)]
 pub(crate) struct Feed {
     state: Mutex<FeedState>,
@@ -95,17 +111,21 @@ const SPIN: Duration = Duration::from_millis(3);
 
 #[derive(Default)]
 struct FeedState {
-    /// Chunks not taken yet, oldest first.
-    waiting: VecDeque<Chunk>,
-    /// Chunks bound, with their sockets, in the order they were done.
-    bound: Vec<(Chunk, Vec<socket2::Socket>)>,
+    /// Work not taken yet, oldest first.
+    waiting: VecDeque<Work>,
+    /// Chunks made, in the order they were done.
+    made: Vec<Made>,
     /// The chunk a thread failed on (its sockets closed already), if any.
     failed: Option<Chunk>,
     /// Specs sent so far: the next chunk's first position.
     sent: usize,
+    /// The fd table holds this many more fds than were open at the start.
+    room: usize,
+    /// TCP sockets listen as they are made (else they are only bound, see [`Listen`]).
+    listen: bool,
     /// No more chunks come.
     closed: bool,
-    /// Take no more chunks: one failed, or the batch is abandoned.
+    /// Take no more work: one failed, or the batch is abandoned.
     stop: bool,
 }
 
@@ -113,6 +133,22 @@ struct FeedState {
 struct Chunk {
     first: usize,
     specs: Vec<PortSpec>,
+}
+
+/// A chunk's sockets, one per spec.
+struct Made {
+    chunk: Chunk,
+    socks: Vec<socket2::Socket>,
+    /// Its TCP sockets listen (and are in the hub's set).
+    listening: bool,
+}
+
+/// What a binding thread does next.
+enum Work {
+    /// Make the chunk's sockets.
+    Make(Chunk),
+    /// Make the TCP ones of a chunk made before listen.
+    Listen(Made),
 }
 
 impl Feed {
@@ -129,10 +165,19 @@ impl Feed {
         let mut state = self.lock();
         let first = state.sent;
         state.sent += specs.len();
-        state.waiting.push_back(Chunk { first, specs });
+        // More ports than the fd table was grown for (a config of port ranges): grow
+        // it once for twice as many, instead of the kernel's doubling under way.
+        let grow = (state.sent > state.room).then(|| {
+            state.room = state.sent * 2;
+            state.room
+        });
+        state.waiting.push_back(Work::Make(Chunk { first, specs }));
         self.changes.fetch_add(1, Ordering::Release);
         drop(state);
         self.more.notify_one();
+        if let Some(more) = grow {
+            grow_fd_table(more);
+        }
     }
 
     /// [`Feed::send`] in chunks of [`CHUNK`].
@@ -144,18 +189,18 @@ impl Feed {
         self.send(specs);
     }
 
-    /// Bind chunks until none is left (or, unless `until_closed`, none waits), or until
-    /// told to stop.
+    /// Do the work waiting until none is left (or, unless `until_closed`, none waits),
+    /// or until told to stop.
     fn work(&self, how: How, until_closed: bool) {
         loop {
-            let chunk = {
+            let (job, listen) = {
                 let mut state = self.lock();
                 loop {
                     if state.stop {
                         return;
                     }
-                    if let Some(chunk) = state.waiting.pop_front() {
-                        break chunk;
+                    if let Some(job) = state.waiting.pop_front() {
+                        break (job, state.listen);
                     }
                     if state.closed || !until_closed {
                         return;
@@ -172,11 +217,31 @@ impl Feed {
                     }
                 }
             };
-            let made = bind_in_order(&chunk.specs, chunk.first, how);
+            let done = match job {
+                Work::Make(chunk) => match bind_in_order(&chunk.specs, chunk.first, how, listen) {
+                    Ok(socks) => Ok(Made {
+                        chunk,
+                        socks,
+                        listening: listen,
+                    }),
+                    Err(_) => Err(chunk),
+                },
+                Work::Listen(made) => match listen_in_order(&made, how) {
+                    Ok(()) => Ok(Made {
+                        listening: true,
+                        ..made
+                    }),
+                    Err(_) => Err(made.chunk),
+                },
+            };
             let mut state = self.lock();
-            match made {
-                Ok(socks) => state.bound.push((chunk, socks)),
-                Err(_) => {
+            match done {
+                // Made before listening, and the batch is good by now: listen next.
+                Ok(made) if !made.listening && state.listen => {
+                    state.waiting.push_back(Work::Listen(made));
+                }
+                Ok(made) => state.made.push(made),
+                Err(chunk) => {
                     state.failed = Some(chunk);
                     state.stop = true;
                     drop(state);
@@ -194,12 +259,24 @@ impl Feed {
         }
     }
 
-    /// Tell the threads that nothing more comes (and, with `stop`, to take no more).
+    /// Tell the threads that nothing more comes, and that TCP sockets may listen now
+    /// (those made before listen first); with `stop`, to take no more work.
     fn close(&self, stop: bool) {
         let mut state = self.lock();
         self.changes.fetch_add(1, Ordering::Release);
         state.closed = true;
         state.stop |= stop;
+        if !state.listen && !stop {
+            state.listen = true;
+            let made = std::mem::take(&mut state.made);
+            let (listening, not_yet): (Vec<Made>, Vec<Made>) =
+                made.into_iter().partition(|m| m.listening);
+            state.made = listening;
+            let jobs = not_yet.into_iter().map(Work::Listen);
+            // Before the chunks still to be made: their ports were planned first.
+            let rest = std::mem::take(&mut state.waiting);
+            state.waiting = jobs.chain(rest).collect();
+        }
         drop(state);
         self.more.notify_all();
     }
@@ -207,51 +284,67 @@ impl Feed {
 
 impl<'scope, 'env> Binding<'scope, 'env> {
     /// Start binding, for about `ports` listeners (which decides how many threads, and
-    /// how far the fd table is grown at once), in `scope`'s threads. See [`bind_all`]
-    /// for `hub`.
+    /// how far the fd table is grown at once), in `scope`'s threads, TCP ones listening
+    /// as `listen` says. See [`bind_all`] for `hub`.
     pub(crate) fn start(
         scope: &'scope std::thread::Scope<'scope, 'env>,
         ports: usize,
         hub: Option<&'env Epoll>,
+        listen: Listen,
     ) -> Binding<'scope, 'env> {
         let how = How {
             hub,
             dual_stack_default: dual_stack_is_default(),
         };
-        let threads = if ports < PARALLEL_FROM {
-            1
-        } else {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_BIND_THREADS)
-        };
-        if threads > 1 {
-            grow_fd_table(ports);
-        }
         let feed = Arc::new(Feed::default());
-        // The calling thread is the last binder: it joins in `finish`. A thread that
-        // cannot start leaves its share to the others.
-        let caller_cpu = nix::sched::sched_getcpu().ok();
-        let threads = (1..threads)
-            .map_while(|_| {
-                let feed = feed.clone();
-                std::thread::Builder::new()
-                    .name("rootlessport-bind".to_owned())
-                    .stack_size(BIND_STACK)
-                    .spawn_scoped(scope, move || {
-                        if let Some(cpu) = caller_cpu {
-                            move_off_cpu(cpu);
-                        }
-                        feed.work(how, true);
-                    })
-                    .ok()
-            })
-            .collect();
-        Binding {
+        {
+            let mut state = feed.lock();
+            state.listen = listen == Listen::AtOnce;
+            state.room = ports;
+        }
+        let mut binding = Binding {
             feed,
-            threads,
+            scope,
+            threads: Vec::new(),
             how,
+            caller_cpu: nix::sched::sched_getcpu().ok(),
             published_at: crate::counters::unix_now(),
+        };
+        binding.spawn_threads(ports);
+        binding
+    }
+
+    /// Start the threads that `ports` listeners call for, unless started already: none
+    /// below [`PARALLEL_FROM`], else one less than the CPUs (up to
+    /// [`MAX_BIND_THREADS`]), the calling thread being the last binder (it joins in
+    /// `finish`). The fd table is grown for the ports first. A thread that cannot start
+    /// leaves its share to the others.
+    fn spawn_threads(&mut self, ports: usize) {
+        if ports < PARALLEL_FROM || !self.threads.is_empty() {
+            return;
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_BIND_THREADS);
+        if threads < 2 {
+            return;
+        }
+        grow_fd_table(ports);
+        for _ in 1..threads {
+            let (feed, how, cpu) = (self.feed.clone(), self.how, self.caller_cpu);
+            let thread = std::thread::Builder::new()
+                .name("rootlessport-bind".to_owned())
+                .stack_size(BIND_STACK)
+                .spawn_scoped(self.scope, move || {
+                    if let Some(cpu) = cpu {
+                        move_off_cpu(cpu);
+                    }
+                    feed.work(how, true);
+                });
+            match thread {
+                Ok(t) => self.threads.push(t),
+                Err(_) => break,
+            }
         }
     }
 
@@ -260,51 +353,48 @@ impl<'scope, 'env> Binding<'scope, 'env> {
         &self.feed
     }
 
-    /// Bind, on this thread too, every spec sent, then wait for the threads: the
-    /// listeners in the order sent, all or none (see [`Binding`]).
+    /// Bind (and listen), on this thread too, every spec sent, then wait for the
+    /// threads: the listeners in the order sent, all or none (see [`Binding`]).
     ///
     /// # Errors
     ///
     /// The first failure in the order sent ([`Error::Listen`], or [`Error::Io`] when a
     /// listener could not join the hub's set).
     pub(crate) fn finish(mut self) -> Result<Vec<Bound>, Error> {
+        // Many ports planned from a short config (port ranges): threads now.
+        let sent = self.feed.lock().sent;
+        self.spawn_threads(sent);
         self.feed.close(false);
         self.feed.work(self.how, false);
         self.join();
         let state = std::mem::take(&mut *self.feed.lock());
-        let mut done = state.bound;
-        done.sort_unstable_by_key(|(chunk, _)| chunk.first);
-        let at = |(chunk, socks): (Chunk, Vec<socket2::Socket>)| {
-            chunk
-                .specs
-                .into_iter()
-                .zip(socks)
-                .map(|(spec, sock)| Bound {
-                    spec,
-                    sock,
-                    published_at: self.published_at,
-                })
-        };
-        if !state.stop {
-            return Ok(done.into_iter().flat_map(at).collect());
-        }
-        // A chunk failed: close everything, then again in order on this thread alone.
-        let mut chunks: Vec<Chunk> = done.into_iter().map(|(chunk, _)| chunk).collect();
-        chunks.extend(state.failed);
-        chunks.extend(state.waiting);
-        chunks.sort_unstable_by_key(|chunk| chunk.first);
-        let specs: Vec<PortSpec> = chunks.into_iter().flat_map(|c| c.specs).collect();
-        let socks = bind_in_order(&specs, 0, self.how)?;
+        let mut done = state.made;
+        done.sort_unstable_by_key(|made| made.chunk.first);
         let published_at = self.published_at;
-        Ok(specs
-            .into_iter()
-            .zip(socks)
-            .map(|(spec, sock)| Bound {
+        let listed = |specs: Vec<PortSpec>, socks: Vec<socket2::Socket>| {
+            specs.into_iter().zip(socks).map(move |(spec, sock)| Bound {
                 spec,
                 sock,
                 published_at,
             })
-            .collect())
+        };
+        if !state.stop && state.waiting.is_empty() && done.iter().all(|m| m.listening) {
+            return Ok(done
+                .into_iter()
+                .flat_map(|m| listed(m.chunk.specs, m.socks))
+                .collect());
+        }
+        // A chunk failed: close everything, then again in order on this thread alone.
+        let mut chunks: Vec<Chunk> = done.into_iter().map(|made| made.chunk).collect();
+        chunks.extend(state.failed);
+        chunks.extend(state.waiting.into_iter().map(|job| match job {
+            Work::Make(chunk) => chunk,
+            Work::Listen(made) => made.chunk,
+        }));
+        chunks.sort_unstable_by_key(|chunk| chunk.first);
+        let specs: Vec<PortSpec> = chunks.into_iter().flat_map(|c| c.specs).collect();
+        let socks = bind_in_order(&specs, 0, self.how, true)?;
+        Ok(listed(specs, socks).collect())
     }
 
     /// Wait for every binding thread to end.
@@ -397,6 +487,11 @@ impl FdRoom {
         }
     }
 
+    /// Count `files` more as open (opened since [`FdRoom::now`], before the listeners).
+    pub(crate) fn opened(&mut self, files: usize) {
+        self.open = self.open.map(|open| open.saturating_add(files));
+    }
+
     /// Refuse a start-up whose `ports` listeners cannot all be open files at once (with
     /// [`FD_RESERVE`] left) beside the files counted by [`FdRoom::now`], instead of
     /// failing at the first `EMFILE` part-way (or reporting the `EMFILE` of a binding
@@ -459,25 +554,60 @@ fn grow_fd_table(more: usize) {
 }
 
 /// Bind `specs` in order on this thread, the first being position `first` of the
-/// batch (the hub's event data); the first failure closes the ones made.
+/// batch (the hub's event data), TCP ones listening (and joining the hub's set) only
+/// with `listen`; the first failure closes the ones made.
 fn bind_in_order(
     specs: &[PortSpec],
     first: usize,
     how: How,
+    listen: bool,
 ) -> Result<Vec<socket2::Socket>, Error> {
     let mut socks = Vec::with_capacity(specs.len());
     for (at, spec) in (first..).zip(specs) {
         let sock = bind_one(spec, spec.listen_plan()?, how.dual_stack_default)?;
-        if let (Some(hub), Transport::Tcp) = (how.hub, spec.transport) {
-            let event = EpollEvent::new(EpollFlags::EPOLLIN, at as u64);
-            hub.add(&sock, event).map_err(|e| Error::Io {
-                what: "registering a listener",
-                source: e.into(),
-            })?;
+        if listen {
+            start_listening(spec, &sock, at, how)?;
         }
         socks.push(sock);
     }
     Ok(socks)
+}
+
+/// Let the TCP sockets of `made` (bound without listening) listen and join the hub's
+/// set, in order.
+fn listen_in_order(made: &Made, how: How) -> Result<(), Error> {
+    let first = made.chunk.first;
+    for ((at, spec), sock) in (first..).zip(&made.chunk.specs).zip(&made.socks) {
+        start_listening(spec, sock, at, how)?;
+    }
+    Ok(())
+}
+
+/// A TCP listener listens and joins the hub's set, position `at` as its event data;
+/// nothing for UDP.
+fn start_listening(
+    spec: &PortSpec,
+    sock: &socket2::Socket,
+    at: usize,
+    how: How,
+) -> Result<(), Error> {
+    if spec.transport != Transport::Tcp {
+        return Ok(());
+    }
+    sock.listen(4096).map_err(|e| Error::Listen {
+        proto: spec.proto().to_owned(),
+        addr: display_addr(&spec.parent_ip, spec.parent_port),
+        reason: "listen",
+        source: Some(e),
+    })?;
+    if let Some(hub) = how.hub {
+        let event = EpollEvent::new(EpollFlags::EPOLLIN, at as u64);
+        hub.add(sock, event).map_err(|e| Error::Io {
+            what: "registering a listener",
+            source: e.into(),
+        })?;
+    }
+    Ok(())
 }
 
 fn bind_one(
@@ -527,9 +657,6 @@ fn bind_one(
             .map_err(|e| err("setsockopt", e))?;
     }
     sock.bind(&addr.into()).map_err(|e| err("bind", e))?;
-    if spec.transport == Transport::Tcp {
-        sock.listen(4096).map_err(|e| err("listen", e))?;
-    }
     Ok(sock)
 }
 

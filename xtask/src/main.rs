@@ -70,7 +70,9 @@ internal, run by the commands above:
   bench-client MODE ADDR N [N]
                       one load generator of the bench (conn, pingpong, udp, hold, udpflows)
   reload-send TMPDIR CONTAINER_ID CHILD_IP
-                      one reload request to a running rootlessport";
+                      one reload request to a running rootlessport
+  bind-probe PORT     bind and listen on [::]:PORT (SO_REUSEADDR, as servers do) over and
+                      over until stdin closes; prints how many tries found it in use";
 
 fn main() -> ExitCode {
     let mut p = lexopt::Parser::from_env();
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
         "bench-client" => loadgen::run(&args),
         "soak" => soak::run(&args),
         "fuzz" => fuzz::run(&args),
+        "bind-probe" => bind_probe(&args),
         // One reload request, for tests that send it as another user.
         "reload-send" => match args.get(..3) {
             Some([dir, id, ip]) => rootlessport::reload::reload(dir.as_ref(), id, ip)
@@ -132,6 +135,37 @@ fn main() -> ExitCode {
 fn fail(e: String) -> ExitCode {
     eprintln!("xtask: {e}");
     ExitCode::FAILURE
+}
+
+/// `bind-probe PORT`: another server trying to take a port, in a process of its own
+/// (a test's thread would share its sockets with every child the test forks). Prints
+/// `probing` once it has started, then, once stdin closes, `IN_USE TRIES`.
+fn bind_probe(args: &[String]) -> Result<(), String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let port: u16 = match args {
+        [port] => port
+            .parse()
+            .map_err(|_| format!("bind-probe: bad port {port:?}"))?,
+        _ => return Err("usage: xtask bind-probe PORT".into()),
+    };
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        CLOSED.store(true, Ordering::Relaxed);
+    });
+    println!("probing");
+    let (mut in_use, mut tries) = (0u64, 0u64);
+    while !CLOSED.load(Ordering::Relaxed) {
+        tries += 1;
+        // std's listener sets SO_REUSEADDR, as Go's and ours do.
+        match std::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)) {
+            Ok(listener) => drop(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => in_use += 1,
+            Err(e) => return Err(format!("bind-probe: [::]:{port}: {e}")),
+        }
+    }
+    println!("{in_use} {tries}");
+    Ok(())
 }
 
 #[cfg(test)]

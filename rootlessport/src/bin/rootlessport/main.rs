@@ -42,7 +42,7 @@ use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rootlessport::helper::Helper;
-use rootlessport::Error;
+use rootlessport::{Config, Error};
 
 mod logging;
 mod options;
@@ -52,6 +52,11 @@ use options::HelperOptions;
 
 /// A real config is about 100 bytes per mapping; this leaves room for 100,000 of them.
 const STDIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Below this open-file limit the config is decoded before anything is made: the
+/// start-up that binds while decoding opens a few files (signal pipe, event loop, the
+/// accept hub's set) first, which a tiny limit would report before a config error.
+const STREAM_NOFILE: u64 = 64;
 
 /// Set once stdout points at /dev/null (just before ReadyFD is written).
 static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
@@ -104,8 +109,7 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
     startup::limit_malloc_arenas(options.forwarding.threads);
     let mut forwarding = options.forwarding.clone();
     forwarding.exit_after_run = true;
-    // The config is decoded while its first ports are bound (see `Helper::bind_json`).
-    let (helper, cfg, ready_fd) = Helper::bind_json(&input, &forwarding, |cfg| {
+    let log_config = |cfg: &Config| {
         tracing::debug!(
             "config: {} mapping(s), NetNSPath {:?}, ChildIP {:?}, RootlessCNI {}",
             cfg.mappings.len(),
@@ -113,8 +117,22 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
             cfg.child_ip,
             cfg.rootless_cni
         );
-        startup::take_fds(cfg, &inherited)
-    })?;
+    };
+    let (helper, cfg, ready_fd) = if inherited.is_known() && startup::nofile_soft() >= STREAM_NOFILE
+    {
+        // The config is decoded while its first ports are bound (`Helper::bind_json`).
+        Helper::bind_json(&input, &forwarding, |cfg| {
+            log_config(cfg);
+            startup::take_fds(cfg, &inherited)
+        })?
+    } else {
+        // Decoded first, then bound: what the helper opens early could otherwise take
+        // an fd number that the config names, or the last files before a config error.
+        let cfg = Config::from_json(&input)?;
+        log_config(&cfg);
+        let (exit_fd, ready_fd) = startup::take_fds(&cfg, &inherited)?;
+        (Helper::bind(&cfg, exit_fd, &forwarding)?, cfg, ready_fd)
+    };
     drop(input);
     let summary = format!(
         "{} port(s) into {} (child IP {})",

@@ -11,7 +11,8 @@ use rootlessport::{Config, Error};
 /// opens anything of its own), so that ExitFD and ReadyFD can be checked against them
 /// while other threads already make sockets: a number that was not open at start may be
 /// a listener of ours by the time the config names it. `None` when `/proc/self/fd`
-/// cannot be read: then only the kind of file is checked, as before threads.
+/// cannot be read: then only the kind of file is checked, and the helper must not open
+/// anything before it has taken the fds ([`Inherited::is_known`]).
 pub(crate) struct Inherited(Option<Vec<RawFd>>);
 
 impl Inherited {
@@ -21,8 +22,7 @@ impl Inherited {
         use nix::fcntl::OFlag;
         use std::os::fd::AsRawFd;
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        let Ok(mut dir) = Dir::open("/proc/self/fd", flags, nix::sys::stat::Mode::empty())
-        else {
+        let Ok(mut dir) = Dir::open("/proc/self/fd", flags, nix::sys::stat::Mode::empty()) else {
             return Inherited(None);
         };
         // The directory's own fd is listed too, and closed again below.
@@ -34,6 +34,13 @@ impl Inherited {
             .collect();
         fds.sort_unstable();
         Inherited(Some(fds))
+    }
+
+    /// Whether the fds open at start are known (`/proc/self/fd` could be read). Unknown,
+    /// a number that was not open at start may be one of the helper's own files by the
+    /// time the config names it, unless the helper opens nothing before it reads it.
+    pub(crate) fn is_known(&self) -> bool {
+        self.0.is_some()
     }
 
     fn contains(&self, fd: RawFd) -> bool {
@@ -65,9 +72,10 @@ pub(crate) fn take_fds(cfg: &Config, inherited: &Inherited) -> Result<(OwnedFd, 
     {
         return Err(Error::InvalidReadyFd);
     }
-    // SAFETY: both fds were open when the process started (checked above) and are
-    // handed to us by our parent for our sole use; nothing else in this process owns
-    // them or closes fds it did not open.
+    // SAFETY: both fds were open when the process started (checked above; or, when
+    // that list is unknown, the helper has opened nothing yet) and are handed to us by
+    // our parent for our sole use; nothing else in this process owns them or closes
+    // fds it did not open.
     let (exit, ready) = unsafe {
         (
             OwnedFd::from_raw_fd(cfg.exit_fd),
@@ -120,4 +128,10 @@ pub(crate) fn raise_nofile_limit() {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
+}
+
+/// The soft limit on open files (after [`raise_nofile_limit`]); `u64::MAX` when unknown.
+pub(crate) fn nofile_soft() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft)
 }
