@@ -35,7 +35,7 @@ pub struct Config {
     /// The published ports (podman's wire form, `slirp_config`'s model): each host IP
     /// (`""` for every address), host port, container port, range (0 means 1) and
     /// protocol list (`tcp,udp`; empty means `tcp`). JSON `Mappings`. Default none.
-    #[serde(rename = "Mappings", deserialize_with = "mappings_each")]
+    #[serde(rename = "Mappings", deserialize_with = "nullable")]
     pub mappings: Vec<PortMapping>,
     /// The container's network namespace, a path such as `/run/netns/NAME` or
     /// `/proc/PID/ns/net`; required. JSON `NetNSPath`.
@@ -111,50 +111,6 @@ where
     Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
-/// What [`Config::from_json_each`] calls with each mapping as it is decoded.
-type EachMapping = Box<dyn FnMut(&PortMapping)>;
-
-std::thread_local! {
-    /// The decode's [`EachMapping`] on this thread, while [`Config::from_json_each`] runs.
-    static EACH_MAPPING: std::cell::RefCell<Option<EachMapping>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// `Mappings`: `null` or absent is none; a list is decoded one mapping at a time, each
-/// handed to this thread's [`EACH_MAPPING`] (when one is set) as soon as it is decoded.
-fn mappings_each<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PortMapping>, D::Error> {
-    use serde::de::{SeqAccess, Visitor};
-    struct List;
-    impl<'de> Visitor<'de> for List {
-        type Value = Vec<PortMapping>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a sequence")
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(Vec::new())
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(Vec::new())
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_seq(List)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut all = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-            while let Some(mapping) = seq.next_element::<PortMapping>()? {
-                EACH_MAPPING.with_borrow_mut(|each| {
-                    if let Some(each) = each {
-                        each(&mapping);
-                    }
-                });
-                all.push(mapping);
-            }
-            Ok(all)
-        }
-    }
-    d.deserialize_option(List)
-}
-
 impl Config {
     /// A config for the container `container_id` whose netns is at `netns_path`,
     /// forwarding to `child_ip` (empty: the netns's loopback), with `tmp_dir` for the
@@ -223,37 +179,6 @@ impl Config {
             return Err(Error::NotAnObject);
         }
         serde_json::from_value(value).map_err(Error::Json)
-    }
-
-    /// [`Config::from_json`], calling `each` with every mapping of `Mappings`, in order,
-    /// as soon as it is decoded (so that work on the first ones can start while the rest
-    /// is read). The flag says whether `each` saw exactly the returned config's mappings:
-    /// `false` when the one-pass decode failed part-way and the config came from the
-    /// second way (the decode through a tree, which takes JSON that the first refuses,
-    /// such as a key given twice); `each` then saw mappings of the failed attempt.
-    ///
-    /// # Errors
-    ///
-    /// As [`Config::from_json`].
-    pub(crate) fn from_json_each(bytes: &[u8], each: EachMapping) -> Result<(Config, bool), Error> {
-        /// Takes the hook off this thread again, however the decode ends.
-        struct Unset;
-        impl Drop for Unset {
-            fn drop(&mut self) {
-                EACH_MAPPING.set(None);
-            }
-        }
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-        if first == Some(&b'{') {
-            EACH_MAPPING.set(Some(each));
-            let unset = Unset;
-            let decoded = serde_json::from_slice(bytes);
-            drop(unset);
-            if let Ok(config) = decoded {
-                return Ok((config, true));
-            }
-        }
-        Config::from_json(bytes).map(|config| (config, false))
     }
 
     /// The helper's checks of its ports and child IP, made before anything listens and
@@ -422,91 +347,47 @@ const NO_HOST_IP: &str = "0.0.0.0";
 pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Error> {
     // Most mappings are one port over one protocol: one spec each.
     let mut specs: Vec<PortSpec> = Vec::with_capacity(mappings.len());
-    let mut planner = Planner::with_capacity(mappings.len());
-    for mapping in mappings {
-        planner.plan(mapping, &mut specs)?;
+    // Keyed by what RootlessKit compares (the proto and host IP as text, which a
+    // `Proto` and the mapping's own string stand for), borrowed: no copy per port.
+    let mut seen: HashMap<(Proto, &str, u16), u32> = HashMap::with_capacity(mappings.len());
+    for f in slirp_config::forwards(mappings) {
+        let f = f.map_err(rootlesskit_error)?;
+        let transport = match f.proto.protocol {
+            Protocol::Tcp => Transport::Tcp,
+            Protocol::Udp => Transport::Udp,
+            Protocol::Sctp => return Err(Error::UnsupportedProto(f.proto.to_string())),
+        };
+        // RootlessKit compares host IPs as text, "" made 0.0.0.0.
+        let given = f.mapping.host_ip.as_str();
+        let host_ip = if given.is_empty() { NO_HOST_IP } else { given };
+        // No host IP: the wildcard of the family listened on (`::` for tcp6/udp6).
+        let wildcard = match f.proto.family {
+            Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
+            _ => Ipv4Addr::UNSPECIFIED.into(),
+        };
+        let parent_addr = f.host_ip.map_or(wildcard, |a| a.to_canonical());
+        let id = specs.len() as u32 + 1;
+        match seen.entry((f.proto, host_ip, f.host_port)) {
+            Entry::Occupied(first) => return Err(Error::Conflict(*first.get())),
+            Entry::Vacant(slot) => slot.insert(id),
+        };
+        let parent_ip = if given.is_empty() {
+            Cow::Borrowed(NO_HOST_IP)
+        } else {
+            Cow::Owned(given.to_owned())
+        };
+        specs.push(PortSpec {
+            id,
+            protocol: f.proto,
+            transport,
+            family: f.proto.family,
+            parent_ip,
+            parent_addr,
+            parent_port: f.host_port,
+            child_port: f.container_port,
+        });
     }
     Ok(specs)
-}
-
-/// [`plan_ports`] one mapping at a time, for mappings that arrive one by one: the ids
-/// and the conflict check run on across calls.
-#[derive(Debug, Default)]
-pub(crate) struct Planner {
-    /// Keyed by what RootlessKit compares: the proto and the host IP as text (`""`
-    /// made `0.0.0.0`, which is borrowed: no copy per port in podman's usual case).
-    seen: HashMap<(Proto, Cow<'static, str>, u16), u32>,
-    /// Specs planned so far.
-    planned: u32,
-}
-
-impl Planner {
-    /// A planner with room for `ports` specs before it grows.
-    pub(crate) fn with_capacity(ports: usize) -> Planner {
-        Planner {
-            seen: HashMap::with_capacity(ports),
-            planned: 0,
-        }
-    }
-
-    /// How many specs were planned so far.
-    pub(crate) fn planned(&self) -> usize {
-        self.planned as usize
-    }
-
-    /// Expand and check `mapping`, appending its specs to `out`, as [`plan_ports`] does
-    /// for the mappings given so far and this one.
-    ///
-    /// # Errors
-    ///
-    /// As [`plan_ports`]; the specs of `mapping` before the failing one stay in `out`.
-    pub(crate) fn plan(
-        &mut self,
-        mapping: &PortMapping,
-        out: &mut Vec<PortSpec>,
-    ) -> Result<(), Error> {
-        for f in mapping.forwards() {
-            let f = f.map_err(rootlesskit_error)?;
-            let transport = match f.proto.protocol {
-                Protocol::Tcp => Transport::Tcp,
-                Protocol::Udp => Transport::Udp,
-                Protocol::Sctp => return Err(Error::UnsupportedProto(f.proto.to_string())),
-            };
-            // RootlessKit compares host IPs as text, "" made 0.0.0.0.
-            let given = f.mapping.host_ip.as_str();
-            // No host IP: the wildcard of the family listened on (`::` for tcp6/udp6).
-            let wildcard = match f.proto.family {
-                Family::V6 => Ipv6Addr::UNSPECIFIED.into(),
-                _ => Ipv4Addr::UNSPECIFIED.into(),
-            };
-            let parent_addr = f.host_ip.map_or(wildcard, |a| a.to_canonical());
-            let id = self.planned + 1;
-            let parent_ip = match given {
-                "" => Cow::Borrowed(NO_HOST_IP),
-                given => Cow::Owned(given.to_owned()),
-            };
-            let key = match given {
-                "" | NO_HOST_IP => Cow::Borrowed(NO_HOST_IP),
-                _ => parent_ip.clone(),
-            };
-            match self.seen.entry((f.proto, key, f.host_port)) {
-                Entry::Occupied(first) => return Err(Error::Conflict(*first.get())),
-                Entry::Vacant(slot) => slot.insert(id),
-            };
-            self.planned = id;
-            out.push(PortSpec {
-                id,
-                protocol: f.proto,
-                transport,
-                family: f.proto.family,
-                parent_ip,
-                parent_addr,
-                parent_port: f.host_port,
-                child_port: f.container_port,
-            });
-        }
-        Ok(())
-    }
 }
 
 /// A shared check's failure in RootlessKit's words.

@@ -35,7 +35,7 @@ pub(crate) const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(90);
 pub(crate) struct Forwarder {
     pub(crate) bound: Vec<Bound>,
     /// The accept hub's epoll set, holding every TCP listener of `bound` already, its
-    /// position in `bound` as the event's data ([`crate::listen::Binding`]).
+    /// position in `bound` as the event's data ([`crate::listen::bind_all`]).
     pub(crate) hub_set: HubSet,
     /// The container's network namespace, opened before we go anywhere.
     pub(crate) netns: OwnedFd,
@@ -52,8 +52,7 @@ pub(crate) struct Forwarder {
     pub(crate) exit_after: bool,
     /// podman's container ID: names the routing state this helper owns in the netns.
     pub(crate) container_id: String,
-    /// SIGTERM and SIGINT, caught since [`crate::helper::Helper::bind`] (or
-    /// `bind_json`) began.
+    /// SIGTERM and SIGINT, caught since [`crate::helper::Helper::bind`] began.
     pub(crate) stop: StopSignals,
     /// The event loop ([`build_runtime`]); last, so that it is dropped after
     /// everything registered with it.
@@ -186,9 +185,10 @@ impl Forwarder {
 /// this takes more turns, each one `epoll_wait` call.
 const EVENTS_PER_TICK: usize = 128;
 
-/// The event loop: on the calling thread alone for `threads` <= 1 ([`one_thread_runtime`]),
-/// else a pool of `threads` workers, each entering `netns` (opened from `netns_path`)
-/// as it starts; the caller enters it before serving.
+/// The event loop: on the calling thread alone for `threads` <= 1, else a pool of
+/// `threads` workers, each entering `netns` (opened from `netns_path`) as it starts;
+/// the caller enters it before serving. Built before the listeners are bound, so that
+/// the accept hub's epoll set joins the event loop while it is empty (see [`HubSet`]).
 ///
 /// # Errors
 ///
@@ -201,13 +201,18 @@ pub(crate) fn build_runtime(
     netns: &OwnedFd,
     netns_path: &str,
 ) -> Result<Runtime, Error> {
-    if threads <= 1 {
-        return one_thread_runtime();
-    }
     let started = |source| Error::Io {
         what: "starting the event loop",
         source,
     };
+    if threads <= 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .max_io_events_per_tick(EVENTS_PER_TICK)
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(started);
+    }
     try_pool_threads(threads, netns, netns_path)?;
     let ns = netns.try_clone().map_err(|source| Error::Io {
         what: "duplicating the netns fd",
@@ -227,26 +232,6 @@ pub(crate) fn build_runtime(
         .enable_time()
         .build()
         .map_err(started)
-}
-
-/// The event loop of one thread, the caller's (which enters the container's netns
-/// before serving): it needs nothing from the config, so it can be made before the
-/// config is read.
-///
-/// # Errors
-///
-/// [`Error::Io`] (`starting the event loop`) when its epoll set or eventfd cannot be
-/// made.
-pub(crate) fn one_thread_runtime() -> Result<Runtime, Error> {
-    tokio::runtime::Builder::new_current_thread()
-        .max_io_events_per_tick(EVENTS_PER_TICK)
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|source| Error::Io {
-            what: "starting the event loop",
-            source,
-        })
 }
 
 /// Prove, before tokio starts a pool of `threads` workers, that this many threads can
@@ -527,8 +512,7 @@ impl crate::control::Ports for Arc<Shared> {
     }
 }
 
-/// SIGTERM and SIGINT, caught from the start of [`Helper::bind`](crate::helper::Helper::bind)
-/// (or [`Helper::bind_json`](crate::helper::Helper::bind_json)) on:
+/// SIGTERM and SIGINT, caught from [`Helper::bind`](crate::helper::Helper::bind) on:
 /// a handler (signal-hook's) sends a byte on a socket pair whose other end the event
 /// loop watches once it runs. The handler runs in whichever thread the kernel picks, so
 /// a signal sent to one thread (`tgkill`) counts too, and no thread's signal mask

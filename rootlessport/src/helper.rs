@@ -7,9 +7,7 @@
 //! (before anything listens), opens the container's netns, makes every listener on the
 //! host side and the reload socket; [`Helper::run`] enters the netns, serves every
 //! port, calls `ready` once all are served, and returns when the exit pipe reads EOF or
-//! on SIGTERM/SIGINT. [`Helper::bind_json`] does what `bind` does straight from the
-//! config's JSON, binding the first ports while the rest is decoded (what the binary
-//! uses).
+//! on SIGTERM/SIGINT.
 //!
 //! ```no_run
 //! use std::os::fd::OwnedFd;
@@ -25,19 +23,14 @@
 //! # let _ = stopped; Ok(()) }
 //! ```
 
-use std::cell::RefCell;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::rc::Rc;
 use std::time::Duration;
 
-use nix::sys::epoll::Epoll;
-use slirp_config::PortMapping;
-
-use crate::config::{parse_child_ip, plan_ports, Planner, PortSpec};
-use crate::forward::{build_runtime, one_thread_runtime, Forwarder, StopSignals, DEFAULT_UDP_IDLE};
-use crate::listen::{bind_all, Binding, Bound, FdRoom, Feed, Listen, CHUNK};
+use crate::config::{parse_child_ip, plan_ports};
+use crate::forward::{build_runtime, Forwarder, StopSignals, DEFAULT_UDP_IDLE};
+use crate::listen::{bind_all, check_fd_room};
 use crate::reload::server::ReloadSocket;
 use crate::state::DEFAULT_PIPE_SIZE;
 use crate::tcp::HubSet;
@@ -113,114 +106,64 @@ impl Helper {
         let child_ip = parse_child_ip(&config.child_ip)?;
         // Before anything is made: a stop signal from here on is kept until ready.
         let stop = StopSignals::catch()?;
-        let netns = open_netns(config)?;
+        let netns =
+            slirp_spawn::open_netns(&slirp_spawn::Netns::Path(config.netns_path.clone().into()))
+                .map_err(|e| Error::Netns {
+                    path: config.netns_path.clone(),
+                    source: match e {
+                        slirp_spawn::Error::OpenNetns { source, .. } => source,
+                        other => std::io::Error::other(other),
+                    },
+                })?;
         let ports = specs.len();
-        FdRoom::now().check(ports)?;
+        check_fd_room(ports)?;
         let threads = options.threads.clamp(1, 64);
         let rt = build_runtime(threads, &netns, &config.netns_path)?;
-        let hub = Hub::joined(&rt)?;
-        let bound = bind_all(specs, Some(hub.epoll()))?;
-        let start = Start {
-            stop,
-            netns,
+        // The accept hub's epoll set, joined to the event loop while empty; each TCP
+        // listener goes into it from the thread that binds it.
+        let hub_set = {
+            let _in_rt = rt.enter();
+            HubSet::new().map_err(|source| Error::Io {
+                what: "making the epoll set of the TCP listeners",
+                source,
+            })?
+        };
+        let bound = bind_all(specs, Some(hub_set.epoll()))?;
+        let tmp_dir = Path::new(&config.tmp_dir);
+        let reload = if config.rootless_cni {
+            // podman reloads through it: without it the helper fails, as podman's does.
+            Some(ReloadSocket::bind(tmp_dir, &config.container_id)?)
+        } else if config.tmp_dir.is_empty() || config.container_id.is_empty() {
+            tracing::debug!("no TmpDir or ContainerID: no control socket");
+            None
+        } else {
+            // Only for control (podman does not expect it): the helper runs without it
+            // rather than fail where podman's would not.
+            match ReloadSocket::bind_if_free(tmp_dir, &config.container_id) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("no control socket: {e}");
+                    None
+                }
+            }
+        };
+        let forwarder = Forwarder {
             rt,
             bound,
+            hub_set,
+            netns,
+            netns_path: config.netns_path.clone(),
             child_ip,
-            ports,
+            exit_fd,
+            reload,
+            udp_idle: options.udp_idle,
+            pipe_size: options.pipe_size,
+            preserve_source: config.preserve_source_ip && options.preserve_source_ip,
+            exit_after: options.exit_after_run,
+            container_id: config.container_id.clone(),
+            stop,
         };
-        start.into_helper(hub, config, exit_fd, options)
-    }
-
-    /// [`Config::from_json`] and [`Helper::bind`] at once, faster with many ports: the
-    /// listeners of the first mappings are made while the rest of `json` is still being
-    /// decoded (by the binding threads that `bind` uses for many ports, two to four;
-    /// the calling thread joins them once the decode is done).
-    /// `take` is called with the decoded config before its ports are checked (the
-    /// `rootlessport` binary takes its `ExitFD` and `ReadyFD` there, as podman's helper
-    /// does at that point); it returns the exit pipe's read end and anything the caller
-    /// wants back. Returns the helper, the config and what `take` returned.
-    ///
-    /// Errors come in the order of `from_json`, `take`, then `bind`, and whatever was
-    /// made is closed first: a listener made early for a config that turns out to be
-    /// wrong further on listens only until the error is found (a few milliseconds with
-    /// 10,000 ports).
-    ///
-    /// # Errors
-    ///
-    /// The first failure: [`Config::from_json`]'s, `take`'s, then [`Helper::bind`]'s.
-    pub fn bind_json<T>(
-        json: &[u8],
-        options: &Options,
-        take: impl FnOnce(&Config) -> Result<(OwnedFd, T), Error>,
-    ) -> Result<(Helper, Config, T), Error> {
-        // Before anything is made: a stop signal from here on is kept until ready.
-        let stop = StopSignals::catch()?;
-        let mut room = FdRoom::now();
-        let threads = options.threads.clamp(1, 64);
-        // One event-loop thread needs nothing from the config: the loop is made first,
-        // and the hub's set joins it while empty. A pool's threads enter the netns as
-        // they start, so a pool waits for the config, and its set joins once full.
-        let early_rt = if threads == 1 {
-            Some(one_thread_runtime()?)
-        } else {
-            None
-        };
-        let hub = match &early_rt {
-            Some(rt) => Hub::joined(rt)?,
-            None => Hub::Unjoined(HubSet::unjoined().map_err(hub_error)?),
-        };
-        let (config, exit_fd, taken, start) = std::thread::scope(|scope| {
-            let estimate = json.len() / MAPPING_JSON_BYTES;
-            let binding = Binding::start(scope, estimate, Some(hub.epoll()), Listen::AtFinish);
-            let planned = Rc::new(RefCell::new(Planned {
-                planner: Planner::with_capacity(estimate),
-                ..Planned::default()
-            }));
-            let each = {
-                let planned = planned.clone();
-                let feed = binding.feed().clone();
-                move |mapping: &PortMapping| planned.borrow_mut().plan(mapping, &feed)
-            };
-            let (config, streamed) = Config::from_json_each(json, Box::new(each))?;
-            let (exit_fd, taken) = take(&config)?;
-            let planned = planned.take();
-            let (binding, ports) = if streamed {
-                if let Some(e) = planned.failed {
-                    return Err(e);
-                }
-                binding.feed().send(planned.pending);
-                (binding, planned.planner.planned())
-            } else {
-                // The decode that planned did not make this config: start over from it.
-                drop(binding);
-                let specs = plan_ports(&config.mappings)?;
-                let binding =
-                    Binding::start(scope, specs.len(), Some(hub.epoll()), Listen::AtFinish);
-                let ports = specs.len();
-                binding.feed().send(specs);
-                (binding, ports)
-            };
-            let child_ip = parse_child_ip(&config.child_ip)?;
-            let netns = open_netns(&config)?;
-            room.opened(1);
-            room.check(ports)?;
-            let rt = match early_rt {
-                Some(rt) => rt,
-                None => build_runtime(threads, &netns, &config.netns_path)?,
-            };
-            let bound = binding.finish()?;
-            let start = Start {
-                stop,
-                netns,
-                rt,
-                bound,
-                child_ip,
-                ports,
-            };
-            Ok((config, exit_fd, taken, start))
-        })?;
-        let helper = start.into_helper(hub, &config, exit_fd, options)?;
-        Ok((helper, config, taken))
+        Ok(Helper { forwarder, ports })
     }
 
     /// The number of ports listening (each protocol of each mapping, times its range).
@@ -253,146 +196,4 @@ impl Helper {
     pub fn run(self, ready: impl FnOnce() -> Result<(), Error>) -> Result<Stopped, Error> {
         self.forwarder.run(ready)
     }
-}
-
-/// About the fewest bytes a mapping takes in JSON (`{"host_port":1,"container_port":1}`;
-/// podman writes all five keys, ~80 bytes): the input's length over this is at least
-/// the number of ports, short of ranges.
-const MAPPING_JSON_BYTES: usize = 32;
-
-/// The mappings planned so far while the config is decoded, and the specs not yet
-/// handed to the binding threads.
-#[derive(Default)]
-struct Planned {
-    planner: Planner,
-    pending: Vec<PortSpec>,
-    /// The first failure; later mappings are not planned.
-    failed: Option<Error>,
-}
-
-impl Planned {
-    /// Plan `mapping`; hand the specs on to `feed` a [`CHUNK`] at a time.
-    fn plan(&mut self, mapping: &PortMapping, feed: &Feed) {
-        if self.failed.is_some() {
-            return;
-        }
-        if let Err(e) = self.planner.plan(mapping, &mut self.pending) {
-            self.failed = Some(e);
-        } else if self.pending.len() >= CHUNK {
-            feed.send(std::mem::take(&mut self.pending));
-        }
-    }
-}
-
-/// The accept hub's epoll set, joined to the event loop before the listeners go in
-/// when the event loop can be made first (see [`HubSet`]).
-enum Hub {
-    Joined(HubSet),
-    Unjoined(Epoll),
-}
-
-impl Hub {
-    /// A new set, joined to `rt`'s event loop while empty.
-    fn joined(rt: &tokio::runtime::Runtime) -> Result<Hub, Error> {
-        let _in_rt = rt.enter();
-        let set = HubSet::unjoined().and_then(HubSet::join);
-        Ok(Hub::Joined(set.map_err(hub_error)?))
-    }
-
-    /// The set, for the binding threads to put the TCP listeners in.
-    fn epoll(&self) -> &Epoll {
-        match self {
-            Hub::Joined(set) => set.epoll(),
-            Hub::Unjoined(set) => set,
-        }
-    }
-}
-
-/// What both ways of starting end with, beside the hub's set.
-struct Start {
-    stop: StopSignals,
-    netns: OwnedFd,
-    rt: tokio::runtime::Runtime,
-    bound: Vec<Bound>,
-    child_ip: Option<IpAddr>,
-    ports: usize,
-}
-
-impl Start {
-    /// Join `hub` (the accept hub's set, holding the TCP listeners) to the event loop
-    /// unless it is already, make the reload and control socket, and assemble the
-    /// helper.
-    fn into_helper(
-        self,
-        hub: Hub,
-        config: &Config,
-        exit_fd: OwnedFd,
-        options: &Options,
-    ) -> Result<Helper, Error> {
-        let hub_set = match hub {
-            Hub::Joined(set) => set,
-            Hub::Unjoined(set) => {
-                let _in_rt = self.rt.enter();
-                HubSet::join(set).map_err(hub_error)?
-            }
-        };
-        let tmp_dir = Path::new(&config.tmp_dir);
-        let reload = if config.rootless_cni {
-            // podman reloads through it: without it the helper fails, as podman's does.
-            Some(ReloadSocket::bind(tmp_dir, &config.container_id)?)
-        } else if config.tmp_dir.is_empty() || config.container_id.is_empty() {
-            tracing::debug!("no TmpDir or ContainerID: no control socket");
-            None
-        } else {
-            // Only for control (podman does not expect it): the helper runs without it
-            // rather than fail where podman's would not.
-            match ReloadSocket::bind_if_free(tmp_dir, &config.container_id) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!("no control socket: {e}");
-                    None
-                }
-            }
-        };
-        let forwarder = Forwarder {
-            rt: self.rt,
-            bound: self.bound,
-            hub_set,
-            netns: self.netns,
-            netns_path: config.netns_path.clone(),
-            child_ip: self.child_ip,
-            exit_fd,
-            reload,
-            udp_idle: options.udp_idle,
-            pipe_size: options.pipe_size,
-            preserve_source: config.preserve_source_ip && options.preserve_source_ip,
-            exit_after: options.exit_after_run,
-            container_id: config.container_id.clone(),
-            stop: self.stop,
-        };
-        Ok(Helper {
-            forwarder,
-            ports: self.ports,
-        })
-    }
-}
-
-fn hub_error(source: std::io::Error) -> Error {
-    Error::Io {
-        what: "making the epoll set of the TCP listeners",
-        source,
-    }
-}
-
-/// Open the config's `NetNSPath`.
-fn open_netns(config: &Config) -> Result<OwnedFd, Error> {
-    slirp_spawn::open_netns(&slirp_spawn::Netns::Path(config.netns_path.clone().into())).map_err(
-        |e| Error::Netns {
-            path: config.netns_path.clone(),
-            source: match e {
-                slirp_spawn::Error::OpenNetns { source, .. } => source,
-                other => std::io::Error::other(other),
-            },
-        },
-    )
 }

@@ -3,11 +3,8 @@
 //! added later through the control socket are bound by [`Binder`], a thread that
 //! never leaves the engine's netns: a rootless helper cannot `setns` back into it.
 
-use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
@@ -34,11 +31,6 @@ const MAX_BIND_THREADS: usize = 4;
 /// The stack of a binding thread: it only makes sockets (the default is 2 MiB).
 const BIND_STACK: usize = 128 * 1024;
 
-/// Specs handed to the binding threads at a time ([`Feed::send`]): small enough that
-/// they start while the config is still being read, large enough that taking a chunk
-/// costs nothing next to binding it.
-pub(crate) const CHUNK: usize = 128;
-
 /// Make every listener, in the calling thread's netns, all or none: the first failure
 /// in `specs`' order is the error, and every socket made is closed with it.
 ///
@@ -48,393 +40,42 @@ pub(crate) const CHUNK: usize = 128;
 /// A socket closed on a failure leaves the set with it (the kernel drops an epoll
 /// entry when its file is closed).
 ///
-/// Many ports are bound by several threads at once (see [`Binding`]).
+/// Many ports are bound by several threads at once (each one inherits the calling
+/// thread's netns), each a contiguous slice of `specs`. If any of them fails, every
+/// socket made is closed and the whole batch is bound again by this thread alone, in
+/// order: the error is then exactly the one a sequential start-up gives (a port taken
+/// by one of our own listeners included, whichever thread got there first).
 pub(crate) fn bind_all(specs: Vec<PortSpec>, hub: Option<&Epoll>) -> Result<Vec<Bound>, Error> {
-    std::thread::scope(|scope| {
-        let binding = Binding::start(scope, specs.len(), hub, Listen::AtOnce);
-        binding.feed().send_all(specs);
-        binding.finish()
-    })
-}
-
-/// When a [`Binding`]'s TCP sockets start to listen (and join the hub's set).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Listen {
-    /// As each is made.
-    AtOnce,
-    /// Only once [`Binding::finish`] is called, the batch being known to be good: until
-    /// then they are only bound. A bound TCP socket that does not listen refuses
-    /// connections, and does not stop another socket with `SO_REUSEADDR` (another
-    /// helper's, podman's) from binding and listening on its port; so a config refused
-    /// after its first ports were made takes no connection and fails no other helper.
-    AtFinish,
-}
-
-/// Listeners being made by a few threads at once (each one inheriting the netns of the
-/// thread that started them), from specs handed over in chunks ([`Feed::send`]) while
-/// they are still being planned: the config's first ports are bound while the rest of
-/// it is read. The calling thread binds too once it [`finish`](Binding::finish)es.
-///
-/// All or none, in order: if any chunk fails, the threads stop taking chunks, and
-/// `finish` closes every socket made and binds the whole batch again on the calling
-/// thread alone, in order, so that the error is exactly the one a sequential start-up
-/// gives (a port taken by one of our own listeners included, whichever thread got there
-/// first). Dropped without `finish` (the start-up failed for another reason), it stops
-/// the threads, waits for them and closes every socket made.
-pub(crate) struct Binding<'scope, 'env> {
-    feed: Arc<Feed>,
-    scope: &'scope std::thread::Scope<'scope, 'env>,
-    threads: Vec<std::thread::ScopedJoinHandle<'scope, ()>>,
-    how: How<'env>,
-    /// The CPU of the thread that started the binding, which the threads move off.
-    caller_cpu: Option<usize>,
-    published_at: u64,
-}
-
-/// What the binding threads share: the work waiting and what was made.
-#[derive(Default)]
-pub(crate) struct Feed {
-    state: Mutex<FeedState>,
-    more: Condvar,
-    /// Counts every chunk sent and every close, so that a thread can wait for the next
-    /// one awake, without the lock ([`SPIN`]).
-    changes: AtomicUsize,
-}
-
-/// How long a binding thread with nothing to do waits awake (spinning) before it sleeps.
-/// A sleeping thread is woken by the scheduler on the waker's CPU in many VMs (an idle
-/// virtual CPU looks busy to it), where it takes turns with the thread decoding the
-/// config instead of running beside it: measured with 10,000 ports, the decode then
-/// took 7-25 ms instead of 4-6. The first chunk comes well within this; after it, the
-/// decode hands chunks on faster than they are bound.
-const SPIN: Duration = Duration::from_millis(3);
-
-#[derive(Default)]
-struct FeedState {
-    /// Work not taken yet, oldest first.
-    waiting: VecDeque<Work>,
-    /// Chunks made, in the order they were done.
-    made: Vec<Made>,
-    /// The chunk a thread failed on (its sockets closed already), if any.
-    failed: Option<Chunk>,
-    /// Specs sent so far: the next chunk's first position.
-    sent: usize,
-    /// The fd table holds this many more fds than were open at the start.
-    room: usize,
-    /// TCP sockets listen as they are made (else they are only bound, see [`Listen`]).
-    listen: bool,
-    /// No more chunks come.
-    closed: bool,
-    /// Take no more work: one failed, or the batch is abandoned.
-    stop: bool,
-}
-
-/// Specs at consecutive positions of the batch, `first` the position of the first.
-struct Chunk {
-    first: usize,
-    specs: Vec<PortSpec>,
-}
-
-/// A chunk's sockets, one per spec.
-struct Made {
-    chunk: Chunk,
-    socks: Vec<socket2::Socket>,
-    /// Its TCP sockets listen (and are in the hub's set).
-    listening: bool,
-}
-
-/// What a binding thread does next.
-enum Work {
-    /// Make the chunk's sockets.
-    Make(Chunk),
-    /// Make the TCP ones of a chunk made before listen.
-    Listen(Made),
-}
-
-impl Feed {
-    fn lock(&self) -> MutexGuard<'_, FeedState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Hand `specs` to the binding threads, at the positions after the ones sent
-    /// before.
-    pub(crate) fn send(&self, specs: Vec<PortSpec>) {
-        if specs.is_empty() {
-            return;
-        }
-        let mut state = self.lock();
-        let first = state.sent;
-        state.sent += specs.len();
-        // More ports than the fd table was grown for (a config of port ranges): grow
-        // it once for twice as many, instead of the kernel's doubling under way.
-        let grow = (state.sent > state.room).then(|| {
-            state.room = state.sent * 2;
-            state.room
-        });
-        state.waiting.push_back(Work::Make(Chunk { first, specs }));
-        self.changes.fetch_add(1, Ordering::Release);
-        drop(state);
-        self.more.notify_one();
-        if let Some(more) = grow {
-            grow_fd_table(more);
-        }
-    }
-
-    /// [`Feed::send`] in chunks of [`CHUNK`].
-    fn send_all(&self, mut specs: Vec<PortSpec>) {
-        while specs.len() > CHUNK {
-            let rest = specs.split_off(CHUNK);
-            self.send(std::mem::replace(&mut specs, rest));
-        }
-        self.send(specs);
-    }
-
-    /// Do the work waiting until none is left (or, unless `until_closed`, none waits),
-    /// or until told to stop.
-    fn work(&self, how: How, until_closed: bool) {
-        loop {
-            let (job, listen) = {
-                let mut state = self.lock();
-                loop {
-                    if state.stop {
-                        return;
-                    }
-                    if let Some(job) = state.waiting.pop_front() {
-                        break (job, state.listen);
-                    }
-                    if state.closed || !until_closed {
-                        return;
-                    }
-                    let seen = self.changes.load(Ordering::Acquire);
-                    drop(state);
-                    self.spin_while_unchanged(seen);
-                    state = self.lock();
-                    if self.changes.load(Ordering::Acquire) == seen {
-                        state = self
-                            .more
-                            .wait(state)
-                            .unwrap_or_else(PoisonError::into_inner);
-                    }
-                }
-            };
-            let done = match job {
-                Work::Make(chunk) => match bind_in_order(&chunk.specs, chunk.first, how, listen) {
-                    Ok(socks) => Ok(Made {
-                        chunk,
-                        socks,
-                        listening: listen,
-                    }),
-                    Err(_) => Err(chunk),
-                },
-                Work::Listen(made) => match listen_in_order(&made, how) {
-                    Ok(()) => Ok(Made {
-                        listening: true,
-                        ..made
-                    }),
-                    Err(_) => Err(made.chunk),
-                },
-            };
-            let mut state = self.lock();
-            match done {
-                // Made before listening, and the batch is good by now: listen next.
-                Ok(made) if !made.listening && state.listen => {
-                    state.waiting.push_back(Work::Listen(made));
-                }
-                Ok(made) => state.made.push(made),
-                Err(chunk) => {
-                    state.failed = Some(chunk);
-                    state.stop = true;
-                    drop(state);
-                    self.more.notify_all();
-                }
-            }
-        }
-    }
-
-    /// Wait up to [`SPIN`], awake, for [`Feed::changes`] to move on from `seen`.
-    fn spin_while_unchanged(&self, seen: usize) {
-        let until = Instant::now() + SPIN;
-        while self.changes.load(Ordering::Acquire) == seen && Instant::now() < until {
-            std::hint::spin_loop();
-        }
-    }
-
-    /// Tell the threads that nothing more comes, and that TCP sockets may listen now
-    /// (those made before listen first); with `stop`, to take no more work.
-    fn close(&self, stop: bool) {
-        let mut state = self.lock();
-        self.changes.fetch_add(1, Ordering::Release);
-        state.closed = true;
-        state.stop |= stop;
-        if !state.listen && !stop {
-            state.listen = true;
-            let made = std::mem::take(&mut state.made);
-            let (listening, not_yet): (Vec<Made>, Vec<Made>) =
-                made.into_iter().partition(|m| m.listening);
-            state.made = listening;
-            let jobs = not_yet.into_iter().map(Work::Listen);
-            // Before the chunks still to be made: their ports were planned first.
-            let rest = std::mem::take(&mut state.waiting);
-            state.waiting = jobs.chain(rest).collect();
-        }
-        drop(state);
-        self.more.notify_all();
-    }
-}
-
-impl<'scope, 'env> Binding<'scope, 'env> {
-    /// Start binding, for about `ports` listeners (which decides how many threads, and
-    /// how far the fd table is grown at once), in `scope`'s threads, TCP ones listening
-    /// as `listen` says. See [`bind_all`] for `hub`.
-    pub(crate) fn start(
-        scope: &'scope std::thread::Scope<'scope, 'env>,
-        ports: usize,
-        hub: Option<&'env Epoll>,
-        listen: Listen,
-    ) -> Binding<'scope, 'env> {
-        let how = How {
-            hub,
-            dual_stack_default: dual_stack_is_default(),
-        };
-        let feed = Arc::new(Feed::default());
-        {
-            let mut state = feed.lock();
-            state.listen = listen == Listen::AtOnce;
-            state.room = ports;
-        }
-        let mut binding = Binding {
-            feed,
-            scope,
-            threads: Vec::new(),
-            how,
-            caller_cpu: nix::sched::sched_getcpu().ok(),
-            published_at: crate::counters::unix_now(),
-        };
-        binding.spawn_threads(ports);
-        binding
-    }
-
-    /// Start the threads that `ports` listeners call for, unless started already: none
-    /// below [`PARALLEL_FROM`], else one less than the CPUs (up to
-    /// [`MAX_BIND_THREADS`]), the calling thread being the last binder (it joins in
-    /// `finish`). The fd table is grown for the ports first. A thread that cannot start
-    /// leaves its share to the others.
-    fn spawn_threads(&mut self, ports: usize) {
-        if ports < PARALLEL_FROM || !self.threads.is_empty() {
-            return;
-        }
-        let threads = std::thread::available_parallelism()
+    let published_at = crate::counters::unix_now();
+    let threads = if specs.len() < PARALLEL_FROM {
+        1
+    } else {
+        std::thread::available_parallelism()
             .map_or(1, |n| n.get())
-            .min(MAX_BIND_THREADS);
-        if threads < 2 {
-            return;
-        }
-        grow_fd_table(ports);
-        for _ in 1..threads {
-            let (feed, how, cpu) = (self.feed.clone(), self.how, self.caller_cpu);
-            let thread = std::thread::Builder::new()
-                .name("rootlessport-bind".to_owned())
-                .stack_size(BIND_STACK)
-                .spawn_scoped(self.scope, move || {
-                    if let Some(cpu) = cpu {
-                        move_off_cpu(cpu);
-                    }
-                    feed.work(how, true);
-                });
-            match thread {
-                Ok(t) => self.threads.push(t),
-                Err(_) => break,
-            }
-        }
-    }
-
-    /// Where the specs go, in order.
-    pub(crate) fn feed(&self) -> &Arc<Feed> {
-        &self.feed
-    }
-
-    /// Bind (and listen), on this thread too, every spec sent, then wait for the
-    /// threads: the listeners in the order sent, all or none (see [`Binding`]).
-    ///
-    /// # Errors
-    ///
-    /// The first failure in the order sent ([`Error::Listen`], or [`Error::Io`] when a
-    /// listener could not join the hub's set).
-    pub(crate) fn finish(mut self) -> Result<Vec<Bound>, Error> {
-        // Many ports planned from a short config (port ranges): threads now.
-        let sent = self.feed.lock().sent;
-        self.spawn_threads(sent);
-        self.feed.close(false);
-        self.feed.work(self.how, false);
-        self.join();
-        let state = std::mem::take(&mut *self.feed.lock());
-        let mut done = state.made;
-        done.sort_unstable_by_key(|made| made.chunk.first);
-        let published_at = self.published_at;
-        let listed = |specs: Vec<PortSpec>, socks: Vec<socket2::Socket>| {
-            specs.into_iter().zip(socks).map(move |(spec, sock)| Bound {
-                spec,
-                sock,
-                published_at,
-            })
-        };
-        if !state.stop && state.waiting.is_empty() && done.iter().all(|m| m.listening) {
-            return Ok(done
-                .into_iter()
-                .flat_map(|m| listed(m.chunk.specs, m.socks))
-                .collect());
-        }
-        // A chunk failed: close everything, then again in order on this thread alone.
-        let mut chunks: Vec<Chunk> = done.into_iter().map(|made| made.chunk).collect();
-        chunks.extend(state.failed);
-        chunks.extend(state.waiting.into_iter().map(|job| match job {
-            Work::Make(chunk) => chunk,
-            Work::Listen(made) => made.chunk,
-        }));
-        chunks.sort_unstable_by_key(|chunk| chunk.first);
-        let specs: Vec<PortSpec> = chunks.into_iter().flat_map(|c| c.specs).collect();
-        let socks = bind_in_order(&specs, 0, self.how, true)?;
-        Ok(listed(specs, socks).collect())
-    }
-
-    /// Wait for every binding thread to end.
-    fn join(&mut self) {
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Binding<'_, '_> {
-    /// Abandoned (not finished): stop the threads, wait for them, close what they made.
-    fn drop(&mut self) {
-        self.feed.close(true);
-        self.join();
-        drop(std::mem::take(&mut *self.feed.lock()));
-    }
-}
-
-/// Move the calling thread to another CPU than `cpu` (one it may run on), once, then
-/// let it run anywhere it may again. A new thread is often started on its parent's CPU
-/// and left there for milliseconds beside it although another CPU is idle (seen on
-/// this 2-CPU VM: the thread decoding the config then ran at half speed). Best effort:
-/// nothing happens where the thread may run on `cpu` alone or the calls fail.
-fn move_off_cpu(cpu: usize) {
-    use nix::sched::{sched_getaffinity, sched_setaffinity};
-    use nix::unistd::Pid;
-    let this_thread = Pid::from_raw(0);
-    let Ok(allowed) = sched_getaffinity(this_thread) else {
-        return;
+            .min(MAX_BIND_THREADS)
     };
-    let mut others = allowed;
-    if others.unset(cpu).is_err()
-        || !(0..nix::sched::CpuSet::count()).any(|c| others.is_set(c).unwrap_or(false))
-    {
-        return;
+    let how = How {
+        hub,
+        dual_stack_default: dual_stack_is_default(),
+    };
+    let mut socks = None;
+    if threads > 1 {
+        grow_fd_table(specs.len());
+        socks = bind_parallel(&specs, threads, how);
     }
-    if sched_setaffinity(this_thread, &others).is_ok() {
-        let _ = sched_setaffinity(this_thread, &allowed);
-    }
+    let socks = match socks {
+        Some(s) => s,
+        None => bind_in_order(&specs, 0, how)?,
+    };
+    Ok(specs
+        .into_iter()
+        .zip(socks)
+        .map(|(spec, sock)| Bound {
+            spec,
+            sock,
+            published_at,
+        })
+        .collect())
 }
 
 /// What every listener of one [`bind_all`] shares.
@@ -462,70 +103,41 @@ pub(crate) fn nofile_limit() -> u64 {
 
 /// Files kept free beyond the listeners: the event loop's own (epoll, eventfd), the
 /// accept hub's epoll set, the control socket, a netlink socket, and a few connections
-/// (two sockets and a pipe pair each). (The stop signals' socket pair, and at start-up
-/// the hub's set, are open already when [`FdRoom::now`] counts.)
+/// (two sockets and a pipe pair each). (The stop signals' socket pair is open already.)
 const FD_RESERVE: usize = 32;
 
-/// The open files of this process before any listener is made, for [`FdRoom::check`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FdRoom {
-    limit: u64,
-    /// `None` when `/proc/self/fd` cannot be read: binding shows it then.
-    open: Option<usize>,
-}
-
-impl FdRoom {
-    /// Count the open files now (through `/proc/self/fd`), before binding. Counting the
-    /// entries of a directory (less the one `read_dir` holds) needs no parser; `procfs`
-    /// would add its code to every helper for this one count.
-    pub(crate) fn now() -> FdRoom {
-        FdRoom {
-            limit: nofile_limit(),
-            open: std::fs::read_dir("/proc/self/fd")
-                .ok()
-                .map(|dir| dir.count().saturating_sub(1)),
-        }
+/// Refuse, before binding anything, a start-up whose listeners cannot all be open files
+/// at once (with [`FD_RESERVE`] left), instead of failing at the first `EMFILE`
+/// part-way. Warns when fewer than 256 files are left for connections. Counts the open
+/// files through `/proc/self/fd`; if that cannot be read, binding shows it.
+/// Start-up only: a control `add` later is bound as it comes and fails all or none at
+/// the first `EMFILE` (the running helper's own files and live connections are open
+/// by then, and the reserve would count twice).
+pub(crate) fn check_fd_room(ports: usize) -> Result<(), Error> {
+    let limit = nofile_limit();
+    // Counting the entries of a directory (less the one read_dir holds) needs no
+    // parser; `procfs` would add its code to every helper for this one count.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Ok(());
+    };
+    let open = dir.count().saturating_sub(1);
+    let room = usize::try_from(limit).unwrap_or(usize::MAX);
+    if open.saturating_add(ports).saturating_add(FD_RESERVE) > room {
+        return Err(Error::TooManyPorts {
+            ports,
+            limit,
+            open,
+            reserve: FD_RESERVE,
+        });
     }
-
-    /// Count `files` more as open (opened since [`FdRoom::now`], before the listeners).
-    pub(crate) fn opened(&mut self, files: usize) {
-        self.open = self.open.map(|open| open.saturating_add(files));
+    let left = room - open - ports;
+    if left < 256 {
+        tracing::warn!(
+            "{ports} published port(s) leave {left} open files for connections \
+             (open-file limit {limit}; each connection takes 2, and 2 more while data moves)"
+        );
     }
-
-    /// Refuse a start-up whose `ports` listeners cannot all be open files at once (with
-    /// [`FD_RESERVE`] left) beside the files counted by [`FdRoom::now`], instead of
-    /// failing at the first `EMFILE` part-way (or reporting the `EMFILE` of a binding
-    /// thread that started before the count of ports was known). Warns when fewer than
-    /// 256 files are left for connections. Start-up only: a control `add` later is
-    /// bound as it comes and fails all or none at the first `EMFILE` (the running
-    /// helper's own files and live connections are open by then, and the reserve would
-    /// count twice).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::TooManyPorts`].
-    pub(crate) fn check(self, ports: usize) -> Result<(), Error> {
-        let (limit, Some(open)) = (self.limit, self.open) else {
-            return Ok(());
-        };
-        let room = usize::try_from(limit).unwrap_or(usize::MAX);
-        if open.saturating_add(ports).saturating_add(FD_RESERVE) > room {
-            return Err(Error::TooManyPorts {
-                ports,
-                limit,
-                open,
-                reserve: FD_RESERVE,
-            });
-        }
-        let left = room - open - ports;
-        if left < 256 {
-            tracing::warn!(
-                "{ports} published port(s) leave {left} open files for connections \
-                 (open-file limit {limit}; each connection takes 2, and 2 more while data moves)"
-            );
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// Make this process's fd table hold `more` fds beyond those open, at once. Left to
@@ -554,60 +166,59 @@ fn grow_fd_table(more: usize) {
 }
 
 /// Bind `specs` in order on this thread, the first being position `first` of the
-/// batch (the hub's event data), TCP ones listening (and joining the hub's set) only
-/// with `listen`; the first failure closes the ones made.
+/// batch (the hub's event data); the first failure closes the ones made.
 fn bind_in_order(
     specs: &[PortSpec],
     first: usize,
     how: How,
-    listen: bool,
 ) -> Result<Vec<socket2::Socket>, Error> {
     let mut socks = Vec::with_capacity(specs.len());
     for (at, spec) in (first..).zip(specs) {
         let sock = bind_one(spec, spec.listen_plan()?, how.dual_stack_default)?;
-        if listen {
-            start_listening(spec, &sock, at, how)?;
+        if let (Some(hub), Transport::Tcp) = (how.hub, spec.transport) {
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, at as u64);
+            hub.add(&sock, event).map_err(|e| Error::Io {
+                what: "registering a listener",
+                source: e.into(),
+            })?;
         }
         socks.push(sock);
     }
     Ok(socks)
 }
 
-/// Let the TCP sockets of `made` (bound without listening) listen and join the hub's
-/// set, in order.
-fn listen_in_order(made: &Made, how: How) -> Result<(), Error> {
-    let first = made.chunk.first;
-    for ((at, spec), sock) in (first..).zip(&made.chunk.specs).zip(&made.socks) {
-        start_listening(spec, sock, at, how)?;
-    }
-    Ok(())
-}
-
-/// A TCP listener listens and joins the hub's set, position `at` as its event data;
-/// nothing for UDP.
-fn start_listening(
-    spec: &PortSpec,
-    sock: &socket2::Socket,
-    at: usize,
-    how: How,
-) -> Result<(), Error> {
-    if spec.transport != Transport::Tcp {
-        return Ok(());
-    }
-    sock.listen(4096).map_err(|e| Error::Listen {
-        proto: spec.proto().to_owned(),
-        addr: display_addr(&spec.parent_ip, spec.parent_port),
-        reason: "listen",
-        source: Some(e),
-    })?;
-    if let Some(hub) = how.hub {
-        let event = EpollEvent::new(EpollFlags::EPOLLIN, at as u64);
-        hub.add(sock, event).map_err(|e| Error::Io {
-            what: "registering a listener",
-            source: e.into(),
-        })?;
-    }
-    Ok(())
+/// Bind `specs` in `threads` contiguous slices at once, this thread binding the first
+/// (and any slice whose thread could not start). `None` if any slice failed: every
+/// socket made is closed by then.
+fn bind_parallel(specs: &[PortSpec], threads: usize, how: How) -> Option<Vec<socket2::Socket>> {
+    let per = specs.len().div_ceil(threads);
+    let mut slices = specs.chunks(per).enumerate();
+    let (_, first) = slices.next()?;
+    std::thread::scope(|scope| {
+        let spawned: Vec<_> = slices
+            .map(|(k, slice)| {
+                std::thread::Builder::new()
+                    .name("rootlessport-bind".to_owned())
+                    .stack_size(BIND_STACK)
+                    .spawn_scoped(scope, move || bind_in_order(slice, k * per, how))
+                    .map_err(|_| (k, slice))
+            })
+            .collect();
+        // Every slice is waited for, also after a failure: no thread outlives this.
+        let mut bound = bind_in_order(first, 0, how).ok();
+        for thread in spawned {
+            let more = match thread {
+                Ok(handle) => handle.join().ok().and_then(Result::ok),
+                Err((k, slice)) if bound.is_some() => bind_in_order(slice, k * per, how).ok(),
+                Err(_) => None,
+            };
+            bound = bound.zip(more).map(|(mut all, more)| {
+                all.extend(more);
+                all
+            });
+        }
+        bound
+    })
 }
 
 fn bind_one(
@@ -657,6 +268,9 @@ fn bind_one(
             .map_err(|e| err("setsockopt", e))?;
     }
     sock.bind(&addr.into()).map_err(|e| err("bind", e))?;
+    if spec.transport == Transport::Tcp {
+        sock.listen(4096).map_err(|e| err("listen", e))?;
+    }
     Ok(sock)
 }
 

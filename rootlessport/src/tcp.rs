@@ -10,7 +10,7 @@
 //! allocated at its first connection, so 10,000 idle published ports cost about 0.8 MB
 //! of heap, not a task, two registrations and a counter block each. The config's
 //! listeners are put into the set by the threads that bind them, as each starts to
-//! listen ([`crate::listen::Binding`]), and the hub adopts them in one step
+//! listen ([`crate::listen::bind_all`]), and the hub adopts them in one step
 //! ([`HubCommand::Adopt`]). Control `add` and `remove` reach the hub through
 //! [`HubCommand`]s; a removal deletes the listener from
 //! the set and closes it before the reply, and frees its slot for the next port added.
@@ -444,7 +444,7 @@ pub(crate) enum HubCommand {
         done: oneshot::Sender<io::Result<()>>,
     },
     /// The start-up batch, whose listeners are in the hub's set already (put there by
-    /// [`crate::listen::Binding`] as each was bound): `slots[i]` is the port whose
+    /// [`crate::listen::bind_all`] as each was bound): `slots[i]` is the port whose
     /// event data is `i`, `None` a free slot (a UDP port of the batch). Served and
     /// listed in one step as with `Add`; refused unless the hub is still empty.
     Adopt {
@@ -470,34 +470,23 @@ impl std::os::fd::AsRawFd for EpollSet {
     }
 }
 
-/// The accept hub's epoll set, registered with the event loop. The start-up's
-/// listeners are put in by the threads that bind them ([`crate::listen::Binding`]).
-/// The set joins the event loop while still empty where the loop can be made before
-/// binding starts: an epoll set added to another one has every entry checked by the
-/// kernel (for loops), which took 3-4 ms of the start-up with 10,000 listeners. Where
-/// it cannot (a pool of event-loop threads waits for the config's netns, while binding
-/// starts as soon as the config is being read), it joins once full.
+/// The accept hub's epoll set, registered with the event loop while still empty: the
+/// kernel checks every entry of an epoll set added to another one (for loops), which
+/// for 10,000 listeners took a few milliseconds of the start-up. The listeners are
+/// then put in by the threads that bind them ([`crate::listen::bind_all`]).
 pub(crate) struct HubSet(AsyncFd<EpollSet>);
 
 impl HubSet {
-    /// A new, empty set, not joined to any event loop yet.
+    /// A new, empty set. Inside the runtime (`Runtime::enter`).
     ///
     /// # Errors
     ///
-    /// `epoll_create1` failed.
-    pub(crate) fn unjoined() -> io::Result<Epoll> {
-        Ok(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?)
-    }
-
-    /// Register `set` with the event loop. Inside the runtime (`Runtime::enter`).
-    ///
-    /// # Errors
-    ///
-    /// The event loop refused it.
-    pub(crate) fn join(set: Epoll) -> io::Result<HubSet> {
+    /// Making the epoll set or registering it with the event loop failed.
+    pub(crate) fn new() -> io::Result<HubSet> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         // SAFETY: the Epoll owns its fd, keeps it open until dropped and always returns
         // the same raw fd, which is what registration requires.
-        let set = unsafe { AsyncFd::register_with_interest(EpollSet(set), Interest::READABLE) }
+        let set = unsafe { AsyncFd::register_with_interest(EpollSet(ep), Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
         Ok(HubSet(set))
     }

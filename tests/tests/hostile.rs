@@ -305,7 +305,8 @@ fn bad_fds() {
 }
 
 /// The number of ports of a large config: enough that the helper binds them on several
-/// threads while it is still decoding the rest of the config.
+/// threads (and that a start-up binding while it decodes would have made many before
+/// it sees a defect at the end; docs/performance-analysis.md section 13).
 const LARGE: u16 = 2000;
 
 /// The first port of each large-config test's own range (the tests of this file run at
@@ -315,10 +316,9 @@ const REFUSED_LATE_FIRST: u16 = 21000;
 const NO_PROC_FIRST: u16 = 23000;
 const TWICE_FIRST: u16 = 27000;
 
-/// A defect that the helper can only see after most of a large config's ports have
-/// been made (it binds them while it decodes the rest, `Helper::bind_json`): the same
-/// one line as for a one-port config, exit 1, and no port of the config left listening,
-/// TmpDir empty.
+/// A defect at the end of a large config (after all its mappings, or in its last one):
+/// the same one line as for a one-port config, exit 1, and no port of the config left
+/// listening, TmpDir empty.
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn late_defects_in_a_large_config() {
@@ -446,7 +446,9 @@ fn late_defects_in_a_large_config() {
 
 /// While a large config that is refused late is being started, its ports do not
 /// listen, so another program (another helper, podman's) can bind and listen on one of
-/// them with `SO_REUSEADDR` meanwhile, and no client is accepted only to be reset.
+/// them with `SO_REUSEADDR` meanwhile, and no client is accepted only to be reset. (A
+/// start-up that made listeners while it decoded failed this until they waited for the
+/// whole config to be good.)
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn a_config_refused_late_takes_no_port_from_others() {
@@ -496,9 +498,10 @@ fn a_config_refused_late_takes_no_port_from_others() {
     }
 }
 
-/// Without `/proc` the helper cannot list the fds it was started with: it then reads
-/// the config before it opens anything, so an ExitFD that was not open at start is
-/// still refused, whatever the helper opens later.
+/// Without `/proc` (so without a list of the fds it was started with), an ExitFD that
+/// was not open at start is still refused, whatever files the helper opens while it
+/// starts (a start-up that opened files before it read the config took one of its own
+/// as ExitFD here, and never exited).
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn without_proc_a_closed_exit_fd_is_still_refused() {
@@ -544,7 +547,7 @@ fn without_proc_a_closed_exit_fd_is_still_refused() {
 }
 
 /// `Mappings` given twice: the one-pass decode refuses it, and the helper serves what
-/// Go's decoder would (the last one), not the ports it started on while decoding.
+/// Go's decoder would (the last one), and nothing of the first.
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn mappings_given_twice_serve_the_last() {

@@ -53,11 +53,6 @@ use options::HelperOptions;
 /// A real config is about 100 bytes per mapping; this leaves room for 100,000 of them.
 const STDIN_LIMIT: usize = 16 * 1024 * 1024;
 
-/// Below this open-file limit the config is decoded before anything is made: the
-/// start-up that binds while decoding opens a few files (signal pipe, event loop, the
-/// accept hub's set) first, which a tiny limit would report before a config error.
-const STREAM_NOFILE: u64 = 64;
-
 /// Set once stdout points at /dev/null (just before ReadyFD is written).
 static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
 
@@ -94,8 +89,6 @@ fn main() {
 }
 
 fn run(options: &HelperOptions) -> Result<(), Failure> {
-    // Before the helper opens anything: ExitFD and ReadyFD must be among these.
-    let inherited = startup::Inherited::now();
     let mut input = Vec::new();
     std::io::stdin()
         .lock()
@@ -105,35 +98,21 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
     if input.len() > STDIN_LIMIT {
         return Err(Failure::StdinTooLarge { limit: STDIN_LIMIT });
     }
+    let cfg = Config::from_json(&input)?;
+    drop(input);
+    tracing::debug!(
+        "config: {} mapping(s), NetNSPath {:?}, ChildIP {:?}, RootlessCNI {}",
+        cfg.mappings.len(),
+        cfg.netns_path,
+        cfg.child_ip,
+        cfg.rootless_cni
+    );
+    let (exit_fd, ready_fd) = startup::take_fds(&cfg)?;
     startup::raise_nofile_limit();
     startup::limit_malloc_arenas(options.forwarding.threads);
     let mut forwarding = options.forwarding.clone();
     forwarding.exit_after_run = true;
-    let log_config = |cfg: &Config| {
-        tracing::debug!(
-            "config: {} mapping(s), NetNSPath {:?}, ChildIP {:?}, RootlessCNI {}",
-            cfg.mappings.len(),
-            cfg.netns_path,
-            cfg.child_ip,
-            cfg.rootless_cni
-        );
-    };
-    let (helper, cfg, ready_fd) = if inherited.is_known() && startup::nofile_soft() >= STREAM_NOFILE
-    {
-        // The config is decoded while its first ports are bound (`Helper::bind_json`).
-        Helper::bind_json(&input, &forwarding, |cfg| {
-            log_config(cfg);
-            startup::take_fds(cfg, &inherited)
-        })?
-    } else {
-        // Decoded first, then bound: what the helper opens early could otherwise take
-        // an fd number that the config names, or the last files before a config error.
-        let cfg = Config::from_json(&input)?;
-        log_config(&cfg);
-        let (exit_fd, ready_fd) = startup::take_fds(&cfg, &inherited)?;
-        (Helper::bind(&cfg, exit_fd, &forwarding)?, cfg, ready_fd)
-    };
-    drop(input);
+    let helper = Helper::bind(&cfg, exit_fd, &forwarding)?;
     let summary = format!(
         "{} port(s) into {} (child IP {})",
         helper.ports(),
