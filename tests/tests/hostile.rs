@@ -316,6 +316,19 @@ const REFUSED_LATE_FIRST: u16 = 21000;
 const NO_PROC_FIRST: u16 = 23000;
 const TWICE_FIRST: u16 = 27000;
 
+/// `count` one-port TCP mappings, host ports from `first` on, as the items of a JSON list.
+fn tcp_mappings(first: u16, count: u16) -> String {
+    let one = |p: u16| {
+        format!(
+            r#"{{"host_ip":"","container_port":80,"host_port":{p},"range":1,"protocol":"tcp"}}"#
+        )
+    };
+    (first..first + count)
+        .map(one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A defect at the end of a large config (after all its mappings, or in its last one):
 /// the same one line as for a one-port config, exit 1, and no port of the config left
 /// listening, TmpDir empty.
@@ -454,16 +467,10 @@ fn late_defects_in_a_large_config() {
 fn a_config_refused_late_takes_no_port_from_others() {
     require_harness();
     let tmp = tempfile::tempdir().unwrap();
-    let mappings: Vec<String> = (REFUSED_LATE_FIRST..REFUSED_LATE_FIRST + LARGE)
-        .map(|p| {
-            format!(
-                r#"{{"host_ip":"","container_port":80,"host_port":{p},"range":1,"protocol":"tcp"}}"#
-            )
-        })
-        .collect();
+    let mappings = tcp_mappings(REFUSED_LATE_FIRST, LARGE);
     let json = format!(
         r#"{{"Mappings":[{}],"NetNSPath":"/run/netns/no-such-netns","ExitFD":3,"ReadyFD":4,"TmpDir":"{}","ContainerID":"late"}}"#,
-        mappings.join(","),
+        mappings,
         tmp.path().display()
     );
     // Among the first ports made.
@@ -509,17 +516,11 @@ fn without_proc_a_closed_exit_fd_is_still_refused() {
     let ns = TestNetns::new();
     let netns = ns.path().display().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let mappings: Vec<String> = (NO_PROC_FIRST..NO_PROC_FIRST + LARGE)
-        .map(|p| {
-            format!(
-                r#"{{"host_ip":"","container_port":80,"host_port":{p},"range":1,"protocol":"tcp"}}"#
-            )
-        })
-        .collect();
+    let mappings = tcp_mappings(NO_PROC_FIRST, LARGE);
     for exit_fd in [7, 40] {
         let json = format!(
             r#"{{"Mappings":[{}],"NetNSPath":"{netns}","ExitFD":{exit_fd},"ReadyFD":4,"TmpDir":"{}","ContainerID":"noproc"}}"#,
-            mappings.join(","),
+            mappings,
             tmp.path().display()
         );
         let (fd3, fd4, _ew, _rr) = pipes();
@@ -555,17 +556,11 @@ fn mappings_given_twice_serve_the_last() {
     let ns = TestNetns::new();
     let netns = ns.path().display().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let first: Vec<String> = (TWICE_FIRST..TWICE_FIRST + LARGE)
-        .map(|p| {
-            format!(
-                r#"{{"host_ip":"","container_port":80,"host_port":{p},"range":1,"protocol":"tcp"}}"#
-            )
-        })
-        .collect();
+    let first = tcp_mappings(TWICE_FIRST, LARGE);
     let last_port = 29120;
     let json = format!(
         r#"{{"Mappings":[{}],"Mappings":[{{"host_ip":"","container_port":80,"host_port":{last_port},"range":1,"protocol":"tcp"}}],"NetNSPath":"{netns}","ExitFD":3,"ReadyFD":4,"TmpDir":"{}","ContainerID":"twice"}}"#,
-        first.join(","),
+        first,
         tmp.path().display()
     );
     let (er, ew) = cloexec_pipe();
