@@ -18,6 +18,25 @@ struct Tally {
 }
 
 impl Tally {
+    /// Print the failures and the `itest: N passed, N failed` line. With `filters`, a
+    /// run in which no test name contained any of them fails too (a misspelt filter
+    /// would pass green otherwise).
+    fn finish(&self, filters: Option<&[&String]>) -> Result<(), String> {
+        for f in &self.failures {
+            eprintln!("xtask: FAILED: {f}");
+        }
+        println!("itest: {} passed, {} failed", self.passed, self.failed);
+        if let Some(filters) = filters.filter(|_| self.passed + self.failed == 0) {
+            let named: Vec<String> = filters.iter().map(|f| format!("{f:?}")).collect();
+            return Err(format!("no test name contains {}", named.join(" or ")));
+        }
+        if self.failed == 0 && self.failures.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} test(s) failed", self.failed))
+        }
+    }
+
     /// Read libtest's `test result: ok. 3 passed; 1 failed; ...` line.
     fn add_line(&mut self, line: &str) {
         let Some(rest) = line.strip_prefix("test result: ") else {
@@ -245,13 +264,21 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let filters: Vec<&String> = args.iter().filter(|a| a.as_str() != "--").collect();
     sys::ensure(sys::ITEST_NEEDS)?;
     let mut tally = Tally::default();
+    if let Some(bin) = std::env::var_os("ROOTLESSPORT_BIN") {
+        // It is for `run` and `demo`; the tests drive this checkout's own build.
+        eprintln!(
+            "xtask: ROOTLESSPORT_BIN={} is left out: itest tests this checkout's binaries",
+            Path::new(&bin).display()
+        );
+    }
 
     eprintln!("xtask: cargo test --workspace");
     run_counted(
         "cargo test --workspace",
         cargo()
             .args(["test", "--workspace", "--no-fail-fast", "--"])
-            .args(&filters),
+            .args(&filters)
+            .env_remove("ROOTLESSPORT_BIN"),
         &mut tally,
     )?;
 
@@ -290,6 +317,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .args(["--ignored", "--show-output"])
             .args(&filters)
             .current_dir(dir)
+            .env_remove("ROOTLESSPORT_BIN")
             .env(HARNESS_ENV, "1");
         run_counted(&format!("namespaced tests of {name}"), &mut cmd, &mut tally)?;
     }
@@ -312,6 +340,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 cmd.args(["--ignored", "--show-output"])
                     .args(&filters)
                     .current_dir(dir)
+                    .env_remove("ROOTLESSPORT_BIN")
                     .env(HARNESS_ENV, "rootless");
                 run_counted(&format!("rootless tests of {name}"), &mut cmd, &mut tally)?;
             }
@@ -322,8 +351,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ),
     }
 
-    if std::env::var_os("ITEST_SKIP_PODMAN").is_none() && crate::e2e::available() && sys::is_root()
-    {
+    if !filters.is_empty() {
+        // Only the tests whose names contain a filter: the rest is not named by one.
+        eprintln!(
+            "xtask: podman-e2e, fuzz, soak and the bench smoke run left out (a test filter was given)"
+        );
+        return tally.finish(Some(&filters));
+    }
+    if std::env::var_os("ITEST_SKIP_PODMAN").is_some() {
+        eprintln!("xtask: podman-e2e and podman-e2e-rootless skipped (ITEST_SKIP_PODMAN)");
+    } else if crate::e2e::available() && sys::is_root() {
         eprintln!("xtask: podman-e2e");
         let mut cmd = Command::new(&me);
         cmd.arg("podman-e2e");
@@ -365,13 +402,5 @@ pub fn run(args: &[String]) -> Result<(), String> {
         bench_smoke(&me, &mut tally)?;
     }
 
-    for f in &tally.failures {
-        eprintln!("xtask: FAILED: {f}");
-    }
-    println!("itest: {} passed, {} failed", tally.passed, tally.failed);
-    if tally.failed == 0 && tally.failures.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("{} test(s) failed", tally.failed))
-    }
+    tally.finish(None)
 }

@@ -42,8 +42,11 @@ commands:
   run [-p [IP:]HOST:CONTAINER[/PROTO]]... [--network slirp4netns:OPTS] -- CMD ARGS
                       run CMD in a fresh user+network+mount namespace with slirp4netns
                       networking and the given ports published; exits with CMD's status
-  itest [FILTER...]   run every test: unit and crate tests, then the namespaced
-                      integration tests (installs slirp4netns/iproute2 when root)
+  itest [FILTER...]   run every test: unit and crate tests, the namespaced integration
+                      tests (installs slirp4netns/iproute2 when root), podman end-to-end,
+                      fuzz, soak, bench smoke; ITEST_SKIP_PODMAN=1, ITEST_SKIP_FUZZ=1,
+                      ITEST_SKIP_SOAK=1, ITEST_SKIP_BENCH=1 leave those last out. With a
+                      FILTER, only tests whose names contain it (none matched: failure)
   bench [--quick] [--rounds N] [--baseline PATH] [--save-docs]
                       our rootlessport side by side with podman's, pasta, slirp4netns,
                       direct loopback and optionally another build of ours; report in
@@ -72,7 +75,8 @@ internal, run by the commands above:
   reload-send TMPDIR CONTAINER_ID CHILD_IP
                       one reload request to a running rootlessport
   bind-probe PORT     bind and listen on [::]:PORT (SO_REUSEADDR, as servers do) over and
-                      over until stdin closes; prints how many tries found it in use";
+                      over until stdin closes (a test's other server; it spins a core);
+                      prints `probing`, then how many tries found the port in use";
 
 fn main() -> ExitCode {
     let mut p = lexopt::Parser::from_env();
@@ -143,17 +147,25 @@ fn fail(e: String) -> ExitCode {
 fn bind_probe(args: &[String]) -> Result<(), String> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let port: u16 = match args {
-        [port] => port
-            .parse()
-            .map_err(|_| format!("bind-probe: bad port {port:?}"))?,
+        [port] => match port.parse() {
+            Ok(0) | Err(_) => return Err(format!("bind-probe: bad port {port:?} (1-65535)")),
+            Ok(p) => p,
+        },
         _ => return Err("usage: xtask bind-probe PORT".into()),
+    };
+    let say = |line: String| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .map_err(|e| format!("bind-probe: stdout: {e}"))
     };
     static CLOSED: AtomicBool = AtomicBool::new(false);
     std::thread::spawn(|| {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         CLOSED.store(true, Ordering::Relaxed);
     });
-    println!("probing");
+    say("probing".to_owned())?;
     let (mut in_use, mut tries) = (0u64, 0u64);
     while !CLOSED.load(Ordering::Relaxed) {
         tries += 1;
@@ -164,8 +176,7 @@ fn bind_probe(args: &[String]) -> Result<(), String> {
             Err(e) => return Err(format!("bind-probe: [::]:{port}: {e}")),
         }
     }
-    println!("{in_use} {tries}");
-    Ok(())
+    say(format!("{in_use} {tries}"))
 }
 
 #[cfg(test)]
