@@ -792,15 +792,15 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             // Two connected pairs on loopback: client -> src, dst -> server.
-            let pair = || async {
+            let pair = || {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let far = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
                 let (near, _) = l.accept().unwrap();
                 near.set_nonblocking(true).unwrap();
                 (far, TcpStream::from_std(near).unwrap())
             };
-            let (mut client, src) = pair().await;
-            let (mut server, dst) = pair().await;
+            let (mut client, src) = pair();
+            let (mut server, dst) = pair();
             let mut buf = vec![0u8; COPY_BUF];
             let mut turn = Turn::default();
             // More than one buffer's worth: each call moves at most COPY_BUF bytes.

@@ -221,8 +221,8 @@ fn signals_at_any_time() {
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
     let tmp = tempfile::tempdir().unwrap();
-    let mut server = echo_process(&ns, 80);
-    // SIGPIPE is ignored: it keeps serving.
+    let _server = echo_process(&ns, 80); // killed when the test ends
+                                         // SIGPIPE is ignored: it keeps serving.
     let (h, w) = launch(&ns, tmp.path(), vec![pm(29220, 80)], true);
     wait_port(29220);
     // SAFETY: signalling a child we own.
@@ -268,10 +268,8 @@ fn signals_at_any_time() {
     // How long a start takes here, to spread the signals over it.
     let t0 = Instant::now();
     let (mut helper, ew, rr) = start(tmp.path());
-    let mut ready = [0u8; 1];
-    if let Err(e) = std::fs::File::from(rr).read_exact(&mut ready) {
-        let status = helper.wait_timeout(Duration::from_secs(10)).unwrap();
-        panic!("no ready byte ({e}); the helper: {status:?}");
+    if let Err(e) = helper.await_ready(&rr, Instant::now() + Duration::from_secs(20)) {
+        panic!("the 10,000-port helper never got ready: {e}");
     }
     let startup = t0.elapsed();
     drop(ew);
@@ -308,7 +306,6 @@ fn signals_at_any_time() {
             "a listener outlived the helper (SIGTERM after {delay:?})"
         );
     }
-    server.kill_now();
 }
 
 /// How a test sends a stop signal.
@@ -331,7 +328,7 @@ fn stop_signals_end_the_helper_cleanly_whichever_thread_gets_them() {
     require_harness();
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
-    let mut server = echo_process(&ns, 80);
+    let _server = echo_process(&ns, 80); // killed when the test ends
     let bin = tempfile::tempdir().unwrap();
     let pool =
         tests::rootlessport_wrapper(bin.path(), "rootlessport", "export ROOTLESSPORT_THREADS=4");
@@ -409,7 +406,6 @@ fn stop_signals_end_the_helper_cleanly_whichever_thread_gets_them() {
         }
         drop(w);
     }
-    server.kill_now();
 }
 
 #[test]
@@ -419,7 +415,7 @@ fn reload_under_a_thousand_live_connections() {
     let ns = TestNetns::new();
     ns.sh("ip link set lo up");
     let tmp = tempfile::tempdir().unwrap();
-    let mut server = echo_process(&ns, 80);
+    let _server = echo_process(&ns, 80); // killed when the test ends
     let (h, w) = launch(&ns, tmp.path(), vec![pm(29230, 80)], true);
     wait_port(29230);
     let fds_idle = open_fds(h.pid()).unwrap().len();
@@ -445,7 +441,6 @@ fn reload_under_a_thousand_live_connections() {
         open_fds(h.pid()).unwrap().len()
     );
     finish(h, w);
-    server.kill_now();
 }
 
 #[test]

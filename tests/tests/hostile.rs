@@ -358,15 +358,13 @@ fn late_defects_in_a_large_config() {
         tmp: tmp.path(),
         ports: &ports,
     };
-    let m = |host: u16| {
-        format!(
-            r#"{{"host_ip":"","container_port":{host},"host_port":{host},"range":1,"protocol":"tcp"}}"#
-        )
-    };
+    let m = |host: u16| tcp_mappings(host, 1);
+    // `count` mappings from the range's first port on, then `last`.
     let mappings = |count: u16, last: &str| -> String {
-        let mut all: Vec<String> = (LARGE_FIRST..LARGE_FIRST + count).map(m).collect();
-        all.push(last.to_owned());
-        all.join(",")
+        match count {
+            0 => last.to_owned(),
+            _ => format!("{},{last}", tcp_mappings(LARGE_FIRST, count)),
+        }
     };
     let doc = |mappings: &str, rest: &str| -> Vec<u8> {
         format!(
@@ -403,7 +401,7 @@ fn late_defects_in_a_large_config() {
         ),
         (
             // A number that no fd has when the helper starts, but that one of its
-            // listeners has by the time the config is decoded.
+            // listeners would have, were they made before the fds are checked.
             "ExitFD not open at start",
             Box::new(|n| {
                 let rest = format!(r#""NetNSPath":"{netns}","ExitFD":40,"ReadyFD":4"#);
@@ -483,11 +481,11 @@ fn late_defects_in_a_large_config() {
 fn a_config_refused_late_takes_no_port_from_others() {
     require_harness();
     let tmp = tempfile::tempdir().unwrap();
-    let mappings = tcp_mappings(REFUSED_LATE_FIRST, LARGE);
-    let json = format!(
-        r#"{{"Mappings":[{}],"NetNSPath":"/run/netns/no-such-netns","ExitFD":3,"ReadyFD":4,"TmpDir":"{}","ContainerID":"late"}}"#,
-        mappings,
-        tmp.path().display()
+    let json = config(
+        "/run/netns/no-such-netns",
+        tmp.path(),
+        &tcp_mappings(REFUSED_LATE_FIRST, LARGE),
+        "",
     );
     // Among the first ports made.
     let port = REFUSED_LATE_FIRST + 50;
@@ -503,7 +501,7 @@ fn a_config_refused_late_takes_no_port_from_others() {
         std::io::BufRead::read_line(&mut said, &mut line).unwrap();
         assert_eq!(line, "probing\n");
         let (fd3, fd4, _ew, _rr) = pipes();
-        let (out, code) = run(json.clone().into_bytes(), fd3, fd4);
+        let (out, code) = run(json.clone(), fd3, fd4);
         drop(probe.stdin.take());
         line.clear();
         std::io::BufRead::read_line(&mut said, &mut line).unwrap();
@@ -589,18 +587,19 @@ fn mappings_given_twice_serve_the_last() {
     let ns = TestNetns::new();
     let netns = ns.path().display().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let first = tcp_mappings(TWICE_FIRST, LARGE);
     let last_port = 29130;
-    let json = format!(
-        r#"{{"Mappings":[{}],"Mappings":[{{"host_ip":"","container_port":80,"host_port":{last_port},"range":1,"protocol":"tcp"}}],"NetNSPath":"{netns}","ExitFD":3,"ReadyFD":4,"TmpDir":"{}","ContainerID":"twice"}}"#,
-        first,
-        tmp.path().display()
+    // The second `Mappings` key comes after the first's whole config.
+    let json = config(
+        &netns,
+        tmp.path(),
+        &tcp_mappings(TWICE_FIRST, LARGE),
+        &format!(r#","Mappings":[{}]"#, tcp_mappings(last_port, 1)),
     );
     let (er, ew) = cloexec_pipe();
     let (rr, rw) = cloexec_pipe();
     let out = LogFile::anonymous("out").unwrap();
     let mut h = HelperCommand::new(rootlessport_bin())
-        .stdin_bytes(json.into_bytes())
+        .stdin_bytes(json)
         .stdout_log(&out)
         .unwrap()
         .leak_fd(er, 3)

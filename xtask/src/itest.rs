@@ -265,11 +265,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
     sys::ensure(sys::ITEST_NEEDS)?;
     let mut tally = Tally::default();
     if let Some(bin) = std::env::var_os("ROOTLESSPORT_BIN") {
-        // It is for `run` and `demo`; the tests drive this checkout's own build.
+        // It is for `run` and `demo`; the tests drive this checkout's own build. Taken
+        // out of this process's environment (no thread runs yet), so that no command
+        // started from here (tests, podman-e2e, soak, bench) sees it.
         eprintln!(
             "xtask: ROOTLESSPORT_BIN={} is left out: itest tests this checkout's binaries",
             Path::new(&bin).display()
         );
+        std::env::remove_var("ROOTLESSPORT_BIN");
     }
 
     eprintln!("xtask: cargo test --workspace");
@@ -277,8 +280,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "cargo test --workspace",
         cargo()
             .args(["test", "--workspace", "--no-fail-fast", "--"])
-            .args(&filters)
-            .env_remove("ROOTLESSPORT_BIN"),
+            .args(&filters),
         &mut tally,
     )?;
 
@@ -317,7 +319,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .args(["--ignored", "--show-output"])
             .args(&filters)
             .current_dir(dir)
-            .env_remove("ROOTLESSPORT_BIN")
             .env(HARNESS_ENV, "1");
         run_counted(&format!("namespaced tests of {name}"), &mut cmd, &mut tally)?;
     }
@@ -340,7 +341,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 cmd.args(["--ignored", "--show-output"])
                     .args(&filters)
                     .current_dir(dir)
-                    .env_remove("ROOTLESSPORT_BIN")
                     .env(HARNESS_ENV, "rootless");
                 run_counted(&format!("rootless tests of {name}"), &mut cmd, &mut tally)?;
             }
