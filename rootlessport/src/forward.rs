@@ -311,7 +311,7 @@ enum Batch {
 /// the runtime, with the hub running. Returns the statuses of an [`Batch::Added`]
 /// batch (none for the start-up's).
 async fn serve_ports(
-    bound: Vec<Bound>,
+    mut bound: Vec<Bound>,
     shared: &Arc<Shared>,
     batch: Batch,
 ) -> Result<Vec<PortStatus>, Error> {
@@ -320,25 +320,39 @@ async fn serve_ports(
         source,
     };
     // Every UDP socket is registered before anything is served: the one step here
-    // that can fail on its own.
-    let registered = bound
+    // that can fail on its own. They are taken out of the batch where they are; the
+    // TCP ones stay in its buffer, in order, uncopied (a copy of a batch of 10,000,
+    // grown as it was filled, was ~2 MB of fresh heap and ~4 ms of the start-up).
+    let ports = bound.len();
+    let seen = std::cell::Cell::new(0);
+    let mut udp = Vec::new();
+    for b in bound.extract_if(.., |b| {
+        seen.set(seen.get() + 1);
+        b.spec.transport == Transport::Udp
+    }) {
+        let sock = tokio::net::UdpSocket::from_std(b.sock.into()).map_err(io_err)?;
+        udp.push((
+            seen.get() - 1,
+            b.spec,
+            b.published_at,
+            Registered::Udp(sock),
+        ));
+    }
+    let mut udp = udp.into_iter().peekable();
+    let mut tcp = bound
         .into_iter()
-        .map(|b| {
-            let sock = match b.spec.transport {
-                Transport::Tcp => Registered::Tcp(b.sock.into()),
-                Transport::Udp => {
-                    Registered::Udp(tokio::net::UdpSocket::from_std(b.sock.into()).map_err(io_err)?)
-                }
-            };
-            Ok((b.spec, b.published_at, sock))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    let first_id = shared.new_ids(registered.len());
+        .map(|b| (b.spec, b.published_at, Registered::Tcp(b.sock.into())));
+    // The batch again, in its order: position `i` is UDP's next one or TCP's next.
+    let registered = (0..ports).map_while(|i| match udp.next_if(|u| u.0 == i) {
+        Some((_, spec, published_at, sock)) => Some((spec, published_at, sock)),
+        None => tcp.next(),
+    });
+    let first_id = shared.new_ids(ports);
     let startup = batch == Batch::Startup;
     // Start-up: one slot per port of the batch, where `bind_all` put its listener
     // (`None` for a UDP port's). Added: the TCP ports' records alone.
-    let mut records = Vec::with_capacity(if startup { registered.len() } else { 0 });
-    let mut entries = Vec::with_capacity(registered.len());
+    let mut records = Vec::with_capacity(if startup { ports } else { 0 });
+    let mut entries = Vec::with_capacity(ports);
     let mut served = Vec::new();
     let mut udp_tasks = Vec::new();
     for (id, (spec, published_at, sock)) in (first_id..).zip(registered) {
