@@ -152,6 +152,44 @@ pub fn release_helper() -> Result<PathBuf, String> {
     Ok(workspace_root().join("target/release/rootlessport"))
 }
 
+/// Build `listen-floor` (xtask's second binary: the listeners of N published ports and
+/// nothing else, the bench's limit for the time to ready) as the helper is built,
+/// static and in release, so that both pay the same for being started; the ordinary
+/// release build where the static one cannot be made.
+pub fn release_floor() -> Result<PathBuf, String> {
+    let build = |triple: Option<&str>| {
+        let mut c = cargo();
+        c.args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "xtask",
+            "--bin",
+            "listen-floor",
+        ]);
+        if let Some(triple) = triple {
+            c.args(["--target", triple])
+                .env("CARGO_ENCODED_RUSTFLAGS", helper_rustflags());
+        }
+        c.status().map_err(|e| format!("cannot run cargo: {e}"))
+    };
+    if let Some(triple) = host_triple() {
+        let bin = workspace_root()
+            .join("target")
+            .join(&triple)
+            .join("release/listen-floor");
+        if build(Some(&triple))?.success() && bin.exists() {
+            return Ok(bin);
+        }
+        eprintln!("xtask: static build of listen-floor failed; using the dynamic one");
+    }
+    if !build(None)?.success() {
+        return Err("building listen-floor failed".into());
+    }
+    Ok(workspace_root().join("target/release/listen-floor"))
+}
+
 /// The names of `order` (one a line) that `defined` (the helper's symbols) lacks.
 fn stale_names<'a>(order: &'a str, defined: &std::collections::HashSet<&str>) -> Vec<&'a str> {
     order

@@ -3,10 +3,11 @@
 //! on every column in turn.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::measure::{
-    iperf, iperf_at, latencies, num, pasta_ports_figures, percentile, ports_figures, rss_mb,
-    rss_with_conns, short_conns, short_conns_at, udp_flows_at, with_cpu,
+    floor_ready, iperf, iperf_at, latencies, num, pasta_ports_figures, percentile, ports_figures,
+    rss_mb, rss_with_conns, short_conns, short_conns_at, udp_flows_at, with_cpu,
 };
 use super::rig::{addr, client, forwarder_pid, veth_where, Col, Rig, COLS, VETH_KEPT, VETH_PLAIN};
 use super::Settings;
@@ -190,12 +191,22 @@ pub(super) fn has_ports_figures(c: Col) -> bool {
 }
 
 /// Whether figure `key` exists for column `c` (a figure of a forwarder's process or of
-/// starting one has no value without a forwarder).
+/// starting one has no value without a forwarder). The exception: the time to ready
+/// with N published ports has a limit, the time to make those N listeners and nothing
+/// else ([`floor_ready`]).
 pub(super) fn applies(key: &str, c: Col) -> bool {
     let of_forwarder = key.starts_with("cpu_") || key.starts_with("rss_");
     let of_start = key.starts_with("ports");
-    !(of_forwarder && c == Col::Direct || of_start && !has_ports_figures(c))
+    let limit_of_ready = c == Col::Direct && of_start && key.ends_with("_ready");
+    limit_of_ready || !(of_forwarder && c == Col::Direct || of_start && !has_ports_figures(c))
 }
+
+/// Quiet before each published-ports start, the same for every column. A start right
+/// after a busy spell takes ~35 ms for 10,000 listeners here, one after half a second
+/// or more of idleness ~50 ms (the vCPUs and caches cool down), and pasta's figure
+/// ends with up to a second of waiting for it to exit: without this, whichever column
+/// followed pasta's was measured cold and the others warm.
+const PORTS_SETTLE: Duration = Duration::from_secs(1);
 
 /// Measure every figure on every column `s.rounds` times, interleaved, and the cost of
 /// keeping client addresses on the veth pair.
@@ -273,8 +284,17 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
             for c in COLS
                 .iter()
                 .copied()
-                .filter(|c| has(*c) && has_ports_figures(*c))
+                .filter(|c| has(*c) && (has_ports_figures(*c) || *c == Col::Direct))
             {
+                std::thread::sleep(PORTS_SETTLE);
+                if c == Col::Direct {
+                    res.put(
+                        &format!("ports{n}_ready"),
+                        c,
+                        floor_ready(&rig.floor_bin, n)?,
+                    );
+                    continue;
+                }
                 let (ready, rss, exit) = match rig.helper_bin(c) {
                     Some(bin) => ports_figures(rig, bin, n)?,
                     None => pasta_ports_figures(&rig.pasta_bin, n)?,

@@ -251,6 +251,34 @@ pub(super) fn ports_figures(rig: &Rig, bin: &Path, n: u32) -> Result<(f64, f64, 
     ))
 }
 
+/// The limit of the time to ready with `n` published ports: `listen-floor n`, a
+/// process that makes the same `n` TCP listeners (`[::]:10000` up, dual-stack, each in
+/// an epoll set, with as many threads as the helper) and does nothing else, timed as
+/// the helpers are, from its spawn to its ready byte (ms).
+pub(super) fn floor_ready(bin: &Path, n: u32) -> Result<f64, String> {
+    use std::io::Read;
+    // From before the spawn, as the helpers' time is.
+    let t = Instant::now();
+    let mut kid = Command::new(bin)
+        .arg(n.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let mut byte = [0u8; 1];
+    let got = kid.stdout.take().map(|mut o| o.read(&mut byte));
+    let ready = t.elapsed();
+    drop(kid.stdin.take());
+    let status = kid.wait().map_err(|e| e.to_string())?;
+    match got {
+        Some(Ok(1)) if byte == *b"1" && status.success() => Ok(ready.as_secs_f64() * 1000.0),
+        _ => Err(format!(
+            "{} {n} did not get ready ({status})",
+            bin.display()
+        )),
+    }
+}
+
 /// The same for pasta, as podman 5 runs and ends it: started for a fresh container
 /// netns, ready when its first process exits; it exits on its own once the netns is
 /// removed (it notices that by polling, so this figure is mostly pasta's poll

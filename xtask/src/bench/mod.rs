@@ -129,10 +129,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
         let baseline = a.baseline.as_deref().map(checked_binary).transpose()?;
         let helper = crate::helper::release_helper()?;
+        let floor = crate::helper::release_floor()?;
         let mut again = vec!["bench".to_string()];
         again.extend(args.iter().cloned());
         again.push("--inner".into());
-        let mut env = vec![("BENCH_OURS", helper.as_os_str())];
+        let mut env = vec![
+            ("BENCH_OURS", helper.as_os_str()),
+            ("BENCH_FLOOR", floor.as_os_str()),
+        ];
         if let Some(b) = &baseline {
             env.push(("BENCH_BASELINE", b.as_os_str()));
         }

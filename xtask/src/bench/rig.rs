@@ -89,6 +89,8 @@ pub(super) struct Rig {
     pub ours_bin: PathBuf,
     pub baseline_bin: Option<PathBuf>,
     pub pasta_bin: PathBuf,
+    /// `listen-floor`: the published-ports limit (see [`super::measure::floor_ready`]).
+    pub floor_bin: PathBuf,
     /// A client host on a veth pair (198.18.0.2 -> 198.18.0.1), and our helper with and
     /// without keeping client addresses, for the cost of that feature.
     pub client_netns: String,
@@ -205,6 +207,9 @@ pub(super) fn setup() -> Result<Rig, String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/release/rootlessport"));
     let baseline_bin = std::env::var_os("BENCH_BASELINE").map(PathBuf::from);
+    let floor_bin = std::env::var_os("BENCH_FLOOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/listen-floor"));
     let pasta_bin = sys::find_in_path("pasta").ok_or("pasta not found (package passt)")?;
     let ports = |c: Col| {
         let (i, e) = c.ports();
@@ -310,6 +315,7 @@ pub(super) fn setup() -> Result<Rig, String> {
         ours_bin,
         baseline_bin,
         pasta_bin,
+        floor_bin,
         client_netns,
         client_holder,
         _kept: (hk, wk),
