@@ -3,7 +3,6 @@
 //! on every column in turn.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use super::measure::{
     floor_ready, iperf, iperf_at, latencies, num, pasta_ports_figures, percentile, ports_figures,
@@ -201,13 +200,6 @@ pub(super) fn applies(key: &str, c: Col) -> bool {
     limit_of_ready || !(of_forwarder && c == Col::Direct || of_start && !has_ports_figures(c))
 }
 
-/// Quiet before each published-ports start, the same for every column. A start right
-/// after a busy spell takes ~35 ms for 10,000 listeners here, one after half a second
-/// or more of idleness ~50 ms (the vCPUs and caches cool down), and pasta's figure
-/// ends with up to a second of waiting for it to exit: without this, whichever column
-/// followed pasta's was measured cold and the others warm.
-const PORTS_SETTLE: Duration = Duration::from_secs(1);
-
 /// Measure every figure on every column `s.rounds` times, interleaved, and the cost of
 /// keeping client addresses on the veth pair.
 pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
@@ -286,7 +278,6 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
                 .copied()
                 .filter(|c| has(*c) && (has_ports_figures(*c) || *c == Col::Direct))
             {
-                std::thread::sleep(PORTS_SETTLE);
                 if c == Col::Direct {
                     res.put(
                         &format!("ports{n}_ready"),

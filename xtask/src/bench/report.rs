@@ -242,7 +242,7 @@ pub(super) fn render(s: &Settings, figures: &[Figure], res: &Results, present: &
         out.push_str("\"no replies\": not one UDP reply came back through that forwarder. pasta from Debian's passt 0.0~git20230309 does this here: the echo server receives the datagrams and answers, the answers never reach the client, both over loopback (spliced) and over pasta's tap. ");
     }
     out.push_str("Forwarder CPU is user + system time of all its processes (podman's helper and its child) while the figure ran, from `/proc/PID/stat`, in 10 ms ticks. ");
-    out.push_str("Time to ready runs from the forwarder's spawn, its config or arguments made before, to its ready signal (the helpers' ready byte; pasta's first process exiting); its limit is `listen-floor` (xtask's second binary, built as the helper is), timed the same way: a process that makes the same N listening TCP sockets (dual-stack, each in an epoll set, with as many threads as our helper) and does nothing else. Every published-ports start follows a second of quiet, for each column alike: a start after idleness is slower here than one right after other work.\n");
+    out.push_str("Time to ready runs from the forwarder's spawn, its config or arguments made before, to its ready signal (the helpers' ready byte; pasta's first process exiting); its limit is `listen-floor` (xtask's second binary, built as the helper is), timed the same way: a process that makes the same N listening TCP sockets (dual-stack, each in an epoll set, with as many threads as our helper) and does nothing else.\n");
     out
 }
 
@@ -537,7 +537,10 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("| 1 published ports: RSS"))
             .unwrap();
-        assert!(row.contains("| — | 2.00 | 3.00 | — | 5.00 | 6.00 | — |"), "{row}");
+        assert!(
+            row.contains("| — | 2.00 | 3.00 | — | 5.00 | 6.00 | — |"),
+            "{row}"
+        );
         assert!(svg(&figures, &res).contains("1.25x slirp4netns"));
         // No loss anywhere: ours is the same as the others, not undefined.
         let mut res = full(&figures);
