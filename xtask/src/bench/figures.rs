@@ -278,18 +278,23 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
                 .copied()
                 .filter(|c| has(*c) && (has_ports_figures(*c) || *c == Col::Direct))
             {
+                // Each start right after an untimed one of the same forwarder with the
+                // same ports, for every column alike: each then starts from the state its
+                // own previous run left, not from what the figure before it left (a
+                // client's connections torn down, another forwarder's exit, idleness).
+                let start = || match (c, rig.helper_bin(c)) {
+                    (Col::Direct, _) => {
+                        floor_ready(rig, n).map(|ready| (ready, f64::NAN, f64::NAN))
+                    }
+                    (_, Some(bin)) => ports_figures(rig, bin, n),
+                    (_, None) => pasta_ports_figures(&rig.pasta_bin, n),
+                };
+                start()?;
+                let (ready, rss, exit) = start()?;
                 if c == Col::Direct {
-                    res.put(
-                        &format!("ports{n}_ready"),
-                        c,
-                        floor_ready(&rig.floor_bin, n)?,
-                    );
+                    res.put(&format!("ports{n}_ready"), c, ready);
                     continue;
                 }
-                let (ready, rss, exit) = match rig.helper_bin(c) {
-                    Some(bin) => ports_figures(rig, bin, n)?,
-                    None => pasta_ports_figures(&rig.pasta_bin, n)?,
-                };
                 res.put(&format!("ports{n}_ready"), c, ready);
                 res.put(&format!("ports{n}_rss"), c, rss);
                 res.put(&format!("ports{n}_exit"), c, exit);

@@ -252,30 +252,42 @@ pub(super) fn ports_figures(rig: &Rig, bin: &Path, n: u32) -> Result<(f64, f64, 
 }
 
 /// The limit of the time to ready with `n` published ports: `listen-floor n`, a
-/// process that makes the same `n` TCP listeners (`[::]:10000` up, dual-stack, each in
-/// an epoll set, with as many threads as the helper) and does nothing else, timed as
-/// the helpers are, from its spawn to its ready byte (ms).
-pub(super) fn floor_ready(bin: &Path, n: u32) -> Result<f64, String> {
-    use std::io::Read;
-    // From before the spawn, as the helpers' time is.
-    let t = Instant::now();
-    let mut kid = Command::new(bin)
-        .arg(n.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+/// process that reads the same config and makes the same `n` TCP listeners
+/// (`[::]:10000` up, dual-stack, each in an epoll set, with as many threads as the
+/// helper) and does nothing else, started and timed exactly as the launcher starts and
+/// times a helper (`slirp_spawn::HelperCommand`: the config written to its stdin file,
+/// ExitFD 3, ReadyFD 4; from before the spawn to the ready byte), then ended through
+/// its ExitFD (ms).
+pub(super) fn floor_ready(rig: &Rig, n: u32) -> Result<f64, String> {
+    let cfg = helper_config(&rig.netns, &rig.tmp, "bench-floor", port_range_mappings(n));
+    let json = serde_json::to_vec(&cfg).map_err(|e| e.to_string())?;
+    let bin = &rig.floor_bin;
+    let (exit_r, exit_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
+    let (ready_r, ready_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
+    let spawned = Instant::now();
+    let mut floor = slirp_spawn::process::HelperCommand::new(bin)
+        .args([n.to_string()])
+        .stdin_bytes(json)
+        .leak_fd(exit_r, slirp_config::EXIT_FD)
+        .leak_fd(ready_w, slirp_config::READY_FD)
         .spawn()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
-    let mut byte = [0u8; 1];
-    let got = kid.stdout.take().map(|mut o| o.read(&mut byte));
-    let ready = t.elapsed();
-    drop(kid.stdin.take());
-    let status = kid.wait().map_err(|e| e.to_string())?;
-    match got {
-        Some(Ok(1)) if byte == *b"1" && status.success() => Ok(ready.as_secs_f64() * 1000.0),
-        _ => Err(format!(
-            "{} {n} did not get ready ({status})",
-            bin.display()
-        )),
+    floor
+        .await_ready(&ready_r, spawned + Duration::from_secs(60))
+        .map_err(|e| format!("{} {n}: {e}", bin.display()))?;
+    let ready = spawned.elapsed().as_secs_f64() * 1000.0;
+    drop(exit_w);
+    match floor.wait_timeout(Duration::from_secs(60)) {
+        Ok(Some(status)) if status.success() => Ok(ready),
+        other => {
+            let _ = floor.kill();
+            Err(format!(
+                "{} {n} did not exit cleanly: {other:?}",
+                bin.display()
+            ))
+        }
     }
 }
 

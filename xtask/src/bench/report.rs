@@ -166,7 +166,7 @@ pub(super) fn render(s: &Settings, figures: &[Figure], res: &Results, present: &
     }
     let mut out = String::new();
     out.push_str(&format!(
-        "Median of {} round(s){}. Ratios are ours / another column of the same run: the limit is the same figure with no forwarder (the client inside the container netns), the best peer the best of podman's helper, pasta and slirp4netns on that figure.{}\n\n",
+        "Median of {} round(s){}. Ratios are ours / another column of the same run: the limit is the same figure with no forwarder (the client inside the container netns; for the time to ready with N published ports, a process that only makes the N listeners, see below), the best peer the best of podman's helper, pasta and slirp4netns on that figure.{}\n\n",
         s.rounds,
         if s.quick {
             " (quick mode: short runs, not for conclusions)"
@@ -242,7 +242,7 @@ pub(super) fn render(s: &Settings, figures: &[Figure], res: &Results, present: &
         out.push_str("\"no replies\": not one UDP reply came back through that forwarder. pasta from Debian's passt 0.0~git20230309 does this here: the echo server receives the datagrams and answers, the answers never reach the client, both over loopback (spliced) and over pasta's tap. ");
     }
     out.push_str("Forwarder CPU is user + system time of all its processes (podman's helper and its child) while the figure ran, from `/proc/PID/stat`, in 10 ms ticks. ");
-    out.push_str("Time to ready runs from the forwarder's spawn, its config or arguments made before, to its ready signal (the helpers' ready byte; pasta's first process exiting); its limit is `listen-floor` (xtask's second binary, built as the helper is), timed the same way: a process that makes the same N listening TCP sockets (dual-stack, each in an epoll set, with as many threads as our helper) and does nothing else.\n");
+    out.push_str("Time to ready runs from the forwarder's spawn, its config or arguments made before, to its ready signal (the helpers' ready byte; pasta's first process exiting); its limit is `listen-floor` (xtask's second binary, built as the helper is): a process that reads the same config without decoding it, makes the same N listening TCP sockets (dual-stack, `SO_REUSEADDR`, each in an epoll set, with as many threads as our helper) and does nothing else, started and timed as our helper is. Every published-ports start, in every column, comes right after an untimed start of the same forwarder with the same ports.\n");
     out
 }
 

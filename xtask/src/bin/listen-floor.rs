@@ -1,21 +1,31 @@
 //! `listen-floor N`: the least work any forwarder does to publish `N` TCP ports, as the
 //! bench's limit for the published-ports time to ready (issue 15).
 //!
-//! It makes `N` listeners on `[::]:10000` and up (dual-stack, `SO_REUSEADDR`, backlog
-//! 4096 as the helper's), puts each into one epoll set, as a forwarder must to
-//! learn of connections, writes `1` to stdout once all listen, and exits when stdin
-//! reads EOF. Nothing else: no config, no plan, no event loop. Like the helper it grows
-//! its fd table once before making the sockets, and from 256 ports on binds with as
-//! many threads as the helper would (the cores, at most 4), each a contiguous slice.
-//! The bench builds it as it builds the helper (release, static), so that both pay the
-//! same for their start.
+//! It is started as the helper is, and speaks its protocol: it reads its config from
+//! stdin to the end (a helper cannot start before it has its config; nothing of it is
+//! decoded), makes `N` listeners on `[::]:10000` and up (the bench's ports), writes `1`
+//! to fd 4 (the helper's ReadyFD) once all listen, and exits when fd 3 (ExitFD) reads
+//! EOF. Each listener is what every forwarder podman runs must make: a dual-stack
+//! socket with `SO_REUSEADDR` (Go's listeners, podman's helper and ours set it; without
+//! it a restarted container's port stays refused while old connections linger), bound,
+//! listening (backlog 4096, the helper's), added to one epoll set to learn of
+//! connections. Nothing else: no decoding, no plan, no event loop, no `TCP_NODELAY`.
+//! Like the helper it grows its fd table once first and, from 256 ports on, binds with
+//! the cores' threads (at most 4), each a contiguous slice: on this 2-core machine two
+//! threads are the most that pays (docs/performance-analysis.md, section 11).
+//!
+//! By hand: `listen-floor 1000 < /dev/null 3< <(sleep 5) 4>&1` prints `1` once the
+//! 1,000 listeners are made and ends 5 s later.
 
-use std::io::Write;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use socket2::{Domain, Protocol, Socket, Type};
+
+/// The helper's ExitFD and ReadyFD, as podman passes them.
+const EXIT_FD: i32 = 3;
+const READY_FD: i32 = 4;
 
 /// The first port, as the bench's published-ports config has it.
 const FIRST_PORT: u16 = 10000;
@@ -38,8 +48,10 @@ fn run() -> Result<(), String> {
             .ok()
             .filter(|n| (1..=usize::from(u16::MAX - FIRST_PORT) + 1).contains(n))
             .ok_or_else(|| format!("bad port count {n:?} (1-{})", u16::MAX - FIRST_PORT + 1))?,
-        _ => return Err("usage: listen-floor N".into()),
+        _ => return Err("usage: listen-floor N (config on stdin, ExitFD 3, ReadyFD 4)".into()),
     };
+    std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())
+        .map_err(|e| format!("reading the config from stdin: {e}"))?;
     grow_fd_table(n + 64);
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
     let threads = if n < PARALLEL_FROM {
@@ -61,11 +73,18 @@ fn run() -> Result<(), String> {
         }
         Ok::<_, String>(all)
     })?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(b"1")
-        .and_then(|()| out.flush())
-        .map_err(|e| format!("stdout: {e}"))?;
-    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+    // SAFETY: fd 4 is the ReadyFD the caller passed (checked by the write); it is only
+    // borrowed for the write and stays open for the process's life.
+    let ready = unsafe { BorrowedFd::borrow_raw(READY_FD) };
+    match nix::unistd::write(ready, b"1") {
+        Ok(1) => {}
+        _ => return Err(format!("cannot write to ReadyFD {READY_FD}")),
+    }
+    // SAFETY: fd 3 is the ExitFD the caller passed, only borrowed for the reads; should it
+    // not be open, the first read fails with EBADF and ends the wait as EOF would.
+    let exit = unsafe { BorrowedFd::borrow_raw(EXIT_FD) };
+    let mut buf = [0u8; 64];
+    while matches!(nix::unistd::read(exit, &mut buf), Ok(n) if n > 0) {}
     drop(listeners);
     Ok(())
 }
