@@ -21,7 +21,7 @@ use tokio::runtime::Runtime;
 use crate::config::{plan_ports, Transport};
 use crate::control::PortStatus;
 use crate::counters::{PortCounters, Published};
-use crate::listen::{nofile_limit, Binder, Bound};
+use crate::listen::{nofile_limit, registering_failed, Binder, Bound};
 use crate::reload::server::ReloadSocket;
 use crate::source_ip::{merged_ranges, SourceIp};
 use crate::state::{register, Entry, Serving, Shared, UdpPort};
@@ -330,7 +330,9 @@ async fn serve_ports(
         seen.set(seen.get() + 1);
         b.spec.transport == Transport::Udp
     }) {
-        let sock = tokio::net::UdpSocket::from_std(b.sock.into()).map_err(io_err)?;
+        let sock = tokio::net::UdpSocket::from_std(b.sock.into()).map_err(|e| {
+            registering_failed(b.spec.proto(), &b.spec.parent_ip, b.spec.parent_port, e)
+        })?;
         udp.push((
             seen.get() - 1,
             b.spec,
@@ -398,31 +400,48 @@ async fn serve_ports(
         }
         entries.push(entry);
     }
-    let added = shared
-        .ask_hub(|done| {
-            if startup {
-                HubCommand::Adopt {
-                    slots: records,
-                    entries,
-                    done,
-                }
-            } else {
-                HubCommand::Add {
-                    records: records.into_iter().flatten().collect(),
-                    entries,
-                    done,
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|| Err(io::Error::other("no accept hub")))
-        .and_then(|added| added);
+    let no_hub = || io_err(io::Error::other("no accept hub"));
+    let added = if startup {
+        let adopt = |done| HubCommand::Adopt {
+            slots: records,
+            entries,
+            done,
+        };
+        match shared.ask_hub(adopt).await {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e)) | Err(e)) => Err(io_err(e)),
+            None => Err(no_hub()),
+        }
+    } else {
+        let add = |done| HubCommand::Add {
+            records: records.into_iter().flatten().collect(),
+            entries,
+            done,
+        };
+        match shared.ask_hub(add).await {
+            Some(Ok(Ok(()))) => Ok(()),
+            // Named as the port whose listener the hub could not take.
+            Some(Ok(Err(failed))) => Err(
+                match served.get(failed.id.wrapping_sub(first_id) as usize) {
+                    Some(port) => registering_failed(
+                        port.protocol.as_str(),
+                        &port.host_ip.to_string(),
+                        port.host_port,
+                        failed.source,
+                    ),
+                    None => io_err(failed.source),
+                },
+            ),
+            Some(Err(e)) => Err(io_err(e)),
+            None => Err(no_hub()),
+        }
+    };
     if let Err(e) = added {
         // Nothing is listed: the UDP ports of the batch stop again.
         for t in udp_tasks {
             t.abort();
         }
-        return Err(io_err(e));
+        return Err(e);
     }
     Ok(served)
 }

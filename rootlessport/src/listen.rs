@@ -177,14 +177,30 @@ fn bind_in_order(
         let sock = bind_one(spec, spec.listen_plan()?, how.dual_stack_default)?;
         if let (Some(hub), Transport::Tcp) = (how.hub, spec.transport) {
             let event = EpollEvent::new(EpollFlags::EPOLLIN, at as u64);
-            hub.add(&sock, event).map_err(|e| Error::Io {
-                what: "registering a listener",
-                source: e.into(),
+            hub.add(&sock, event).map_err(|e| {
+                registering_failed(spec.proto(), &spec.parent_ip, spec.parent_port, e.into())
             })?;
         }
         socks.push(sock);
     }
     Ok(socks)
+}
+
+/// A listener that could not be put into an epoll set (the accept hub's, or the event
+/// loop's for UDP), named as a bind failure is: `listen udp 127.0.0.1:53: epoll_ctl:
+/// no space left on device`, with what that error means there when it is the
+/// per-user limit on epoll watches.
+pub(crate) fn registering_failed(proto: &str, ip: &str, port: u16, source: io::Error) -> Error {
+    Error::Listen {
+        proto: proto.to_owned(),
+        addr: display_addr(ip, port),
+        reason: if source.raw_os_error() == Some(libc::ENOSPC) {
+            "epoll_ctl: the per-user limit on epoll watches (fs.epoll.max_user_watches) is reached"
+        } else {
+            "epoll_ctl"
+        },
+        source: Some(source),
+    }
 }
 
 /// Bind `specs` in `threads` contiguous slices at once, this thread binding the first
@@ -328,6 +344,29 @@ impl Binder {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, TcpListener, TcpStream};
+
+    /// A listener the event loop could not take is named as a bind failure is, and the
+    /// per-user epoll limit is said in words (its errno alone reads "no space left on
+    /// device").
+    #[test]
+    fn a_registration_failure_names_its_port_and_the_epoll_limit() {
+        let full = registering_failed("udp", "::1", 53, io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            full.to_string(),
+            "listen udp [::1]:53: epoll_ctl: the per-user limit on epoll watches \
+             (fs.epoll.max_user_watches) is reached: no space left on device"
+        );
+        let other = registering_failed(
+            "tcp",
+            "0.0.0.0",
+            8080,
+            io::Error::from_raw_os_error(libc::ENOMEM),
+        );
+        assert_eq!(
+            other.to_string(),
+            "listen tcp 0.0.0.0:8080: epoll_ctl: cannot allocate memory"
+        );
+    }
 
     /// What `tcp::forward` relies on instead of setting TCP_NODELAY on each accepted
     /// client socket: the kernel copies it from our listener, dual-stack ones included.

@@ -433,6 +433,13 @@ impl PortRecord {
     }
 }
 
+/// Why an [`HubCommand::Add`] was refused: the listener of the entry `id` could not be
+/// put into the hub's epoll set.
+pub(crate) struct AddFailed {
+    pub(crate) id: u32,
+    pub(crate) source: io::Error,
+}
+
 /// A change to the ports the [`AcceptHub`] serves; each is answered once done.
 pub(crate) enum HubCommand {
     /// Serve `records` and list `entries` (their list entries, and those of the UDP
@@ -441,7 +448,7 @@ pub(crate) enum HubCommand {
     Add {
         records: Vec<PortRecord>,
         entries: Vec<Entry>,
-        done: oneshot::Sender<io::Result<()>>,
+        done: oneshot::Sender<Result<(), AddFailed>>,
     },
     /// The start-up batch, whose listeners are in the hub's set already (put there by
     /// [`crate::listen::bind_all`] as each was bound): `slots[i]` is the port whose
@@ -637,7 +644,7 @@ impl AcceptHub {
 
     /// Put every record's listener in the set, each in a free slot or a new one; on an
     /// error the ones put in are taken out and closed again.
-    fn add(&mut self, records: Vec<PortRecord>) -> io::Result<()> {
+    fn add(&mut self, records: Vec<PortRecord>) -> Result<(), AddFailed> {
         let mut placed = Vec::with_capacity(records.len());
         for rec in records {
             let slot = self.free.pop().map_or(self.slots.len(), |s| s as usize);
@@ -649,7 +656,10 @@ impl AcceptHub {
                 for s in placed {
                     self.close_slot(s);
                 }
-                return Err(e.into());
+                return Err(AddFailed {
+                    id: rec.id,
+                    source: e.into(),
+                });
             }
             if slot == self.slots.len() {
                 self.slots.push(Some(rec));
