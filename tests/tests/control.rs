@@ -1121,6 +1121,14 @@ fn told(host_port: u16) -> String {
     got
 }
 
+/// Whether a TCP client through `host_port` gets nothing from the container: its
+/// connection reset, or closed without a byte.
+fn told_nothing(host_port: u16) -> bool {
+    let mut c = connect(host_port);
+    let mut got = String::new();
+    c.read_to_string(&mut got).map_or(true, |_| got.is_empty())
+}
+
 /// Many TCP and UDP ports, TCP listeners bound by two threads and put straight into
 /// the accept hub by them, with UDP ports between TCP ones in the start-up batch: each
 /// TCP port reaches its own container port, each UDP port its own, and TCP ports added
@@ -1186,5 +1194,90 @@ fn control_mixed_tcp_and_udp_start_up_batch_on_two_threads_each_reach_their_own(
         Some(&b"still"[..])
     );
     assert_eq!(live.shown().len(), 601);
+    live.stop();
+}
+
+/// Added batches that mix UDP and TCP in any order (UDP first, interleaved, a
+/// `udp,tcp` range): the statuses come back in the batch's order, and each port reaches
+/// its own container port; a UDP port whose container port has no server gets no
+/// echo, so a UDP port wired to its neighbour's server would be seen.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn control_mixed_adds_in_any_order_each_reach_their_own() {
+    require_harness();
+    let live = Live::start("c0ntrol-mixadd", vec![pm(24600, 44600, "tcp")]);
+    for container_port in [44600, 44611, 44613, 44620, 44622] {
+        port_teller(&live.ns, container_port);
+    }
+    // UDP servers on every other UDP container port only.
+    for container_port in [44610, 44620, 44622] {
+        udp_echo(&live.ns, container_port);
+    }
+    let shown_of = |statuses: &[PortStatus]| statuses.iter().map(shown).collect::<Vec<_>>();
+    let added = control::add(
+        &live.socket,
+        &[
+            pm(24610, 44610, "udp"),
+            pm(24611, 44611, "tcp"),
+            pm(24612, 44612, "udp"),
+            pm(24613, 44613, "tcp"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        shown_of(&added),
+        [
+            "127.0.0.1:24610:44610/udp",
+            "127.0.0.1:24611:44611/tcp",
+            "127.0.0.1:24612:44612/udp",
+            "127.0.0.1:24613:44613/tcp",
+        ]
+    );
+    let range = control::add(
+        &live.socket,
+        &[PortMapping::new("127.0.0.1", 24620, 44620, 3, "udp,tcp")],
+    )
+    .unwrap();
+    assert_eq!(
+        shown_of(&range),
+        [
+            "127.0.0.1:24620:44620/udp",
+            "127.0.0.1:24621:44621/udp",
+            "127.0.0.1:24622:44622/udp",
+            "127.0.0.1:24620:44620/tcp",
+            "127.0.0.1:24621:44621/tcp",
+            "127.0.0.1:24622:44622/tcp",
+        ]
+    );
+    for (host_port, container_port) in [
+        (24600, 44600),
+        (24611, 44611),
+        (24613, 44613),
+        (24620, 44620),
+        (24622, 44622),
+    ] {
+        assert_eq!(
+            told(host_port),
+            format!("port {container_port}"),
+            "TCP via {host_port}"
+        );
+    }
+    // TCP 24621's container port has no server: the client is reset, not served.
+    assert!(told_nothing(24621), "TCP via 24621 reached a server");
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (host_port, answers) in [
+        (24610, true),
+        (24612, false),
+        (24620, true),
+        (24621, false),
+        (24622, true),
+    ] {
+        assert_eq!(
+            udp_round(&u, host_port, b"which").is_some(),
+            answers,
+            "UDP via {host_port}"
+        );
+    }
+    assert_eq!(live.shown().len(), 11);
     live.stop();
 }
