@@ -356,6 +356,9 @@ async fn serve_ports(
     let mut records = Vec::with_capacity(if startup { ports } else { 0 });
     let mut entries = Vec::with_capacity(ports);
     let mut served = Vec::new();
+    // Added: each port's protocol and host address as given, to name one the hub
+    // could not take as a bind failure names it.
+    let mut given = Vec::new();
     let mut udp_tasks = Vec::new();
     for (id, (spec, published_at, sock)) in (first_id..).zip(registered) {
         let serving = match sock {
@@ -397,6 +400,7 @@ async fn serve_ports(
         };
         if !startup {
             served.push(entry.status());
+            given.push((spec.protocol, spec.parent_ip, spec.parent_port));
         }
         entries.push(entry);
     }
@@ -421,17 +425,14 @@ async fn serve_ports(
         match shared.ask_hub(add).await {
             Some(Ok(Ok(()))) => Ok(()),
             // Named as the port whose listener the hub could not take.
-            Some(Ok(Err(failed))) => Err(
-                match served.get(failed.id.wrapping_sub(first_id) as usize) {
-                    Some(port) => registering_failed(
-                        port.protocol.as_str(),
-                        &port.host_ip.to_string(),
-                        port.host_port,
-                        failed.source,
-                    ),
+            Some(Ok(Err(failed))) => {
+                Err(match given.get(failed.id.wrapping_sub(first_id) as usize) {
+                    Some((proto, ip, port)) => {
+                        registering_failed(proto.as_str(), ip, *port, failed.source)
+                    }
                     None => io_err(failed.source),
-                },
-            ),
+                })
+            }
             Some(Err(e)) => Err(io_err(e)),
             None => Err(no_hub()),
         }

@@ -157,23 +157,24 @@ pub(super) fn list(s: &Settings) -> Vec<Figure> {
     );
     for &n in &s.port_counts {
         let big = n >= 10000;
+        let ports = if n == 1 { "port" } else { "ports" };
         fig(
             &format!("ports{n}_ready"),
-            format!("{n} published ports: time to ready"),
+            format!("{n} published {ports}: time to ready"),
             "ms",
             Better::Lower,
             big.then_some(0.33),
         );
         fig(
             &format!("ports{n}_rss"),
-            format!("{n} published ports: RSS"),
+            format!("{n} published {ports}: RSS"),
             "MB",
             Better::Lower,
             big.then_some(0.25),
         );
         fig(
             &format!("ports{n}_exit"),
-            format!("{n} published ports: time to exit"),
+            format!("{n} published {ports}: time to exit"),
             "ms",
             Better::Lower,
             big.then_some(0.5),

@@ -194,6 +194,17 @@ fn checked_binary(path: &Path) -> Result<PathBuf, String> {
 
 pub(crate) use report::check_report;
 
+/// The body of performance-analysis.md's section on what bounds each issue-15 target
+/// (the measurements that bound the targets a run does not meet), to be kept with the
+/// dated run; `None` if it has no such section.
+fn bounds_section(analysis: &str) -> Option<String> {
+    let start = analysis.find("\n## What bounds each issue-15 target here\n")? + 1;
+    let body = &analysis[start..];
+    let body = &body[body.find('\n')? + 1..];
+    let end = body.find("\n## ").map_or(body.len(), |e| e + 1);
+    Some(body[..end].trim().to_owned())
+}
+
 /// Inside the private namespaces: set up, measure, report.
 fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
     crate::sys::raise_nofile_limit();
@@ -217,12 +228,20 @@ fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
     if save_docs {
         let docs = workspace_root().join("docs");
         std::fs::create_dir_all(&docs).map_err(|e| e.to_string())?;
-        let text = format!(
+        let mut text = format!(
             "# Benchmarks\n\nOne full run of `cargo xtask bench`, kept as a reference; rerun it to compare. \
              Where the time and memory go, and what bounds each figure on this machine: \
              [performance-analysis.md](performance-analysis.md).\n\n{}\n\n{report}",
             report::machine()
         );
+        if let Some(bounds) = std::fs::read_to_string(docs.join("performance-analysis.md"))
+            .ok()
+            .and_then(|analysis| bounds_section(&analysis))
+        {
+            text.push_str(&format!(
+                "\n## What bounds each target (kept in performance-analysis.md; \"section N\" is one of its sections)\n\n{bounds}\n"
+            ));
+        }
         std::fs::write(docs.join("benchmarks.md"), text).map_err(|e| e.to_string())?;
         std::fs::write(docs.join("benchmarks.svg"), report::svg(&figures, &res))
             .map_err(|e| e.to_string())?;
@@ -230,4 +249,21 @@ fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
     }
     drop(rig);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounds_section;
+
+    #[test]
+    fn the_bounds_section_is_taken_whole_and_alone() {
+        let analysis = "# A\n\n## 14. Start-up\n\ntext\n\n## What bounds each issue-15 target here\n\nWhere a target...\n\n| target | state |\n|---|---|\n| x | y |\n\n## Next design changes\n\n1. more\n";
+        assert_eq!(
+            bounds_section(analysis).as_deref(),
+            Some("Where a target...\n\n| target | state |\n|---|---|\n| x | y |")
+        );
+        let last = "# A\n\n## What bounds each issue-15 target here\n\n| t |\n";
+        assert_eq!(bounds_section(last).as_deref(), Some("| t |"));
+        assert_eq!(bounds_section("# A\n\n## Other\n\ntext\n"), None);
+    }
 }

@@ -527,7 +527,7 @@ mod tests {
         // alone), the RSS has none; slirp4netns has neither (its ports come later).
         let row = text
             .lines()
-            .find(|l| l.starts_with("| 1 published ports: time to ready"))
+            .find(|l| l.starts_with("| 1 published port: time to ready"))
             .unwrap();
         assert!(
             row.contains("| 1.00 | 2.00 | 3.00 | — | 5.00 | 6.00 | 5.00x | 2.50x (podman) |"),
@@ -535,7 +535,7 @@ mod tests {
         );
         let row = text
             .lines()
-            .find(|l| l.starts_with("| 1 published ports: RSS"))
+            .find(|l| l.starts_with("| 1 published port: RSS"))
             .unwrap();
         assert!(
             row.contains("| — | 2.00 | 3.00 | — | 5.00 | 6.00 | — |"),

@@ -15,7 +15,8 @@
 //! threads are the most that pays (docs/performance-analysis.md, section 11).
 //!
 //! By hand: `listen-floor 1000 < /dev/null 3< <(sleep 5) 4>&1` prints `1` once the
-//! 1,000 listeners are made and ends 5 s later.
+//! 1,000 listeners (ports 10000-10999, in the network namespace it runs in) are made,
+//! and ends 5 s later. A missing fd 3 or 4 is refused before anything is made.
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -43,15 +44,28 @@ fn main() {
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let n: usize = match args.as_slice() {
-        [n] => n
-            .parse()
-            .ok()
+        [n] => Some(n)
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|n| n.parse().ok())
             .filter(|n| (1..=usize::from(u16::MAX - FIRST_PORT) + 1).contains(n))
             .ok_or_else(|| format!("bad port count {n:?} (1-{})", u16::MAX - FIRST_PORT + 1))?,
         _ => return Err("usage: listen-floor N (config on stdin, ExitFD 3, ReadyFD 4)".into()),
     };
+    // Both before anything is made: a socket or the epoll set could take a missing one's
+    // number.
+    for (fd, name) in [(EXIT_FD, "ExitFD"), (READY_FD, "ReadyFD")] {
+        // SAFETY: only asks whether the number is an open fd; nothing is done with it.
+        let open = nix::fcntl::fcntl(
+            unsafe { BorrowedFd::borrow_raw(fd) },
+            nix::fcntl::FcntlArg::F_GETFD,
+        );
+        if open.is_err() {
+            return Err(format!("{name} {fd} is not open"));
+        }
+    }
     std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())
         .map_err(|e| format!("reading the config from stdin: {e}"))?;
+    raise_nofile_limit();
     grow_fd_table(n + 64);
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
     let threads = if n < PARALLEL_FROM {
@@ -80,8 +94,8 @@ fn run() -> Result<(), String> {
         Ok(1) => {}
         _ => return Err(format!("cannot write to ReadyFD {READY_FD}")),
     }
-    // SAFETY: fd 3 is the ExitFD the caller passed, only borrowed for the reads; should it
-    // not be open, the first read fails with EBADF and ends the wait as EOF would.
+    // SAFETY: fd 3 is the ExitFD the caller passed (open, checked first), only borrowed
+    // for the reads.
     let exit = unsafe { BorrowedFd::borrow_raw(EXIT_FD) };
     let mut buf = [0u8; 64];
     while matches!(nix::unistd::read(exit, &mut buf), Ok(n) if n > 0) {}
@@ -112,6 +126,16 @@ fn listen_range(from: usize, to: usize, epoll: &Epoll) -> Result<Vec<Socket>, St
             Ok(sock)
         })
         .collect()
+}
+
+/// The soft open-file limit raised to the hard one, as the helper binary does.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }
 
 /// Grow the fd table to hold `fds` at once (as the helper does; best effort).
