@@ -503,43 +503,33 @@ mod tests {
         assert!(missing(&figures, &res, &COLS).is_empty());
         let text = render(&s, &figures, &res, &COLS);
         check_report(&text, true).unwrap();
+        // The row of the figure whose label starts with `label`, checked to hold `cells`.
+        let has = |label: &str, cells: &str| {
+            let row = text.lines().find(|l| l.starts_with(label)).unwrap();
+            assert!(row.contains(cells), "{row}");
+            row
+        };
         // Lower is better for the CPU rows: the best peer is podman's helper (2.0),
         // the limit has no figure.
-        let row = text
-            .lines()
-            .find(|l| l.starts_with("| forwarder CPU per 1000"))
-            .unwrap();
-        assert!(
-            row.contains("| — | 2.00 | 3.00 | 4.00 | 5.00 | 6.00 | — | 2.50x (podman) |"),
-            "{row}"
+        has(
+            "| forwarder CPU per 1000",
+            "| — | 2.00 | 3.00 | 4.00 | 5.00 | 6.00 | — | 2.50x (podman) |",
         );
         // Higher is better for throughput: the best peer is slirp4netns (4.0).
-        let row = text
-            .lines()
-            .find(|l| l.starts_with("| TCP throughput, host"))
-            .unwrap();
-        assert!(
-            row.contains("| 5.00x | 1.25x (slirp4netns) | 2.50x |"),
-            "{row}"
+        let row = has(
+            "| TCP throughput, host",
+            "| 5.00x | 1.25x (slirp4netns) | 2.50x |",
         );
         assert!(row.ends_with("| 0.83x |"), "{row}");
         // Starting with published ports: the time to ready has a limit (the listeners
         // alone), the RSS has none; slirp4netns has neither (its ports come later).
-        let row = text
-            .lines()
-            .find(|l| l.starts_with("| 1 published port: time to ready"))
-            .unwrap();
-        assert!(
-            row.contains("| 1.00 | 2.00 | 3.00 | — | 5.00 | 6.00 | 5.00x | 2.50x (podman) |"),
-            "{row}"
+        has(
+            "| 1 published port: time to ready",
+            "| 1.00 | 2.00 | 3.00 | — | 5.00 | 6.00 | 5.00x | 2.50x (podman) |",
         );
-        let row = text
-            .lines()
-            .find(|l| l.starts_with("| 1 published port: RSS"))
-            .unwrap();
-        assert!(
-            row.contains("| — | 2.00 | 3.00 | — | 5.00 | 6.00 | — |"),
-            "{row}"
+        has(
+            "| 1 published port: RSS",
+            "| — | 2.00 | 3.00 | — | 5.00 | 6.00 | — |",
         );
         assert!(svg(&figures, &res).contains("1.25x slirp4netns"));
         // No loss anywhere: ours is the same as the others, not undefined.
