@@ -186,6 +186,11 @@ fn bind_in_order(
     Ok(socks)
 }
 
+/// What an `epoll_ctl` that fails with ENOSPC means (its errno alone reads "no space left
+/// on device").
+pub(crate) const EPOLL_FULL: &str =
+    "epoll_ctl: the per-user limit on epoll watches (fs.epoll.max_user_watches) is reached";
+
 /// A listener that could not be put into an epoll set (the accept hub's, or the event
 /// loop's for UDP), named as a bind failure is: `listen udp 127.0.0.1:53: epoll_ctl:
 /// no space left on device`, with what that error means there when it is the
@@ -195,7 +200,7 @@ pub(crate) fn registering_failed(proto: &str, ip: &str, port: u16, source: io::E
         proto: proto.to_owned(),
         addr: display_addr(ip, port),
         reason: if source.raw_os_error() == Some(libc::ENOSPC) {
-            "epoll_ctl: the per-user limit on epoll watches (fs.epoll.max_user_watches) is reached"
+            EPOLL_FULL
         } else {
             "epoll_ctl"
         },

@@ -251,8 +251,36 @@ async fn handle(conn: OwnedFd, shared: &Arc<Shared>) {
         Ok(afd) => afd,
         Err(e) => {
             let (conn, e) = e.into_parts();
-            let reply = format!("reload failed: {}", e);
-            let _ = socket::send(conn.as_raw_fd(), reply.as_bytes(), MsgFlags::MSG_NOSIGNAL);
+            let why = if e.raw_os_error() == Some(libc::ENOSPC) {
+                format!(
+                    "{}: {}",
+                    crate::listen::EPOLL_FULL,
+                    crate::error::errno_text(&e)
+                )
+            } else {
+                format!("epoll_ctl: {}", crate::error::errno_text(&e))
+            };
+            tracing::warn!("a control or reload connection was refused: {why}");
+            // What the client sent so far is read (and dropped) first: closing with it
+            // unread would reset the connection before the client saw the reply. It also
+            // tells which kind of reply the client understands.
+            let mut unread = [0u8; 4096];
+            let (mut left, mut control) = (MAX_REQUEST + unread.len(), None);
+            while left > 0 {
+                match socket::recv(conn.as_raw_fd(), &mut unread, MsgFlags::MSG_DONTWAIT) {
+                    Ok(n) if n > 0 => {
+                        control.get_or_insert_with(|| crate::control::is_control(&unread[..n]));
+                        left = left.saturating_sub(n);
+                    }
+                    _ => break,
+                }
+            }
+            let reply = if control == Some(true) {
+                crate::control::error_reply(&why)
+            } else {
+                format!("reload failed: {why}").into_bytes()
+            };
+            let _ = socket::send(conn.as_raw_fd(), &reply, MsgFlags::MSG_NOSIGNAL);
             return;
         }
     };
