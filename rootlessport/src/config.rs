@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::hash_map::{Entry, HashMap};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -263,17 +264,24 @@ impl PortSpec {
         self.protocol.as_str()
     }
 
+    /// A failure to listen on this port in Go's `listen tcp ADDR: REASON` shape: `reason`
+    /// is the call that failed (with its OS error as `source`) or what is wrong with
+    /// the address; ADDR is the host IP as given (`""` shown as `0.0.0.0`).
+    pub(crate) fn listen_error(&self, reason: &'static str, source: Option<io::Error>) -> Error {
+        Error::Listen {
+            proto: self.proto().to_owned(),
+            addr: display_addr(&self.parent_ip, self.parent_port),
+            reason,
+            source,
+        }
+    }
+
     /// Where and how to listen: wildcards of plain `tcp`/`udp` are dual-stack, like
     /// podman's helper; `*4`/`*6` stay in their family; specific addresses bind only
     /// that address.
     pub(crate) fn listen_plan(&self) -> Result<ListenPlan, Error> {
         let port = self.parent_port;
-        let wrong = |why: &'static str| Error::Listen {
-            proto: self.proto().to_owned(),
-            addr: display_addr(&self.parent_ip, port),
-            reason: why,
-            source: None,
-        };
+        let wrong = |why| self.listen_error(why, None);
         let plan = match (self.family, self.parent_addr) {
             (Family::Any, a) if a.is_unspecified() => ListenPlan {
                 addr: SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),

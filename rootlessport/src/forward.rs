@@ -330,9 +330,8 @@ async fn serve_ports(
         seen.set(seen.get() + 1);
         b.spec.transport == Transport::Udp
     }) {
-        let sock = tokio::net::UdpSocket::from_std(b.sock.into()).map_err(|e| {
-            registering_failed(b.spec.proto(), &b.spec.parent_ip, b.spec.parent_port, e)
-        })?;
+        let sock = tokio::net::UdpSocket::from_std(b.sock.into())
+            .map_err(|e| registering_failed(&b.spec, e))?;
         udp.push((
             seen.get() - 1,
             b.spec,
@@ -356,8 +355,8 @@ async fn serve_ports(
     let mut records = Vec::with_capacity(if startup { ports } else { 0 });
     let mut entries = Vec::with_capacity(ports);
     let mut served = Vec::new();
-    // Added: each port's protocol and host address as given, to name one the hub
-    // could not take as a bind failure names it.
+    // Added: each port's spec, to name one the hub could not take as a bind failure
+    // names it.
     let mut given = Vec::new();
     let mut udp_tasks = Vec::new();
     for (id, (spec, published_at, sock)) in (first_id..).zip(registered) {
@@ -400,7 +399,7 @@ async fn serve_ports(
         };
         if !startup {
             served.push(entry.status());
-            given.push((spec.protocol, spec.parent_ip, spec.parent_port));
+            given.push(spec);
         }
         entries.push(entry);
     }
@@ -427,9 +426,7 @@ async fn serve_ports(
             // Named as the port whose listener the hub could not take.
             Some(Ok(Err(failed))) => {
                 Err(match given.get(failed.id.wrapping_sub(first_id) as usize) {
-                    Some((proto, ip, port)) => {
-                        registering_failed(proto.as_str(), ip, *port, failed.source)
-                    }
+                    Some(spec) => registering_failed(spec, failed.source),
                     None => io_err(failed.source),
                 })
             }

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
-use crate::config::{display_addr, ListenPlan, PortSpec, Transport};
+use crate::config::{ListenPlan, PortSpec, Transport};
 use crate::Error;
 
 /// A listening socket for one port spec, made in the engine's netns.
@@ -177,35 +177,29 @@ fn bind_in_order(
         let sock = bind_one(spec, spec.listen_plan()?, how.dual_stack_default)?;
         if let (Some(hub), Transport::Tcp) = (how.hub, spec.transport) {
             let event = EpollEvent::new(EpollFlags::EPOLLIN, at as u64);
-            hub.add(&sock, event).map_err(|e| {
-                registering_failed(spec.proto(), &spec.parent_ip, spec.parent_port, e.into())
-            })?;
+            hub.add(&sock, event)
+                .map_err(|e| registering_failed(spec, e.into()))?;
         }
         socks.push(sock);
     }
     Ok(socks)
 }
 
-/// What an `epoll_ctl` that fails with ENOSPC means (its errno alone reads "no space left
-/// on device").
-pub(crate) const EPOLL_FULL: &str =
-    "epoll_ctl: the per-user limit on epoll watches (fs.epoll.max_user_watches) is reached";
-
-/// A listener that could not be put into an epoll set (the accept hub's, or the event
-/// loop's for UDP), named as a bind failure is: `listen udp 127.0.0.1:53: epoll_ctl:
-/// no space left on device`, with what that error means there when it is the
-/// per-user limit on epoll watches.
-pub(crate) fn registering_failed(proto: &str, ip: &str, port: u16, source: io::Error) -> Error {
-    Error::Listen {
-        proto: proto.to_owned(),
-        addr: display_addr(ip, port),
-        reason: if source.raw_os_error() == Some(libc::ENOSPC) {
-            EPOLL_FULL
-        } else {
-            "epoll_ctl"
-        },
-        source: Some(source),
+/// The failed call when `epoll_ctl` fails with `e`, with what ENOSPC means there (its
+/// errno alone reads "no space left on device").
+pub(crate) fn epoll_ctl_failed(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        "epoll_ctl: the per-user limit on epoll watches (fs.epoll.max_user_watches) is reached"
+    } else {
+        "epoll_ctl"
     }
+}
+
+/// `spec`'s listener could not be put into an epoll set (the accept hub's, or the event
+/// loop's for UDP): named as a bind failure is, `listen udp 127.0.0.1:53: epoll_ctl:
+/// ...` (see [`epoll_ctl_failed`]).
+pub(crate) fn registering_failed(spec: &PortSpec, source: io::Error) -> Error {
+    spec.listen_error(epoll_ctl_failed(&source), Some(source))
 }
 
 /// Bind `specs` in `threads` contiguous slices at once, this thread binding the first
@@ -248,12 +242,7 @@ fn bind_one(
     dual_stack_default: bool,
 ) -> Result<socket2::Socket, Error> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let err = |op: &'static str, e: io::Error| Error::Listen {
-        proto: spec.proto().to_owned(),
-        addr: display_addr(&spec.parent_ip, spec.parent_port),
-        reason: op,
-        source: Some(e),
-    };
+    let err = |op, e| spec.listen_error(op, Some(e));
     // Non-blocking (as the event loop needs) and close-on-exec from the start: no
     // fcntl calls afterwards.
     let (ty, proto) = match spec.transport {
@@ -355,16 +344,21 @@ mod tests {
     /// device").
     #[test]
     fn a_registration_failure_names_its_port_and_the_epoll_limit() {
-        let full = registering_failed("udp", "::1", 53, io::Error::from_raw_os_error(libc::ENOSPC));
+        let spec = |ip: &str, port, proto: &str| {
+            let mapping = slirp_config::PortMapping::new(ip, port, port, 1, proto);
+            crate::config::plan_ports(&[mapping]).unwrap().remove(0)
+        };
+        let full = registering_failed(
+            &spec("::1", 53, "udp"),
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
         assert_eq!(
             full.to_string(),
             "listen udp [::1]:53: epoll_ctl: the per-user limit on epoll watches \
              (fs.epoll.max_user_watches) is reached: no space left on device"
         );
         let other = registering_failed(
-            "tcp",
-            "0.0.0.0",
-            8080,
+            &spec("", 8080, "tcp"),
             io::Error::from_raw_os_error(libc::ENOMEM),
         );
         assert_eq!(

@@ -69,6 +69,13 @@ fn pipes() -> (Option<OwnedFd>, Option<OwnedFd>, OwnedFd, OwnedFd) {
     (Some(er), Some(rw), ew, rr)
 }
 
+/// A fresh container netns, its path as a config names it, and a TmpDir.
+fn netns_and_tmp() -> (TestNetns, String, tempfile::TempDir) {
+    let ns = TestNetns::new();
+    let netns = ns.path().display().to_string();
+    (ns, netns, tempfile::tempdir().unwrap())
+}
+
 fn config(netns: &str, tmp: &Path, mappings: &str, extra: &str) -> Vec<u8> {
     format!(
         r#"{{"Mappings":[{mappings}],"NetNSPath":"{netns}","ExitFD":3,"ReadyFD":4,"TmpDir":"{}","ChildIP":"","ContainerID":"hostile"{extra}}}"#,
@@ -81,9 +88,7 @@ fn config(netns: &str, tmp: &Path, mappings: &str, extra: &str) -> Vec<u8> {
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn bad_input_matrix() {
     require_harness();
-    let ns = TestNetns::new();
-    let netns = ns.path().display().to_string();
-    let tmp = tempfile::tempdir().unwrap();
+    let (_ns, netns, tmp) = netns_and_tmp();
     let left = Leftovers {
         tmp: tmp.path(),
         ports: &[29100, 29101, 29102],
@@ -228,9 +233,7 @@ fn bad_input_matrix() {
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn bad_fds() {
     require_harness();
-    let ns = TestNetns::new();
-    let netns = ns.path().display().to_string();
-    let tmp = tempfile::tempdir().unwrap();
+    let (_ns, netns, tmp) = netns_and_tmp();
     let cfg = |exit: i64, ready: i64| {
         format!(r#"{{"Mappings":[],"NetNSPath":"{netns}","ExitFD":{exit},"ReadyFD":{ready},"TmpDir":"{}"}}"#, tmp.path().display()).into_bytes()
     };
@@ -350,9 +353,7 @@ fn tcp_mappings(first: u16, count: u16) -> String {
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn late_defects_in_a_large_config() {
     require_harness();
-    let ns = TestNetns::new();
-    let netns = ns.path().display().to_string();
-    let tmp = tempfile::tempdir().unwrap();
+    let (_ns, netns, tmp) = netns_and_tmp();
     let ports: Vec<u16> = (LARGE_FIRST..LARGE_FIRST + LARGE).collect();
     let left = Leftovers {
         tmp: tmp.path(),
@@ -584,9 +585,7 @@ fn without_proc_a_closed_exit_fd_is_still_refused() {
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn mappings_given_twice_serve_the_last() {
     require_harness();
-    let ns = TestNetns::new();
-    let netns = ns.path().display().to_string();
-    let tmp = tempfile::tempdir().unwrap();
+    let (_ns, netns, tmp) = netns_and_tmp();
     let last_port = 29130;
     // The second `Mappings` key comes after the first's whole config.
     let json = config(
@@ -629,10 +628,8 @@ fn mappings_given_twice_serve_the_last() {
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn unwritable_tmpdir_and_unenterable_netns() {
     require_harness();
-    let ns = TestNetns::new();
-    let netns = ns.path().display().to_string();
     // A read-only TmpDir (a read-only bind mount in our private mount namespace).
-    let tmp = tempfile::tempdir().unwrap();
+    let (_ns, netns, tmp) = netns_and_tmp();
     let ro = tmp.path().join("ro");
     std::fs::create_dir(&ro).unwrap();
     let status = std::process::Command::new("mount")

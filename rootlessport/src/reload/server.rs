@@ -251,15 +251,11 @@ async fn handle(conn: OwnedFd, shared: &Arc<Shared>) {
         Ok(afd) => afd,
         Err(e) => {
             let (conn, e) = e.into_parts();
-            let why = if e.raw_os_error() == Some(libc::ENOSPC) {
-                format!(
-                    "{}: {}",
-                    crate::listen::EPOLL_FULL,
-                    crate::error::errno_text(&e)
-                )
-            } else {
-                format!("epoll_ctl: {}", crate::error::errno_text(&e))
-            };
+            let why = format!(
+                "{}: {}",
+                crate::listen::epoll_ctl_failed(&e),
+                crate::error::errno_text(&e)
+            );
             tracing::warn!("a control or reload connection was refused: {why}");
             // What the client sent so far is read (and dropped) first: closing with it
             // unread would reset the connection before the client saw the reply. It also

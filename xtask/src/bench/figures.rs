@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::measure::{
-    floor_ready, iperf, iperf_at, latencies, num, pasta_ports_figures, percentile, ports_figures,
-    rss_mb, rss_with_conns, short_conns, short_conns_at, udp_flows_at, with_cpu,
+    iperf, iperf_at, latencies, num, pasta_ports_figures, percentile, ports_figures, rss_mb,
+    rss_with_conns, short_conns, short_conns_at, udp_flows_at, with_cpu,
 };
 use super::rig::{addr, client, forwarder_pid, veth_where, Col, Rig, COLS, VETH_KEPT, VETH_PLAIN};
 use super::Settings;
@@ -193,7 +193,7 @@ pub(super) fn has_ports_figures(c: Col) -> bool {
 /// Whether figure `key` exists for column `c` (a figure of a forwarder's process or of
 /// starting one has no value without a forwarder). The exception: the time to ready
 /// with N published ports has a limit, the time to make those N listeners and nothing
-/// else ([`floor_ready`]).
+/// else (`listen-floor`, see [`Rig::floor_bin`]).
 pub(super) fn applies(key: &str, c: Col) -> bool {
     let of_forwarder = key.starts_with("cpu_") || key.starts_with("rss_");
     let of_start = key.starts_with("ports");
@@ -283,12 +283,13 @@ pub(super) fn measure(rig: &Rig, s: &Settings) -> Result<Results, String> {
                 // same ports, for every column alike: each then starts from the state its
                 // own previous run left, not from what the figure before it left (a
                 // client's connections torn down, another forwarder's exit, idleness).
-                let start = || match (c, rig.helper_bin(c)) {
-                    (Col::Direct, _) => {
-                        floor_ready(rig, n).map(|ready| (ready, f64::NAN, f64::NAN))
-                    }
-                    (_, Some(bin)) => ports_figures(rig, bin, n),
-                    (_, None) => pasta_ports_figures(&rig.pasta_bin, n),
+                let bin = match c {
+                    Col::Direct => Some(rig.floor_bin.as_path()),
+                    _ => rig.helper_bin(c),
+                };
+                let start = || match bin {
+                    Some(bin) => ports_figures(rig, bin, n),
+                    None => pasta_ports_figures(&rig.pasta_bin, n),
                 };
                 start()?;
                 let (ready, rss, exit) = start()?;

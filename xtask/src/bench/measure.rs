@@ -229,15 +229,13 @@ pub(super) fn rss_with_conns(rig: &Rig, c: Col, n: u64) -> Result<f64, String> {
     Ok(rss)
 }
 
-/// How long a forwarder with published ports runs before its RSS is read and it is
-/// ended (so also the quiet before the next start, which the floor keeps too).
-const PORTS_RUN: Duration = Duration::from_millis(200);
-
-/// Start a helper with `n` published ports: (ms to ready, RSS MB, ms to exit).
+/// Start a helper with `n` published ports: (ms to ready, RSS MB, ms to exit). Also the
+/// limit of the time to ready, with `listen-floor` as `bin`: the same launch of a
+/// process that makes the same listeners and nothing else.
 pub(super) fn ports_figures(rig: &Rig, bin: &Path, n: u32) -> Result<(f64, f64, f64), String> {
     let cfg = helper_config(&rig.netns, &rig.tmp, "bench-ports", port_range_mappings(n));
     let (mut h, exit_w, ready) = launch(bin, &cfg)?;
-    std::thread::sleep(PORTS_RUN);
+    std::thread::sleep(Duration::from_millis(200));
     let rss = rss_mb(h.pid());
     let t = Instant::now();
     drop(exit_w);
@@ -255,48 +253,6 @@ pub(super) fn ports_figures(rig: &Rig, bin: &Path, n: u32) -> Result<(f64, f64, 
     ))
 }
 
-/// The limit of the time to ready with `n` published ports: `listen-floor n`, a
-/// process that reads the same config and makes the same `n` TCP listeners
-/// (`[::]:10000` up, dual-stack, each in an epoll set, with as many threads as the
-/// helper) and does nothing else, started and timed exactly as the launcher starts and
-/// times a helper (`slirp_spawn::HelperCommand`: the config written to its stdin file,
-/// ExitFD 3, ReadyFD 4; from before the spawn to the ready byte), then left running as
-/// long as the forwarders are and ended through its ExitFD (ms).
-pub(super) fn floor_ready(rig: &Rig, n: u32) -> Result<f64, String> {
-    let cfg = helper_config(&rig.netns, &rig.tmp, "bench-floor", port_range_mappings(n));
-    let json = serde_json::to_vec(&cfg).map_err(|e| e.to_string())?;
-    let bin = &rig.floor_bin;
-    let (exit_r, exit_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
-    let (ready_r, ready_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.to_string())?;
-    let spawned = Instant::now();
-    let mut floor = slirp_spawn::process::HelperCommand::new(bin)
-        .args([n.to_string()])
-        .stdin_bytes(json)
-        .leak_fd(exit_r, slirp_config::EXIT_FD)
-        .leak_fd(ready_w, slirp_config::READY_FD)
-        .spawn()
-        .map_err(|e| format!("{}: {e}", bin.display()))?;
-    floor
-        .await_ready(&ready_r, spawned + Duration::from_secs(60))
-        .map_err(|e| format!("{} {n}: {e}", bin.display()))?;
-    let ready = spawned.elapsed().as_secs_f64() * 1000.0;
-    // Run as long as the forwarders do, so that the next start follows the same quiet.
-    std::thread::sleep(PORTS_RUN);
-    drop(exit_w);
-    match floor.wait_timeout(Duration::from_secs(60)) {
-        Ok(Some(status)) if status.success() => Ok(ready),
-        other => {
-            let _ = floor.kill();
-            Err(format!(
-                "{} {n} did not exit cleanly: {other:?}",
-                bin.display()
-            ))
-        }
-    }
-}
-
 /// The same for pasta, as podman 5 runs and ends it: started for a fresh container
 /// netns, ready when its first process exits; it exits on its own once the netns is
 /// removed (it notices that by polling, so this figure is mostly pasta's poll
@@ -304,7 +260,7 @@ pub(super) fn floor_ready(rig: &Rig, n: u32) -> Result<f64, String> {
 pub(super) fn pasta_ports_figures(bin: &Path, n: u32) -> Result<(f64, f64, f64), String> {
     let mut netns = NamedNetns::new("bench-pasta-ports")?;
     let (pid, ready) = start_pasta(bin, &port_range_mappings(n), &netns.file)?;
-    std::thread::sleep(PORTS_RUN);
+    std::thread::sleep(Duration::from_millis(200));
     let rss = rss_mb(pid);
     let t = Instant::now();
     netns.remove();

@@ -89,7 +89,9 @@ pub(super) struct Rig {
     pub ours_bin: PathBuf,
     pub baseline_bin: Option<PathBuf>,
     pub pasta_bin: PathBuf,
-    /// `listen-floor`: the published-ports limit (see [`super::measure::floor_ready`]).
+    /// `listen-floor` (xtask's second binary), started as the helpers are: the limit of
+    /// the published-ports time to ready, a process that makes the same listeners and
+    /// nothing else.
     pub floor_bin: PathBuf,
     /// A client host on a veth pair (198.18.0.2 -> 198.18.0.1), and our helper with and
     /// without keeping client addresses, for the cost of that feature.

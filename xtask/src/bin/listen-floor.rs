@@ -1,11 +1,13 @@
-//! `listen-floor N`: the least work any forwarder does to publish `N` TCP ports, as the
+//! `listen-floor`: the least work any forwarder does to publish N TCP ports, as the
 //! bench's limit for the published-ports time to ready (issue 15).
 //!
-//! It is started as the helper is, and speaks its protocol: it reads its config from
-//! stdin to the end (a helper cannot start before it has its config; nothing of it is
-//! decoded), makes `N` listeners on `[::]:10000` and up (the bench's ports), writes `1`
-//! to fd 4 (the helper's ReadyFD) once all listen, and exits when fd 3 (ExitFD) reads
-//! EOF. Each listener is what every forwarder podman runs must make: a dual-stack
+//! The bench starts it as it starts the helpers, with the same launcher and config,
+//! and it speaks the helper's protocol: it reads its config from stdin to the end (a
+//! helper cannot start before it has its config), makes one listener for each mapping
+//! in it on `[::]:10000` and up, writes `1` to fd 4 (the helper's ReadyFD) once all
+//! listen, and exits when fd 3 (ExitFD) reads EOF. The config is not decoded: its
+//! mappings are counted as its JSON objects but the outer one, which is all the bench's
+//! configs need (one-port TCP mappings, host ports from 10000 up). Each listener is what every forwarder podman runs must make: a dual-stack
 //! socket with `SO_REUSEADDR` (Go's listeners, podman's helper and ours set it; without
 //! it a restarted container's port stays refused while old connections linger), bound,
 //! listening (backlog 4096, the helper's), added to one epoll set to learn of
@@ -14,10 +16,11 @@
 //! the cores' threads (at most 4), each a contiguous slice: on this 2-core machine two
 //! threads are the most that pays (docs/performance-analysis.md, section 11).
 //!
-//! By hand: `listen-floor 1000 < /dev/null 3< <(sleep 5) 4>&1` prints `1` once the
-//! 1,000 listeners (ports 10000-10999, in the network namespace it runs in) are made,
-//! and ends 5 s later. A missing fd 3 or 4 is refused before anything is made.
+//! By hand: `echo '{"Mappings":[{},{},{}]}' | listen-floor 3< <(sleep 5) 4>&1` prints
+//! `1` once 3 listeners (ports 10000-10002, in the network namespace it runs in) are
+//! made, and ends 5 s later. A missing fd 3 or 4 is refused before anything is made.
 
+use std::io::Read;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -42,15 +45,9 @@ fn main() {
 }
 
 fn run() -> Result<(), String> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let n: usize = match args.as_slice() {
-        [n] => Some(n)
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|n| n.parse().ok())
-            .filter(|n| (1..=usize::from(u16::MAX - FIRST_PORT) + 1).contains(n))
-            .ok_or_else(|| format!("bad port count {n:?} (1-{})", u16::MAX - FIRST_PORT + 1))?,
-        _ => return Err("usage: listen-floor N (config on stdin, ExitFD 3, ReadyFD 4)".into()),
-    };
+    if std::env::args_os().len() > 1 {
+        return Err("usage: listen-floor (config on stdin, ExitFD 3, ReadyFD 4)".into());
+    }
     // Both before anything is made: a socket or the epoll set could take a missing one's
     // number.
     for (fd, name) in [(EXIT_FD, "ExitFD"), (READY_FD, "ReadyFD")] {
@@ -63,8 +60,21 @@ fn run() -> Result<(), String> {
             return Err(format!("{name} {fd} is not open"));
         }
     }
-    std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())
+    let mut config = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut config)
         .map_err(|e| format!("reading the config from stdin: {e}"))?;
+    let n = config
+        .iter()
+        .filter(|&&b| b == b'{')
+        .count()
+        .saturating_sub(1);
+    let most = usize::from(u16::MAX - FIRST_PORT) + 1;
+    if !(1..=most).contains(&n) {
+        return Err(format!(
+            "its config has {n} mappings (1-{most} can be made)"
+        ));
+    }
     raise_nofile_limit();
     grow_fd_table(n + 64);
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
