@@ -2,12 +2,13 @@
 //! forwarder here reads it through: protocol names, port ranges, and the expansion of
 //! mappings into single forwards, each check made once, here.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::iter::FusedIterator;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::quote::go_quote;
 
@@ -41,8 +42,11 @@ pub struct PortMapping {
     pub host_port: u16,
     /// Number of consecutive ports; 0 means 1.
     pub range: u16,
-    /// `tcp`, `udp`, ... or a comma list of them; empty means `tcp`.
-    pub protocol: String,
+    /// `tcp`, `udp`, ... or a comma list of them; empty means `tcp`. Decoded, the lists
+    /// podman writes (`tcp`, `udp`, `tcp,udp`, ...) borrow a static text instead of
+    /// taking an allocation each: a config of 10,000 ports holds 10,000 of them.
+    #[serde(deserialize_with = "protocol_list")]
+    pub protocol: Cow<'static, str>,
 }
 
 impl PortMapping {
@@ -60,7 +64,8 @@ impl PortMapping {
             container_port,
             host_port,
             range,
-            protocol: protocol.to_owned(),
+            protocol: known_list(protocol)
+                .map_or_else(|| protocol.to_owned().into(), Cow::Borrowed),
         }
     }
 
@@ -104,6 +109,36 @@ impl PortMapping {
     pub fn forwards(&self) -> Forwards<'_> {
         forwards(std::slice::from_ref(self))
     }
+}
+
+/// The protocol lists a mapping usually holds, as static texts.
+const KNOWN_LISTS: [&str; 12] = [
+    "tcp", "udp", "sctp", "tcp,udp", "udp,tcp", "", "tcp4", "tcp6", "udp4", "udp6", "sctp4",
+    "sctp6",
+];
+
+/// `list` as one of [`KNOWN_LISTS`], if it is one.
+fn known_list(list: &str) -> Option<&'static str> {
+    KNOWN_LISTS.iter().copied().find(|k| *k == list)
+}
+
+/// A mapping's `protocol` as a JSON string (what serde takes for a `String`), a known
+/// list borrowing its static text.
+fn protocol_list<'de, D: Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D::Error> {
+    struct List;
+    impl serde::de::Visitor<'_> for List {
+        type Value = Cow<'static, str>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(known_list(v).map_or_else(|| v.to_owned().into(), Cow::Borrowed))
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(known_list(&v).map_or(Cow::Owned(v), Cow::Borrowed))
+        }
+    }
+    d.deserialize_string(List)
 }
 
 /// A transport protocol a port is published for: the names podman's port parsing
@@ -546,13 +581,31 @@ mod tests {
     }
 
     #[test]
+    fn decoded_protocol_lists() {
+        let m = |json: &str| serde_json::from_str::<PortMapping>(json);
+        let known = m(r#"{"protocol":"tcp,udp"}"#).unwrap();
+        assert!(matches!(known.protocol, Cow::Borrowed("tcp,udp")));
+        // An escaped known list is the same list; anything else is kept as written.
+        let escaped = m(r#"{"protocol":"\u0074cp"}"#).unwrap();
+        assert!(matches!(escaped.protocol, Cow::Borrowed("tcp")));
+        assert_eq!(m(r#"{"protocol":"TCP"}"#).unwrap().protocol, "TCP");
+        assert_eq!(m(r#"{"protocol":"tcp,"}"#).unwrap().protocol_list(), "tcp,");
+        assert_eq!(
+            m(r#"{"protocol":5}"#).unwrap_err().to_string(),
+            "invalid type: integer `5`, expected a string at line 1 column 13"
+        );
+        assert!(m(r#"{"protocol":null}"#).is_err());
+        assert_eq!(PortMapping::new("", 1, 1, 1, "udp6").protocol, "udp6");
+    }
+
+    #[test]
     fn struct_update_syntax_still_works() {
         let base = PortMapping::new("", 8080, 80, 1, "tcp");
         let m = PortMapping {
             protocol: "udp".into(),
             ..base.clone()
         };
-        assert_eq!((m.host_port, m.protocol.as_str()), (8080, "udp"));
+        assert_eq!((m.host_port, &*m.protocol), (8080, "udp"));
     }
 
     #[test]

@@ -204,7 +204,7 @@ mod tests {
                 m.host_port,
                 m.container_port,
                 m.range,
-                m.protocol.as_str()
+                &*m.protocol
             ),
             ("", 8080, 80, 1, "tcp")
         );
@@ -214,15 +214,12 @@ mod tests {
                 m.host_ip.as_str(),
                 m.host_port,
                 m.container_port,
-                m.protocol.as_str()
+                &*m.protocol
             ),
             ("127.0.0.1", 5353, 53, "udp")
         );
         let m = parse_publish("[::1]:8443:443/tcp,udp").unwrap();
-        assert_eq!(
-            (m.host_ip.as_str(), m.protocol.as_str()),
-            ("::1", "tcp,udp")
-        );
+        assert_eq!((m.host_ip.as_str(), &*m.protocol), ("::1", "tcp,udp"));
         let m = parse_publish("8000-8002:80-82").unwrap();
         assert_eq!((m.host_port, m.container_port, m.range), (8000, 80, 3));
     }

@@ -93,13 +93,7 @@ fn same_namespace(a: &str, b: &str) -> bool {
 }
 
 fn mapping(host: u16, container: u16, protocol: &str) -> PortMapping {
-    PortMapping {
-        host_ip: "127.0.0.1".into(),
-        host_port: host,
-        container_port: container,
-        protocol: protocol.into(),
-        range: 1,
-    }
+    PortMapping::new("127.0.0.1", host, container, 1, protocol)
 }
 
 fn fetch_tcp(port: u16) -> String {

@@ -252,7 +252,7 @@ pub fn parse_spec(spec: &str) -> Result<PortMapping, String> {
         .parse()
         .map_err(|e: ParsePublishError| e.reason().to_string())?;
     if let Some(list) = protocol {
-        list.clone_into(&mut mapping.protocol);
+        mapping.protocol = list.to_owned().into();
     }
     Ok(mapping)
 }

@@ -89,6 +89,7 @@ fn main() {
 }
 
 fn run(options: &HelperOptions) -> Result<(), Failure> {
+    startup::keep_freed_heap();
     let mut input = Vec::new();
     std::io::stdin()
         .lock()
@@ -112,18 +113,17 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
     startup::limit_malloc_arenas(options.forwarding.threads);
     let mut forwarding = options.forwarding.clone();
     forwarding.exit_after_run = true;
-    let helper = Helper::bind(&cfg, exit_fd, &forwarding)?;
+    let netns_path = cfg.netns_path.clone();
+    let helper = Helper::bind(cfg, exit_fd, &forwarding)?;
     let summary = format!(
         "{} port(s) into {} (child IP {})",
         helper.ports(),
-        cfg.netns_path,
+        netns_path,
         helper
             .child_ip()
             .map_or("loopback".to_string(), |ip| ip.to_string())
     );
     tracing::info!("{summary}");
-    // The parsed mappings are not needed while serving (~150 B per port).
-    drop(cfg);
     // Opened now, so that a bad path is reported while someone still reads stderr.
     let log_file = logging::open_file(options.log_file.as_deref());
     let mut ready_fd = Some(ready_fd);
@@ -136,6 +136,7 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
             source: e.into(),
         })?;
         drop(fd);
+        startup::release_start_up_heap();
         if to_file {
             // The file's first line from this helper says which one it is.
             tracing::info!("ready: {summary}");
