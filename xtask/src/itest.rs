@@ -57,7 +57,48 @@ impl Tally {
     }
 }
 
-/// Run `cmd`, echoing its stdout while counting libtest results. A run that fails
+/// Leaves out libtest's report of a test binary in which no test ran: `running 0
+/// tests` with the blank line before it and everything up to its `test result:` line and
+/// the blank line after. A filtered run has one for every binary the filter names no
+/// test of.
+#[derive(Default)]
+struct EmptyRuns {
+    /// Blank lines held back until the next line shows whether one opens such a report.
+    blanks: usize,
+    /// Inside such a report.
+    skipping: bool,
+    /// Just after one: its closing blank line is left out too.
+    closing: bool,
+}
+
+impl EmptyRuns {
+    /// The lines to print, in order, now that `line` came.
+    fn pass<'a>(&mut self, line: &'a str) -> Vec<&'a str> {
+        if self.skipping {
+            self.skipping = !line.starts_with("test result: ");
+            self.closing = !self.skipping;
+            return Vec::new();
+        }
+        if line.is_empty() {
+            if !std::mem::take(&mut self.closing) {
+                self.blanks += 1;
+            }
+            return Vec::new();
+        }
+        self.closing = false;
+        let blanks = std::mem::take(&mut self.blanks);
+        if line == "running 0 tests" {
+            self.skipping = true;
+            return vec![""; blanks.saturating_sub(1)];
+        }
+        let mut out = vec![""; blanks];
+        out.push(line);
+        out
+    }
+}
+
+/// Run `cmd`, echoing its stdout (less the reports of binaries that ran no test, see
+/// [`EmptyRuns`]) while counting libtest results. A run that fails
 /// without printing any result (a build error, a crash) counts as one failure.
 fn run_counted(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), String> {
     let mut child = cmd
@@ -67,12 +108,18 @@ fn run_counted(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), 
     let failed_before = tally.failed;
     if let Some(out) = child.stdout.take() {
         let stdout = std::io::stdout();
+        let mut empty = EmptyRuns::default();
         for line in BufReader::new(out).lines() {
             let line = line.map_err(|e| format!("reading output of {label}: {e}"))?;
             tally.add_line(&line);
             let mut lock = stdout.lock();
-            let _ = writeln!(lock, "{line}");
+            for shown in empty.pass(&line) {
+                let _ = writeln!(lock, "{shown}");
+            }
             let _ = lock.flush();
+        }
+        if empty.blanks > 0 {
+            let _ = writeln!(stdout.lock());
         }
     }
     let status = child
@@ -403,4 +450,31 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 
     tally.finish(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A binary that ran no test leaves nothing; one that ran some is shown whole, its
+    /// blank lines included.
+    #[test]
+    fn reports_of_binaries_that_ran_no_test_are_left_out() {
+        let out = "\nrunning 0 tests\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; \
+                   0 measured; 12 filtered out; finished in 0.00s\n\n\nrunning 1 test\n\
+                   test a ... ok\n---- a stdout ----\n\nhello\n\n\
+                   test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; \
+                   3 filtered out; finished in 0.01s\n\n\nrunning 0 tests\n\n\
+                   test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; \
+                   1 filtered out; finished in 0.00s\n\n";
+        let mut empty = EmptyRuns::default();
+        let mut shown: Vec<&str> = out.lines().flat_map(|l| empty.pass(l)).collect();
+        shown.extend(std::iter::repeat_n("", empty.blanks));
+        assert_eq!(
+            shown.join("\n"),
+            "\nrunning 1 test\ntest a ... ok\n---- a stdout ----\n\nhello\n\n\
+             test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out; \
+             finished in 0.01s\n"
+        );
+    }
 }
