@@ -93,7 +93,8 @@ impl Helper {
     /// (`ExitFD`). The config's `ExitFD` and `ReadyFD` are not looked at: the caller
     /// took them. The config is taken so that its mappings are freed as soon as they
     /// are planned, before the listeners' records are made (at 10,000 ports those
-    /// reuse the mappings' half megabyte instead of faulting in more).
+    /// reuse the mappings' half megabyte instead of faulting in more); a caller that
+    /// wants it afterwards (to report or retry a failure) passes a clone.
     ///
     /// # Errors
     ///

@@ -42,9 +42,14 @@ pub struct PortMapping {
     pub host_port: u16,
     /// Number of consecutive ports; 0 means 1.
     pub range: u16,
-    /// `tcp`, `udp`, ... or a comma list of them; empty means `tcp`. Decoded, the lists
-    /// podman writes (`tcp`, `udp`, `tcp,udp`, ...) borrow a static text instead of
-    /// taking an allocation each: a config of 10,000 ports holds 10,000 of them.
+    /// `tcp`, `udp`, ... or a comma list of them; empty means `tcp`. Decoded (and set
+    /// through [`PortMapping::new`] or [`PortMapping::set_protocol`]), the lists podman
+    /// writes (`tcp`, `udp`, `tcp,udp`, ...) borrow a static text instead of taking an
+    /// allocation each: a config of 10,000 ports holds 10,000 of them. Read it as
+    /// `&*m.protocol` or with [`PortMapping::protocol_list`]; any `String` or
+    /// `&'static str` converts into it with `.into()`. (It was a `String` until issue
+    /// 15's start-up work: code that called `m.protocol.as_str()` now reads
+    /// `&*m.protocol`.)
     #[serde(deserialize_with = "protocol_list")]
     pub protocol: Cow<'static, str>,
 }
@@ -64,9 +69,14 @@ impl PortMapping {
             container_port,
             host_port,
             range,
-            protocol: known_list(protocol)
-                .map_or_else(|| protocol.to_owned().into(), Cow::Borrowed),
+            protocol: protocol_text(protocol),
         }
+    }
+
+    /// Set the protocol list to `list` (`tcp`, `udp,tcp`, ...), as written; a list podman
+    /// writes is kept as a static text (see [`PortMapping::protocol`]).
+    pub fn set_protocol(&mut self, list: &str) {
+        self.protocol = protocol_text(list);
     }
 
     /// How many ports the mapping covers (`range` 0 counts as 1).
@@ -122,8 +132,13 @@ fn known_list(list: &str) -> Option<&'static str> {
     KNOWN_LISTS.iter().copied().find(|k| *k == list)
 }
 
-/// A mapping's `protocol` as a JSON string (what serde takes for a `String`), a known
-/// list borrowing its static text.
+/// `list` as a mapping holds it: static if known, else a copy.
+fn protocol_text(list: &str) -> Cow<'static, str> {
+    known_list(list).map_or_else(|| list.to_owned().into(), Cow::Borrowed)
+}
+
+/// A mapping's `protocol`: whatever serde takes for a `String` (a string, or bytes
+/// that are UTF-8), a known list borrowing its static text.
 fn protocol_list<'de, D: Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D::Error> {
     struct List;
     impl serde::de::Visitor<'_> for List {
@@ -132,10 +147,25 @@ fn protocol_list<'de, D: Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D
             f.write_str("a string")
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(known_list(v).map_or_else(|| v.to_owned().into(), Cow::Borrowed))
+            Ok(protocol_text(v))
         }
         fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
             Ok(known_list(&v).map_or(Cow::Owned(v), Cow::Borrowed))
+        }
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+            match std::str::from_utf8(v) {
+                Ok(s) => self.visit_str(s),
+                Err(_) => Err(E::invalid_value(serde::de::Unexpected::Bytes(v), &self)),
+            }
+        }
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
+            match String::from_utf8(v) {
+                Ok(s) => self.visit_string(s),
+                Err(e) => Err(E::invalid_value(
+                    serde::de::Unexpected::Bytes(&e.into_bytes()),
+                    &self,
+                )),
+            }
         }
     }
     d.deserialize_string(List)
@@ -595,7 +625,21 @@ mod tests {
             "invalid type: integer `5`, expected a string at line 1 column 13"
         );
         assert!(m(r#"{"protocol":null}"#).is_err());
-        assert_eq!(PortMapping::new("", 1, 1, 1, "udp6").protocol, "udp6");
+        let mut set = PortMapping::new("", 1, 1, 1, "udp6");
+        assert!(matches!(set.protocol, Cow::Borrowed("udp6")));
+        set.set_protocol("udp,tcp");
+        assert!(matches!(set.protocol, Cow::Borrowed("udp,tcp")));
+        set.set_protocol("tcp,tcp");
+        assert!(matches!(&set.protocol, Cow::Owned(p) if p == "tcp,tcp"));
+        // Bytes that are UTF-8 are taken, as for a `String` field; others are not.
+        use serde::de::value::{BytesDeserializer, Error as ValueError};
+        let bytes = |b: &[u8]| protocol_list(BytesDeserializer::<ValueError>::new(b));
+        assert!(matches!(bytes(b"tcp").unwrap(), Cow::Borrowed("tcp")));
+        assert_eq!(bytes(b"tcp9").unwrap(), "tcp9");
+        assert_eq!(
+            bytes(b"\xff").unwrap_err().to_string(),
+            "invalid value: byte array, expected a string"
+        );
     }
 
     #[test]

@@ -252,7 +252,7 @@ pub fn parse_spec(spec: &str) -> Result<PortMapping, String> {
         .parse()
         .map_err(|e: ParsePublishError| e.reason().to_string())?;
     if let Some(list) = protocol {
-        mapping.protocol = list.to_owned().into();
+        mapping.set_protocol(list);
     }
     Ok(mapping)
 }

@@ -85,7 +85,7 @@ const DEFAULT_THRESHOLD: libc::c_int = 128 * 1024;
 /// by default glibc gives each one a mapping of its own and unmaps it when freed, so
 /// every one of them is fresh memory, faulted in page by page. With them on the heap
 /// and the heap kept, a later buffer reuses an earlier one's pages: measured at 10,000
-/// ports, 891 page faults before ready instead of 622 (docs/performance-analysis.md,
+/// ports, 622 page faults before ready instead of 891 (docs/performance-analysis.md,
 /// section 15). glibc only; call it before the config is read.
 pub(crate) fn keep_freed_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
