@@ -217,7 +217,7 @@ fn helper_that_never_gets_ready_hits_the_deadline() {
     require_harness();
     let ns = TestNetns::new();
     let dir = tempfile::tempdir().unwrap();
-    let bin = fake_slirp4netns(dir.path(), "echo 'waiting forever'\nexec sleep 60");
+    let bin = fake_slirp4netns(dir.path(), "echo 'waiting forever'\nexec sleep 6061");
     let mut s = spec(&ns, &dir, &["enable_ipv6=false"]);
     s.binary = Some(bin);
     s.ready_timeout = Duration::from_millis(400);
@@ -229,15 +229,19 @@ fn helper_that_never_gets_ready_hits_the_deadline() {
         err.to_string(),
         r#"slirp4netns did not become ready within 400ms: "waiting forever\n""#
     );
-    // The sleeping helper was killed and reaped: nothing of ours is sleeping 60.
-    assert!(eventually(5, || !std::fs::read_dir("/proc")
+    // The sleeping helper was killed and reaped: nothing is sleeping 6061 s, a length
+    // this test alone uses (the tests of this file run at once, and anyone on the
+    // machine may be running `sleep 60`, which once failed this check).
+    assert!(eventually(5, || !sleeping("6061")));
+}
+
+/// Whether a process of this machine runs `sleep SECS`.
+fn sleeping(secs: &str) -> bool {
+    let cmdline = format!("sleep\0{secs}\0");
+    std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .any(|e| {
-            std::fs::read_to_string(e.path().join("cmdline"))
-                .map(|c| c == "sleep\x0060\0")
-                .unwrap_or(false)
-        })));
+        .any(|e| std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| c == cmdline))
 }
 
 #[test]
@@ -246,7 +250,7 @@ fn helper_that_closes_ready_without_writing() {
     require_harness();
     let ns = TestNetns::new();
     let dir = tempfile::tempdir().unwrap();
-    let bin = fake_slirp4netns(dir.path(), "exec 4>&-\necho 'closed it'\nexec sleep 60");
+    let bin = fake_slirp4netns(dir.path(), "exec 4>&-\necho 'closed it'\nexec sleep 6062");
     let mut s = spec(&ns, &dir, &["enable_ipv6=false"]);
     s.binary = Some(bin);
     let err = Slirp4netns::start(&s).unwrap_err();
@@ -254,6 +258,8 @@ fn helper_that_closes_ready_without_writing() {
         err.to_string(),
         r#"slirp4netns closed its ready fd without signalling readiness: "closed it\n""#
     );
+    // Killed and reaped on this path too.
+    assert!(eventually(5, || !sleeping("6062")));
 }
 
 /// An fd opened without O_CLOEXEC, as careless code in an engine might: no helper may get it.
