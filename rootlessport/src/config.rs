@@ -367,7 +367,8 @@ pub(crate) fn plan_ports(mappings: &[PortMapping]) -> Result<Vec<PortSpec>, Erro
         let given = f.mapping.host_ip.as_str();
         let host_ip = if given.is_empty() { NO_HOST_IP } else { given };
         if !taken.take(f.proto, host_ip, f.host_port) {
-            // Rare: the first spec with the same key is looked for only now.
+            // Rare: the first spec with the same key is looked for only now (it is
+            // always there: a port is taken only by a spec that was then pushed).
             let first = specs.iter().find(|s| {
                 (s.protocol, &*s.parent_ip, s.parent_port) == (f.proto, host_ip, f.host_port)
             });
