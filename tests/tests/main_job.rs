@@ -231,3 +231,40 @@ fn run_leaves_nothing_of_the_command_behind() {
     assert!(out.status.success(), "{out:?}");
     assert!(!stale.exists(), "the next run sweeps a dead run's tmp dir");
 }
+
+/// The command resolves names through slirp4netns's DNS, as a podman container does,
+/// whatever the host's resolver is: here a host whose resolv.conf names a server on its
+/// own loopback (systemd-resolved's 127.0.0.53), which the command's netns cannot reach.
+/// The host's `search` and `options` lines are kept, and the host's file is untouched.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn run_gives_the_command_slirp4netns_dns() {
+    require_harness();
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("resolv.conf");
+    std::fs::write(
+        &host,
+        "# stub resolver\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch example.org\n",
+    )
+    .unwrap();
+    let before = std::fs::read("/etc/resolv.conf").unwrap();
+    // That host, in a mount namespace of the test's own.
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec \"$0\" run \
+         --network slirp4netns:cidr=192.0.2.0/24 -- cat /etc/resolv.conf",
+        host.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "--", "sh", "-c"])
+        .arg(&script)
+        .arg(xtask_bin())
+        .env("ROOTLESSPORT_BIN", rootlessport_bin())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "nameserver 192.0.2.3\noptions edns0 trust-ad\nsearch example.org\n"
+    );
+    assert_eq!(std::fs::read("/etc/resolv.conf").unwrap(), before);
+}

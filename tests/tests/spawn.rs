@@ -217,7 +217,7 @@ fn helper_that_never_gets_ready_hits_the_deadline() {
     require_harness();
     let ns = TestNetns::new();
     let dir = tempfile::tempdir().unwrap();
-    let bin = fake_slirp4netns(dir.path(), "echo 'waiting forever'\nexec sleep 6061");
+    let bin = fake_slirp4netns(dir.path(), "echo 'waiting forever'\nexec sleep 61.1");
     let mut s = spec(&ns, &dir, &["enable_ipv6=false"]);
     s.binary = Some(bin);
     s.ready_timeout = Duration::from_millis(400);
@@ -229,10 +229,11 @@ fn helper_that_never_gets_ready_hits_the_deadline() {
         err.to_string(),
         r#"slirp4netns did not become ready within 400ms: "waiting forever\n""#
     );
-    // The sleeping helper was killed and reaped: nothing is sleeping 6061 s, a length
+    // The sleeping helper was killed and reaped: nothing is sleeping 61.1 s, a length
     // this test alone uses (the tests of this file run at once, and anyone on the
-    // machine may be running `sleep 60`, which once failed this check).
-    assert!(eventually(5, || !sleeping("6061")));
+    // machine may be running `sleep 60`, which once failed this check; one left by a
+    // killed run is gone a minute later).
+    assert!(eventually(5, || !sleeping("61.1")));
 }
 
 /// Whether a process of this machine runs `sleep SECS`.
@@ -250,7 +251,7 @@ fn helper_that_closes_ready_without_writing() {
     require_harness();
     let ns = TestNetns::new();
     let dir = tempfile::tempdir().unwrap();
-    let bin = fake_slirp4netns(dir.path(), "exec 4>&-\necho 'closed it'\nexec sleep 6062");
+    let bin = fake_slirp4netns(dir.path(), "exec 4>&-\necho 'closed it'\nexec sleep 61.2");
     let mut s = spec(&ns, &dir, &["enable_ipv6=false"]);
     s.binary = Some(bin);
     let err = Slirp4netns::start(&s).unwrap_err();
@@ -259,7 +260,7 @@ fn helper_that_closes_ready_without_writing() {
         r#"slirp4netns closed its ready fd without signalling readiness: "closed it\n""#
     );
     // Killed and reaped on this path too.
-    assert!(eventually(5, || !sleeping("6062")));
+    assert!(eventually(5, || !sleeping("61.2")));
 }
 
 /// An fd opened without O_CLOEXEC, as careless code in an engine might: no helper may get it.

@@ -58,15 +58,19 @@ impl Tally {
 }
 
 /// Leaves out libtest's report of a test binary in which no test ran: `running 0
-/// tests` with the blank line before it and everything up to its `test result:` line and
-/// the blank line after. A filtered run has one for every binary the filter names no
-/// test of.
+/// tests` with the blank line before it, the blank and `successes:` lines up to its
+/// `test result:` line (`--show-output` prints empty sections), that line and the blank
+/// line after. Anything else in between (a binary that died before its result, a
+/// test's output that happens to read `running 0 tests`) shows the lines held back and
+/// ends the leaving out. A filtered run has such a report for every
+/// binary the filter names no test of.
 #[derive(Default)]
 struct EmptyRuns {
     /// Blank lines held back until the next line shows whether one opens such a report.
     blanks: usize,
-    /// Inside such a report.
-    skipping: bool,
+    /// Inside such a report: the blank lines held back before `running 0 tests` (0 or
+    /// 1), and the lines since.
+    skipping: Option<(usize, Vec<&'static str>)>,
     /// Just after one: its closing blank line is left out too.
     closing: bool,
 }
@@ -74,10 +78,22 @@ struct EmptyRuns {
 impl EmptyRuns {
     /// The lines to print, in order, now that `line` came.
     fn pass<'a>(&mut self, line: &'a str) -> Vec<&'a str> {
-        if self.skipping {
-            self.skipping = !line.starts_with("test result: ");
-            self.closing = !self.skipping;
-            return Vec::new();
+        if let Some((_, held)) = self.skipping.as_mut() {
+            if let Some(empty) = ["", "successes:"].into_iter().find(|e| *e == line) {
+                held.push(empty);
+                return Vec::new();
+            }
+            let (before, held) = self.skipping.take().unwrap_or_default();
+            if line.starts_with("test result: ") {
+                self.closing = true;
+                return Vec::new();
+            }
+            // Not an empty report after all: everything held back, then the line.
+            let mut out = vec![""; before];
+            out.push("running 0 tests");
+            out.extend(held);
+            out.push(line);
+            return out;
         }
         if line.is_empty() {
             if !std::mem::take(&mut self.closing) {
@@ -88,7 +104,7 @@ impl EmptyRuns {
         self.closing = false;
         let blanks = std::mem::take(&mut self.blanks);
         if line == "running 0 tests" {
-            self.skipping = true;
+            self.skipping = Some((blanks.min(1), Vec::new()));
             return vec![""; blanks.saturating_sub(1)];
         }
         let mut out = vec![""; blanks];
@@ -466,7 +482,9 @@ mod tests {
                    test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; \
                    3 filtered out; finished in 0.01s\n\n\nrunning 0 tests\n\n\
                    test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; \
-                   1 filtered out; finished in 0.00s\n\n";
+                   1 filtered out; finished in 0.00s\n\n\nrunning 0 tests\n\nsuccesses:\n\n\
+                   successes:\n\ntest result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; \
+                   2 filtered out; finished in 0.00s\n\n";
         let mut empty = EmptyRuns::default();
         let mut shown: Vec<&str> = out.lines().flat_map(|l| empty.pass(l)).collect();
         shown.extend(std::iter::repeat_n("", empty.blanks));
@@ -475,6 +493,36 @@ mod tests {
             "\nrunning 1 test\ntest a ... ok\n---- a stdout ----\n\nhello\n\n\
              test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 3 filtered out; \
              finished in 0.01s\n"
+        );
+    }
+
+    /// A report that is not empty after all is shown whole: a test's output reading
+    /// `running 0 tests`, or a binary that died after that line, before its result (the
+    /// next binary's failure must still show).
+    #[test]
+    fn a_running_0_tests_line_that_is_not_an_empty_report_is_shown() {
+        let show = |out: &str| {
+            let mut empty = EmptyRuns::default();
+            let shown: Vec<&str> = out.lines().flat_map(|l| empty.pass(l)).collect();
+            shown.join("\n")
+        };
+        let nested = "\nrunning 1 test\ntest a ... FAILED\n\nfailures:\n\n---- a stdout ----\n\
+                      child said:\n\nrunning 0 tests\n\npanicked at x\n\nfailures:\n    a\n\n\
+                      test result: FAILED. 0 passed; 1 failed; 0 ignored\n";
+        assert_eq!(
+            show(nested),
+            "\nrunning 1 test\ntest a ... FAILED\n\nfailures:\n\n---- a stdout ----\n\
+             child said:\n\nrunning 0 tests\n\npanicked at x\n\nfailures:\n    a\n\n\
+             test result: FAILED. 0 passed; 1 failed; 0 ignored"
+        );
+        let died = "\nrunning 0 tests\n\nrunning 1 test\ntest b2 ... FAILED\n\
+                    test result: FAILED. 0 passed; 1 failed; 0 ignored\n\nrunning 0 tests\n\n\
+                    successes:\n\nsuccesses:\n\ntest b3 ... FAILED\n";
+        assert_eq!(
+            show(died),
+            "\nrunning 0 tests\n\nrunning 1 test\ntest b2 ... FAILED\n\
+             test result: FAILED. 0 passed; 1 failed; 0 ignored\n\nrunning 0 tests\n\n\
+             successes:\n\nsuccesses:\n\ntest b3 ... FAILED"
         );
     }
 }

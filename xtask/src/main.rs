@@ -96,6 +96,11 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => return fail(e),
     };
+    // `cargo xtask run --help` and the like: the commands and their options.
+    if matches!(args.first().map(String::as_str), Some("--help" | "-h")) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let result = match command.as_str() {
         "itest" => itest::run(&args),
         "ns-exec" => nsexec::run(&args),

@@ -177,6 +177,12 @@ impl Session {
         }
         let slirp = Slirp4netns::start(&slirp_spec).map_err(|e| e.to_string())?;
         session.guest = slirp.guest_ip();
+        // The command's resolver: slirp4netns's DNS, as podman gives a container (the
+        // host's may be on its loopback, 127.0.0.53 with systemd-resolved, which the
+        // new netns cannot reach). ns-child mounts it over /etc/resolv.conf.
+        let resolv = session.tmp.join("resolv.conf");
+        std::fs::write(&resolv, resolv_conf(slirp.dns(), &host_resolv_conf()))
+            .map_err(|e| format!("writing {}: {e}", resolv.display()))?;
         session.slirp_ready = slirp.ready_after();
         session.features = *slirp.features();
         session.pids.push(slirp.pid());
@@ -236,10 +242,12 @@ impl Session {
         Ok(session)
     }
 
-    /// Let the command run.
+    /// Let the command run: the go byte, then the path of the resolv.conf for it.
     pub fn go(&mut self) {
         if let Some(go) = self.go.take() {
-            let _ = nix::unistd::write(&go, b"g");
+            let mut message = b"g".to_vec();
+            message.extend_from_slice(self.tmp.join("resolv.conf").as_os_str().as_encoded_bytes());
+            let _ = nix::unistd::write(&go, &message);
         }
     }
 
@@ -375,7 +383,9 @@ pub fn exit_code(s: ExitStatus) -> i32 {
 
 /// `xtask ns-child -- CMD...`: runs inside the new namespaces as the init of the PID
 /// namespace. Says so on fd 4, brings loopback up, waits for the go byte on fd 3 (EOF:
-/// setup failed, exit quietly), then runs CMD as its child: it passes SIGINT, SIGTERM,
+/// setup failed, exit quietly) and the path of a resolv.conf after it, which it mounts
+/// over /etc/resolv.conf in its mount namespace (a warning if it cannot), then runs CMD
+/// as its child: it passes SIGINT, SIGTERM,
 /// SIGHUP and SIGQUIT on to it, reaps whatever else ends up under it, and exits with
 /// CMD's status (128 + the signal if a signal ended it). Its exit ends everything CMD
 /// left running: the kernel kills a PID namespace with its init.
@@ -400,12 +410,25 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
         .status();
     let _ = nix::unistd::write(&inside, b"1");
     drop(inside);
-    let mut byte = [0u8; 1];
-    match nix::unistd::read(&go, &mut byte) {
-        Ok(1) => {}
-        _ => std::process::exit(125),
+    let mut message = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::fs::File::from(go), &mut message);
+    let Some((b'g', resolv)) = message.split_first() else {
+        std::process::exit(125);
+    };
+    if !resolv.is_empty() {
+        use std::os::unix::ffi::OsStrExt;
+        let source = Path::new(std::ffi::OsStr::from_bytes(resolv));
+        let bind = nix::mount::mount(
+            Some(source),
+            "/etc/resolv.conf",
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        );
+        if let Err(e) = bind {
+            eprintln!("xtask: the command keeps the host's /etc/resolv.conf (mounting slirp4netns's DNS over it: {e})");
+        }
     }
-    drop(go);
     // An init gets only the signals it has a handler for. No SA_RESTART: waitpid
     // returns EINTR and the signal is passed on.
     let pass_on = SigAction::new(
@@ -443,6 +466,25 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
             Err(e) => return Err(format!("ns-child: waiting for {program}: {e}")),
         }
     }
+}
+
+/// The host's resolver config, empty if it cannot be read.
+fn host_resolv_conf() -> String {
+    std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+}
+
+/// A resolv.conf naming `dns` as the one name server, with the host's `search` and
+/// `options` lines kept (as podman writes one for a slirp4netns container).
+fn resolv_conf(dns: std::net::Ipv4Addr, host: &str) -> String {
+    let mut out = format!("nameserver {dns}\n");
+    for line in host.lines() {
+        let word = line.split_whitespace().next();
+        if matches!(word, Some("search" | "domain" | "options")) {
+            out.push_str(line.trim());
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Remove the tmp dirs of earlier sessions that were killed before their teardown

@@ -96,9 +96,9 @@ pub(crate) fn keep_freed_heap() {
     }
 }
 
-/// Once ready: glibc's thresholds back to their initial values, and the heap start-up
-/// freed given back (`malloc_trim`), so that the serving helper's memory is what it
-/// uses (its idle RSS is counted after this).
+/// Once ready: glibc's thresholds back to their initial values, fixed from now on (a big
+/// buffer made while serving is unmapped when freed), and the heap start-up freed given
+/// back (`malloc_trim`): the serving helper's memory is what it uses (section 15).
 pub(crate) fn release_start_up_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt takes two integers and no pointers; malloc_trim takes none and
