@@ -25,7 +25,7 @@ use crate::listen::{nofile_limit, registering_failed, Binder, Bound};
 use crate::reload::server::ReloadSocket;
 use crate::source_ip::{merged_ranges, SourceIp};
 use crate::state::{register, Entry, Serving, Shared, UdpPort};
-use crate::tcp::{AcceptHub, HubCommand, HubSet, PortRecord};
+use crate::tcp::{AcceptHub, AddFailed, HubCommand, HubSet, PortRecord};
 use crate::Error;
 
 /// podman's idle timeout for UDP flows.
@@ -403,36 +403,33 @@ async fn serve_ports(
         }
         entries.push(entry);
     }
-    let no_hub = || io_err(io::Error::other("no accept hub"));
-    let added = if startup {
+    // The hub's answer: `None` if it is gone, `Some(Err)` if it could not be asked.
+    let answer = if startup {
         let adopt = |done| HubCommand::Adopt {
             slots: records,
             entries,
             done,
         };
-        match shared.ask_hub(adopt).await {
-            Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e)) | Err(e)) => Err(io_err(e)),
-            None => Err(no_hub()),
-        }
+        let answer = shared.ask_hub(adopt).await;
+        answer.map(|asked| asked.map(|done| done.map_err(io_err)))
     } else {
         let add = |done| HubCommand::Add {
             records: records.into_iter().flatten().collect(),
             entries,
             done,
         };
-        match shared.ask_hub(add).await {
-            Some(Ok(Ok(()))) => Ok(()),
-            // Named as the port whose listener the hub could not take.
-            Some(Ok(Err(failed))) => {
-                Err(match given.get(failed.id.wrapping_sub(first_id) as usize) {
-                    Some(spec) => registering_failed(spec, failed.source),
-                    None => io_err(failed.source),
-                })
-            }
-            Some(Err(e)) => Err(io_err(e)),
-            None => Err(no_hub()),
-        }
+        // Named as the port whose listener the hub could not take.
+        let named = |failed: AddFailed| match given.get(failed.id.wrapping_sub(first_id) as usize) {
+            Some(spec) => registering_failed(spec, failed.source),
+            None => io_err(failed.source),
+        };
+        let answer = shared.ask_hub(add).await;
+        answer.map(|asked| asked.map(|done| done.map_err(named)))
+    };
+    let added = match answer {
+        Some(Ok(done)) => done,
+        Some(Err(e)) => Err(io_err(e)),
+        None => Err(io_err(io::Error::other("no accept hub"))),
     };
     if let Err(e) = added {
         // Nothing is listed: the UDP ports of the batch stop again.

@@ -38,6 +38,7 @@ use crate::{Config, Error};
 
 pub use crate::error::errno_text;
 pub use crate::forward::Stopped;
+pub use crate::listen::{grow_fd_table, raise_nofile_limit};
 
 /// How the helper forwards, beyond what podman's config says (the binary reads them
 /// from its environment, `ROOTLESSPORT_*`). New options may come: start from

@@ -140,14 +140,28 @@ pub(crate) fn check_fd_room(ports: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Make this process's fd table hold `more` fds beyond those open, at once. Left to
-/// grow as sockets are made, the kernel doubles it step by step, and with more than
-/// one thread each step waits for an RCU grace period (`expand_fdtable`): measured,
-/// that made two binding threads slower than one. The fd asked for stays below the
-/// open-file limit (an fd at or above it is refused, and the table would then grow
-/// step by step after all: 19,960 ports took 2.6 times as long as 15,000). Best
+/// Raise this process's soft limit on open files to its hard one (nothing if it is there
+/// already; best effort): every listener is an open file, and each connection costs two
+/// sockets, and a pipe pair while data moves. The `rootlessport` binary calls it before
+/// anything is bound.
+pub fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// Make this process's fd table hold `more` fds (and 64 spare) beyond those open, at
+/// once. Left to grow as sockets are made, the kernel doubles it step by step, and with
+/// more than one thread each step waits for an RCU grace period (`expand_fdtable`):
+/// measured, that made two binding threads slower than one. The fd asked for stays
+/// below the open-file limit (an fd at or above it is refused, and the table would then
+/// grow step by step after all: 19,960 ports took 2.6 times as long as 15,000). Best
 /// effort: a limit too low for the ports shows up as the bind error it always was.
-fn grow_fd_table(more: usize) {
+/// Binding many ports ([`Helper::bind`](crate::helper::Helper::bind)) calls it.
+pub fn grow_fd_table(more: usize) {
     use nix::fcntl::{fcntl, FcntlArg};
     use std::os::fd::{FromRawFd, OwnedFd};
     let Ok(probe) = std::fs::File::open("/dev/null") else {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use slirp_spawn::process::{open_fds, HelperCommand, LogFile};
 use slirp_spawn::{Netns, Slirp4netns, SlirpSpec};
 use tests::{
-    eventually, fake_slirp4netns, process_exists, processes_in_group, require_harness, TestNetns,
+    eventually, fake_slirp4netns, process_exists, processes_in_group, processes_mentioning,
+    require_harness, TestNetns,
 };
 
 fn spec(ns: &TestNetns, dir: &tempfile::TempDir, opts: &[&str]) -> SlirpSpec {
@@ -233,16 +234,7 @@ fn helper_that_never_gets_ready_hits_the_deadline() {
     // this test alone uses (the tests of this file run at once, and anyone on the
     // machine may be running `sleep 60`, which once failed this check; one left by a
     // killed run is gone a minute later).
-    assert!(eventually(5, || !sleeping("61.1")));
-}
-
-/// Whether a process of this machine runs `sleep SECS`.
-fn sleeping(secs: &str) -> bool {
-    let cmdline = format!("sleep\0{secs}\0");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .any(|e| std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| c == cmdline))
+    assert!(eventually(5, || processes_mentioning("sleep 61.1").is_empty()));
 }
 
 #[test]
@@ -260,7 +252,7 @@ fn helper_that_closes_ready_without_writing() {
         r#"slirp4netns closed its ready fd without signalling readiness: "closed it\n""#
     );
     // Killed and reaped on this path too.
-    assert!(eventually(5, || !sleeping("61.2")));
+    assert!(eventually(5, || processes_mentioning("sleep 61.2").is_empty()));
 }
 
 /// An fd opened without O_CLOEXEC, as careless code in an engine might: no helper may get it.

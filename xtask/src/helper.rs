@@ -40,6 +40,16 @@ fn host_triple() -> Option<String> {
         .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
 }
 
+/// Where cargo puts the release build of binary `name`: under the target `triple` when
+/// one was given (the static builds), else the host's default.
+pub(crate) fn release_bin(triple: Option<&str>, name: &str) -> PathBuf {
+    let target = workspace_root().join("target");
+    match triple {
+        Some(triple) => target.join(triple).join("release").join(name),
+        None => target.join("release").join(name),
+    }
+}
+
 fn build() -> Command {
     let mut c = cargo();
     c.args(["build", "--quiet", "--release", "-p", "rootlessport"])
@@ -130,10 +140,7 @@ pub fn release_helper() -> Result<PathBuf, String> {
                 .status()
                 .map_err(|e| format!("cannot run cargo: {e}"))?;
         }
-        let bin = workspace_root()
-            .join("target")
-            .join(&triple)
-            .join("release/rootlessport");
+        let bin = release_bin(Some(&triple), "rootlessport");
         if status.success() && bin.exists() {
             if let (Some(order), Some(_)) = (&order, &ordered) {
                 warn_if_order_is_stale(&bin, order);
@@ -149,7 +156,7 @@ pub fn release_helper() -> Result<PathBuf, String> {
     if !status.success() {
         return Err("building the release rootlessport failed".into());
     }
-    Ok(workspace_root().join("target/release/rootlessport"))
+    Ok(release_bin(None, "rootlessport"))
 }
 
 /// Build `listen-floor` (xtask's second binary: the listeners of N published ports and
@@ -175,10 +182,7 @@ pub fn release_floor() -> Result<PathBuf, String> {
         c.status().map_err(|e| format!("cannot run cargo: {e}"))
     };
     if let Some(triple) = host_triple() {
-        let bin = workspace_root()
-            .join("target")
-            .join(&triple)
-            .join("release/listen-floor");
+        let bin = release_bin(Some(&triple), "listen-floor");
         if build(Some(&triple))?.success() && bin.exists() {
             return Ok(bin);
         }
@@ -187,7 +191,7 @@ pub fn release_floor() -> Result<PathBuf, String> {
     if !build(None)?.success() {
         return Err("building listen-floor failed".into());
     }
-    Ok(workspace_root().join("target/release/listen-floor"))
+    Ok(release_bin(None, "listen-floor"))
 }
 
 /// The names of `order` (one a line) that `defined` (the helper's symbols) lacks.

@@ -111,6 +111,18 @@ impl EmptyRuns {
         out.push(line);
         out
     }
+
+    /// The lines still held back once the output has ended (a report cut short by a
+    /// binary that died after `running 0 tests` is shown).
+    fn finish(self) -> Vec<&'static str> {
+        let mut out = vec![""; self.blanks];
+        if let Some((before, held)) = self.skipping {
+            out.extend(std::iter::repeat_n("", before));
+            out.push("running 0 tests");
+            out.extend(held);
+        }
+        out
+    }
 }
 
 /// Run `cmd`, echoing its stdout (less the reports of binaries that ran no test, see
@@ -134,8 +146,8 @@ fn run_counted(label: &str, cmd: &mut Command, tally: &mut Tally) -> Result<(), 
             }
             let _ = lock.flush();
         }
-        if empty.blanks > 0 {
-            let _ = writeln!(stdout.lock());
+        for shown in empty.finish() {
+            let _ = writeln!(stdout.lock(), "{shown}");
         }
     }
     let status = child
@@ -487,7 +499,7 @@ mod tests {
                    2 filtered out; finished in 0.00s\n\n";
         let mut empty = EmptyRuns::default();
         let mut shown: Vec<&str> = out.lines().flat_map(|l| empty.pass(l)).collect();
-        shown.extend(std::iter::repeat_n("", empty.blanks));
+        shown.extend(empty.finish());
         assert_eq!(
             shown.join("\n"),
             "\nrunning 1 test\ntest a ... ok\n---- a stdout ----\n\nhello\n\n\
@@ -503,7 +515,8 @@ mod tests {
     fn a_running_0_tests_line_that_is_not_an_empty_report_is_shown() {
         let show = |out: &str| {
             let mut empty = EmptyRuns::default();
-            let shown: Vec<&str> = out.lines().flat_map(|l| empty.pass(l)).collect();
+            let mut shown: Vec<&str> = out.lines().flat_map(|l| empty.pass(l)).collect();
+            shown.extend(empty.finish());
             shown.join("\n")
         };
         let nested = "\nrunning 1 test\ntest a ... FAILED\n\nfailures:\n\n---- a stdout ----\n\
@@ -523,6 +536,11 @@ mod tests {
             "\nrunning 0 tests\n\nrunning 1 test\ntest b2 ... FAILED\n\
              test result: FAILED. 0 passed; 1 failed; 0 ignored\n\nrunning 0 tests\n\n\
              successes:\n\nsuccesses:\n\ntest b3 ... FAILED"
+        );
+        // Cut short by the end of the output: shown too.
+        assert_eq!(
+            show("\nrunning 0 tests\n\nsuccesses:\n"),
+            "\nrunning 0 tests\n\nsuccesses:"
         );
     }
 }

@@ -180,8 +180,9 @@ impl Session {
         // The command's resolver: slirp4netns's DNS, as podman gives a container (the
         // host's may be on its loopback, 127.0.0.53 with systemd-resolved, which the
         // new netns cannot reach). ns-child mounts it over /etc/resolv.conf.
-        let resolv = session.tmp.join("resolv.conf");
-        std::fs::write(&resolv, resolv_conf(slirp.dns(), &host_resolv_conf()))
+        let resolv = session.tmp.join(RESOLV_CONF);
+        let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        std::fs::write(&resolv, resolv_conf(slirp.dns(), &host))
             .map_err(|e| format!("writing {}: {e}", resolv.display()))?;
         session.slirp_ready = slirp.ready_after();
         session.features = *slirp.features();
@@ -246,7 +247,7 @@ impl Session {
     pub fn go(&mut self) {
         if let Some(go) = self.go.take() {
             let mut message = b"g".to_vec();
-            message.extend_from_slice(self.tmp.join("resolv.conf").as_os_str().as_encoded_bytes());
+            message.extend_from_slice(self.tmp.join(RESOLV_CONF).as_os_str().as_encoded_bytes());
             let _ = nix::unistd::write(&go, &message);
         }
     }
@@ -468,10 +469,8 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
     }
 }
 
-/// The host's resolver config, empty if it cannot be read.
-fn host_resolv_conf() -> String {
-    std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
-}
+/// The command's resolver config, in the session's tmp dir.
+const RESOLV_CONF: &str = "resolv.conf";
 
 /// A resolv.conf naming `dns` as the one name server, with the host's `search` and
 /// `options` lines kept (as podman writes one for a slirp4netns container).

@@ -172,12 +172,3 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
-
-/// Raise this process's soft limit on open files to its hard limit (the benchmark's
-/// clients hold thousands of sockets).
-pub fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-}

@@ -207,7 +207,8 @@ fn bounds_section(analysis: &str) -> Option<String> {
 
 /// Inside the private namespaces: set up, measure, report.
 fn inner_run(s: &Settings, save_docs: bool) -> Result<(), String> {
-    crate::sys::raise_nofile_limit();
+    // The benchmark's clients hold thousands of sockets.
+    rootlessport::helper::raise_nofile_limit();
     let rig = rig::setup()?;
     let figures = figures::list(s);
     let res = figures::measure(&rig, s)?;

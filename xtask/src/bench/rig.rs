@@ -12,7 +12,6 @@ use rootlessport::launcher::{Launcher, RootlessPort};
 use slirp_config::PortMapping;
 
 use crate::sys;
-use crate::workspace::workspace_root;
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub(super) enum Col {
@@ -207,11 +206,11 @@ pub(super) fn setup() -> Result<Rig, String> {
     let podman_bin = podman_helper();
     let ours_bin = std::env::var_os("BENCH_OURS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/release/rootlessport"));
+        .unwrap_or_else(|| crate::helper::release_bin(None, "rootlessport"));
     let baseline_bin = std::env::var_os("BENCH_BASELINE").map(PathBuf::from);
     let floor_bin = std::env::var_os("BENCH_FLOOR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/release/listen-floor"));
+        .unwrap_or_else(|| crate::helper::release_bin(None, "listen-floor"));
     let pasta_bin = sys::find_in_path("pasta").ok_or("pasta not found (package passt)")?;
     let ports = |c: Col| {
         let (i, e) = c.ports();

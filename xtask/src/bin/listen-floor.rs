@@ -12,7 +12,8 @@
 //! it a restarted container's port stays refused while old connections linger), bound,
 //! listening (backlog 4096, the helper's), added to one epoll set to learn of
 //! connections. Nothing else: no decoding, no plan, no event loop, no `TCP_NODELAY`.
-//! Like the helper it grows its fd table once first and, from 256 ports on, binds with
+//! Like the helper (with the helper's own functions) it raises its open-file limit and
+//! grows its fd table once first, and, from 256 ports on, binds with
 //! the cores' threads (at most 4), each a contiguous slice: on this 2-core machine two
 //! threads are the most that pays (docs/performance-analysis.md, section 11).
 //!
@@ -22,14 +23,13 @@
 
 use std::io::Read;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The helper's ExitFD and ReadyFD, as podman passes them.
-const EXIT_FD: i32 = 3;
-const READY_FD: i32 = 4;
+use slirp_config::{EXIT_FD, READY_FD};
 
 /// The first port, as the bench's published-ports config has it.
 const FIRST_PORT: u16 = 10000;
@@ -75,8 +75,8 @@ fn run() -> Result<(), String> {
             "its config has {n} mappings (1-{most} can be made)"
         ));
     }
-    raise_nofile_limit();
-    grow_fd_table(n + 64);
+    rootlessport::helper::raise_nofile_limit();
+    rootlessport::helper::grow_fd_table(n);
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| format!("epoll: {e}"))?;
     let threads = if n < PARALLEL_FROM {
         1
@@ -136,33 +136,4 @@ fn listen_range(from: usize, to: usize, epoll: &Epoll) -> Result<Vec<Socket>, St
             Ok(sock)
         })
         .collect()
-}
-
-/// The soft open-file limit raised to the hard one, as the helper binary does.
-fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
-}
-
-/// Grow the fd table to hold `fds` at once (as the helper does; best effort).
-fn grow_fd_table(fds: usize) {
-    let Ok(probe) = std::fs::File::open("/dev/null") else {
-        return;
-    };
-    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map_or(1024, |(soft, _)| soft);
-    let top = u64::try_from(fds)
-        .unwrap_or(u64::MAX)
-        .min(limit.saturating_sub(1));
-    let Ok(top) = i32::try_from(top) else {
-        return;
-    };
-    if let Ok(high) = nix::fcntl::fcntl(&probe, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(top)) {
-        // SAFETY: `high` was just returned by F_DUPFD_CLOEXEC: an open fd nothing else owns.
-        drop(unsafe { OwnedFd::from_raw_fd(high) });
-    }
 }

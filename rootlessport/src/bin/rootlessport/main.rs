@@ -109,7 +109,7 @@ fn run(options: &HelperOptions) -> Result<(), Failure> {
         cfg.rootless_cni
     );
     let (exit_fd, ready_fd) = startup::take_fds(&cfg)?;
-    startup::raise_nofile_limit();
+    rootlessport::helper::raise_nofile_limit();
     startup::limit_malloc_arenas(options.forwarding.threads);
     let mut forwarding = options.forwarding.clone();
     forwarding.exit_after_run = true;

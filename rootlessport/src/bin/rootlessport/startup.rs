@@ -109,14 +109,3 @@ pub(crate) fn release_start_up_heap() {
         libc::malloc_trim(0);
     }
 }
-
-/// Raise the soft limit on open files to the hard one: each connection costs two
-/// sockets, and a pipe pair while data moves.
-pub(crate) fn raise_nofile_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
-}
