@@ -11,6 +11,10 @@ use std::sync::Mutex;
 /// limit.
 pub(crate) const MIN_FLOW_BOUND: usize = 256;
 
+/// Names a published UDP port in the budget: unique for the helper's life
+/// ([`crate::udp`] hands them out).
+pub(crate) type PortKey = u32;
+
 /// The helper-wide bound on live UDP flows for an open-file limit of `nofile`: a
 /// quarter of it, at least [`MIN_FLOW_BOUND`].
 pub(crate) fn flow_bound(nofile: u64) -> usize {
@@ -47,6 +51,9 @@ struct Counts {
     live: usize,
     /// Live flows of the source address in question.
     source: usize,
+    /// The port where that source holds the most live flows (the port in question
+    /// when it holds as many there as anywhere), if it holds any.
+    source_busiest: Option<PortKey>,
     sockets: usize,
 }
 
@@ -56,27 +63,25 @@ pub(crate) enum Room {
     /// Within every limit.
     Free,
     /// The source address holds its share: close its least recently used flow on
-    /// this port.
-    CloseSourceOldest,
+    /// the port where it holds the most (this one, or the other port named).
+    CloseSourceOldest(PortKey),
     /// The helper holds its bound: close this port's least recently used flow.
     ClosePortOldest,
     /// Nothing this port may give up: drop the datagram.
     Refuse(&'static str),
 }
 
-/// The helper-wide decision for a new flow of a source address that holds `now.source`
-/// live flows, on a port where it holds a flow (`source_here`) and that holds any
-/// (`port_has_flows`).
-fn room(limits: Limits, now: Counts, source_here: bool, port_has_flows: bool) -> Room {
+/// The helper-wide decision for a new flow on port `here` of a source address that
+/// holds `now.source` live flows, on a port that holds any flow (`port_has_flows`).
+fn room(limits: Limits, now: Counts, here: PortKey, port_has_flows: bool) -> Room {
     if now.sockets >= limits.sockets {
         // Closing a flow would not release its socket before this datagram is handled.
         Room::Refuse("UDP sockets of closed flows not released yet")
     } else if now.source >= limits.per_source {
-        if source_here {
-            Room::CloseSourceOldest
-        } else {
-            Room::Refuse("source address holds its helper-wide share of UDP flows on other ports")
-        }
+        // A source's flows on the port it uses most give way first, so that a host
+        // spraying one port never loses its few flows on others, and a host at its
+        // share is still served on a port where it holds none.
+        Room::CloseSourceOldest(now.source_busiest.unwrap_or(here))
     } else if now.live >= limits.live {
         if port_has_flows {
             Room::ClosePortOldest
@@ -89,8 +94,9 @@ fn room(limits: Limits, now: Counts, source_here: bool, port_has_flows: bool) ->
 }
 
 /// The helper-wide bound on UDP flows, and the counts it is checked against: live flows
-/// (given back when a flow closes), live flows per source address, and flow sockets
-/// (given back when the socket is dropped, a moment after an evicted flow closed).
+/// (given back when a flow closes), live flows per source address and port, and flow
+/// sockets (given back when the socket is dropped, a moment after an evicted flow
+/// closed).
 pub(crate) struct FlowBudget {
     limits: Limits,
     counts: Mutex<BudgetCounts>,
@@ -100,7 +106,15 @@ pub(crate) struct FlowBudget {
 struct BudgetCounts {
     live: usize,
     sockets: usize,
-    by_source: HashMap<IpAddr, usize>,
+    by_source: HashMap<IpAddr, SourceFlows>,
+}
+
+/// The live flows of one source address.
+#[derive(Default)]
+struct SourceFlows {
+    live: usize,
+    /// Per port where it holds any (absent at zero).
+    by_port: HashMap<PortKey, usize>,
 }
 
 impl FlowBudget {
@@ -116,35 +130,44 @@ impl FlowBudget {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn now(&self, source: IpAddr) -> Counts {
-        counts_of(&self.counts(), source)
+    /// What a new flow of `source` on port `here` needs, on a port that holds any flow
+    /// (`port_has_flows`).
+    pub(crate) fn room_for(&self, source: IpAddr, here: PortKey, port_has_flows: bool) -> Room {
+        room(
+            self.limits,
+            counts_of(&self.counts(), source, here),
+            here,
+            port_has_flows,
+        )
     }
 
-    /// What a new flow of `source` needs, on a port where that source holds a flow
-    /// (`source_here`) and that holds any (`port_has_flows`).
-    pub(crate) fn room_for(&self, source: IpAddr, source_here: bool, port_has_flows: bool) -> Room {
-        room(self.limits, self.now(source), source_here, port_has_flows)
-    }
-
-    /// Count one more flow of `source` if every limit allows it.
-    pub(crate) fn take(&self, source: IpAddr) -> bool {
+    /// Count one more flow of `source` on port `here` if every limit allows it.
+    pub(crate) fn take(&self, source: IpAddr, here: PortKey) -> bool {
         let mut c = self.counts();
-        if room(self.limits, counts_of(&c, source), false, false) != Room::Free {
+        if room(self.limits, counts_of(&c, source, here), here, false) != Room::Free {
             return false;
         }
         c.live += 1;
         c.sockets += 1;
-        *c.by_source.entry(source).or_insert(0) += 1;
+        let s = c.by_source.entry(source).or_default();
+        s.live += 1;
+        *s.by_port.entry(here).or_insert(0) += 1;
         true
     }
 
-    /// A flow of `source` closed (its socket may live on for a moment).
-    pub(crate) fn end_live(&self, source: IpAddr) {
+    /// A flow of `source` on port `port` closed (its socket may live on for a moment).
+    pub(crate) fn end_live(&self, source: IpAddr, port: PortKey) {
         let mut c = self.counts();
         c.live = c.live.saturating_sub(1);
-        if let Some(n) = c.by_source.get_mut(&source) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(s) = c.by_source.get_mut(&source) {
+            s.live = s.live.saturating_sub(1);
+            if let Some(n) = s.by_port.get_mut(&port) {
+                *n -= 1;
+                if *n == 0 {
+                    s.by_port.remove(&port);
+                }
+            }
+            if s.live == 0 {
                 c.by_source.remove(&source);
             }
         }
@@ -163,13 +186,27 @@ impl FlowBudget {
     }
 }
 
-/// The counts a new flow of `source` is judged by.
-fn counts_of(c: &BudgetCounts, source: IpAddr) -> Counts {
+/// The counts a new flow of `source` on port `here` is judged by.
+fn counts_of(c: &BudgetCounts, source: IpAddr, here: PortKey) -> Counts {
+    let s = c.by_source.get(&source);
     Counts {
         live: c.live,
-        source: c.by_source.get(&source).copied().unwrap_or(0),
+        source: s.map_or(0, |s| s.live),
+        source_busiest: s.and_then(|s| busiest(&s.by_port, here)),
         sockets: c.sockets,
     }
+}
+
+/// The port holding the most of `by_port`'s flows: `here` when it holds as many as
+/// any other, else the lowest key among the busiest (so that the choice does not hang
+/// on the map's order).
+fn busiest(by_port: &HashMap<PortKey, usize>, here: PortKey) -> Option<PortKey> {
+    let here_n = by_port.get(&here).copied().unwrap_or(0);
+    let (port, n) = by_port
+        .iter()
+        .map(|(p, n)| (*p, *n))
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))?;
+    Some(if here_n >= n { here } else { port })
 }
 
 #[cfg(test)]
@@ -224,43 +261,60 @@ mod tests {
     #[test]
     fn flow_bounds_room_decisions() {
         let l = Limits::new(256);
+        const HERE: PortKey = 7;
         let at = |live, source, sockets| Counts {
             live,
             source,
+            source_busiest: (source > 0).then_some(HERE),
             sockets,
         };
         // Within every limit, whatever the port holds.
-        for (here, any) in [(false, false), (false, true), (true, true)] {
-            assert_eq!(room(l, at(0, 0, 0), here, any), Room::Free);
-            assert_eq!(room(l, at(255, 63, 319), here, any), Room::Free);
+        for any in [false, true] {
+            assert_eq!(room(l, at(0, 0, 0), HERE, any), Room::Free);
+            assert_eq!(room(l, at(255, 63, 319), HERE, any), Room::Free);
         }
-        // The source at its share: only its own flow on this port may go.
-        assert_eq!(room(l, at(64, 64, 64), true, true), Room::CloseSourceOldest);
-        assert!(matches!(
-            room(l, at(64, 64, 64), false, true),
-            Room::Refuse(_)
-        ));
+        // The source at its share: its own oldest goes, on the port where it holds the
+        // most, this one or another.
+        assert_eq!(
+            room(l, at(64, 64, 64), HERE, true),
+            Room::CloseSourceOldest(HERE)
+        );
+        let elsewhere = Counts {
+            source_busiest: Some(3),
+            ..at(64, 64, 64)
+        };
+        assert_eq!(room(l, elsewhere, HERE, true), Room::CloseSourceOldest(3));
+        assert_eq!(room(l, elsewhere, HERE, false), Room::CloseSourceOldest(3));
         // Its share is checked before the helper-wide bound: a sprayer evicts itself.
         assert_eq!(
-            room(l, at(256, 64, 256), true, true),
-            Room::CloseSourceOldest
+            room(l, at(256, 64, 256), HERE, true),
+            Room::CloseSourceOldest(HERE)
         );
-        assert!(matches!(
-            room(l, at(256, 64, 256), false, true),
-            Room::Refuse(_)
-        ));
         // The helper at its bound: this port's oldest goes, if it has one.
-        assert_eq!(room(l, at(256, 0, 256), false, true), Room::ClosePortOldest);
-        assert_eq!(room(l, at(256, 3, 300), true, true), Room::ClosePortOldest);
+        assert_eq!(room(l, at(256, 0, 256), HERE, true), Room::ClosePortOldest);
+        assert_eq!(room(l, at(256, 3, 300), HERE, true), Room::ClosePortOldest);
         assert!(matches!(
-            room(l, at(256, 0, 256), false, false),
+            room(l, at(256, 0, 256), HERE, false),
             Room::Refuse(_)
         ));
         // Too many sockets of closed flows still open: nothing helps right now.
         assert!(matches!(
-            room(l, at(10, 0, 320), true, true),
+            room(l, at(10, 0, 320), HERE, true),
             Room::Refuse(_)
         ));
+    }
+
+    #[test]
+    fn flow_bounds_busiest_port_prefers_here_then_the_lowest_key() {
+        let m = |pairs: &[(PortKey, usize)]| pairs.iter().copied().collect::<HashMap<_, _>>();
+        assert_eq!(busiest(&m(&[]), 1), None);
+        assert_eq!(busiest(&m(&[(1, 3)]), 1), Some(1));
+        assert_eq!(busiest(&m(&[(2, 3)]), 1), Some(2));
+        // Ties: here first, else the lowest key.
+        assert_eq!(busiest(&m(&[(1, 3), (2, 3), (0, 3)]), 1), Some(1));
+        assert_eq!(busiest(&m(&[(4, 3), (2, 3), (9, 3)]), 1), Some(2));
+        // The most flows win over here.
+        assert_eq!(busiest(&m(&[(1, 2), (5, 3), (2, 1)]), 1), Some(5));
     }
 
     #[test]
@@ -268,32 +322,41 @@ mod tests {
         let b = FlowBudget::new(8); // per source 2, sockets 10
         let a = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        assert!(b.take(a));
-        assert!(b.take(mapped.to_canonical()));
-        assert!(!b.take(a), "a third flow of one source");
+        assert!(b.take(a, 0));
+        assert!(b.take(mapped.to_canonical(), 1));
+        assert!(!b.take(a, 0), "a third flow of one source");
+        assert_eq!(b.room_for(a, 2, false), Room::CloseSourceOldest(0));
         let others: Vec<IpAddr> = (2..8u8)
             .map(|i| IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)))
             .collect();
         for ip in &others {
-            assert!(b.take(*ip));
+            assert!(b.take(*ip, 0));
         }
         assert_eq!(b.totals(), (8, 8));
         let nine = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9));
-        assert!(!b.take(nine), "past the bound");
+        assert!(!b.take(nine, 0), "past the bound");
         // A closed flow makes room at once; its socket still counts until dropped.
-        b.end_live(others[0]);
+        b.end_live(others[0], 0);
         assert_eq!(b.totals(), (7, 8));
-        assert!(b.take(nine));
-        b.end_live(others[1]);
-        assert!(b.take(others[1]));
+        assert!(b.take(nine, 0));
+        b.end_live(others[1], 0);
+        assert!(b.take(others[1], 0));
         assert_eq!(b.totals(), (8, 10));
-        b.end_live(others[2]);
-        assert!(!b.take(others[2]), "ten sockets open: none more");
+        b.end_live(others[2], 0);
+        assert!(!b.take(others[2], 0), "ten sockets open: none more");
         b.socket_closed();
-        assert!(b.take(others[2]));
-        b.end_live(a);
-        assert_eq!(b.now(a).source, 1);
-        b.end_live(a);
+        assert!(b.take(others[2], 0));
+        // Per port: the source's flow on port 0 closed, its busiest port is now 1.
+        b.end_live(a, 0);
+        assert_eq!(b.counts().by_source[&a].live, 1);
+        b.socket_closed();
+        assert_eq!(b.room_for(a, 2, false), Room::Free);
+        assert_eq!(
+            counts_of(&b.counts(), a, 2).source_busiest,
+            Some(1),
+            "its one flow left is on port 1"
+        );
+        b.end_live(a, 1);
         assert!(!b.counts().by_source.contains_key(&a));
     }
 }

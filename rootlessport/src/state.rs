@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     source_ip: Mutex<Option<SourceIp>>,
     /// The helper-wide bound on UDP flows (see [`crate::udp`]), from the open-file limit.
     pub(crate) udp_budget: FlowBudget,
+    /// Every published UDP port's flows, for [`FlowBudget`]'s evictions on other ports.
+    pub(crate) udp_tables: crate::udp::FlowTables,
     /// Every published port, for the control socket's `list`, with what serves it, in
     /// the order published (so sorted by [`Entry::id`]). Locked by the control path,
     /// when ports are published or removed, and by the accept hub when a TCP port gets
@@ -130,6 +132,7 @@ impl Shared {
             mark: source.as_ref().map(SourceIp::mark),
             source_ip: Mutex::new(source),
             udp_budget: FlowBudget::new(udp_bound),
+            udp_tables: crate::udp::FlowTables::default(),
             published: Mutex::new(Vec::new()),
             next_id: AtomicU32::new(0),
             hub: None,

@@ -32,9 +32,12 @@
 //! made room:
 //!
 //! 1. if its source address holds its helper-wide share: that address's least
-//!    recently used flow on this port is closed to make room; if it has none on this
-//!    port, the datagram is dropped (a host spraying source ports over many published
-//!    ports only ever evicts its own flows);
+//!    recently used flow on the published port where it holds the most flows (this
+//!    port when it holds as many here as anywhere) is closed to make room. So a host
+//!    spraying source ports over many published ports only ever evicts its own flows,
+//!    a host busy on one port keeps its few flows on the others, and a host at its
+//!    share is still served on a port where it holds none (say, many clients behind
+//!    one NAT address, busy on a DNS port, and a new one of them on a WireGuard port);
 //! 2. otherwise, if the helper holds `B` flows: this port's least recently used flow
 //!    is closed to make room; if the port holds none, the datagram is dropped;
 //! 3. then the flow is opened.
@@ -42,8 +45,8 @@
 //! A dropped datagram is logged at debug level and costs nothing else, as a drop in
 //! the network would: the client's next datagram tries again, and every existing flow,
 //! every other port and all TCP keep working. So a new client is turned away only
-//! when its own address already holds its helper-wide share on other ports, or when
-//! the helper holds `B` flows and the client's port holds none to give up.
+//! when the helper holds `B` flows and the client's port holds none to give up (or,
+//! for a moment, while closed flows' sockets are still being released).
 //!
 //! A closed flow gives its place back at once, but its socket is released only when
 //! the event loop next runs the flow's task (an idle one at once, an evicted one after
@@ -69,7 +72,7 @@ use tokio::task::AbortHandle;
 
 use crate::config::Family;
 use crate::counters::PortCounters;
-use crate::flow_budget::{FlowBudget, Room};
+use crate::flow_budget::{FlowBudget, PortKey, Room};
 use crate::source_ip::{source_for, transparent_socket};
 use crate::state::Shared;
 use crate::tcp::target;
@@ -90,6 +93,7 @@ const MAX_DATAGRAM: usize = 65536;
 struct FlowSlot {
     shared: Arc<Shared>,
     source: IpAddr,
+    port: PortKey,
     live: std::sync::atomic::AtomicBool,
     /// The port's counters: the flow is counted live while the slot is.
     counters: Arc<PortCounters>,
@@ -99,13 +103,15 @@ impl FlowSlot {
     fn take(
         shared: &Arc<Shared>,
         source: IpAddr,
+        port: PortKey,
         counters: &Arc<PortCounters>,
     ) -> Option<FlowSlot> {
-        shared.udp_budget.take(source).then(|| {
+        shared.udp_budget.take(source, port).then(|| {
             counters.flow_opened();
             FlowSlot {
                 shared: shared.clone(),
                 source,
+                port,
                 live: true.into(),
                 counters: counters.clone(),
             }
@@ -114,7 +120,7 @@ impl FlowSlot {
 
     fn end_live(&self) {
         if self.live.swap(false, Ordering::Relaxed) {
-            self.shared.udp_budget.end_live(self.source);
+            self.shared.udp_budget.end_live(self.source, self.port);
             self.counters.flow_ended();
         }
     }
@@ -217,6 +223,19 @@ impl FlowTable {
             .map(|(p, ())| SocketAddr::new(client.ip(), *p))
     }
 
+    /// The least recently used flow of the canonical source address `source` on this
+    /// port (whose clients' addresses are IPv4-mapped when it is dual-stack).
+    fn oldest_of_source(&self, source: IpAddr) -> Option<SocketAddr> {
+        let mapped = match source {
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            IpAddr::V6(_) => None,
+        };
+        [Some(source), mapped]
+            .into_iter()
+            .flatten()
+            .find_map(|ip| self.source_oldest(SocketAddr::new(ip, 0)))
+    }
+
     /// The least recently used flow of this port.
     fn oldest(&self) -> Option<SocketAddr> {
         self.by_client.as_ref()?.peek_lru().map(|(c, _)| *c)
@@ -239,31 +258,37 @@ impl FlowTable {
         }
     }
 
-    /// Make room for one more flow of `client` within the helper-wide limits (this
-    /// port's own limits made room first); `false` when the datagram is to be dropped.
-    fn make_room_helper_wide(&mut self, client: SocketAddr, budget: &FlowBudget) -> bool {
+    /// Make room for one more flow of `client` on port `here` within the helper-wide
+    /// limits (this port's own limits made room first).
+    fn make_room_helper_wide(
+        &mut self,
+        client: SocketAddr,
+        here: PortKey,
+        budget: &FlowBudget,
+    ) -> Made {
         let source = client.ip().to_canonical();
-        let own = self.source_oldest(client);
         let oldest = self.oldest();
-        match budget.room_for(source, own.is_some(), oldest.is_some()) {
-            Room::Free => true,
-            Room::CloseSourceOldest => {
-                if let Some(own) = own {
+        match budget.room_for(source, here, oldest.is_some()) {
+            Room::Free => Made::Room,
+            Room::CloseSourceOldest(port) if port != here => Made::Elsewhere(port),
+            Room::CloseSourceOldest(_) => match self.source_oldest(client) {
+                Some(own) => {
                     self.remove(own);
+                    tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its oldest on this port closed");
+                    Made::Room
                 }
-                tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its oldest on this port closed");
-                true
-            }
+                None => Made::Refused,
+            },
             Room::ClosePortOldest => {
                 if let Some(oldest) = oldest {
                     self.remove(oldest);
                 }
                 tracing::debug!("helper-wide UDP flow bound reached: this port's least recently used flow closed");
-                true
+                Made::Room
             }
             Room::Refuse(why) => {
                 tracing::debug!(%client, "{why}: datagram dropped");
-                false
+                Made::Refused
             }
         }
     }
@@ -281,12 +306,73 @@ impl FlowTable {
     }
 }
 
+/// What [`FlowTable::make_room_helper_wide`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Made {
+    /// There is room now.
+    Room,
+    /// The source must first give up its oldest flow on that other port.
+    Elsewhere(PortKey),
+    /// Drop the datagram.
+    Refused,
+}
+
 type Flows = Arc<Mutex<FlowTable>>;
+
+/// The flow table of every published UDP port that holds or held a flow, by its key,
+/// so that a source address at its helper-wide share can give up a flow on another
+/// port (see the module's policy). Kept in [`Shared`]; a port is in it from its first
+/// flow until it stops.
+#[derive(Default)]
+pub(crate) struct FlowTables {
+    next: std::sync::atomic::AtomicU32,
+    tables: Mutex<HashMap<PortKey, std::sync::Weak<Mutex<FlowTable>>>>,
+}
+
+impl FlowTables {
+    /// A key for a new published UDP port.
+    fn new_key(&self) -> PortKey {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn tables(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<PortKey, std::sync::Weak<Mutex<FlowTable>>>> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, key: PortKey, flows: &Flows) {
+        self.tables().insert(key, Arc::downgrade(flows));
+    }
+
+    fn unregister(&self, key: PortKey) {
+        self.tables().remove(&key);
+    }
+
+    /// Close the least recently used flow of the canonical source address `source` on
+    /// port `key`; whether one was closed. Called with no flow table locked.
+    fn close_source_oldest(&self, key: PortKey, source: IpAddr) -> bool {
+        let Some(flows) = self.tables().get(&key).and_then(std::sync::Weak::upgrade) else {
+            return false;
+        };
+        let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(own) = table.oldest_of_source(source) else {
+            return false;
+        };
+        table.remove(own);
+        tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its oldest on its busiest port closed");
+        true
+    }
+}
 
 /// One published UDP port and what its flows need.
 struct Port {
     published: Arc<UdpSocket>,
     flows: Flows,
+    /// Its key in the helper-wide budget and in [`FlowTables`].
+    key: PortKey,
+    /// In [`FlowTables`] yet (from its first flow).
+    registered: std::sync::atomic::AtomicBool,
     child_port: u16,
     family: Family,
     shared: Arc<Shared>,
@@ -302,18 +388,10 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     counters: Arc<PortCounters>,
 ) {
-    let port = Port {
-        published: Arc::new(published),
-        flows: Arc::default(),
-        child_port,
-        family,
-        shared,
-        epoch: Instant::now(),
-        counters,
-    };
+    let port = Port::new(published, child_port, family, shared, counters);
     // Stopped (the port removed, or the runtime dropped): its flows end with it, and
     // the published socket closes once their reply tasks are dropped.
-    let _flows_end = EndFlows(port.flows.clone());
+    let _flows_end = EndFlows(port.flows.clone(), port.key, port.shared.clone());
     loop {
         if port.published.readable().await.is_err() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -343,11 +421,13 @@ pub(crate) async fn serve(
     }
 }
 
-/// Closes every flow of a port when dropped.
-struct EndFlows(Flows);
+/// Closes every flow of a port (its table, its key) when dropped, and takes the table
+/// out of [`FlowTables`].
+struct EndFlows(Flows, PortKey, Arc<Shared>);
 
 impl Drop for EndFlows {
     fn drop(&mut self) {
+        self.2.udp_tables.unregister(self.1);
         let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(client) = table.oldest() {
             table.remove(client);
@@ -366,6 +446,26 @@ enum Step {
 }
 
 impl Port {
+    fn new(
+        published: UdpSocket,
+        child_port: u16,
+        family: Family,
+        shared: Arc<Shared>,
+        counters: Arc<PortCounters>,
+    ) -> Port {
+        Port {
+            published: Arc::new(published),
+            flows: Arc::default(),
+            key: shared.udp_tables.new_key(),
+            registered: false.into(),
+            child_port,
+            family,
+            shared,
+            epoch: Instant::now(),
+            counters,
+        }
+    }
+
     /// Forward one queued datagram.
     fn forward_one(&self, buf: &mut [u8]) -> Step {
         let (n, client) = match self.published.try_recv_from(buf) {
@@ -410,18 +510,35 @@ impl Port {
             table.remove(client);
         }
         table.make_room(client);
-        if !table.make_room_helper_wide(client, &self.shared.udp_budget) {
-            return None;
+        let budget = &self.shared.udp_budget;
+        match table.make_room_helper_wide(client, self.key, budget) {
+            Made::Room => {}
+            Made::Refused => return None,
+            Made::Elsewhere(port) => {
+                // The other port's table is locked with this one unlocked, so that two
+                // ports doing this to each other cannot deadlock.
+                drop(table);
+                let source = client.ip().to_canonical();
+                self.shared.udp_tables.close_source_oldest(port, source);
+                table = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+                if table.make_room_helper_wide(client, self.key, budget) != Made::Room {
+                    tracing::debug!(%client, "UDP flows of one source at their helper-wide share, none closed: datagram dropped");
+                    return None;
+                }
+            }
         }
         // Taken before the socket is made, so that the bound holds for sockets too.
-        let Some(slot) = FlowSlot::take(&self.shared, client.ip().to_canonical(), &self.counters)
-        else {
+        let source = client.ip().to_canonical();
+        let Some(slot) = FlowSlot::take(&self.shared, source, self.key, &self.counters) else {
             // Another thread took the room meanwhile.
             tracing::debug!(%client, "helper-wide UDP flow bound reached: datagram dropped");
             return None;
         };
         let flow = Arc::new(self.open_flow(client, to, slot)?);
         table.insert(client, flow.clone());
+        if !self.registered.swap(true, Ordering::Relaxed) {
+            self.shared.udp_tables.register(self.key, &self.flows);
+        }
         let task = tokio::spawn(replies(
             flow.clone(),
             client,
@@ -571,15 +688,14 @@ mod flow_bounds_tests {
     fn port(shared: &Arc<Shared>, child_port: u16) -> Port {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.set_nonblocking(true).unwrap();
-        Port {
-            published: Arc::new(UdpSocket::from_std(s).unwrap()),
-            flows: Arc::default(),
+        let published = UdpSocket::from_std(s).unwrap();
+        Port::new(
+            published,
             child_port,
-            family: Family::V4,
-            shared: shared.clone(),
-            epoch: Instant::now(),
-            counters: Arc::default(),
-        }
+            Family::V4,
+            shared.clone(),
+            Arc::default(),
+        )
     }
 
     fn client(a: u8, port: u16) -> SocketAddr {
@@ -650,6 +766,74 @@ mod flow_bounds_tests {
             ports[1].flows.lock().unwrap().remove(client(6, 3000));
             assert!(empty.flow_for(client(7, 3000)).is_some());
             assert_eq!(live(), 16);
+        });
+    }
+
+    #[test]
+    fn flow_bounds_a_source_at_its_share_gives_way_on_its_busiest_port() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // 16 flows helper-wide, 4 per source, 20 sockets.
+            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
+            let ports: Vec<Port> = (0..3).map(|_| port(&shared, 9)).collect();
+            let live = || shared.udp_budget.totals().0;
+            let has = |p: &Port, c: SocketAddr| p.flows.lock().unwrap().flows().contains(&c);
+
+            // One address (clients behind one NAT, say) holds its share: three flows on
+            // port 0, one on port 1.
+            for i in 0..3 {
+                assert!(ports[0].flow_for(client(1, 1000 + i)).is_some());
+            }
+            assert!(ports[1].flow_for(client(1, 2000)).is_some());
+            assert_eq!(live(), 4);
+
+            // A new client of it on port 2, where it holds none: served, and the flow
+            // that goes is the least recently used one on port 0, its busiest.
+            ports[0].flow_for(client(1, 1000)); // used again: 1001 is now the oldest
+            assert!(
+                ports[2].flow_for(client(1, 3000)).is_some(),
+                "a source at its share is served on a port where it holds no flow"
+            );
+            assert_eq!(live(), 4);
+            assert!(!has(&ports[0], client(1, 1001)), "port 0's oldest closed");
+            assert!(has(&ports[0], client(1, 1000)) && has(&ports[0], client(1, 1002)));
+            assert!(
+                has(&ports[1], client(1, 2000)),
+                "its one flow on port 1 kept"
+            );
+            settle().await;
+
+            // A new client of it on port 1, where it holds one flow: port 0 (two) gives
+            // way again, and port 1's flow stays.
+            assert!(ports[1].flow_for(client(1, 2001)).is_some());
+            assert!(has(&ports[1], client(1, 2000)) && has(&ports[1], client(1, 2001)));
+            assert_eq!(flows_of(&ports[0], 1), 1);
+            assert_eq!(live(), 4);
+            settle().await;
+
+            // Now level (1, 2, 1): port 1 is its busiest and gives up its own oldest.
+            assert!(ports[2].flow_for(client(1, 3001)).is_some());
+            assert!(!has(&ports[1], client(1, 2000)));
+            assert_eq!(
+                (0..3).map(|i| flows_of(&ports[i], 1)).collect::<Vec<_>>(),
+                [1, 1, 2]
+            );
+            // Level again: a new client on a port with as many as any gives up its own.
+            assert!(ports[2].flow_for(client(1, 3002)).is_some());
+            assert!(!has(&ports[2], client(1, 3000)));
+            assert_eq!(live(), 4);
+            settle().await;
+
+            // A port whose task stopped is out of the tables: its flows closed with it.
+            let stopped = EndFlows(ports[2].flows.clone(), ports[2].key, shared.clone());
+            drop(stopped);
+            assert_eq!(live(), 2);
+            assert!(!shared
+                .udp_tables
+                .close_source_oldest(ports[2].key, client(1, 0).ip()));
         });
     }
 

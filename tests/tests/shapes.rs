@@ -1847,6 +1847,61 @@ fn shapes_reload_to_another_family_and_back_keeps_udp_clients() {
     );
 }
 
+/// A client address at its helper-wide share of UDP flows is still served on a
+/// published port where it holds none, and keeps its one flow on another port: clients
+/// behind one NAT address, busy on one port. With the helper at `ulimit -n 1024` an
+/// address's share is 64 flows: the client host opens 63 on port A and one on port B,
+/// then a new source port of it asks port C (before, that datagram was dropped until a
+/// flow idled out, 90 s), and the port-B client asks again.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn shapes_flow_bounds_a_source_at_its_share_is_served_on_a_port_where_it_holds_none() {
+    require_harness();
+    let _load = light();
+    /// Published UDP ports A, B, C: host 21300-21302 to container 10000-10002.
+    const HOST_UDP: u16 = 21300;
+    const CHILD_UDP: u16 = 10000;
+    /// The address's helper-wide share at an open-file limit of 1,024.
+    const SHARE: u16 = 64;
+
+    let topo = BridgeTopology::new(52);
+    let mut servers = Servers::new();
+    for p in CHILD_UDP..CHILD_UDP + 3 {
+        servers.udp_reporter(&topo.container, sock(Ipv4Addr::UNSPECIFIED, p), "c");
+    }
+    let cfg = topo.config(vec![udp(HOST_UDP, CHILD_UDP, 3)]);
+    let mut helper = WrappedHelper::start(&cfg, "ulimit -n 1024");
+    let (ns, a, host) = (
+        &topo.client.ns,
+        topo.client.client_addr,
+        topo.client.host_addr,
+    );
+    let [port_a, port_b, port_c] = [0, 1, 2].map(|i| sock(host, HOST_UDP + i));
+
+    // One at a time, each answered before the next: the flows are made in this order.
+    for i in 0..SHARE - 1 {
+        let (answer, me) = ask_from(ns, sock(a, 45000 + i), port_a, "a");
+        assert_eq!(answer, Ok(format!("c|a|{me}")), "flow {i} on port A");
+    }
+    let (answer, b_client) = ask_from(ns, sock(a, 46000), port_b, "b");
+    assert_eq!(answer, Ok(format!("c|b|{b_client}")), "the flow on port B");
+
+    let (answer, me) = ask_from(ns, sock(a, 47000), port_c, "c");
+    assert_eq!(
+        answer,
+        Ok(format!("c|c|{me}")),
+        "a new client of an address holding its {SHARE} flows on ports A and B, on port C"
+    );
+    let (answer, _) = ask_from(ns, sock(a, 46000), port_b, "b again");
+    assert_eq!(answer, Ok(format!("c|b again|{b_client}")));
+    // Port A's least recently used flow gave way; its newest is still served.
+    let (answer, me) = ask_from(ns, sock(a, 45000 + SHARE - 2), port_a, "a again");
+    assert_eq!(answer, Ok(format!("c|a again|{me}")));
+
+    let status = helper.exit_within(Duration::from_secs(5));
+    assert!(status.is_some_and(|s| s.success()), "exit {status:?}");
+}
+
 /// The soft "Max open files" of a process.
 fn nofile_of(pid: u32) -> Option<usize> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
