@@ -51,9 +51,6 @@ struct Counts {
     live: usize,
     /// Live flows of the source address in question.
     source: usize,
-    /// The port where that source holds the most live flows (the port in question
-    /// when it holds as many there as anywhere), if it holds any.
-    source_busiest: Option<PortKey>,
     sockets: usize,
 }
 
@@ -63,25 +60,25 @@ pub(crate) enum Room {
     /// Within every limit.
     Free,
     /// The source address holds its share: close its least recently used flow on
-    /// the port where it holds the most (this one, or the other port named).
-    CloseSourceOldest(PortKey),
+    /// the ports where it holds the most ([`FlowBudget::busiest_ports`]).
+    CloseSourceOldest,
     /// The helper holds its bound: close this port's least recently used flow.
     ClosePortOldest,
     /// Nothing this port may give up: drop the datagram.
     Refuse(&'static str),
 }
 
-/// The helper-wide decision for a new flow on port `here` of a source address that
-/// holds `now.source` live flows, on a port that holds any flow (`port_has_flows`).
-fn room(limits: Limits, now: Counts, here: PortKey, port_has_flows: bool) -> Room {
+/// The helper-wide decision for a new flow of a source address that holds
+/// `now.source` live flows, on a port that holds any flow (`port_has_flows`).
+fn room(limits: Limits, now: Counts, port_has_flows: bool) -> Room {
     if now.sockets >= limits.sockets {
         // Closing a flow would not release its socket before this datagram is handled.
         Room::Refuse("UDP sockets of closed flows not released yet")
     } else if now.source >= limits.per_source {
-        // A source's flows on the port it uses most give way first, so that a host
+        // A source's flows on the ports it uses most give way first, so that a host
         // spraying one port never loses its few flows on others, and a host at its
         // share is still served on a port where it holds none.
-        Room::CloseSourceOldest(now.source_busiest.unwrap_or(here))
+        Room::CloseSourceOldest
     } else if now.live >= limits.live {
         if port_has_flows {
             Room::ClosePortOldest
@@ -130,21 +127,30 @@ impl FlowBudget {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What a new flow of `source` on port `here` needs, on a port that holds any flow
+    /// What a new flow of `source` needs, on a port that holds any flow
     /// (`port_has_flows`).
-    pub(crate) fn room_for(&self, source: IpAddr, here: PortKey, port_has_flows: bool) -> Room {
+    pub(crate) fn room_for(&self, source: IpAddr, port_has_flows: bool) -> Room {
         room(
             self.limits,
-            counts_of(&self.counts(), source, here),
-            here,
+            counts_of(&self.counts(), source),
             port_has_flows,
         )
+    }
+
+    /// The ports where `source` holds the most live flows, lowest keys first, at most
+    /// `max` of them (none when it holds none). Costs a look at every port where it
+    /// holds flows: called only when it is at its share.
+    pub(crate) fn busiest_ports(&self, source: IpAddr, max: usize) -> Vec<PortKey> {
+        self.counts()
+            .by_source
+            .get(&source)
+            .map_or_else(Vec::new, |s| busiest(&s.by_port, max))
     }
 
     /// Count one more flow of `source` on port `here` if every limit allows it.
     pub(crate) fn take(&self, source: IpAddr, here: PortKey) -> bool {
         let mut c = self.counts();
-        if room(self.limits, counts_of(&c, source, here), here, false) != Room::Free {
+        if room(self.limits, counts_of(&c, source), false) != Room::Free {
             return false;
         }
         c.live += 1;
@@ -186,27 +192,29 @@ impl FlowBudget {
     }
 }
 
-/// The counts a new flow of `source` on port `here` is judged by.
-fn counts_of(c: &BudgetCounts, source: IpAddr, here: PortKey) -> Counts {
-    let s = c.by_source.get(&source);
+/// The counts a new flow of `source` is judged by.
+fn counts_of(c: &BudgetCounts, source: IpAddr) -> Counts {
     Counts {
         live: c.live,
-        source: s.map_or(0, |s| s.live),
-        source_busiest: s.and_then(|s| busiest(&s.by_port, here)),
+        source: c.by_source.get(&source).map_or(0, |s| s.live),
         sockets: c.sockets,
     }
 }
 
-/// The port holding the most of `by_port`'s flows: `here` when it holds as many as
-/// any other, else the lowest key among the busiest (so that the choice does not hang
-/// on the map's order).
-fn busiest(by_port: &HashMap<PortKey, usize>, here: PortKey) -> Option<PortKey> {
-    let here_n = by_port.get(&here).copied().unwrap_or(0);
-    let (port, n) = by_port
+/// The ports holding the most of `by_port`'s flows, lowest keys first (so that the
+/// choice does not hang on the map's order), at most `max` of them.
+fn busiest(by_port: &HashMap<PortKey, usize>, max: usize) -> Vec<PortKey> {
+    let Some(most) = by_port.values().copied().max() else {
+        return Vec::new();
+    };
+    let mut ports: Vec<PortKey> = by_port
         .iter()
-        .map(|(p, n)| (*p, *n))
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))?;
-    Some(if here_n >= n { here } else { port })
+        .filter(|(_, n)| **n == most)
+        .map(|(p, _)| *p)
+        .collect();
+    ports.sort_unstable();
+    ports.truncate(max);
+    ports
 }
 
 #[cfg(test)]
@@ -261,60 +269,39 @@ mod tests {
     #[test]
     fn flow_bounds_room_decisions() {
         let l = Limits::new(256);
-        const HERE: PortKey = 7;
         let at = |live, source, sockets| Counts {
             live,
             source,
-            source_busiest: (source > 0).then_some(HERE),
             sockets,
         };
         // Within every limit, whatever the port holds.
         for any in [false, true] {
-            assert_eq!(room(l, at(0, 0, 0), HERE, any), Room::Free);
-            assert_eq!(room(l, at(255, 63, 319), HERE, any), Room::Free);
+            assert_eq!(room(l, at(0, 0, 0), any), Room::Free);
+            assert_eq!(room(l, at(255, 63, 319), any), Room::Free);
         }
-        // The source at its share: its own oldest goes, on the port where it holds the
-        // most, this one or another.
-        assert_eq!(
-            room(l, at(64, 64, 64), HERE, true),
-            Room::CloseSourceOldest(HERE)
-        );
-        let elsewhere = Counts {
-            source_busiest: Some(3),
-            ..at(64, 64, 64)
-        };
-        assert_eq!(room(l, elsewhere, HERE, true), Room::CloseSourceOldest(3));
-        assert_eq!(room(l, elsewhere, HERE, false), Room::CloseSourceOldest(3));
+        // The source at its share: its own oldest goes, whether or not this port holds
+        // any flow.
+        assert_eq!(room(l, at(64, 64, 64), true), Room::CloseSourceOldest);
+        assert_eq!(room(l, at(64, 64, 64), false), Room::CloseSourceOldest);
         // Its share is checked before the helper-wide bound: a sprayer evicts itself.
-        assert_eq!(
-            room(l, at(256, 64, 256), HERE, true),
-            Room::CloseSourceOldest(HERE)
-        );
+        assert_eq!(room(l, at(256, 64, 256), true), Room::CloseSourceOldest);
+        assert_eq!(room(l, at(256, 64, 256), false), Room::CloseSourceOldest);
         // The helper at its bound: this port's oldest goes, if it has one.
-        assert_eq!(room(l, at(256, 0, 256), HERE, true), Room::ClosePortOldest);
-        assert_eq!(room(l, at(256, 3, 300), HERE, true), Room::ClosePortOldest);
-        assert!(matches!(
-            room(l, at(256, 0, 256), HERE, false),
-            Room::Refuse(_)
-        ));
+        assert_eq!(room(l, at(256, 0, 256), true), Room::ClosePortOldest);
+        assert_eq!(room(l, at(256, 3, 300), true), Room::ClosePortOldest);
+        assert!(matches!(room(l, at(256, 0, 256), false), Room::Refuse(_)));
         // Too many sockets of closed flows still open: nothing helps right now.
-        assert!(matches!(
-            room(l, at(10, 0, 320), HERE, true),
-            Room::Refuse(_)
-        ));
+        assert!(matches!(room(l, at(10, 0, 320), true), Room::Refuse(_)));
     }
 
     #[test]
-    fn flow_bounds_busiest_port_prefers_here_then_the_lowest_key() {
+    fn flow_bounds_busiest_ports_lowest_keys_first() {
         let m = |pairs: &[(PortKey, usize)]| pairs.iter().copied().collect::<HashMap<_, _>>();
-        assert_eq!(busiest(&m(&[]), 1), None);
-        assert_eq!(busiest(&m(&[(1, 3)]), 1), Some(1));
-        assert_eq!(busiest(&m(&[(2, 3)]), 1), Some(2));
-        // Ties: here first, else the lowest key.
-        assert_eq!(busiest(&m(&[(1, 3), (2, 3), (0, 3)]), 1), Some(1));
-        assert_eq!(busiest(&m(&[(4, 3), (2, 3), (9, 3)]), 1), Some(2));
-        // The most flows win over here.
-        assert_eq!(busiest(&m(&[(1, 2), (5, 3), (2, 1)]), 1), Some(5));
+        assert_eq!(busiest(&m(&[]), 8), Vec::<PortKey>::new());
+        assert_eq!(busiest(&m(&[(1, 3)]), 8), [1]);
+        assert_eq!(busiest(&m(&[(1, 2), (5, 3), (2, 1)]), 8), [5]);
+        assert_eq!(busiest(&m(&[(4, 3), (2, 3), (9, 3), (1, 2)]), 8), [2, 4, 9]);
+        assert_eq!(busiest(&m(&[(4, 3), (2, 3), (9, 3)]), 2), [2, 4]);
     }
 
     #[test]
@@ -325,7 +312,8 @@ mod tests {
         assert!(b.take(a, 0));
         assert!(b.take(mapped.to_canonical(), 1));
         assert!(!b.take(a, 0), "a third flow of one source");
-        assert_eq!(b.room_for(a, 2, false), Room::CloseSourceOldest(0));
+        assert_eq!(b.room_for(a, false), Room::CloseSourceOldest);
+        assert_eq!(b.busiest_ports(a, 8), [0, 1]);
         let others: Vec<IpAddr> = (2..8u8)
             .map(|i| IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)))
             .collect();
@@ -350,12 +338,8 @@ mod tests {
         b.end_live(a, 0);
         assert_eq!(b.counts().by_source[&a].live, 1);
         b.socket_closed();
-        assert_eq!(b.room_for(a, 2, false), Room::Free);
-        assert_eq!(
-            counts_of(&b.counts(), a, 2).source_busiest,
-            Some(1),
-            "its one flow left is on port 1"
-        );
+        assert_eq!(b.room_for(a, false), Room::Free);
+        assert_eq!(b.busiest_ports(a, 8), [1], "its one flow left is on port 1");
         b.end_live(a, 1);
         assert!(!b.counts().by_source.contains_key(&a));
     }

@@ -132,7 +132,7 @@ impl Shared {
             mark: source.as_ref().map(SourceIp::mark),
             source_ip: Mutex::new(source),
             udp_budget: FlowBudget::new(udp_bound),
-            udp_tables: crate::udp::FlowTables::default(),
+            udp_tables: crate::udp::FlowTables::new(),
             published: Mutex::new(Vec::new()),
             next_id: AtomicU32::new(0),
             hub: None,

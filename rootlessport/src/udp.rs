@@ -32,12 +32,16 @@
 //! made room:
 //!
 //! 1. if its source address holds its helper-wide share: that address's least
-//!    recently used flow on the published port where it holds the most flows (this
-//!    port when it holds as many here as anywhere) is closed to make room. So a host
-//!    spraying source ports over many published ports only ever evicts its own flows,
-//!    a host busy on one port keeps its few flows on the others, and a host at its
-//!    share is still served on a port where it holds none (say, many clients behind
-//!    one NAT address, busy on a DNS port, and a new one of them on a WireGuard port);
+//!    recently used flow (by its last datagram either way) on the published ports
+//!    where it holds the most flows is closed to make room (when more than
+//!    [`MAX_EVICTION_CANDIDATES`] ports hold that many, on the ones first published
+//!    among them). So a host spraying source ports over many published ports only
+//!    ever evicts its own flows, a host busy on one port keeps its few flows on the
+//!    others, and a host at its share is still served on a port where it holds none
+//!    (say, many clients behind one NAT address, busy on a DNS port, and a new one of
+//!    them on a WireGuard port): the newcomer is served and the address's least
+//!    recently used flow goes. Each listener counts as a port here (a `udp4` and a
+//!    `udp6` listener of one host port are two);
 //! 2. otherwise, if the helper holds `B` flows: this port's least recently used flow
 //!    is closed to make room; if the port holds none, the datagram is dropped;
 //! 3. then the flow is opened.
@@ -45,8 +49,10 @@
 //! A dropped datagram is logged at debug level and costs nothing else, as a drop in
 //! the network would: the client's next datagram tries again, and every existing flow,
 //! every other port and all TCP keep working. So a new client is turned away only
-//! when the helper holds `B` flows and the client's port holds none to give up (or,
-//! for a moment, while closed flows' sockets are still being released).
+//! when the helper holds `B` flows and the client's port holds none to give up, or
+//! for a moment: while closed flows' sockets are still being released, or when the
+//! flow chosen to give way on another port went (or was used) just before it could be
+//! closed.
 //!
 //! A closed flow gives its place back at once, but its socket is released only when
 //! the event loop next runs the flow's task (an idle one at once, an evicted one after
@@ -82,6 +88,10 @@ use crate::tcp::target;
 pub const MAX_FLOWS_PER_PORT: usize = 4096;
 /// Flows one source address may hold on a published port (a quarter of the table).
 pub const MAX_FLOWS_PER_SOURCE: usize = MAX_FLOWS_PER_PORT / 4;
+/// A source address at its helper-wide share gives up its least recently used flow
+/// among at most this many of the ports where it holds the most (each is locked in
+/// turn to find it).
+pub const MAX_EVICTION_CANDIDATES: usize = 64;
 /// Datagrams handled per socket per wake-up before other sockets get their turn.
 const BURST: usize = 64;
 /// Largest datagram we carry.
@@ -146,7 +156,8 @@ struct Flow {
     /// until released).
     kept: Option<SocketAddr>,
     released: std::sync::atomic::AtomicBool,
-    /// Milliseconds since the port's epoch of the last datagram either way.
+    /// Milliseconds since the helper's UDP epoch ([`FlowTables`]) of the last datagram
+    /// either way: comparable between ports.
     last: AtomicU64,
     replies: OnceLock<AbortHandle>,
     shared: Arc<Shared>,
@@ -236,6 +247,13 @@ impl FlowTable {
             .find_map(|ip| self.source_oldest(SocketAddr::new(ip, 0)))
     }
 
+    /// When `client`'s flow last carried a datagram (see [`Flow::last`]), without
+    /// marking it used.
+    fn peek_last(&self, client: SocketAddr) -> Option<u64> {
+        let f = self.by_client.as_ref()?.peek(&client)?;
+        Some(f.last.load(Ordering::Relaxed))
+    }
+
     /// The least recently used flow of this port.
     fn oldest(&self) -> Option<SocketAddr> {
         self.by_client.as_ref()?.peek_lru().map(|(c, _)| *c)
@@ -268,17 +286,21 @@ impl FlowTable {
     ) -> Made {
         let source = client.ip().to_canonical();
         let oldest = self.oldest();
-        match budget.room_for(source, here, oldest.is_some()) {
+        match budget.room_for(source, oldest.is_some()) {
             Room::Free => Made::Room,
-            Room::CloseSourceOldest(port) if port != here => Made::Elsewhere(port),
-            Room::CloseSourceOldest(_) => match self.source_oldest(client) {
-                Some(own) => {
-                    self.remove(own);
-                    tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its oldest on this port closed");
-                    Made::Room
+            Room::CloseSourceOldest => {
+                let ports = budget.busiest_ports(source, MAX_EVICTION_CANDIDATES);
+                if ports != [here] {
+                    return Made::Elsewhere(ports);
                 }
-                None => Made::Refused,
-            },
+                // Only this port: no other table to look at.
+                let Some(own) = self.source_oldest(client) else {
+                    return Made::Refused;
+                };
+                self.remove(own);
+                tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its oldest on this port closed");
+                Made::Room
+            }
             Room::ClosePortOldest => {
                 if let Some(oldest) = oldest {
                     self.remove(oldest);
@@ -311,25 +333,40 @@ impl FlowTable {
 enum Made {
     /// There is room now.
     Room,
-    /// The source must first give up its oldest flow on that other port.
-    Elsewhere(PortKey),
+    /// The source must first give up its least recently used flow on these ports
+    /// (with this port's table unlocked: they may include it).
+    Elsewhere(Vec<PortKey>),
     /// Drop the datagram.
     Refused,
 }
 
 type Flows = Arc<Mutex<FlowTable>>;
 
+/// A port's flow table, locked (a panic while it was held left nothing half-done).
+fn lock(flows: &Flows) -> std::sync::MutexGuard<'_, FlowTable> {
+    flows.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The flow table of every published UDP port that holds or held a flow, by its key,
 /// so that a source address at its helper-wide share can give up a flow on another
-/// port (see the module's policy). Kept in [`Shared`]; a port is in it from its first
-/// flow until it stops.
-#[derive(Default)]
+/// port (see the module's policy), and the clock of every flow's last use. Kept in
+/// [`Shared`]; a port is in it from its first flow until it stops.
 pub(crate) struct FlowTables {
+    /// Flows' last use is counted in milliseconds from here.
+    epoch: Instant,
     next: std::sync::atomic::AtomicU32,
     tables: Mutex<HashMap<PortKey, std::sync::Weak<Mutex<FlowTable>>>>,
 }
 
 impl FlowTables {
+    pub(crate) fn new() -> FlowTables {
+        FlowTables {
+            epoch: Instant::now(),
+            next: Default::default(),
+            tables: Mutex::default(),
+        }
+    }
+
     /// A key for a new published UDP port.
     fn new_key(&self) -> PortKey {
         self.next.fetch_add(1, Ordering::Relaxed)
@@ -350,18 +387,37 @@ impl FlowTables {
     }
 
     /// Close the least recently used flow of the canonical source address `source` on
-    /// port `key`; whether one was closed. Called with no flow table locked.
-    fn close_source_oldest(&self, key: PortKey, source: IpAddr) -> bool {
-        let Some(flows) = self.tables().get(&key).and_then(std::sync::Weak::upgrade) else {
+    /// the ports `keys`; whether one was closed. Called with no flow table locked: each
+    /// is locked in turn.
+    fn close_source_oldest(&self, keys: &[PortKey], source: IpAddr) -> bool {
+        let tables: Vec<Flows> = {
+            let all = self.tables();
+            keys.iter()
+                .filter_map(|k| all.get(k).and_then(std::sync::Weak::upgrade))
+                .collect()
+        };
+        // (last use, table, client) of the least recently used candidate.
+        let mut lru: Option<(u64, usize, SocketAddr)> = None;
+        for (i, flows) in tables.iter().enumerate() {
+            let table = lock(flows);
+            let Some(client) = table.oldest_of_source(source) else {
+                continue;
+            };
+            let Some(last) = table.peek_last(client) else {
+                continue;
+            };
+            if lru.is_none_or(|(l, ..)| last < l) {
+                lru = Some((last, i, client));
+            }
+        }
+        let Some((_, i, client)) = lru else {
             return false;
         };
-        let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(own) = table.oldest_of_source(source) else {
-            return false;
-        };
-        table.remove(own);
-        tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its oldest on its busiest port closed");
-        true
+        let closed = lock(&tables[i]).remove(client).is_some();
+        if closed {
+            tracing::debug!(%source, "UDP flows of one source at their helper-wide share: its least recently used on its busiest ports closed");
+        }
+        closed
     }
 }
 
@@ -428,7 +484,7 @@ struct EndFlows(Flows, PortKey, Arc<Shared>);
 impl Drop for EndFlows {
     fn drop(&mut self) {
         self.2.udp_tables.unregister(self.1);
-        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = lock(&self.0);
         while let Some(client) = table.oldest() {
             table.remove(client);
         }
@@ -460,8 +516,8 @@ impl Port {
             registered: false.into(),
             child_port,
             family,
+            epoch: shared.udp_tables.epoch,
             shared,
-            epoch: Instant::now(),
             counters,
         }
     }
@@ -501,7 +557,7 @@ impl Port {
 
     fn flow_for(&self, client: SocketAddr) -> Option<Arc<Flow>> {
         let to = target(self.shared.child_ip(), self.family, self.child_port);
-        let mut table = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = lock(&self.flows);
         if let Some(f) = table.get(client) {
             if f.to == to {
                 return Some(f);
@@ -514,13 +570,13 @@ impl Port {
         match table.make_room_helper_wide(client, self.key, budget) {
             Made::Room => {}
             Made::Refused => return None,
-            Made::Elsewhere(port) => {
-                // The other port's table is locked with this one unlocked, so that two
-                // ports doing this to each other cannot deadlock.
+            Made::Elsewhere(ports) => {
+                // The other ports' tables are locked with this one unlocked, so that
+                // two ports doing this to each other cannot deadlock.
                 drop(table);
                 let source = client.ip().to_canonical();
-                self.shared.udp_tables.close_source_oldest(port, source);
-                table = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+                self.shared.udp_tables.close_source_oldest(&ports, source);
+                table = lock(&self.flows);
                 if table.make_room_helper_wide(client, self.key, budget) != Made::Room {
                     tracing::debug!(%client, "UDP flows of one source at their helper-wide share, none closed: datagram dropped");
                     return None;
@@ -668,7 +724,7 @@ async fn replies(
             tokio::task::yield_now().await;
         }
     }
-    let mut table = flows.lock().unwrap_or_else(|p| p.into_inner());
+    let mut table = lock(&flows);
     if table
         .flows()
         .peek(&client)
@@ -833,7 +889,42 @@ mod flow_bounds_tests {
             assert_eq!(live(), 2);
             assert!(!shared
                 .udp_tables
-                .close_source_oldest(ports[2].key, client(1, 0).ip()));
+                .close_source_oldest(&[ports[2].key], client(1, 0).ip()));
+        });
+    }
+
+    #[test]
+    fn flow_bounds_a_source_at_its_share_gives_up_its_least_recently_used_flow_on_a_tie() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // 16 flows helper-wide, 4 per source: one flow on each of ports 0-3.
+            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
+            let ports: Vec<Port> = (0..5).map(|_| port(&shared, 9)).collect();
+            let has = |p: &Port, c: SocketAddr| p.flows.lock().unwrap().flows().contains(&c);
+            for p in &ports[..4] {
+                assert!(p.flow_for(client(1, 1000)).is_some());
+            }
+            // Used again from port 3 down to port 0 (a clock tick apart): port 3's flow is
+            // now the least recently used, port 0's (the lowest key) the most.
+            for i in (0..4).rev() {
+                std::thread::sleep(Duration::from_millis(3));
+                // As forwarding a datagram does.
+                let f = ports[i].flow_for(client(1, 1000)).unwrap();
+                f.last.store(ports[i].now_ms(), Ordering::Relaxed);
+            }
+            assert!(ports[4].flow_for(client(1, 1000)).is_some());
+            assert!(
+                !has(&ports[3], client(1, 1000)),
+                "the least recently used went"
+            );
+            for i in [0, 1, 2, 4] {
+                assert!(has(&ports[i], client(1, 1000)), "port {i}'s flow kept");
+            }
+            assert_eq!(shared.udp_budget.totals().0, 4);
+            settle().await;
         });
     }
 

@@ -232,6 +232,79 @@ fn run_leaves_nothing_of_the_command_behind() {
     assert!(!stale.exists(), "the next run sweeps a dead run's tmp dir");
 }
 
+/// `run` says at once when its port helper dies under the running command (the ports
+/// no longer forward), lets the command go on, and still tears everything down.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn run_says_when_its_helper_dies() {
+    require_harness();
+    let mut run = xtask()
+        .args(["run", "-p", "28802:80", "--", "sleep", "31.0103"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stderr, read on a thread, so that a line that never comes fails instead of hanging.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut stderr = run.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n @ 1..) = stderr.read(&mut buf) {
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    let mut log = String::new();
+    let wait_for = |want: &str, log: &mut String| {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while !log.contains(want) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => log.push_str(&chunk),
+                Err(_) => panic!("no {want:?} in run's output: {log}"),
+            }
+        }
+    };
+    wait_for("[run] running sleep", &mut log);
+    let pid: i32 = log
+        .split("rootlessport: pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no helper pid in {log}"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    wait_for(
+        &format!(
+            "[run] rootlessport (pid {pid}) exited while the command runs: the published ports no longer forward"
+        ),
+        &mut log,
+    );
+    assert!(
+        !processes_mentioning("sleep 31.0103").is_empty(),
+        "the command goes on"
+    );
+    // Ctrl-C: the command ends, and the teardown names what went wrong.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::SIGINT,
+    )
+    .unwrap();
+    let status = run.wait().unwrap();
+    reader.join().unwrap();
+    while let Ok(chunk) = rx.try_recv() {
+        log.push_str(&chunk);
+    }
+    assert!(!status.success(), "{status:?}: {log}");
+    assert!(
+        log.contains("rootlessport exited with signal: 9"),
+        "the teardown names the helper's end: {log}"
+    );
+    assert!(
+        eventually(5, || processes_mentioning("sleep 31.0103").is_empty()),
+        "the command outlived the run"
+    );
+    // Teardown checks that none of the session's processes is left (slirp4netns too).
+    assert!(!log.contains("left behind"), "{log}");
+}
+
 /// The command resolves names through slirp4netns's DNS, as a podman container does,
 /// whatever the host's resolver is: here a host whose resolv.conf names a server on its
 /// own loopback (systemd-resolved's 127.0.0.53), which the command's netns cannot reach.

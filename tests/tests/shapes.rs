@@ -25,6 +25,9 @@ use tests::{netns_state, require_harness, unmap, BridgeTopology, ClientHost, Tes
 /// How long a single UDP answer may take (generous: a loaded 2-core machine).
 const ANSWER: Duration = Duration::from_secs(3);
 
+/// How long a reporter waits before answering a `later:` payload.
+const LATER: Duration = Duration::from_secs(2);
+
 /// The flood, the 6,000 queries and the spray run alone (write lock), the other tests
 /// together (read lock), so that load from one cannot fail another.
 static LOAD: RwLock<()> = RwLock::new(());
@@ -61,7 +64,7 @@ impl Servers {
     }
 
     /// A UDP server in `ns` on `addr` answering `TAG|PAYLOAD|PEER` from the port it was
-    /// sent to.
+    /// sent to: at once, or [`LATER`] after it when the payload starts with `later:`.
     fn udp_reporter(&mut self, ns: &TestNetns, addr: SocketAddr, tag: &'static str) {
         let sock = ns.run(move || UdpSocket::bind(addr));
         let sock = sock.unwrap_or_else(|e| panic!("binding UDP {addr}: {e}"));
@@ -76,18 +79,30 @@ impl Servers {
     }
 
     fn serve_udp(&mut self, sock: UdpSocket, tag: Option<&'static str>) {
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
         let stop = self.stop.clone();
         self.threads.push(std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
+            // Answers due later: when, what, to whom.
+            let mut later: Vec<(Instant, String, SocketAddr)> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                for (_, answer, to) in later.extract_if(.., |(due, ..)| *due <= now) {
+                    let _ = sock.send_to(answer.as_bytes(), to);
+                }
+                let wait = if later.is_empty() { 200 } else { 10 };
+                sock.set_read_timeout(Some(Duration::from_millis(wait)))
+                    .unwrap();
                 let Ok((n, from)) = sock.recv_from(&mut buf) else {
                     continue;
                 };
                 if let Some(tag) = tag {
                     let text = String::from_utf8_lossy(&buf[..n]);
-                    let _ = sock.send_to(format!("{tag}|{text}|{}", unmap(from)).as_bytes(), from);
+                    let answer = format!("{tag}|{text}|{}", unmap(from));
+                    if text.starts_with("later:") {
+                        later.push((Instant::now() + LATER, answer, from));
+                    } else {
+                        let _ = sock.send_to(answer.as_bytes(), from);
+                    }
                 }
             }
         }));
@@ -1848,11 +1863,15 @@ fn shapes_reload_to_another_family_and_back_keeps_udp_clients() {
 }
 
 /// A client address at its helper-wide share of UDP flows is still served on a
-/// published port where it holds none, and keeps its one flow on another port: clients
-/// behind one NAT address, busy on one port. With the helper at `ulimit -n 1024` an
-/// address's share is 64 flows: the client host opens 63 on port A and one on port B,
-/// then a new source port of it asks port C (before, that datagram was dropped until a
-/// flow idled out, 90 s), and the port-B client asks again.
+/// published port where it holds none, and what gives way is its least recently used
+/// flow on the ports where it holds the most: clients behind one NAT address, say.
+/// With the helper at `ulimit -n 1024` an address's share is 64 flows. The client host
+/// opens 32 on port B, then 32 on port A, and every flow asks for a later answer (B's
+/// first); a new source port of it asks port C and is answered, and only the least
+/// recently used flow, B's first, loses its later answer. Then A (32) is the busiest:
+/// a new client on B costs A's least recently used flow, and C's flow is kept.
+/// (Before, a new client on a port where its address held no flow was dropped until a
+/// flow idled out, 90 s.)
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn shapes_flow_bounds_a_source_at_its_share_is_served_on_a_port_where_it_holds_none() {
@@ -1861,8 +1880,8 @@ fn shapes_flow_bounds_a_source_at_its_share_is_served_on_a_port_where_it_holds_n
     /// Published UDP ports A, B, C: host 21300-21302 to container 10000-10002.
     const HOST_UDP: u16 = 21300;
     const CHILD_UDP: u16 = 10000;
-    /// The address's helper-wide share at an open-file limit of 1,024.
-    const SHARE: u16 = 64;
+    /// Half the address's helper-wide share at an open-file limit of 1,024.
+    const HALF: u16 = 32;
 
     let topo = BridgeTopology::new(52);
     let mut servers = Servers::new();
@@ -1877,26 +1896,93 @@ fn shapes_flow_bounds_a_source_at_its_share_is_served_on_a_port_where_it_holds_n
         topo.client.host_addr,
     );
     let [port_a, port_b, port_c] = [0, 1, 2].map(|i| sock(host, HOST_UDP + i));
+    let client = |port: u16| ns.run(move || UdpSocket::bind(sock(a, port)).unwrap());
+    let me = |s: &UdpSocket| s.local_addr().unwrap();
 
     // One at a time, each answered before the next: the flows are made in this order.
-    for i in 0..SHARE - 1 {
-        let (answer, me) = ask_from(ns, sock(a, 45000 + i), port_a, "a");
-        assert_eq!(answer, Ok(format!("c|a|{me}")), "flow {i} on port A");
+    let b_flows: Vec<UdpSocket> = (0..HALF).map(|i| client(46000 + i)).collect();
+    let a_flows: Vec<UdpSocket> = (0..HALF).map(|i| client(45000 + i)).collect();
+    for (flows, to) in [(&b_flows, port_b), (&a_flows, port_a)] {
+        for s in flows {
+            assert_eq!(ask(s, to, "x", ANSWER), Ok(format!("c|x|{}", me(s))));
+        }
     }
-    let (answer, b_client) = ask_from(ns, sock(a, 46000), port_b, "b");
-    assert_eq!(answer, Ok(format!("c|b|{b_client}")), "the flow on port B");
+    // Every flow asks for a later answer, in order, B's a moment before A's.
+    let ask_later = |flows: &[&UdpSocket], to: SocketAddr, text: &str| {
+        for s in flows {
+            s.send_to(text.as_bytes(), to).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Which of `flows` got their later answer to `text` within LATER and 3 s more.
+    let answered_later = |flows: &[&UdpSocket], text: &str| -> Vec<bool> {
+        let until = Instant::now() + LATER + Duration::from_secs(3);
+        flows
+            .iter()
+            .map(|s| {
+                let want = format!("c|{text}|{}", me(s));
+                let mut b = [0u8; 256];
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                        .unwrap();
+                    match s.recv(&mut b) {
+                        Ok(n) if b[..n] == *want.as_bytes() => return true,
+                        Ok(_) => continue,
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .collect()
+    };
+    ask_later(&b_flows.iter().collect::<Vec<_>>(), port_b, "later:1");
+    ask_later(&a_flows.iter().collect::<Vec<_>>(), port_a, "later:1");
 
-    let (answer, me) = ask_from(ns, sock(a, 47000), port_c, "c");
+    let c_flow = client(47000);
     assert_eq!(
-        answer,
-        Ok(format!("c|c|{me}")),
-        "a new client of an address holding its {SHARE} flows on ports A and B, on port C"
+        ask(&c_flow, port_c, "c", ANSWER),
+        Ok(format!("c|c|{}", me(&c_flow))),
+        "a new client of an address holding its {} flows on ports A and B, on port C",
+        2 * HALF
     );
-    let (answer, _) = ask_from(ns, sock(a, 46000), port_b, "b again");
-    assert_eq!(answer, Ok(format!("c|b again|{b_client}")));
-    // Port A's least recently used flow gave way; its newest is still served.
-    let (answer, me) = ask_from(ns, sock(a, 45000 + SHARE - 2), port_a, "a again");
-    assert_eq!(answer, Ok(format!("c|a again|{me}")));
+    let all: Vec<&UdpSocket> = b_flows.iter().chain(&a_flows).collect();
+    let lost: Vec<SocketAddr> = all
+        .iter()
+        .zip(answered_later(&all, "later:1"))
+        .filter(|(_, got)| !got)
+        .map(|(s, _)| me(s))
+        .collect();
+    assert_eq!(
+        lost,
+        [me(&b_flows[0])],
+        "the flows whose later answer was lost: only the least recently used should be"
+    );
+
+    // Now A holds 32, B 31, C 1. A new client on B: A's least recently used goes.
+    ask_later(&a_flows.iter().collect::<Vec<_>>(), port_a, "later:2");
+    ask_later(&[&c_flow], port_c, "later:2");
+    let mut a_and_c = a_flows.iter().collect::<Vec<_>>();
+    a_and_c.push(&c_flow);
+    let new_b = client(46100);
+    assert_eq!(
+        ask(&new_b, port_b, "b", ANSWER),
+        Ok(format!("c|b|{}", me(&new_b)))
+    );
+    let lost: Vec<SocketAddr> = a_and_c
+        .iter()
+        .zip(answered_later(&a_and_c, "later:2"))
+        .filter(|(_, got)| !got)
+        .map(|(s, _)| me(s))
+        .collect();
+    assert_eq!(
+        lost,
+        [me(&a_flows[0])],
+        "port A's least recently used, only"
+    );
+    assert_eq!(
+        ask(&c_flow, port_c, "c again", ANSWER),
+        Ok(format!("c|c again|{}", me(&c_flow)))
+    );
 
     let status = helper.exit_within(Duration::from_secs(5));
     assert!(status.is_some_and(|s| s.success()), "exit {status:?}");

@@ -39,9 +39,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let port = free_port()?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mapping = PortMapping::new("", port, 80, 1, "tcp");
+    // Loopback only: the demo fetches from this host, and publishes nothing beyond it.
     let spec = SessionSpec {
-        ports: vec![mapping.clone()],
+        ports: vec![
+            PortMapping::new("127.0.0.1", port, 80, 1, "tcp"),
+            PortMapping::new("::1", port, 80, 1, "tcp"),
+        ],
         options: SlirpOptions::default(),
         command: vec![
             me.into(),

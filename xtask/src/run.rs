@@ -81,8 +81,10 @@ pub fn run(args: &[String]) -> Result<i32, String> {
             .collect::<Vec<_>>()
             .join(" ")
     ));
+    let watch = session.watch_for_deaths(move |line| eprintln!("[run] {line}"))?;
     session.go();
     let status = session.wait();
+    drop(watch);
     let code = exit_code(status);
     progress(format!("command exited with status {code}; tearing down"));
     session.teardown().map_err(|e| format!("teardown: {e}"))?;

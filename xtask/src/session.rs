@@ -221,6 +221,7 @@ impl Session {
             }
             let helper = launcher.start(&config, exit_r).map_err(|e| e.to_string())?;
             session.pids.push(helper.pid());
+            progress(format!("rootlessport: pid {}", helper.pid()));
             session.helper = Some((helper, exit_w));
             for m in &spec.ports {
                 progress(format!("published {} (rootlessport)", describe(m)));
@@ -241,6 +242,35 @@ impl Session {
         }
         session.ports_ready = t.elapsed();
         Ok(session)
+    }
+
+    /// Watch slirp4netns and the port helper while the command runs: if one exits,
+    /// `progress` says so at once (the command goes on, cut off or unpublished, as a
+    /// podman container would). Through their pidfds, so nothing is watched on kernels
+    /// without `pidfd_open` (before 5.3). Stops when the [`DeathWatch`] is dropped.
+    pub fn watch_for_deaths(
+        &self,
+        progress: impl Fn(String) + Send + 'static,
+    ) -> Result<DeathWatch, String> {
+        let mut watched: Vec<(&'static str, u32, OwnedFd)> = Vec::new();
+        let mut watch = |name, pid, fd: Option<std::os::fd::BorrowedFd<'_>>| {
+            if let Some(fd) = fd.and_then(|fd| fd.try_clone_to_owned().ok()) {
+                watched.push((name, pid, fd));
+            }
+        };
+        if let Some(slirp) = &self.slirp {
+            watch("slirp4netns", slirp.pid(), slirp.pidfd());
+        }
+        if let Some((helper, _)) = &self.helper {
+            watch("rootlessport", helper.pid(), helper.pidfd());
+        }
+        let (stop_r, stop_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let thread = std::thread::spawn(move || watch_deaths(&watched, &stop_r, &progress));
+        Ok(DeathWatch {
+            stop: Some(stop_w),
+            thread: Some(thread),
+        })
     }
 
     /// Let the command run: the go byte, then the path of the resolv.conf for it.
@@ -350,6 +380,66 @@ impl Session {
             Ok(())
         } else {
             Err(errors.join("; "))
+        }
+    }
+}
+
+/// What a process of the session no longer does once it exited.
+fn loss_of(name: &str) -> &'static str {
+    if name == "rootlessport" {
+        "the published ports no longer forward"
+    } else {
+        "the command's network is cut off"
+    }
+}
+
+/// Until `stop` is readable (its write end closed): report each of `watched` that
+/// exits (its pidfd turns readable), once.
+fn watch_deaths(watched: &[(&str, u32, OwnedFd)], stop: &OwnedFd, progress: &dyn Fn(String)) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut reported = vec![false; watched.len()];
+    loop {
+        let mut fds = vec![PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+        let open: Vec<usize> = (0..watched.len()).filter(|i| !reported[*i]).collect();
+        fds.extend(
+            open.iter()
+                .map(|i| PollFd::new(watched[*i].2.as_fd(), PollFlags::POLLIN)),
+        );
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[0]) {
+            return;
+        }
+        for (k, i) in open.iter().enumerate() {
+            if ready(&fds[k + 1]) {
+                reported[*i] = true;
+                let (name, pid, _) = &watched[*i];
+                progress(format!(
+                    "{name} (pid {pid}) exited while the command runs: {}; the command goes on (Ctrl-C ends it)",
+                    loss_of(name)
+                ));
+            }
+        }
+    }
+}
+
+/// Watches the session's processes while the command runs ([`Session::watch_for_deaths`]);
+/// dropping it stops the watch.
+pub struct DeathWatch {
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        self.stop = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
