@@ -765,6 +765,22 @@ mod flow_bounds_tests {
             .map_or(0, |ports| ports.len())
     }
 
+    /// `test` on a current-thread runtime, given a helper's state with 16 flows
+    /// helper-wide: 4 per source, 20 sockets.
+    fn with_16_flows<F: std::future::Future<Output = ()>>(test: impl FnOnce(Arc<Shared>) -> F) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
+        rt.block_on(test(shared));
+    }
+
+    /// Whether port `p` holds a flow of `client`.
+    fn has(p: &Port, client: SocketAddr) -> bool {
+        p.flows.lock().unwrap().flows().contains(&client)
+    }
+
     /// Let the event loop drop the tasks of closed flows (their sockets close).
     async fn settle() {
         for _ in 0..4 {
@@ -774,13 +790,7 @@ mod flow_bounds_tests {
 
     #[test]
     fn flow_bounds_ports_share_one_helper_wide_bound() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            // 16 flows helper-wide, 4 per source, 20 sockets.
-            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
+        with_16_flows(|shared| async move {
             let ports: Vec<Port> = (0..4).map(|_| port(&shared, 9)).collect();
             let live = || shared.udp_budget.totals().0;
 
@@ -827,16 +837,9 @@ mod flow_bounds_tests {
 
     #[test]
     fn flow_bounds_a_source_at_its_share_gives_way_on_its_busiest_port() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            // 16 flows helper-wide, 4 per source, 20 sockets.
-            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
+        with_16_flows(|shared| async move {
             let ports: Vec<Port> = (0..3).map(|_| port(&shared, 9)).collect();
             let live = || shared.udp_budget.totals().0;
-            let has = |p: &Port, c: SocketAddr| p.flows.lock().unwrap().flows().contains(&c);
 
             // One address (clients behind one NAT, say) holds its share: three flows on
             // port 0, one on port 1.
@@ -895,15 +898,9 @@ mod flow_bounds_tests {
 
     #[test]
     fn flow_bounds_a_source_at_its_share_gives_up_its_least_recently_used_flow_on_a_tie() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            // 16 flows helper-wide, 4 per source: one flow on each of ports 0-3.
-            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
+        with_16_flows(|shared| async move {
+            // One flow on each of ports 0-3.
             let ports: Vec<Port> = (0..5).map(|_| port(&shared, 9)).collect();
-            let has = |p: &Port, c: SocketAddr| p.flows.lock().unwrap().flows().contains(&c);
             for p in &ports[..4] {
                 assert!(p.flow_for(client(1, 1000)).is_some());
             }
@@ -930,13 +927,7 @@ mod flow_bounds_tests {
 
     #[test]
     fn flow_bounds_sockets_of_closed_flows_count_until_released() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            // 16 flows, 4 per source, 20 sockets.
-            let shared = Arc::new(Shared::new(None, Duration::from_secs(60), None, 16));
+        with_16_flows(|shared| async move {
             let p = port(&shared, 9);
             for a in 1..5u8 {
                 for i in 0..4 {
