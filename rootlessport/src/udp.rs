@@ -28,6 +28,10 @@
 //!   counts as the same address on an IPv4 and a dual-stack listener; each address
 //!   counts on its own (a host with many addresses has a share per address).
 //!
+//! "Least recently used" counts datagrams either way, as the idle timeout does: a flow
+//! the container still sends on is marked used (in its port's table, at most every
+//! [`MARK_REPLIES_EVERY_MS`] ms), so it is not the first to give way.
+//!
 //! A datagram from a client without a flow on its port, once that port's own limits
 //! made room:
 //!
@@ -92,6 +96,9 @@ pub const MAX_FLOWS_PER_SOURCE: usize = MAX_FLOWS_PER_PORT / 4;
 /// among at most this many of the ports where it holds the most (each is locked in
 /// turn to find it).
 pub const MAX_EVICTION_CANDIDATES: usize = 64;
+/// A flow carrying only the container's datagrams is marked used in its port's table
+/// (which locks it) at most this often, in milliseconds.
+pub const MARK_REPLIES_EVERY_MS: u64 = 100;
 /// Datagrams handled per socket per wake-up before other sockets get their turn.
 const BURST: usize = 64;
 /// Largest datagram we carry.
@@ -159,6 +166,11 @@ struct Flow {
     /// Milliseconds since the helper's UDP epoch ([`FlowTables`]) of the last datagram
     /// either way: comparable between ports.
     last: AtomicU64,
+    /// When (same clock) the flow was last marked used in its port's table: at each
+    /// datagram from the client, and for the container's replies at most every
+    /// [`MARK_REPLIES_EVERY_MS`], so that a flow the container still sends on is not
+    /// the first to give way.
+    marked: AtomicU64,
     replies: OnceLock<AbortHandle>,
     shared: Arc<Shared>,
     /// Last: released after the socket closed.
@@ -245,6 +257,13 @@ impl FlowTable {
             .into_iter()
             .flatten()
             .find_map(|ip| self.source_oldest(SocketAddr::new(ip, 0)))
+    }
+
+    /// Whether `flow` is (still) `client`'s flow here.
+    fn holds(&mut self, client: SocketAddr, flow: &Arc<Flow>) -> bool {
+        self.flows()
+            .peek(&client)
+            .is_some_and(|f| Arc::ptr_eq(f, flow))
     }
 
     /// When `client`'s flow last carried a datagram (see [`Flow::last`]), without
@@ -532,7 +551,10 @@ impl Port {
         let Some(flow) = self.flow_for(client) else {
             return Step::Skipped;
         };
-        flow.last.store(self.now_ms(), Ordering::Relaxed);
+        // flow_for marked it used in the table.
+        let now = self.now_ms();
+        flow.last.store(now, Ordering::Relaxed);
+        flow.marked.store(now, Ordering::Relaxed);
         // Straight to the kernel: tokio's try_send refuses until the new socket's first
         // readiness event. A full buffer drops the datagram, as the network would.
         let up = socket2::SockRef::from(&flow.upstream);
@@ -642,6 +664,7 @@ impl Port {
                 kept,
                 released: Default::default(),
                 last: AtomicU64::new(self.now_ms()),
+                marked: AtomicU64::new(self.now_ms()),
                 replies: OnceLock::new(),
                 shared: self.shared.clone(),
                 slot,
@@ -720,16 +743,21 @@ async fn replies(
             }
         }
         counters.moved_out(datagrams, bytes);
+        // Used by the container: marked in the table too, now and then.
+        let last = flow.last.load(Ordering::Relaxed);
+        if last.saturating_sub(flow.marked.load(Ordering::Relaxed)) >= MARK_REPLIES_EVERY_MS {
+            flow.marked.store(last, Ordering::Relaxed);
+            let mut table = lock(&flows);
+            if table.holds(client, &flow) {
+                table.get(client);
+            }
+        }
         if !drained {
             tokio::task::yield_now().await;
         }
     }
     let mut table = lock(&flows);
-    if table
-        .flows()
-        .peek(&client)
-        .is_some_and(|f| Arc::ptr_eq(f, &flow))
-    {
+    if table.holds(client, &flow) {
         table.remove(client);
     }
 }
@@ -921,6 +949,41 @@ mod flow_bounds_tests {
                 assert!(has(&ports[i], client(1, 1000)), "port {i}'s flow kept");
             }
             assert_eq!(shared.udp_budget.totals().0, 4);
+            settle().await;
+        });
+    }
+
+    #[test]
+    fn flow_bounds_a_flow_the_container_still_sends_on_is_not_the_first_to_go() {
+        with_16_flows(|shared| async move {
+            let container = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let p = port(&shared, container.local_addr().unwrap().port());
+            // The source's share, 4 flows: 1000 is the least recently used.
+            for i in 0..4 {
+                assert!(p.flow_for(client(1, 1000 + i)).is_some());
+            }
+            // The container sends on 1000's flow (the client says nothing more).
+            tokio::time::sleep(Duration::from_millis(MARK_REPLIES_EVERY_MS + 20)).await;
+            let upstream = {
+                let mut t = p.flows.lock().unwrap();
+                t.flows()
+                    .peek(&client(1, 1000))
+                    .unwrap()
+                    .upstream
+                    .local_addr()
+            };
+            container.send_to(b"push", upstream.unwrap()).unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // A new client of the source: 1001 gives way, not 1000.
+            assert!(p.flow_for(client(1, 2000)).is_some());
+            assert!(
+                has(&p, client(1, 1000)),
+                "the flow the container sends on kept"
+            );
+            assert!(
+                !has(&p, client(1, 1001)),
+                "the least recently used either way went"
+            );
             settle().await;
         });
     }

@@ -187,7 +187,9 @@ impl HelperCommand {
         Ok(self)
     }
 
-    /// Start the helper in a new mount namespace (needed by `--enable-sandbox`).
+    /// Start the helper in a new mount namespace (needed by `--enable-sandbox`), with
+    /// every mount in it private, so that nothing it mounts or unmounts reaches the
+    /// caller's namespace.
     pub fn new_mount_namespace(mut self, yes: bool) -> Self {
         self.new_mount_ns = yes;
         self
@@ -310,7 +312,7 @@ impl HelperCommand {
             unshare_flags |= CloneFlags::CLONE_NEWNET;
         }
         // SAFETY: the closure runs between fork and exec; it calls only async-signal-safe
-        // syscalls (close_range, fcntl, dup2, setns, unshare) through thin wrappers and
+        // syscalls (close_range, fcntl, dup2, setns, unshare, mount) through thin wrappers and
         // allocates nothing (an error is an errno). The sweep passes raw numbers to
         // fcntl(2), most of them not open, which no fd type may stand for. dup2 over a
         // target is what the child is for: nothing in it owns those numbers.
@@ -345,6 +347,19 @@ impl HelperCommand {
                 }
                 if !unshare_flags.is_empty() {
                     nix::sched::unshare(unshare_flags)?;
+                }
+                if new_mount_ns {
+                    // Private, as Go's Unshareflags makes podman's slirp4netns: else
+                    // the sandbox's unmounts of the old root reach the caller's shared
+                    // mounts (`ip netns add` makes /run/netns one) and unmount every
+                    // named netns. A short path: nix copies it on the stack, no alloc.
+                    nix::mount::mount(
+                        None::<&str>,
+                        "/",
+                        None::<&str>,
+                        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                        None::<&str>,
+                    )?;
                 }
                 if let Some(ns) = &netns {
                     nix::sched::setns(ns, CloneFlags::CLONE_NEWNET)?;

@@ -588,3 +588,51 @@ fn old_binary_without_netns_type_gets_a_pid() {
     std::fs::remove_file(dir.path().join("args")).unwrap();
     slirp.stop().unwrap();
 }
+
+/// slirp4netns's sandbox (a mount namespace of its own, then `pivot_root` and an
+/// unmount of the old root) leaves the caller's mounts alone: a named netns (`ip netns
+/// add` makes /run/netns a shared mount) is still mounted, and usable, after a run.
+/// Before the child's mounts were made private, the sandbox's unmount reached
+/// /run/netns through the shared mount and unmounted every named netns.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn sandbox_leaves_named_netns_mounted() {
+    require_harness();
+    let name = format!("rn-keep-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(ip(&["netns", "add", &name]), "ip netns add {name}");
+    let mounted = || {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines()
+            .any(|l| l.split(' ').nth(4) == Some(&format!("/run/netns/{name}")))
+    };
+    let before = mounted();
+
+    let ns = TestNetns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let slirp = Slirp4netns::start(&spec(&ns, &dir, &[])).unwrap();
+    let sandboxed = slirp.features().has_enable_sandbox;
+    let pid = slirp.pid();
+    slirp.stop().unwrap();
+    let after = mounted();
+    let usable = ip(&["netns", "exec", &name, "true"]);
+    let deleted = ip(&["netns", "del", &name]);
+
+    assert!(before, "ip netns add mounted nothing at /run/netns/{name}");
+    assert!(
+        sandboxed,
+        "this slirp4netns has no --enable-sandbox to test"
+    );
+    assert!(
+        after,
+        "/run/netns/{name} unmounted by slirp4netns's sandbox"
+    );
+    assert!(usable, "ip netns exec {name} failed after slirp4netns ran");
+    assert!(deleted, "ip netns del {name}");
+    assert_nothing_left(Some(pid), &dir);
+}

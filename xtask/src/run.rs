@@ -87,6 +87,9 @@ pub fn run(args: &[String]) -> Result<i32, String> {
     drop(watch);
     let code = exit_code(status);
     progress(format!("command exited with status {code}; tearing down"));
+    for line in session.exited_early() {
+        progress(line);
+    }
     session.teardown().map_err(|e| format!("teardown: {e}"))?;
     Ok(code)
 }

@@ -273,6 +273,26 @@ impl Session {
         })
     }
 
+    /// slirp4netns and the port helper, if they exited on their own while the command
+    /// ran (before teardown), as lines for the user; the helper's status is given.
+    pub fn exited_early(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(slirp) = &mut self.slirp {
+            if slirp.has_exited() {
+                lines.push(format!("slirp4netns (pid {}) had exited", slirp.pid()));
+            }
+        }
+        if let Some((helper, _)) = &mut self.helper {
+            if let Ok(Some(s)) = helper.wait_timeout(Duration::ZERO) {
+                lines.push(format!(
+                    "rootlessport (pid {}) had exited: {s}",
+                    helper.pid()
+                ));
+            }
+        }
+        lines
+    }
+
     /// Let the command run: the go byte, then the path of the resolv.conf for it.
     pub fn go(&mut self) {
         if let Some(go) = self.go.take() {
@@ -355,8 +375,12 @@ impl Session {
         }
         let _ = self.child.wait();
         if let Some((mut helper, exit_w)) = self.helper.take() {
+            // Exited before its exit pipe closed: said while the command ran
+            // ([`Session::exited_early`]), not a teardown error.
+            let early = matches!(helper.wait_timeout(Duration::ZERO), Ok(Some(_)));
             drop(exit_w);
             match helper.wait_timeout(Duration::from_secs(5)) {
+                _ if early => {}
                 Ok(Some(s)) if s.success() => {}
                 Ok(Some(s)) => errors.push(format!("rootlessport exited with {s}")),
                 Ok(None) => {
