@@ -307,6 +307,81 @@ fn run_says_when_its_helper_dies() {
     assert!(!log.contains("left behind"), "{log}");
 }
 
+/// One Ctrl-C at the terminal reaches the command once. The terminal sends it to its
+/// whole foreground process group, `run` and the command alike; neither `run` nor the
+/// namespace's init may pass on a second copy (a program that takes a second Ctrl-C
+/// as "quit now" would quit at once). The command counts its SIGINTs for a second
+/// after the first and exits with the count.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn run_gives_the_command_one_ctrl_c_once() {
+    use std::os::unix::process::CommandExt;
+    require_harness();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let script = "n=0; trap 'n=$((n+1))' INT; echo COUNT\"\"ING; \
+                  while [ $n -lt 1 ]; do sleep 0.05; done; sleep 1; exit $n";
+    let mut cmd = xtask();
+    cmd.args(["run", "--", "sh", "-c", script])
+        .stdin(pty.slave.try_clone().unwrap())
+        .stdout(pty.slave.try_clone().unwrap())
+        .stderr(pty.slave.try_clone().unwrap());
+    // SAFETY: between fork and exec: setsid and ioctl only, nothing allocated.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            // The pty becomes run's controlling terminal, its process group the
+            // foreground one.
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut run = cmd.spawn().unwrap();
+    drop(pty.slave);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let mut master = std::fs::File::from(pty.master);
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    let mut log = String::new();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    // The command's own line (its text, echoed by run, reads COUNT""ING).
+    while !log.contains("COUNTING") {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => log.push_str(&chunk),
+            Err(_) => {
+                let _ = run.kill();
+                panic!("the command never started: {log}");
+            }
+        }
+    }
+    master.write_all(b"\x03").unwrap(); // Ctrl-C, once
+    let status = loop {
+        if let Some(s) = run.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > until + Duration::from_secs(10) {
+            let _ = run.kill();
+            panic!("run did not end after one Ctrl-C: {log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+        log.push_str(&chunk);
+    }
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the number of SIGINTs the command got from one Ctrl-C: {log}"
+    );
+}
+
 /// The command resolves names through slirp4netns's DNS, as a podman container does,
 /// whatever the host's resolver is: here a host whose resolv.conf names a server on its
 /// own loopback (systemd-resolved's 127.0.0.53), which the command's netns cannot reach.

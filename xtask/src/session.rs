@@ -302,18 +302,25 @@ impl Session {
         }
     }
 
-    /// Wait for the command; SIGINT/SIGTERM to us are passed on to it (a second one
-    /// kills it).
+    /// Wait for the command; SIGINT/SIGTERM sent to us are passed on to it (a second
+    /// one kills it). One the terminal sent (Ctrl-C) is not: it went to the whole
+    /// foreground process group, the command's included, and a copy from us would be a
+    /// second one to the command.
     pub fn wait(&mut self) -> ExitStatus {
         static GOT: AtomicI32 = AtomicI32::new(0);
-        extern "C" fn on_signal(sig: libc::c_int) {
-            GOT.store(sig, Ordering::SeqCst);
+        extern "C" fn on_signal(
+            sig: libc::c_int,
+            info: *mut libc::siginfo_t,
+            _: *mut libc::c_void,
+        ) {
+            GOT.store(sig | from_terminal(info), Ordering::SeqCst);
         }
-        // SAFETY: installing a handler that only stores to an atomic; no SA_RESTART so
-        // waitpid returns EINTR and we can pass the signal on.
+        // SAFETY: installing a handler that only reads its siginfo and stores to an
+        // atomic; no SA_RESTART so waitpid returns EINTR and we can pass the signal on.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
             libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
             libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
         }
@@ -329,13 +336,16 @@ impl Session {
                 let _ = self.child.try_wait();
                 return s;
             }
-            let sig = GOT.swap(0, Ordering::SeqCst);
+            let got = GOT.swap(0, Ordering::SeqCst);
+            let sig = got & !FROM_TERMINAL;
             if sig != 0 {
                 forwarded += 1;
                 if forwarded > 1 {
                     // SAFETY: signalling our own unreaped child (unshare); the namespace
                     // dies with it.
                     unsafe { libc::kill(pid, libc::SIGKILL) };
+                } else if got & FROM_TERMINAL != 0 {
+                    // The command had it from the terminal too.
                 } else if let Some(init) = self.init {
                     // unshare blocks SIGINT and SIGTERM: the namespace's init (ns-child)
                     // passes them on to the command. Its pid stays ours while unshare,
@@ -405,6 +415,22 @@ impl Session {
         } else {
             Err(errors.join("; "))
         }
+    }
+}
+
+/// Marks a signal the kernel sent (the terminal's Ctrl-C, Ctrl-\\, hang-up), beside the
+/// signal number, in the handlers' atomics.
+const FROM_TERMINAL: i32 = 1 << 16;
+
+/// [`FROM_TERMINAL`] when the kernel sent the signal `info` describes (a terminal's
+/// keys or hang-up reach the whole foreground process group at once), else 0 (a
+/// process's `kill`). For signal handlers: reads the siginfo only.
+fn from_terminal(info: *const libc::siginfo_t) -> i32 {
+    // SAFETY: the kernel passes an SA_SIGINFO handler a valid siginfo.
+    if !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL {
+        FROM_TERMINAL
+    } else {
+        0
     }
 }
 
@@ -501,7 +527,8 @@ pub fn exit_code(s: ExitStatus) -> i32 {
 /// setup failed, exit quietly) and the path of a resolv.conf after it, which it mounts
 /// over /etc/resolv.conf in its mount namespace (a warning if it cannot), then runs CMD
 /// as its child: it passes SIGINT, SIGTERM,
-/// SIGHUP and SIGQUIT on to it, reaps whatever else ends up under it, and exits with
+/// SIGHUP and SIGQUIT sent by a process on to it (not those the terminal sent, which
+/// reached the command too), reaps whatever else ends up under it, and exits with
 /// CMD's status (128 + the signal if a signal ended it). Its exit ends everything CMD
 /// left running: the kernel kills a PID namespace with its init.
 pub fn ns_child(args: &[String]) -> Result<(), String> {
@@ -509,8 +536,12 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
     use nix::sys::wait::{waitpid, WaitStatus};
 
     static GOT: AtomicI32 = AtomicI32::new(0);
-    extern "C" fn on_signal(sig: libc::c_int) {
-        GOT.store(sig, Ordering::SeqCst);
+    extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // One from the terminal reached the command too (the same foreground process
+        // group): passing it on would give the command a second one.
+        if from_terminal(info) == 0 {
+            GOT.store(sig, Ordering::SeqCst);
+        }
     }
 
     let args = match args.first().map(String::as_str) {
@@ -547,8 +578,8 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
     // An init gets only the signals it has a handler for. No SA_RESTART: waitpid
     // returns EINTR and the signal is passed on.
     let pass_on = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
+        SigHandler::SigAction(on_signal),
+        SaFlags::SA_SIGINFO,
         SigSet::empty(),
     );
     for sig in [

@@ -166,7 +166,7 @@ pub(super) fn render(s: &Settings, figures: &[Figure], res: &Results, present: &
     }
     let mut out = String::new();
     out.push_str(&format!(
-        "Median of {} round(s){}. Ratios are ours / another column of the same run: the limit is the same figure with no forwarder (the client inside the container netns; for the time to ready with N published ports, a process that only makes the N listeners, see below), the best peer the best of podman's helper, pasta and slirp4netns on that figure.{}\n\n",
+        "Median of {} round(s){}. Ratios are ours / another column of the same run: the limit is the same figure with no forwarder (the client inside the container netns; for the time to ready with N published ports, a process that only makes the N listeners, see below), the best peer the best of podman's helper, pasta and slirp4netns on that figure. The target column judges ours/podman (an earlier issue's targets); issue 15's targets, against the limit and the best peer, and what bounds each are under \"What bounds each target\" in docs/benchmarks.md (kept in docs/performance-analysis.md).{}\n\n",
         s.rounds,
         if s.quick {
             " (quick mode: short runs, not for conclusions)"
