@@ -18,6 +18,55 @@ fn xtask() -> Command {
     c
 }
 
+/// What a child writes on a pipe or a pty, read on a thread, so that a line that never
+/// comes fails the test instead of hanging it.
+struct Output {
+    rx: std::sync::mpsc::Receiver<String>,
+    log: String,
+}
+
+impl Output {
+    fn of(mut from: impl Read + Send + 'static) -> Output {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        Output {
+            rx,
+            log: String::new(),
+        }
+    }
+
+    /// Read until `want` has come (20 s at most); false if it did not.
+    fn until(&mut self, want: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.log.contains(want) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(chunk) => self.log.push_str(&chunk),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// [`Output::until`], failing the test if `want` does not come.
+    fn wait_for(&mut self, want: &str) {
+        assert!(self.until(want), "no {want:?} in the output: {}", self.log);
+    }
+
+    /// The rest, up to the end of output or 200 ms of quiet.
+    fn drain(&mut self) -> &str {
+        while let Ok(chunk) = self.rx.recv_timeout(Duration::from_millis(200)) {
+            self.log.push_str(&chunk);
+        }
+        &self.log
+    }
+}
+
 #[test]
 #[ignore = "itest: needs the cargo xtask itest namespaces"]
 fn demo_runs_and_cleans_up() {
@@ -244,40 +293,19 @@ fn run_says_when_its_helper_dies() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // stderr, read on a thread, so that a line that never comes fails instead of hanging.
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let mut stderr = run.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok(n @ 1..) = stderr.read(&mut buf) {
-            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    });
-    let mut log = String::new();
-    let wait_for = |want: &str, log: &mut String| {
-        let until = std::time::Instant::now() + Duration::from_secs(20);
-        while !log.contains(want) {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(chunk) => log.push_str(&chunk),
-                Err(_) => panic!("no {want:?} in run's output: {log}"),
-            }
-        }
-    };
-    wait_for("[run] running sleep", &mut log);
-    let pid: i32 = log
+    let mut out = Output::of(run.stderr.take().unwrap());
+    out.wait_for("[run] running sleep");
+    let pid: i32 = out
+        .log
         .split("rootlessport: pid ")
         .nth(1)
         .and_then(|s| s.split_whitespace().next())
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no helper pid in {log}"));
+        .unwrap_or_else(|| panic!("no helper pid in {}", out.log));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
-    wait_for(
-        &format!(
-            "[run] rootlessport (pid {pid}) exited while the command runs: the published ports no longer forward"
-        ),
-        &mut log,
-    );
+    out.wait_for(&format!(
+        "[run] rootlessport (pid {pid}) exited while the command runs: the published ports no longer forward"
+    ));
     assert!(
         !processes_mentioning("sleep 31.0103").is_empty(),
         "the command goes on"
@@ -288,11 +316,8 @@ fn run_says_when_its_helper_dies() {
         nix::sys::signal::SIGINT,
     )
     .unwrap();
-    let status = run.wait().unwrap();
-    reader.join().unwrap();
-    while let Ok(chunk) = rx.try_recv() {
-        log.push_str(&chunk);
-    }
+    let status = exit_within(&mut run, 20, &mut out);
+    let log = out.drain();
     // sleep's status: killed by SIGINT.
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(
@@ -305,6 +330,83 @@ fn run_says_when_its_helper_dies() {
     );
     // Teardown checks that none of the session's processes is left (slirp4netns too).
     assert!(!log.contains("left behind"), "{log}");
+}
+
+/// `run`'s status within `secs` (killed, and the test failed, if it does not end).
+fn exit_within(
+    run: &mut std::process::Child,
+    secs: u64,
+    out: &mut Output,
+) -> std::process::ExitStatus {
+    if eventually(secs, || matches!(run.try_wait(), Ok(Some(_)))) {
+        return run.wait().unwrap();
+    }
+    let mut dump = String::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("31.0107") {
+            let st = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let sig: Vec<&str> = st
+                .lines()
+                .filter(|l| l.starts_with("Sig") || l.starts_with("PPid") || l.starts_with("NSpid"))
+                .collect();
+            dump.push_str(&format!("{:?} {cmd}: {sig:?}\n", e.file_name()));
+        }
+    }
+    let _ = run.kill();
+    panic!("run did not end: {}\n{dump}", out.drain());
+}
+
+/// Exit statuses as a shell gives them: 127 for a command that is not there, 126 for
+/// one that cannot be run, 128 + N for one a signal ended; a SIGHUP (a closed terminal)
+/// sent to `run` reaches the command, and everything is torn down after it.
+#[test]
+#[ignore = "itest: needs the cargo xtask itest namespaces"]
+fn run_exits_as_a_shell_would() {
+    require_harness();
+    let out = xtask()
+        .args(["run", "--", "/nonexistent/command"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(127), "{stderr}");
+    assert!(
+        stderr.contains("cannot run /nonexistent/command"),
+        "{stderr}"
+    );
+    let out = xtask()
+        .args(["run", "--", "/etc/hostname"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(126), "{out:?}");
+
+    let mut run = xtask()
+        .args(["run", "--", "sleep", "31.0107"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = Output::of(run.stderr.take().unwrap());
+    out.wait_for("[run] running sleep");
+    let tmp = out
+        .log
+        .split("namespace: pid ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .map(|pid| std::env::temp_dir().join(format!("rootless-net-run-{pid}")))
+        .unwrap();
+    assert!(tmp.exists(), "{}", out.log);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::SIGHUP,
+    )
+    .unwrap();
+    let status = exit_within(&mut run, 20, &mut out);
+    let log = out.drain();
+    assert_eq!(status.code(), Some(129), "sleep ended by SIGHUP: {log}");
+    assert!(log.contains("tearing down"), "{log}");
+    assert!(!tmp.exists(), "{} left: {log}", tmp.display());
+    assert!(processes_mentioning("sleep 31.0107").is_empty());
 }
 
 /// One Ctrl-C at the terminal reaches the command once. The terminal sends it to its
@@ -339,42 +441,16 @@ fn run_gives_the_command_one_ctrl_c_once() {
     }
     let mut run = cmd.spawn().unwrap();
     drop(pty.slave);
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
     let mut master = std::fs::File::from(pty.master);
-    let mut reader = master.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok(n @ 1..) = reader.read(&mut buf) {
-            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    });
-    let mut log = String::new();
-    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let mut out = Output::of(master.try_clone().unwrap());
     // The command's own line (its text, echoed by run, reads COUNT""ING).
-    while !log.contains("COUNTING") {
-        let left = until.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(chunk) => log.push_str(&chunk),
-            Err(_) => {
-                let _ = run.kill();
-                panic!("the command never started: {log}");
-            }
-        }
+    if !out.until("COUNTING") {
+        let _ = run.kill();
+        panic!("the command never started: {}", out.log);
     }
     master.write_all(b"\x03").unwrap(); // Ctrl-C, once
-    let status = loop {
-        if let Some(s) = run.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > until + Duration::from_secs(10) {
-            let _ = run.kill();
-            panic!("run did not end after one Ctrl-C: {log}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    while let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
-        log.push_str(&chunk);
-    }
+    let status = exit_within(&mut run, 20, &mut out);
+    let log = out.drain();
     assert_eq!(
         status.code(),
         Some(1),

@@ -42,6 +42,14 @@ fn host_triple() -> Option<String> {
 
 /// Where cargo puts the release build of binary `name`: under the target `triple` when
 /// one was given (the static builds), else the host's default.
+/// Building the helper needs cargo; a user without one is pointed at a built helper.
+fn cannot_run_cargo(e: std::io::Error) -> String {
+    format!(
+        "cannot run cargo to build rootlessport: {e} (without a toolchain, set ROOTLESSPORT_BIN to a rootlessport built by someone who has one, such as {}; see the README)",
+        release_bin(host_triple().as_deref(), "rootlessport").display()
+    )
+}
+
 pub(crate) fn release_bin(triple: Option<&str>, name: &str) -> PathBuf {
     let target = workspace_root().join("target");
     match triple {
@@ -119,7 +127,7 @@ pub fn release_helper() -> Result<PathBuf, String> {
                 .args(extra)
                 .env("CARGO_ENCODED_RUSTFLAGS", helper_rustflags())
                 .status()
-                .map_err(|e| format!("cannot run cargo: {e}"))
+                .map_err(cannot_run_cargo)
         };
         let order = std::fs::read_to_string(workspace_root().join(ORDER_FILE)).ok();
         let ordered = ordering_args(&triple, order.as_deref());
@@ -138,7 +146,7 @@ pub fn release_helper() -> Result<PathBuf, String> {
                 .args(["--target", &triple])
                 .env("CARGO_ENCODED_RUSTFLAGS", helper_rustflags())
                 .status()
-                .map_err(|e| format!("cannot run cargo: {e}"))?;
+                .map_err(cannot_run_cargo)?;
         }
         let bin = release_bin(Some(&triple), "rootlessport");
         if status.success() && bin.exists() {
@@ -152,7 +160,7 @@ pub fn release_helper() -> Result<PathBuf, String> {
     let status = build()
         .args(["--bin", "rootlessport"])
         .status()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
+        .map_err(cannot_run_cargo)?;
     if !status.success() {
         return Err("building the release rootlessport failed".into());
     }
@@ -179,7 +187,7 @@ pub fn release_floor() -> Result<PathBuf, String> {
             c.args(["--target", triple])
                 .env("CARGO_ENCODED_RUSTFLAGS", helper_rustflags());
         }
-        c.status().map_err(|e| format!("cannot run cargo: {e}"))
+        c.status().map_err(cannot_run_cargo)
     };
     if let Some(triple) = host_triple() {
         let bin = release_bin(Some(&triple), "listen-floor");

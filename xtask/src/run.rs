@@ -72,7 +72,20 @@ fn parse_publish(spec: &str) -> Result<PortMapping, String> {
 pub fn run(args: &[String]) -> Result<i32, String> {
     let spec = parse(args)?;
     let progress = |line: String| eprintln!("[run] {line}");
+    // From here a stop signal ends in a teardown, whenever it comes.
+    crate::session::catch_stop_signals();
     let mut session = Session::start(&spec, &progress)?;
+    let watch = session.watch_for_deaths(move |line| eprintln!("[run] {line}"))?;
+    // Checked last before the go: one that came during start-up, when no command was
+    // there to get it, ends the run here.
+    if let Some(sig) = crate::session::stop_signal_before_start() {
+        drop(watch);
+        progress(format!(
+            "signal {sig} before the command started; tearing down"
+        ));
+        session.teardown().map_err(|e| format!("teardown: {e}"))?;
+        return Ok(128 + sig);
+    }
     progress(format!(
         "running {}",
         spec.command
@@ -81,7 +94,6 @@ pub fn run(args: &[String]) -> Result<i32, String> {
             .collect::<Vec<_>>()
             .join(" ")
     ));
-    let watch = session.watch_for_deaths(move |line| eprintln!("[run] {line}"))?;
     session.go();
     let status = session.wait();
     drop(watch);

@@ -215,11 +215,13 @@ impl Session {
             .with_mappings(spec.ports.clone());
             let (exit_r, exit_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| format!("pipe: {e}"))?;
-            let mut launcher = Launcher::new(bin);
+            let mut launcher = Launcher::new(&bin);
             if !sys::is_root() {
                 launcher.userns = Some(format!("/proc/{pid}/ns/user").into());
             }
-            let helper = launcher.start(&config, exit_r).map_err(|e| e.to_string())?;
+            let helper = launcher
+                .start(&config, exit_r)
+                .map_err(|e| format!("{e} (the helper: {})", bin.display()))?;
             session.pids.push(helper.pid());
             progress(format!("rootlessport: pid {}", helper.pid()));
             session.helper = Some((helper, exit_w));
@@ -302,41 +304,30 @@ impl Session {
         }
     }
 
-    /// Wait for the command; SIGINT/SIGTERM sent to us are passed on to it (a second
-    /// one kills it). One the terminal sent (Ctrl-C) is not: it went to the whole
+    /// Wait for the command; SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to us are passed
+    /// on to it (a second one kills it), and teardown follows whichever ends it. One the terminal sent (Ctrl-C) is not: it went to the whole
     /// foreground process group, the command's included, and a copy from us would be a
     /// second one to the command.
+    ///
+    /// [`catch_stop_signals`] must have been called before the command could start.
     pub fn wait(&mut self) -> ExitStatus {
-        static GOT: AtomicI32 = AtomicI32::new(0);
-        extern "C" fn on_signal(
-            sig: libc::c_int,
-            info: *mut libc::siginfo_t,
-            _: *mut libc::c_void,
-        ) {
-            GOT.store(sig | from_terminal(info), Ordering::SeqCst);
-        }
-        // SAFETY: installing a handler that only reads its siginfo and stores to an
-        // atomic; no SA_RESTART so waitpid returns EINTR and we can pass the signal on.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO;
-            libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-            libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-        }
         let pid = self.child.id() as libc::pid_t;
         let mut forwarded = 0;
         loop {
             let mut status = 0;
-            // SAFETY: waitpid on our own child.
-            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            // SAFETY: waitpid on our own child, not blocking: a signal that came just
+            // before a blocking wait would not interrupt it, and would be lost.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
             if r == pid {
                 // The child is reaped: tell std::process::Child so it does not wait again.
                 let s = ExitStatus::from_raw(status);
                 let _ = self.child.try_wait();
                 return s;
             }
-            let got = GOT.swap(0, Ordering::SeqCst);
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return ExitStatus::from_raw(1 << 8);
+            }
+            let got = STOP_SIGNAL.swap(0, Ordering::SeqCst);
             let sig = got & !FROM_TERMINAL;
             if sig != 0 {
                 forwarded += 1;
@@ -353,9 +344,11 @@ impl Session {
                     // SAFETY: kill(2) with a pid and a signal number.
                     unsafe { libc::kill(init as libc::pid_t, sig) };
                 }
-            } else if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                return ExitStatus::from_raw(1 << 8);
+                continue;
             }
+            // Still running: 20 ms, cut short by a signal (one that comes between the
+            // check above and this poll waits out the 20 ms).
+            let _ = nix::poll::poll(&mut [], nix::poll::PollTimeout::from(20u8));
         }
     }
 
@@ -416,6 +409,36 @@ impl Session {
             Err(errors.join("; "))
         }
     }
+}
+
+/// The stop signal `run` got last (with [`FROM_TERMINAL`]), 0 for none.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// From now on, SIGINT, SIGTERM, SIGHUP and SIGQUIT to this process are recorded, not
+/// acted on: [`Session::wait`] passes them on to the command, and one that came before
+/// the command started is [`stop_signal_before_start`]'s. Call it before
+/// [`Session::start`], so that a Ctrl-C at any moment ends in a teardown.
+pub fn catch_stop_signals() {
+    extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        STOP_SIGNAL.store(sig | from_terminal(info), Ordering::SeqCst);
+    }
+    // SAFETY: installing a handler that only reads its siginfo and stores to an
+    // atomic; no SA_RESTART so waitpid returns EINTR and we can pass the signal on.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// A stop signal that came before the command started (then it is not to be started),
+/// taken.
+pub fn stop_signal_before_start() -> Option<i32> {
+    let sig = STOP_SIGNAL.swap(0, Ordering::SeqCst) & !FROM_TERMINAL;
+    (sig != 0).then_some(sig)
 }
 
 /// Marks a signal the kernel sent (the terminal's Ctrl-C, Ctrl-\\, hang-up), beside the
@@ -537,11 +560,24 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
 
     static GOT: AtomicI32 = AtomicI32::new(0);
     extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        // One from the terminal reached the command too (the same foreground process
-        // group): passing it on would give the command a second one.
-        if from_terminal(info) == 0 {
-            GOT.store(sig, Ordering::SeqCst);
-        }
+        GOT.store(sig | from_terminal(info), Ordering::SeqCst);
+    }
+    // An init gets only the signals it has a handler for: set before anything else, so
+    // that one sent while the namespace is set up is kept for the command. No
+    // SA_RESTART: waitpid returns EINTR and the signal is passed on.
+    let pass_on = SigAction::new(
+        SigHandler::SigAction(on_signal),
+        SaFlags::SA_SIGINFO,
+        SigSet::empty(),
+    );
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        // SAFETY: the handler only reads its siginfo and stores to an atomic.
+        unsafe { sigaction(sig, &pass_on) }.map_err(|e| format!("ns-child: sigaction: {e}"))?;
     }
 
     let args = match args.first().map(String::as_str) {
@@ -575,42 +611,50 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
             eprintln!("xtask: the command keeps the host's /etc/resolv.conf (mounting slirp4netns's DNS over it: {e})");
         }
     }
-    // An init gets only the signals it has a handler for. No SA_RESTART: waitpid
-    // returns EINTR and the signal is passed on.
-    let pass_on = SigAction::new(
-        SigHandler::SigAction(on_signal),
-        SaFlags::SA_SIGINFO,
-        SigSet::empty(),
-    );
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(sig, &pass_on) }.map_err(|e| format!("ns-child: sigaction: {e}"))?;
-    }
-    let child = Command::new(program)
-        .args(rest)
-        .spawn()
-        .map_err(|err| format!("cannot run {program}: {err}"))?;
+    let child = match Command::new(program).args(rest).spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            // As a shell says it: 127 for a command not found, 126 for one that cannot
+            // be run.
+            eprintln!("xtask: cannot run {program}: {err}");
+            let code = if err.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            std::process::exit(code);
+        }
+    };
     let cmd = nix::unistd::Pid::from_raw(child.id() as libc::pid_t);
+    // One that came before the command was there never reached it, whoever sent it.
+    if let Ok(sig) = Signal::try_from(GOT.swap(0, Ordering::SeqCst) & !FROM_TERMINAL) {
+        let _ = nix::sys::signal::kill(cmd, sig);
+    }
     loop {
-        match waitpid(None, None) {
+        // Not blocking, as in Session::wait: a signal just before a blocking wait would
+        // be lost.
+        match waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) if pid == cmd => std::process::exit(code),
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == cmd => {
                 std::process::exit(128 + sig as i32)
             }
-            Ok(_) => {} // an orphan of CMD's, reaped
-            Err(nix::errno::Errno::EINTR) => {
-                let sig = GOT.swap(0, Ordering::SeqCst);
-                if let Ok(sig) = Signal::try_from(sig) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(_) => continue, // an orphan of CMD's, reaped
+            Err(e) => return Err(format!("ns-child: waiting for {program}: {e}")),
+        }
+        // One from the terminal reached the command too (the same foreground process
+        // group): passing it on would give the command a second one.
+        let got = GOT.swap(0, Ordering::SeqCst);
+        if got != 0 {
+            if got & FROM_TERMINAL == 0 {
+                if let Ok(sig) = Signal::try_from(got) {
                     let _ = nix::sys::signal::kill(cmd, sig);
                 }
             }
-            Err(e) => return Err(format!("ns-child: waiting for {program}: {e}")),
+            continue;
         }
+        // 20 ms, cut short by a signal.
+        let _ = nix::poll::poll(&mut [], nix::poll::PollTimeout::from(20u8));
     }
 }
 
