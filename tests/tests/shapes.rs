@@ -1877,8 +1877,9 @@ fn shapes_reload_to_another_family_and_back_keeps_udp_clients() {
 fn shapes_flow_bounds_a_source_at_its_share_is_served_on_a_port_where_it_holds_none() {
     require_harness();
     let _load = light();
-    /// Published UDP ports A, B, C: host 21300-21302 to container 10000-10002.
-    const HOST_UDP: u16 = 21300;
+    /// Published UDP ports A, B, C: host 26300-26302 to container 10000-10002 (clear of
+    /// the other tests' host ports: they share the harness netns).
+    const HOST_UDP: u16 = 26300;
     const CHILD_UDP: u16 = 10000;
     /// Half the address's helper-wide share at an open-file limit of 1,024.
     const HALF: u16 = 32;
