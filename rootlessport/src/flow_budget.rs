@@ -11,8 +11,8 @@ use std::sync::Mutex;
 /// limit.
 pub(crate) const MIN_FLOW_BOUND: usize = 256;
 
-/// Names a published UDP port in the budget: unique for the helper's life
-/// ([`crate::udp`] hands them out).
+/// Names a published UDP port in the budget: its [`Entry::id`](crate::state::Entry::id),
+/// unique for the helper's life.
 pub(crate) type PortKey = u32;
 
 /// The helper-wide bound on live UDP flows for an open-file limit of `nofile`: a

@@ -377,6 +377,7 @@ async fn serve_ports(
                 let counters = Arc::new(PortCounters::default());
                 let task = tokio::spawn(crate::udp::serve(
                     sock,
+                    id,
                     spec.child_port,
                     spec.family,
                     shared.clone(),

@@ -373,7 +373,6 @@ fn lock(flows: &Flows) -> std::sync::MutexGuard<'_, FlowTable> {
 pub(crate) struct FlowTables {
     /// Flows' last use is counted in milliseconds from here.
     epoch: Instant,
-    next: std::sync::atomic::AtomicU32,
     tables: Mutex<HashMap<PortKey, std::sync::Weak<Mutex<FlowTable>>>>,
 }
 
@@ -381,14 +380,8 @@ impl FlowTables {
     pub(crate) fn new() -> FlowTables {
         FlowTables {
             epoch: Instant::now(),
-            next: Default::default(),
             tables: Mutex::default(),
         }
-    }
-
-    /// A key for a new published UDP port.
-    fn new_key(&self) -> PortKey {
-        self.next.fetch_add(1, Ordering::Relaxed)
     }
 
     fn tables(
@@ -444,7 +437,8 @@ impl FlowTables {
 struct Port {
     published: Arc<UdpSocket>,
     flows: Flows,
-    /// Its key in the helper-wide budget and in [`FlowTables`].
+    /// Its key in the helper-wide budget and in [`FlowTables`]: its published port's
+    /// [`Entry::id`](crate::state::Entry::id).
     key: PortKey,
     /// In [`FlowTables`] yet (from its first flow).
     registered: std::sync::atomic::AtomicBool,
@@ -458,12 +452,13 @@ struct Port {
 /// Serve one published UDP port until the runtime stops.
 pub(crate) async fn serve(
     published: UdpSocket,
+    key: PortKey,
     child_port: u16,
     family: Family,
     shared: Arc<Shared>,
     counters: Arc<PortCounters>,
 ) {
-    let port = Port::new(published, child_port, family, shared, counters);
+    let port = Port::new(published, key, child_port, family, shared, counters);
     // Stopped (the port removed, or the runtime dropped): its flows end with it, and
     // the published socket closes once their reply tasks are dropped.
     let _flows_end = EndFlows(port.flows.clone(), port.key, port.shared.clone());
@@ -523,6 +518,7 @@ enum Step {
 impl Port {
     fn new(
         published: UdpSocket,
+        key: PortKey,
         child_port: u16,
         family: Family,
         shared: Arc<Shared>,
@@ -531,7 +527,7 @@ impl Port {
         Port {
             published: Arc::new(published),
             flows: Arc::default(),
-            key: shared.udp_tables.new_key(),
+            key,
             registered: false.into(),
             child_port,
             family,
@@ -589,6 +585,7 @@ impl Port {
         }
         table.make_room(client);
         let budget = &self.shared.udp_budget;
+        let source = client.ip().to_canonical();
         match table.make_room_helper_wide(client, self.key, budget) {
             Made::Room => {}
             Made::Refused => return None,
@@ -596,7 +593,6 @@ impl Port {
                 // The other ports' tables are locked with this one unlocked, so that
                 // two ports doing this to each other cannot deadlock.
                 drop(table);
-                let source = client.ip().to_canonical();
                 self.shared.udp_tables.close_source_oldest(&ports, source);
                 table = lock(&self.flows);
                 if table.make_room_helper_wide(client, self.key, budget) != Made::Room {
@@ -606,7 +602,6 @@ impl Port {
             }
         }
         // Taken before the socket is made, so that the bound holds for sockets too.
-        let source = client.ip().to_canonical();
         let Some(slot) = FlowSlot::take(&self.shared, source, self.key, &self.counters) else {
             // Another thread took the room meanwhile.
             tracing::debug!(%client, "helper-wide UDP flow bound reached: datagram dropped");
@@ -773,8 +768,11 @@ mod flow_bounds_tests {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.set_nonblocking(true).unwrap();
         let published = UdpSocket::from_std(s).unwrap();
+        // Unique, as the published ports' ids are.
+        static NEXT_KEY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         Port::new(
             published,
+            NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             child_port,
             Family::V4,
             shared.clone(),

@@ -73,7 +73,7 @@ pub fn run(args: &[String]) -> Result<i32, String> {
     let spec = parse(args)?;
     let progress = |line: String| eprintln!("[run] {line}");
     // From here a stop signal ends in a teardown, whenever it comes.
-    crate::session::catch_stop_signals();
+    crate::session::catch_stop_signals()?;
     let mut session = Session::start(&spec, &progress)?;
     let watch = session.watch_for_deaths(move |line| eprintln!("[run] {line}"))?;
     // Checked last before the go: one that came during start-up, when no command was

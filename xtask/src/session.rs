@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use rootlessport::launcher::{Launcher, RootlessPort};
 use slirp_config::{PortMapping, SlirpOptions};
 use slirp_spawn::{Netns, Slirp4netns, SlirpSpec};
@@ -311,44 +312,30 @@ impl Session {
     ///
     /// [`catch_stop_signals`] must have been called before the command could start.
     pub fn wait(&mut self) -> ExitStatus {
-        let pid = self.child.id() as libc::pid_t;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as libc::pid_t);
         let mut forwarded = 0;
         loop {
-            let mut status = 0;
-            // SAFETY: waitpid on our own child, not blocking: a signal that came just
-            // before a blocking wait would not interrupt it, and would be lost.
-            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if r == pid {
-                // The child is reaped: tell std::process::Child so it does not wait again.
-                let s = ExitStatus::from_raw(status);
-                let _ = self.child.try_wait();
-                return s;
-            }
-            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                return ExitStatus::from_raw(1 << 8);
-            }
-            let got = STOP_SIGNAL.swap(0, Ordering::SeqCst);
-            let sig = got & !FROM_TERMINAL;
-            if sig != 0 {
-                forwarded += 1;
-                if forwarded > 1 {
-                    // SAFETY: signalling our own unreaped child (unshare); the namespace
-                    // dies with it.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                } else if got & FROM_TERMINAL != 0 {
-                    // The command had it from the terminal too.
-                } else if let Some(init) = self.init {
-                    // unshare blocks SIGINT and SIGTERM: the namespace's init (ns-child)
-                    // passes them on to the command. Its pid stays ours while unshare,
-                    // its parent, is unreaped.
-                    // SAFETY: kill(2) with a pid and a signal number.
-                    unsafe { libc::kill(init as libc::pid_t, sig) };
+            let got = match wait_or_stop_signal(pid) {
+                Ok(Waited::Child(status)) => {
+                    // Reaped: tell std::process::Child so it does not wait again.
+                    let _ = self.child.try_wait();
+                    return exit_status(status);
                 }
-                continue;
+                Ok(Waited::Signal(got)) => got,
+                Err(_) => return ExitStatus::from_raw(1 << 8),
+            };
+            forwarded += 1;
+            if forwarded > 1 {
+                // Our own unreaped child (unshare): the namespace dies with it.
+                let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            } else if got & FROM_TERMINAL != 0 {
+                // The command had it from the terminal too.
+            } else if let (Some(init), Ok(sig)) = (self.init, Signal::try_from(got)) {
+                // unshare blocks SIGINT and SIGTERM: the namespace's init (ns-child)
+                // passes them on to the command. Its pid stays ours while unshare, its
+                // parent, is unreaped.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(init as i32), sig);
             }
-            // Still running: 20 ms, cut short by a signal (one that comes between the
-            // check above and this poll waits out the 20 ms).
-            let _ = nix::poll::poll(&mut [], nix::poll::PollTimeout::from(20u8));
         }
     }
 
@@ -418,19 +405,73 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// acted on: [`Session::wait`] passes them on to the command, and one that came before
 /// the command started is [`stop_signal_before_start`]'s. Call it before
 /// [`Session::start`], so that a Ctrl-C at any moment ends in a teardown.
-pub fn catch_stop_signals() {
+///
+/// # Errors
+///
+/// `sigaction` failing.
+pub fn catch_stop_signals() -> Result<(), String> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
     extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
         STOP_SIGNAL.store(sig | from_terminal(info), Ordering::SeqCst);
     }
-    // SAFETY: installing a handler that only reads its siginfo and stores to an
-    // atomic; no SA_RESTART so waitpid returns EINTR and we can pass the signal on.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
+    // No SA_RESTART: a wait is cut short, and the signal passed on.
+    let catch = SigAction::new(
+        SigHandler::SigAction(on_signal),
+        SaFlags::SA_SIGINFO,
+        SigSet::empty(),
+    );
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        // SAFETY: the handler only reads its siginfo and stores to an atomic.
+        unsafe { sigaction(sig, &catch) }.map_err(|e| format!("sigaction {sig}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// What [`wait_or_stop_signal`] brought.
+enum Waited {
+    /// A child's end.
+    Child(nix::sys::wait::WaitStatus),
+    /// A stop signal that came meanwhile (with [`FROM_TERMINAL`]).
+    Signal(i32),
+}
+
+/// Wait until `pid` (`-1`: any child) ends or a stop signal comes
+/// ([`catch_stop_signals`]). Not a blocking wait, which a signal that came just
+/// before it would not cut short: a check, then 20 ms of `poll` that a signal does.
+///
+/// # Errors
+///
+/// `waitpid` failing (no such child).
+fn wait_or_stop_signal(pid: nix::unistd::Pid) -> nix::Result<Waited> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
+            Ok(status) => return Ok(Waited::Child(status)),
+            Err(e) => return Err(e),
         }
+        let got = STOP_SIGNAL.swap(0, Ordering::SeqCst);
+        if got != 0 {
+            return Ok(Waited::Signal(got));
+        }
+        let _ = nix::poll::poll(&mut [], nix::poll::PollTimeout::from(20u8));
+    }
+}
+
+/// A child's end as std gives it.
+fn exit_status(status: nix::sys::wait::WaitStatus) -> ExitStatus {
+    use nix::sys::wait::WaitStatus;
+    match status {
+        WaitStatus::Exited(_, code) => ExitStatus::from_raw(code << 8),
+        WaitStatus::Signaled(_, sig, core) => {
+            ExitStatus::from_raw(sig as i32 | if core { 0x80 } else { 0 })
+        }
+        _ => ExitStatus::from_raw(1 << 8),
     }
 }
 
@@ -555,30 +596,11 @@ pub fn exit_code(s: ExitStatus) -> i32 {
 /// CMD's status (128 + the signal if a signal ended it). Its exit ends everything CMD
 /// left running: the kernel kills a PID namespace with its init.
 pub fn ns_child(args: &[String]) -> Result<(), String> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::sys::wait::WaitStatus;
 
-    static GOT: AtomicI32 = AtomicI32::new(0);
-    extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        GOT.store(sig | from_terminal(info), Ordering::SeqCst);
-    }
     // An init gets only the signals it has a handler for: set before anything else, so
-    // that one sent while the namespace is set up is kept for the command. No
-    // SA_RESTART: waitpid returns EINTR and the signal is passed on.
-    let pass_on = SigAction::new(
-        SigHandler::SigAction(on_signal),
-        SaFlags::SA_SIGINFO,
-        SigSet::empty(),
-    );
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        // SAFETY: the handler only reads its siginfo and stores to an atomic.
-        unsafe { sigaction(sig, &pass_on) }.map_err(|e| format!("ns-child: sigaction: {e}"))?;
-    }
+    // that one sent while the namespace is set up is kept for the command.
+    catch_stop_signals().map_err(|e| format!("ns-child: {e}"))?;
 
     let args = match args.first().map(String::as_str) {
         Some("--") => &args[1..],
@@ -627,34 +649,27 @@ pub fn ns_child(args: &[String]) -> Result<(), String> {
     };
     let cmd = nix::unistd::Pid::from_raw(child.id() as libc::pid_t);
     // One that came before the command was there never reached it, whoever sent it.
-    if let Ok(sig) = Signal::try_from(GOT.swap(0, Ordering::SeqCst) & !FROM_TERMINAL) {
+    if let Some(sig) = stop_signal_before_start().and_then(|s| Signal::try_from(s).ok()) {
         let _ = nix::sys::signal::kill(cmd, sig);
     }
     loop {
-        // Not blocking, as in Session::wait: a signal just before a blocking wait would
-        // be lost.
-        match waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == cmd => std::process::exit(code),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == cmd => {
+        match wait_or_stop_signal(nix::unistd::Pid::from_raw(-1)) {
+            Ok(Waited::Child(WaitStatus::Exited(pid, code))) if pid == cmd => {
+                std::process::exit(code)
+            }
+            Ok(Waited::Child(WaitStatus::Signaled(pid, sig, _))) if pid == cmd => {
                 std::process::exit(128 + sig as i32)
             }
-            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {}
-            Ok(_) => continue, // an orphan of CMD's, reaped
-            Err(e) => return Err(format!("ns-child: waiting for {program}: {e}")),
-        }
-        // One from the terminal reached the command too (the same foreground process
-        // group): passing it on would give the command a second one.
-        let got = GOT.swap(0, Ordering::SeqCst);
-        if got != 0 {
-            if got & FROM_TERMINAL == 0 {
-                if let Ok(sig) = Signal::try_from(got) {
+            Ok(Waited::Child(_)) => {} // an orphan of CMD's, reaped
+            // One from the terminal reached the command too (the same foreground
+            // process group): passing it on would give the command a second one.
+            Ok(Waited::Signal(got)) => {
+                if let (0, Ok(sig)) = (got & FROM_TERMINAL, Signal::try_from(got)) {
                     let _ = nix::sys::signal::kill(cmd, sig);
                 }
             }
-            continue;
+            Err(e) => return Err(format!("ns-child: waiting for {program}: {e}")),
         }
-        // 20 ms, cut short by a signal.
-        let _ = nix::poll::poll(&mut [], nix::poll::PollTimeout::from(20u8));
     }
 }
 
